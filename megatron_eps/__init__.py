@@ -1,0 +1,42 @@
+"""megatron-eps: EPS-MoE expert pipeline scheduling for Megatron-Core MoE prefill inference.
+
+Public API:
+    EPSConfig                   settings (dataclass; from_yaml / from_args)
+    add_eps_args                --eps-* arguments (Megatron extra_args_provider)
+    EPSAlltoAllTokenDispatcher  pipelined subclass of Megatron's MoEAlltoAllTokenDispatcher
+    EPSMoELayer                 MoELayer subclass running the pipelined forward
+    apply_eps                   swap EPSMoELayer into a GPT layer/block spec
+"""
+
+from megatron_eps.arguments import add_eps_args
+from megatron_eps.config import EXPERT_KERNELS, EPSConfig, EPSConfigError
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Megatron-Core is imported lazily so that `import megatron_eps` (config, flags) stays cheap.
+    if name == "EPSAlltoAllTokenDispatcher":
+        from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
+
+        return EPSAlltoAllTokenDispatcher
+    if name == "EPSMoELayer":
+        from megatron_eps.moe_layer import EPSMoELayer
+
+        return EPSMoELayer
+    if name == "apply_eps":
+        from megatron_eps.spec import apply_eps
+
+        return apply_eps
+    raise AttributeError(f"module 'megatron_eps' has no attribute {name!r}")
+
+
+__all__ = [
+    "EPSConfig",
+    "EPSConfigError",
+    "EXPERT_KERNELS",
+    "add_eps_args",
+    "EPSAlltoAllTokenDispatcher",
+    "EPSMoELayer",
+    "apply_eps",
+]

@@ -1,0 +1,205 @@
+"""EPSAlltoAllTokenDispatcher: Megatron's all-to-all dispatcher, pipelined over expert groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_eps import compat
+from megatron_eps.comm import AllToAll, ProcessGroupAllToAll
+from megatron_eps.config import EPSConfig
+from megatron_eps.schedule import (
+    COMBINE,
+    DISPATCH,
+    EXPERTS,
+    SHARED,
+    ChunkLayout,
+    build_plan,
+    regroup_rows,
+    run_plan,
+)
+
+# (tokens [M, H] grouped by expert, tokens_per_expert, probs [M], first local expert) -> [M, H]
+ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, int], torch.Tensor]
+# (global counts [ep_size, num_experts]) -> number of chunks
+ChunkCountFn = Callable[[np.ndarray], int]
+
+
+@dataclass
+class PipelineRecord:
+    """What the last pipelined forward did (for tests, logging and benchmarks)."""
+
+    num_chunks: int
+    tokens_per_chunk: List[int]
+    global_counts: np.ndarray
+
+
+class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """The stock all-to-all dispatcher plus ``pipelined_forward``.
+
+    The six stock methods (dispatch_preprocess ... combine_postprocess) are inherited unchanged,
+    so every Megatron code path that drives a dispatcher step by step still works (and is the
+    N = 1 path). ``pipelined_forward`` runs dispatch -> experts -> combine chunk by chunk,
+    overlapping chunk i's expert GEMMs with chunk i+1's dispatch and chunk i-1's combine.
+
+    Only dropless routing with expert-tensor-parallel size 1 is pipelined (EPSMoELayer checks
+    this at construction, before any collective).
+    """
+
+    # One communication stream per process, shared by all layers (they run one at a time).
+    comm_stream = None
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config,
+        pg_collection=None,
+        eps_config: Optional[EPSConfig] = None,
+    ):
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        self.eps_config = eps_config if eps_config is not None else EPSConfig()
+        self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
+        self.all_to_all: AllToAll = ProcessGroupAllToAll(self.ep_group if self.ep_size > 1 else None)
+        self.overlap = True
+        self.profiler_ranges = False
+        self.last_record: Optional[PipelineRecord] = None
+
+    # ------------------------------------------------------------------ public entry
+    def global_token_counts(self, routing_map: torch.Tensor) -> np.ndarray:
+        """counts[src_rank, expert] for the whole EP group: one all-gather, one host copy.
+
+        This is the only host synchronization of the pipelined forward (stock Megatron also
+        needs one to size its all-to-alls).
+        """
+        local = routing_map.sum(dim=0).to(torch.int64)
+        if self.ep_size > 1:
+            gathered = torch.empty(
+                self.ep_size * local.numel(), dtype=local.dtype, device=local.device
+            )
+            dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
+        else:
+            gathered = local
+        return gathered.cpu().numpy().reshape(self.ep_size, self.num_experts)
+
+    def pipelined_forward(
+        self,
+        hidden_states: torch.Tensor,
+        probs: torch.Tensor,
+        routing_map: torch.Tensor,
+        run_experts: ExpertsFn,
+        choose_num_chunks: ChunkCountFn,
+        shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Route-to-output of one MoE layer, pipelined.
+
+        Args:
+            hidden_states: [S, B, H] layer input.
+            probs: [T, E] routing probabilities (T = S * B), as the router returns them.
+            routing_map: [T, E] bool, as the router returns it.
+            run_experts: computes one chunk's experts (see ExpertsFn).
+            choose_num_chunks: maps the global count matrix to N; it must be a pure function
+                of that matrix so that every EP rank picks the same N.
+            shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
+                issued while the first dispatch is in flight.
+
+        Returns:
+            [S, B, H] output (routed experts combined, plus shared experts).
+        """
+        hidden_shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden_shape[-1])
+        counts = self.global_token_counts(routing_map)
+        num_chunks = max(1, min(int(choose_num_chunks(counts)), self.num_local_experts))
+        layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, num_chunks)
+        self.last_record = PipelineRecord(
+            num_chunks=num_chunks,
+            tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
+            global_counts=counts,
+        )
+
+        # Permutation 1 (chunk-major): reorder the expert columns so Megatron's permute emits
+        # each chunk's send buffer as one contiguous slice.
+        order = torch.as_tensor(layout.expert_order, device=routing_map.device)
+        chunk_routing_map = routing_map.index_select(1, order)
+        chunk_probs = probs.index_select(1, order)
+        num_rows = layout.send_offsets[-1]
+        permuted_tokens, permuted_probs, sorted_indices = compat.permute_tokens(
+            tokens, chunk_routing_map, chunk_probs, num_out_tokens=num_rows
+        )
+        combined = torch.empty_like(permuted_tokens)
+
+        received_tokens: List[Optional[torch.Tensor]] = [None] * num_chunks
+        received_probs: List[Optional[torch.Tensor]] = [None] * num_chunks
+        expert_outputs: List[Optional[torch.Tensor]] = [None] * num_chunks
+        shared_output: List[Optional[torch.Tensor]] = [None]
+
+        def chunk_slice(tensor, chunk):
+            return tensor[layout.send_offsets[chunk] : layout.send_offsets[chunk + 1]]
+
+        def dispatch(chunk):
+            send_tokens = chunk_slice(permuted_tokens, chunk)
+            send_probs = chunk_slice(permuted_probs, chunk)
+            if self.ep_size == 1 and not self.all_to_all.occupies_link:
+                received_tokens[chunk], received_probs[chunk] = send_tokens, send_probs
+                return
+            rows = sum(layout.recv_splits[chunk])
+            recv_tokens = send_tokens.new_empty((rows, send_tokens.shape[1]))
+            recv_probs = send_probs.new_empty((rows,))
+            splits_in, splits_out = layout.send_splits[chunk], layout.recv_splits[chunk]
+            self.all_to_all(recv_tokens, send_tokens, splits_out, splits_in)
+            self.all_to_all(recv_probs, send_probs, splits_out, splits_in)
+            received_tokens[chunk], received_probs[chunk] = recv_tokens, recv_probs
+
+        def experts(chunk):
+            x, p = received_tokens[chunk], received_probs[chunk]
+            regroup = layout.rank_major_to_expert_major(chunk)
+            if regroup is not None:
+                x, p = regroup_rows(x, *regroup), regroup_rows(p, *regroup)
+            first_expert = layout.expert_ranges[chunk][0]
+            y = run_experts(x, layout.tokens_per_expert[chunk], p, first_expert)
+            regroup = layout.expert_major_to_rank_major(chunk)
+            if regroup is not None:
+                y = regroup_rows(y, *regroup)
+            expert_outputs[chunk] = y
+            received_tokens[chunk] = received_probs[chunk] = None
+
+        def combine(chunk):
+            self.all_to_all(
+                chunk_slice(combined, chunk),
+                expert_outputs[chunk],
+                layout.send_splits[chunk],
+                layout.recv_splits[chunk],
+            )
+
+        def shared(_chunk):
+            shared_output[0] = shared_experts()
+
+        plan = build_plan(num_chunks, with_shared_experts=shared_experts is not None)
+        stages = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine, SHARED: shared}
+        run_plan(plan, stages, self._comm_stream(tokens), self.profiler_ranges)
+        # Every chunk buffer above stays referenced until here, after the compute stream has
+        # waited for the last combine, so the caching allocator cannot hand a buffer to new
+        # work while the comm stream may still read or write it.
+
+        output = compat.unpermute_tokens(
+            combined, sorted_indices, restore_shape=tokens.shape, routing_map=chunk_routing_map
+        )
+        output = output.view(hidden_shape)
+        if shared_output[0] is not None:
+            output = output + shared_output[0]
+        return output
+
+    # ------------------------------------------------------------------ streams
+    def _comm_stream(self, like: torch.Tensor):
+        if not (self.overlap and like.is_cuda):
+            return None
+        if self.ep_size == 1 and not self.all_to_all.occupies_link:
+            return None  # nothing to overlap with: dispatch/combine are local slices
+        if EPSAlltoAllTokenDispatcher.comm_stream is None:
+            EPSAlltoAllTokenDispatcher.comm_stream = torch.cuda.Stream(device=like.device)
+        return EPSAlltoAllTokenDispatcher.comm_stream

@@ -1,0 +1,171 @@
+"""EPSMoELayer: Megatron's MoELayer with the EPS pipelined forward."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_eps import compat
+from megatron_eps.config import EPSConfig, EPSConfigError
+from megatron_eps.cost_model import LayerShape, choose_pipeline_degree, load_pipeline_profile
+from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
+from megatron_eps.experts.base import LocalExperts, get_backend
+
+logger = logging.getLogger(__name__)
+
+
+def check_megatron_config(config, eps_config: EPSConfig, ep_size: int) -> None:
+    """Raise EPSConfigError for Megatron settings the pipelined forward does not support.
+
+    Called at construction, before any collective can start.
+    """
+    if not eps_config.enabled:
+        return
+    dispatcher = config.moe_token_dispatcher_type
+    if dispatcher != "alltoall":
+        raise EPSConfigError(
+            f"EPS needs moe_token_dispatcher_type='alltoall', got {dispatcher!r}; allowed "
+            "values with EPS: alltoall (or turn EPS off: --eps-moe absent / eps.enabled: false)"
+        )
+    if config.num_moe_experts is None or config.num_moe_experts < 1:
+        raise EPSConfigError("EPS needs num_moe_experts >= 1")
+    if config.num_moe_experts % ep_size != 0:
+        raise EPSConfigError(
+            f"num_moe_experts={config.num_moe_experts} is not divisible by "
+            f"expert_model_parallel_size={ep_size}; allowed: a multiple of {ep_size}"
+        )
+    if config.moe_expert_capacity_factor is not None or config.moe_pad_expert_input_to_capacity:
+        raise EPSConfigError(
+            "EPS pipelines dropless routing only: moe_expert_capacity_factor must be None and "
+            f"moe_pad_expert_input_to_capacity False (got {config.moe_expert_capacity_factor!r}, "
+            f"{config.moe_pad_expert_input_to_capacity!r})"
+        )
+    etp = getattr(config, "expert_tensor_parallel_size", 1) or 1
+    if etp != 1:
+        raise EPSConfigError(
+            f"EPS needs expert_tensor_parallel_size=1, got {etp}; allowed values: 1 "
+            "(attention may still use tensor parallelism)"
+        )
+    for flag in ("moe_latent_size", "moe_router_padding_for_quantization", "moe_permute_fusion"):
+        if getattr(config, flag, None):
+            raise EPSConfigError(f"EPS does not support {flag}={getattr(config, flag)!r}")
+    if getattr(config, "transformer_impl", None) == "inference_optimized":
+        raise EPSConfigError(
+            "EPS does not support transformer_impl='inference_optimized' (it swaps in its own "
+            "dispatcher); allowed values with EPS: 'local', 'transformer_engine'"
+        )
+
+
+class EPSMoELayer(MoELayer):
+    """A MoELayer whose forward pipelines dispatch, experts and combine over expert groups.
+
+    Same constructor as MoELayer plus ``eps_config``; same parameters, so its ``state_dict`` is
+    interchangeable with a stock MoELayer built from the same config and submodules.
+
+    The pipelined forward runs for inference (no autograd). With gradients enabled, or with
+    ``eps_config.enabled`` False, the stock MoELayer forward runs instead.
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+        eps_config: Optional[EPSConfig] = None,
+        **kwargs,
+    ):
+        eps_config = eps_config if eps_config is not None else EPSConfig()
+        if not isinstance(eps_config, EPSConfig):
+            raise TypeError(f"eps_config must be an EPSConfig, got {type(eps_config).__name__}")
+        if pg_collection is None:
+            pg_collection = compat.default_pg_collection()
+        ep_size = pg_collection.ep.size() if pg_collection.ep is not None else 1
+        check_megatron_config(config, eps_config, ep_size)
+        super().__init__(
+            config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            **kwargs,
+        )
+        self.eps_config = eps_config
+        self.token_dispatcher = EPSAlltoAllTokenDispatcher(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=self.config,
+            pg_collection=pg_collection,
+            eps_config=eps_config,
+        )
+        if self.use_shared_expert and self.shared_expert_overlap:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
+        # Plain attribute (not a submodule): it only views self.experts.
+        self.__dict__["_eps_local_experts"] = LocalExperts(self.experts, self.config)
+        self._warned_fallback = False
+        self.last_expert_backends = []
+
+    # ------------------------------------------------------------------ forward
+    def uses_pipeline(self) -> bool:
+        return self.eps_config.enabled and not torch.is_grad_enabled()
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if intermediate_tensors is not None or not self.uses_pipeline():
+            if self.eps_config.enabled and not self._warned_fallback:
+                logger.warning(
+                    "EPSMoELayer: gradients are enabled (or partial CUDA-graph capture is on); "
+                    "running the stock MoELayer forward. EPS pipelines inference only."
+                )
+                self._warned_fallback = True
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        probs, routing_map = self.route(hidden_states, padding_mask)
+        shared = None
+        if self.use_shared_expert:
+            shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
+        self.last_expert_backends = []
+        output = self.token_dispatcher.pipelined_forward(
+            hidden_states,
+            probs,
+            routing_map,
+            run_experts=self._run_experts,
+            choose_num_chunks=self._choose_num_chunks(hidden_states),
+            shared_experts=shared,
+        )
+        return output, None
+
+    def _choose_num_chunks(self, hidden_states):
+        shape = LayerShape.from_megatron(
+            self.config,
+            self.num_local_experts,
+            self.token_dispatcher.ep_size,
+            hidden_states.element_size(),
+        )
+        profile = None
+        if self.eps_config.pipeline_degree == "auto":
+            profile = load_pipeline_profile(self.eps_config.cost_profile, hidden_states.device)
+
+        def choose(counts):
+            return choose_pipeline_degree(counts, shape, self.eps_config, profile)
+
+        return choose
+
+    def _run_experts(self, tokens, tokens_per_expert, probs, first_expert):
+        from megatron_eps.experts.selector import choose_backend, load_cost_profile
+
+        local_experts = self.__dict__["_eps_local_experts"]
+        name = choose_backend(
+            self.eps_config.expert_kernel,
+            local_experts,
+            tokens_per_expert,
+            tokens.device,
+            tokens.dtype,
+            profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
+        )
+        self.last_expert_backends.append(name)
+        return get_backend(name).forward(
+            local_experts, tokens, tokens_per_expert, probs, first_expert
+        )

@@ -1,0 +1,215 @@
+"""The EPS pipeline as a plan: which stage of which chunk runs on which stream, after which event.
+
+For N chunks the plan is (D = dispatch all-to-all, X = expert GEMMs, C = combine all-to-all):
+
+    comm stream:     D0  D1        C0  D2        C1  D3   ...   C(N-1)
+    compute stream:  S       X0            X1            X2 ...
+                     (S = shared experts, while D0 is in flight)
+
+    D(i)  waits  tokens_ready (the permuted tokens exist)         records dispatched[i]
+    X(i)  waits  dispatched[i]                                    records computed[i]
+    C(i)  waits  computed[i]                                      records combined[i]
+    the compute stream finally waits combined[N-1] (the comm stream runs in issue order).
+
+So while X(i) runs, the comm stream carries C(i-1) and D(i+1): the paper's overlap. On CPU
+(no streams) the same steps run one after another in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+DISPATCH = "dispatch"
+EXPERTS = "experts"
+COMBINE = "combine"
+SHARED = "shared_experts"
+
+COMM = "comm"
+COMPUTE = "compute"
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    chunk: int
+    stream: str
+    wait: Optional[str]
+    record: Optional[str]
+
+    def __str__(self):
+        waits = f" after {self.wait}" if self.wait else ""
+        return f"{self.stream:>7}: {self.stage}[{self.chunk}]{waits}"
+
+
+def build_plan(num_chunks: int, with_shared_experts: bool = False) -> List[Step]:
+    """The ordered steps of one pipelined MoE forward (see the module docstring)."""
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    plan = [Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]")]
+    if with_shared_experts:
+        plan.append(Step(SHARED, 0, COMPUTE, None, None))
+    for i in range(num_chunks):
+        if i + 1 < num_chunks:
+            plan.append(Step(DISPATCH, i + 1, COMM, None, f"dispatched[{i + 1}]"))
+        plan.append(Step(EXPERTS, i, COMPUTE, f"dispatched[{i}]", f"computed[{i}]"))
+        plan.append(Step(COMBINE, i, COMM, f"computed[{i}]", f"combined[{i}]"))
+    return plan
+
+
+def run_plan(
+    plan: Sequence[Step],
+    stages: Dict[str, Callable[[int], None]],
+    comm_stream: Optional["torch.cuda.Stream"],
+    profiler_ranges: bool = False,
+) -> None:
+    """Execute ``plan``. ``stages[name](chunk)`` issues that stage's work on the current stream.
+
+    With ``comm_stream`` None everything runs on the current stream in plan order (CPU, or a
+    GPU run with overlap switched off). Otherwise COMM steps are issued under ``comm_stream``
+    and steps are ordered only by the plan's events: no device-wide synchronization.
+    """
+    if comm_stream is None:
+        for step in plan:
+            _issue(step, stages, profiler_ranges)
+        return
+    compute_stream = torch.cuda.current_stream()
+    events: Dict[str, torch.cuda.Event] = {"tokens_ready": compute_stream.record_event()}
+    streams = {COMM: comm_stream, COMPUTE: compute_stream}
+    last_comm_event = None
+    for step in plan:
+        stream = streams[step.stream]
+        if step.wait is not None:
+            stream.wait_event(events[step.wait])
+        with torch.cuda.stream(stream):
+            _issue(step, stages, profiler_ranges)
+        if step.record is not None:
+            events[step.record] = stream.record_event()
+            if step.stream == COMM:
+                last_comm_event = events[step.record]
+    if last_comm_event is not None:
+        compute_stream.wait_event(last_comm_event)
+
+
+def _issue(step: Step, stages, profiler_ranges: bool):
+    if profiler_ranges:
+        with torch.profiler.record_function(f"eps.{step.stage}[{step.chunk}]"):
+            stages[step.stage](step.chunk)
+    else:
+        stages[step.stage](step.chunk)
+
+
+# ---------------------------------------------------------------------------- chunk layout
+def split_local_experts(num_local_experts: int, num_chunks: int) -> List[Tuple[int, int]]:
+    """Contiguous local-expert ranges [start, end) for each chunk, sizes differing by <= 1."""
+    if not 1 <= num_chunks <= num_local_experts:
+        raise ValueError(
+            f"num_chunks must be in [1, {num_local_experts}] (local experts), got {num_chunks}"
+        )
+    base, extra = divmod(num_local_experts, num_chunks)
+    ranges, start = [], 0
+    for i in range(num_chunks):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+@dataclass
+class ChunkLayout:
+    """Everything the pipeline needs to know on the host about one forward's chunks.
+
+    Built from the global count matrix ``counts[src_rank, global_expert]`` (tokens each EP rank
+    routes to each expert), which every rank of the EP group holds after one all-gather, so
+    every rank derives the same chunking.
+
+    Rows are permuted chunk-major: chunk g holds, for each destination rank r, the rows for
+    r's local experts ``expert_ranges[g]`` (in expert order). So each chunk's send buffer is
+    one contiguous slice, and each chunk carries whole experts (every expert's GEMM keeps its
+    full size and its weights are read once).
+    """
+
+    num_chunks: int
+    ep_size: int
+    ep_rank: int
+    num_local_experts: int
+    expert_ranges: List[Tuple[int, int]]
+    expert_order: np.ndarray  # [num_experts] global expert ids in chunk-major order
+    send_splits: List[List[int]]  # [chunk][dst rank] rows this rank sends
+    recv_splits: List[List[int]]  # [chunk][src rank] rows this rank receives
+    recv_counts: List[np.ndarray]  # [chunk] -> [src rank, expert in chunk]
+    tokens_per_expert: List[List[int]]  # [chunk][expert in chunk] rows after dispatch
+    send_offsets: List[int]  # [chunk + 1] row offsets of the chunks in the permuted buffer
+
+    @classmethod
+    def build(
+        cls, counts: np.ndarray, ep_rank: int, num_local_experts: int, num_chunks: int
+    ) -> "ChunkLayout":
+        counts = np.asarray(counts, dtype=np.int64)
+        ep_size, num_experts = counts.shape
+        if num_experts != ep_size * num_local_experts:
+            raise ValueError(
+                f"count matrix has {num_experts} experts, expected ep_size * local experts = "
+                f"{ep_size} * {num_local_experts}"
+            )
+        ranges = split_local_experts(num_local_experts, num_chunks)
+        # [src, dst, local expert]
+        per_dst = counts.reshape(ep_size, ep_size, num_local_experts)
+        order, send_splits, recv_splits, recv_counts, tpe = [], [], [], [], []
+        offsets = [0]
+        for start, end in ranges:
+            order.extend(
+                r * num_local_experts + l for r in range(ep_size) for l in range(start, end)
+            )
+            sends = per_dst[ep_rank, :, start:end].sum(axis=1)
+            received = per_dst[:, ep_rank, start:end]  # [src, expert in chunk]
+            send_splits.append([int(x) for x in sends])
+            recv_splits.append([int(x) for x in received.sum(axis=1)])
+            recv_counts.append(received.copy())
+            tpe.append([int(x) for x in received.sum(axis=0)])
+            offsets.append(offsets[-1] + int(sends.sum()))
+        return cls(
+            num_chunks=len(ranges),
+            ep_size=ep_size,
+            ep_rank=ep_rank,
+            num_local_experts=num_local_experts,
+            expert_ranges=ranges,
+            expert_order=np.asarray(order, dtype=np.int64),
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            recv_counts=recv_counts,
+            tokens_per_expert=tpe,
+            send_offsets=offsets,
+        )
+
+    def rank_major_to_expert_major(self, chunk: int) -> Optional[Tuple[List[int], List[int]]]:
+        """(split sizes, piece order) that regroup a received chunk from (src rank, expert)
+        order to (expert, src rank) order, or None when it is already in expert order."""
+        counts = self.recv_counts[chunk]
+        num_src, num_exp = counts.shape
+        if num_src == 1 or num_exp == 1:
+            return None
+        sizes = [int(x) for x in counts.reshape(-1)]  # piece (s, e) at index s * num_exp + e
+        order = [s * num_exp + e for e in range(num_exp) for s in range(num_src)]
+        return sizes, order
+
+    def expert_major_to_rank_major(self, chunk: int) -> Optional[Tuple[List[int], List[int]]]:
+        """The inverse regrouping, applied to the expert outputs before the combine."""
+        counts = self.recv_counts[chunk]
+        num_src, num_exp = counts.shape
+        if num_src == 1 or num_exp == 1:
+            return None
+        sizes = [int(x) for x in counts.T.reshape(-1)]  # piece (e, s) at index e * num_src + s
+        order = [e * num_src + s for s in range(num_src) for e in range(num_exp)]
+        return sizes, order
+
+
+def regroup_rows(
+    tensor: torch.Tensor, sizes: Sequence[int], order: Sequence[int]
+) -> torch.Tensor:
+    """Split ``tensor`` along rows into pieces of ``sizes`` and concatenate them in ``order``."""
+    pieces = torch.split(tensor, list(sizes), dim=0)
+    return torch.cat([pieces[i] for i in order], dim=0)

@@ -1,0 +1,6 @@
+"""Test support: CPU shims for Megatron's torch.cuda calls, and a Megatron-style harness."""
+
+from megatron_eps.testing.cpu_shims import install_cpu_shims
+from megatron_eps.testing.distributed import RankFailed, Utils, run_distributed
+
+__all__ = ["install_cpu_shims", "Utils", "run_distributed", "RankFailed"]

@@ -1,0 +1,181 @@
+"""Megatron-style test harness: model-parallel setup per rank, and a launcher for N ranks.
+
+``Utils`` mirrors Megatron-LM's tests/unit_tests/test_utilities.py: it reads the rank from the
+environment, creates the default process group (NCCL on GPUs, gloo on CPU), and initializes or
+destroys Megatron's parallel state. ``run_distributed(fn, world_size)`` starts ``world_size``
+processes from inside one pytest process (so CI needs no torchrun) and re-raises the first
+rank failure with its traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Utils:
+    """Per-rank model-parallel setup in the style of Megatron's test Utils."""
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    inited = False
+
+    @staticmethod
+    def backend() -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+    @staticmethod
+    def initialize_distributed(timeout_s: int = 120):
+        Utils.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        Utils.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        if not torch.cuda.is_available():
+            from megatron_eps.testing.cpu_shims import install_cpu_shims
+
+            install_cpu_shims()
+        else:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", Utils.rank)) % torch.cuda.device_count())
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29511")
+            dist.init_process_group(
+                backend=Utils.backend(),
+                world_size=Utils.world_size,
+                rank=Utils.rank,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        Utils.inited = True
+
+    @staticmethod
+    def initialize_model_parallel(
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        expert_model_parallel_size: int = 1,
+        expert_tensor_parallel_size: int = 1,
+        **kwargs,
+    ):
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        Utils.initialize_distributed()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
+            **kwargs,
+        )
+
+    @staticmethod
+    def destroy_model_parallel():
+        from megatron.core import parallel_state
+
+        if dist.is_initialized():
+            dist.barrier()
+        parallel_state.destroy_model_parallel()
+
+    @staticmethod
+    def set_seed(seed: int):
+        """Seed torch and Megatron's model-parallel RNG tracker (works on CPU too)."""
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+            model_parallel_cuda_manual_seed(seed)
+        else:
+            # The inference tracker keeps Megatron's RNG bookkeeping off torch.cuda.
+            model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue):
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    try:
+        Utils.initialize_distributed()
+        result = fn(*args)
+        queue.put((local_rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - the parent re-raises with this traceback
+        queue.put((local_rank, "error", traceback.format_exc()))
+        # Leave without waiting for peers that may be blocked in a collective.
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list:
+    """Run ``fn(*args)`` on ``world_size`` fresh processes; return the per-rank results.
+
+    ``fn`` must be importable (a module-level function). A failing rank raises RankFailed with
+    its traceback; a hang is ended after ``timeout_s``.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: list = [None] * world_size
+    errors = []
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    received = 0
+    while received < world_size:
+        if not queue.empty():
+            rank, status, payload = queue.get()
+            received += 1
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+        elif time.monotonic() > deadline:
+            errors.append(f"timed out after {timeout_s}s waiting for ranks")
+            break
+        elif all(not p.is_alive() for p in procs) and queue.empty():
+            errors.append("all ranks exited without reporting")
+            break
+        else:
+            time.sleep(0.02)
+    if errors:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+        raise RankFailed("\n".join(errors))
+    for p in procs:
+        p.join(timeout=30)
+    return results

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-eps",
+    version="0.1.0",
+    description="EPS-MoE expert pipeline scheduler for Megatron-Core MoE prefill inference",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_eps", "megatron_eps.*"]),
+    package_data={"megatron_eps": ["profiles/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "megatron-core>=0.16,<0.20",
+        "torch>=2.6",
+        "pyyaml>=6",
+        "numpy",
+        "packaging",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'"],
+        "triton": ["triton>=3.3"],
+        "te": ["transformer_engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-eps-calibrate=megatron_eps.experts.calibrate:main",
+            "megatron-eps-prefill=megatron_eps.prefill:main",
+        ]
+    },
+)
