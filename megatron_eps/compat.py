@@ -114,3 +114,80 @@ def local_moe_spec(num_experts: int):
 
     layer_spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
     return layer_spec.submodules.mlp
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference path (added for megatron_eps.prefill, issue 5: model configs + inference).
+# 0.16: GPTInferenceWrapper(model, InferenceWrapperConfig, inference_context); the context keeps
+#       materialize_only_last_token_logits as an attribute.
+# 0.19: GPTInferenceWrapper(model, inference_context) (the wrapper config is deprecated and
+#       gone); the context keeps it in context.config (an InferenceConfig).
+# ---------------------------------------------------------------------------------------------
+
+
+def _inference_wrapper_takes_config(wrapper_cls) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(wrapper_cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return MCORE_VERSION < Version("0.18.0")
+    return "inference_wrapper_config" in params
+
+
+def make_static_inference_context(max_batch_size: int, max_sequence_length: int,
+                                  materialize_only_last_token_logits: bool = True):
+    """A ``StaticInferenceContext`` (KV cache for ``max_batch_size`` x ``max_sequence_length``)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    context = StaticInferenceContext(max_batch_size, max_sequence_length)
+    config = getattr(context, "config", None)
+    if config is not None and hasattr(config, "materialize_only_last_token_logits"):
+        config.materialize_only_last_token_logits = materialize_only_last_token_logits
+    else:
+        context.materialize_only_last_token_logits = materialize_only_last_token_logits
+    return context
+
+
+def make_gpt_inference_wrapper(model, inference_context, *, hidden_size: int, params_dtype,
+                               padded_vocab_size: int, max_batch_size: int,
+                               max_sequence_length: int):
+    """``GPTInferenceWrapper`` for ``model`` around ``inference_context``, on 0.16 and 0.19."""
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+        GPTInferenceWrapper,
+    )
+
+    if _inference_wrapper_takes_config(GPTInferenceWrapper):
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+
+        wrapper_config = InferenceWrapperConfig(
+            hidden_size=hidden_size,
+            params_dtype=params_dtype,
+            inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=padded_vocab_size,
+            inference_max_requests=max_batch_size,
+            inference_max_seq_length=max_sequence_length,
+        )
+        return GPTInferenceWrapper(model, wrapper_config, inference_context)
+    return GPTInferenceWrapper(model, inference_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA without Transformer Engine (added for megatron_eps.model_config, issue 5).
+# 0.16.x: multi_latent_attention.py sets HAVE_TE = True whenever megatron.core.extensions.
+# transformer_engine imports, which it does without TE (TELinear is then a MagicMock
+# placeholder, not a class), and
+# MLASelfAttention.__init__ calls isinstance(self.linear_proj, TELinear) -> TypeError.
+# 0.19.x takes HAVE_TE from the extension module and is correct. Idempotent; no-op with TE.
+# ---------------------------------------------------------------------------------------------
+def fix_mla_without_te() -> bool:
+    """Make MLASelfAttention buildable from the local spec when TE is absent. Returns True if
+    a fix was applied."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if getattr(mla, "HAVE_TE", False) and not isinstance(getattr(mla, "TELinear", None), type):
+        mla.HAVE_TE = False
+        return True
+    return False

@@ -59,6 +59,24 @@ def check_megatron_config(config, eps_config: EPSConfig, ep_size: int) -> None:
         )
 
 
+def route_allowing_empty(layer, hidden_states, padding_mask=None):
+    """``layer.route`` that also accepts a rank holding no tokens.
+
+    Megatron's router cannot reshape an empty logits tensor, yet under expert parallelism a
+    rank with no tokens must still join every collective of the layer. The empty result has
+    the dtype the router would produce, so the all-to-alls of all ranks agree.
+    """
+    if hidden_states.numel() > 0:
+        return MoELayer.route(layer, hidden_states, padding_mask)
+    router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+        layer.config.moe_router_dtype, hidden_states.dtype
+    )
+    num_experts = layer.config.num_moe_experts
+    probs = hidden_states.new_zeros((0, num_experts), dtype=router_dtype)
+    routing_map = hidden_states.new_zeros((0, num_experts), dtype=torch.bool)
+    return probs, routing_map
+
+
 class EPSMoELayer(MoELayer):
     """A MoELayer whose forward pipelines dispatch, experts and combine over expert groups.
 
@@ -108,6 +126,9 @@ class EPSMoELayer(MoELayer):
         self.last_expert_backends = []
 
     # ------------------------------------------------------------------ forward
+    def route(self, hidden_states, padding_mask=None):
+        return route_allowing_empty(self, hidden_states, padding_mask)
+
     def uses_pipeline(self) -> bool:
         return self.eps_config.enabled and not torch.is_grad_enabled()
 

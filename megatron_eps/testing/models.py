@@ -46,6 +46,8 @@ def moe_config(
         bf16=dtype == torch.bfloat16,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
+        # Megatron requires pre-softmax routing for top-1 (softmax over one value is 1).
+        moe_router_pre_softmax=topk == 1,
     )
     values.update(overrides)
     return TransformerConfig(**values)

@@ -1,0 +1,175 @@
+"""Rank-side bodies of the multi-rank EPS-vs-stock tests (run through run_distributed).
+
+Each function runs on every rank of a gloo (CPU) or NCCL (GPU) group, builds a stock MoELayer
+and an EPSMoELayer with identical weights for many cases, and returns per-case measurements;
+the pytest side asserts on them, so a failure names the case.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import torch
+import torch.distributed as dist
+
+from megatron_eps import EPSConfig
+from megatron_eps.moe_layer import route_allowing_empty
+from megatron_eps.testing import Utils
+from megatron_eps.testing.models import build_moe_pair, moe_config
+
+HIDDEN = 32
+FFN = 16
+SHARED_FFN = 24
+
+
+def _device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_tokens(rank: int, world: int, routing: str, seed: int, dtype):
+    """Per-rank input [S, B, H]: uneven sequence lengths across ranks; for routing='zero_rank'
+    the last rank holds no tokens."""
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    seq = 3 + 4 * rank + (seed % 3)
+    if routing == "zero_rank" and rank == world - 1:
+        seq = 0
+    x = torch.randn(seq, 2, HIDDEN, generator=gen)
+    if routing == "hot":
+        # Positive activations + a router row that is large for one expert => every token
+        # picks that expert first.
+        x = x.abs() + 0.1
+    return x.to(dtype=dtype, device=_device())
+
+
+def make_hot_router(layer, hot_expert: int):
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[hot_expert].fill_(1.0)
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    reference, candidate = reference.double(), candidate.double()
+    denom = reference.norm().item()
+    diff = (reference - candidate).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def equivalence_cases(world: int):
+    """The (experts, topk, N, shared, routing) grid for a world size, covering every value of
+    each axis at least once per world size."""
+    expert_counts = [e for e in (4, 8, 16, 64) if e % world == 0]
+    cases = []
+    for index, (experts, topk, degree) in enumerate(
+        itertools.product(expert_counts, (1, 2, 6), (1, 2, 3, 4, 8))
+    ):
+        if topk > experts:
+            continue
+        shared = index % 2 == 1
+        routing = ("balanced", "hot", "zero_rank")[index % 3]
+        cases.append((experts, topk, degree, shared, routing))
+    return cases
+
+
+def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int):
+    """Compare stock and EPS outputs for the case grid; return [(case, error, N, record)]."""
+    world = dist.get_world_size()
+    assert world == world_expected, (world, world_expected)
+    rank = dist.get_rank()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    results = []
+    try:
+        cases = equivalence_cases(world)[:max_cases]
+        for seed, (experts, topk, degree, shared, routing) in enumerate(cases):
+            config = moe_config(
+                num_experts=experts,
+                topk=topk,
+                hidden_size=HIDDEN,
+                ffn_hidden_size=FFN,
+                shared_expert_size=SHARED_FFN if shared else None,
+                ep_size=world,
+                dtype=dtype,
+            )
+            eps_config = EPSConfig(
+                pipeline_degree=degree, min_tokens_to_pipeline=0, expert_kernel=expert_kernel
+            )
+            stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
+            if routing == "hot":
+                hot = seed % experts
+                make_hot_router(stock, hot)
+                make_hot_router(eps, hot)
+            x = make_tokens(rank, world, routing, seed, dtype)
+            if x.numel() == 0:
+                # Stock Megatron's router cannot take an empty batch (a view of 0 elements);
+                # give the stock layer the same empty-batch routing EPS uses so that the
+                # dispatcher paths, not the router, are compared.
+                stock.route = types.MethodType(route_allowing_empty, stock)
+            with torch.no_grad():
+                expected, _ = stock(x)
+                actual, _ = eps(x)
+            record = eps.token_dispatcher.last_record
+            results.append(
+                {
+                    "case": (experts, topk, degree, shared, routing, dtype_name),
+                    "rel_err": relative_error(expected, actual),
+                    "max_abs": (expected.double() - actual.double()).abs().max().item()
+                    if expected.numel()
+                    else 0.0,
+                    "shape_ok": tuple(expected.shape) == tuple(actual.shape),
+                    "num_chunks": record.num_chunks,
+                    "expected_chunks": min(degree, experts // world),
+                    "tokens": x.shape[0] * x.shape[1],
+                    "routed_rows_total": int(record.global_counts.sum()),
+                    "finite": bool(torch.isfinite(actual.float()).all()),
+                }
+            )
+    finally:
+        Utils.destroy_model_parallel()
+    return results
+
+
+def run_auto_degree_agreement(world_expected: int):
+    """pipeline_degree='auto' with a profile: every rank must pick the same N although the
+    ranks hold very different loads (one rank with none)."""
+    import json
+    import os
+    import tempfile
+
+    world = dist.get_world_size()
+    assert world == world_expected
+    rank = dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    profile_dir = tempfile.mkdtemp()
+    path = os.path.join(profile_dir, f"profile_{rank}.json")
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "pipeline": {
+                    "link_bandwidth_gbps": 1e-3,  # a slow link so that pipelining pays
+                    "link_latency_us": 1.0,
+                    "chunk_overhead_us": 1.0,
+                    "expert_tflops": 1e-3,
+                }
+            },
+            f,
+        )
+    try:
+        config = moe_config(num_experts=8 * world, topk=2, ep_size=world)
+        eps_config = EPSConfig(
+            pipeline_degree="auto", min_tokens_to_pipeline=0, cost_profile=path,
+            expert_kernel="megatron",
+        )
+        stock, eps = build_moe_pair(config, eps_config, seed=3)
+        seq = [40, 3, 0, 17][rank % 4]
+        x = torch.randn(seq, 1, HIDDEN, generator=torch.Generator().manual_seed(rank))
+        x = x.to(_device())
+        with torch.no_grad():
+            expected, _ = stock(x)
+            actual, _ = eps(x)
+        return {
+            "num_chunks": eps.token_dispatcher.last_record.num_chunks,
+            "rel_err": relative_error(expected, actual),
+        }
+    finally:
+        Utils.destroy_model_parallel()

@@ -1,0 +1,126 @@
+"""EPSConfig validation, YAML loading and --eps-* flags."""
+
+import argparse
+
+import pytest
+
+from megatron_eps import EXPERT_KERNELS, EPSConfig, EPSConfigError, add_eps_args
+
+
+def parse(argv, yaml_path=None):
+    parser = add_eps_args(argparse.ArgumentParser())
+    if yaml_path is not None:
+        argv = argv + ["--eps-config", str(yaml_path)]
+    return EPSConfig.from_args(parser.parse_args(argv))
+
+
+def test_defaults_are_valid():
+    config = EPSConfig()
+    assert config.pipeline_degree == "auto"
+    assert config.expert_kernel == "auto"
+    assert config.enabled
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "abc", "", True, None, [2]])
+def test_bad_pipeline_degree_names_setting_and_allowed_values(bad):
+    with pytest.raises(EPSConfigError) as info:
+        EPSConfig(pipeline_degree=bad)
+    message = str(info.value)
+    assert "pipeline_degree" in message and "'auto'" in message and ">= 1" in message
+
+
+@pytest.mark.parametrize("good,expected", [(1, 1), (8, 8), ("4", 4), ("AUTO", "auto"), (2.0, 2)])
+def test_pipeline_degree_accepts(good, expected):
+    assert EPSConfig(pipeline_degree=good).pipeline_degree == expected
+
+
+def test_unknown_kernel_lists_allowed():
+    with pytest.raises(EPSConfigError) as info:
+        EPSConfig(expert_kernel="cutlass")
+    for name in EXPERT_KERNELS:
+        assert name in str(info.value)
+    assert "expert_kernel" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("min_tokens_to_pipeline", -1), ("max_pipeline_degree", 0), ("comm_num_ctas", 0),
+     ("gemm_sm_carveout", -2), ("enabled", "yes"), ("chunk_split", "rows")],
+)
+def test_other_bad_values(field, value):
+    with pytest.raises(EPSConfigError) as info:
+        EPSConfig(**{field: value})
+    assert field.split("_")[0] in str(info.value)
+
+
+def test_missing_cost_profile_file(tmp_path):
+    with pytest.raises(EPSConfigError, match="cost_profile"):
+        EPSConfig(cost_profile=str(tmp_path / "nope.json"))
+
+
+def test_yaml_top_level_and_eps_section(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("pipeline_degree: 4\nexpert_kernel: dense\n")
+    assert EPSConfig.from_yaml(flat).pipeline_degree == 4
+    nested = tmp_path / "model.yaml"
+    nested.write_text("model:\n  hidden_size: 64\neps:\n  pipeline_degree: auto\n  min_tokens_to_pipeline: 7\n")
+    config = EPSConfig.from_yaml(nested)
+    assert config.pipeline_degree == "auto" and config.min_tokens_to_pipeline == 7
+    model_only = tmp_path / "model_only.yaml"
+    model_only.write_text("model:\n  hidden_size: 64\n")
+    assert EPSConfig.from_yaml(model_only) == EPSConfig()
+
+
+def test_yaml_unknown_key_lists_allowed_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pipeline_degre: 4\n")
+    with pytest.raises(EPSConfigError) as info:
+        EPSConfig.from_yaml(path)
+    assert "pipeline_degre" in str(info.value) and "pipeline_degree" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["pipeline_degree: [1, 2\n", "- 1\n- 2\n", "eps: 3\n"])
+def test_malformed_yaml(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(EPSConfigError, match="eps-config"):
+        EPSConfig.from_yaml(path)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(EPSConfigError, match="no such file"):
+        EPSConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "eps.yaml"
+    path.write_text("eps:\n  pipeline_degree: 4\n  expert_kernel: dense\n")
+    config = parse(["--eps-moe", "--eps-pipeline-degree", "2"], yaml_path=path)
+    assert config.enabled and config.pipeline_degree == 2 and config.expert_kernel == "dense"
+    config = parse([], yaml_path=path)
+    assert not config.enabled and config.pipeline_degree == 4
+
+
+def test_flags_alone():
+    config = parse(["--eps-moe", "--eps-expert-kernel", "grouped", "--eps-pipeline-degree", "auto",
+                    "--eps-min-tokens-to-pipeline", "0"])
+    assert (config.expert_kernel, config.pipeline_degree, config.min_tokens_to_pipeline) == (
+        "grouped", "auto", 0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--eps-pipeline-degree", "0"], ["--eps-pipeline-degree", "x"],
+     ["--eps-expert-kernel", "foo"], ["--eps-min-tokens-to-pipeline", "-3"]],
+)
+def test_bad_flags_exit_with_message(argv, capsys):
+    parser = add_eps_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    err = capsys.readouterr().err
+    assert argv[0] in err
+
+
+def test_megatron_extra_args_provider_signature():
+    parser = argparse.ArgumentParser()
+    assert add_eps_args(parser) is parser

@@ -1,0 +1,68 @@
+"""EPSMoELayer equals stock MoELayer (alltoall dispatcher) on 1, 2 and 4 ranks.
+
+Runs on CPU ranks over gloo in CI (ranks are spawned from this process) and on GPUs over NCCL
+when CUDA is present (world sizes above the GPU count are skipped there).
+"""
+
+import pytest
+import torch
+
+from megatron_eps.testing import run_distributed
+from tests.unit_tests import eps_cases
+
+FP32_MAX_ABS = 1e-5
+BF16_REL = 1e-2
+
+
+def _skip_if_too_few_gpus(world):
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+
+
+def _check(results, tolerance_kind):
+    assert results, "no cases ran"
+    failures = []
+    for rank, rank_results in enumerate(results):
+        for r in rank_results:
+            ok = r["shape_ok"] and r["finite"] and r["num_chunks"] == r["expected_chunks"]
+            if tolerance_kind == "fp32":
+                ok = ok and r["max_abs"] <= FP32_MAX_ABS
+            else:
+                ok = ok and r["rel_err"] <= BF16_REL
+            if not ok:
+                failures.append((rank, r))
+    assert not failures, "\n".join(f"rank {rank}: {r}" for rank, r in failures)
+    # The grid really exercised what it claims.
+    cases = [r["case"] for r in results[0]]
+    assert {c[2] for c in cases} == {1, 2, 3, 4, 8}
+    assert {c[1] for c in cases} == {1, 2, 6}
+    assert {c[3] for c in cases} == {True, False}
+    assert {c[4] for c in cases} == {"balanced", "hot", "zero_rank"}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_eps_equals_stock_fp32(world):
+    _skip_if_too_few_gpus(world)
+    results = run_distributed(
+        eps_cases.run_equivalence, world, world, "fp32", "megatron", 10_000
+    )
+    _check(results, "fp32")
+    # Some case must have pipelined for real (more than one chunk) with tokens on every rank.
+    assert any(r["num_chunks"] > 1 and r["tokens"] > 0 for r in results[0])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_eps_equals_stock_bf16(world):
+    _skip_if_too_few_gpus(world)
+    results = run_distributed(eps_cases.run_equivalence, world, world, "bf16", "megatron", 10_000)
+    _check(results, "bf16")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_auto_degree_is_identical_on_every_rank(world):
+    _skip_if_too_few_gpus(world)
+    results = run_distributed(eps_cases.run_auto_degree_agreement, world, world)
+    chunks = {r["num_chunks"] for r in results}
+    assert len(chunks) == 1, f"ranks disagree on N: {[r['num_chunks'] for r in results]}"
+    assert chunks.pop() > 1, "the slow-link profile should make pipelining pay"
+    assert all(r["rel_err"] <= 1e-6 for r in results), results

@@ -1,0 +1,126 @@
+"""The chunk layout and the plan, checked against brute force on random count matrices."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eps.schedule import (
+    COMBINE,
+    COMM,
+    COMPUTE,
+    DISPATCH,
+    EXPERTS,
+    SHARED,
+    ChunkLayout,
+    build_plan,
+    regroup_rows,
+    run_plan,
+    split_local_experts,
+)
+
+
+@pytest.mark.parametrize("experts,chunks", [(1, 1), (4, 4), (5, 2), (20, 3), (64, 8), (7, 7)])
+def test_split_local_experts_covers_all(experts, chunks):
+    ranges = split_local_experts(experts, chunks)
+    assert len(ranges) == chunks
+    assert ranges[0][0] == 0 and ranges[-1][1] == experts
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [e - s for s, e in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("bad", [0, 5])
+def test_split_local_experts_rejects(bad):
+    with pytest.raises(ValueError):
+        split_local_experts(4, bad)
+
+
+def simulate_all_to_all(layouts, payloads):
+    """Brute-force exchange: payloads[src] is the permuted buffer of rank src."""
+    ep = len(layouts)
+    received = {}
+    for chunk in range(layouts[0].num_chunks):
+        for dst in range(ep):
+            parts = []
+            for src in range(ep):
+                lay = layouts[src]
+                start = lay.send_offsets[chunk] + sum(lay.send_splits[chunk][:dst])
+                parts.append(payloads[src][start : start + lay.send_splits[chunk][dst]])
+            received[(dst, chunk)] = np.concatenate(parts)
+    return received
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layout_routes_every_row_to_its_expert(seed):
+    rng = np.random.default_rng(seed)
+    ep = int(rng.integers(1, 5))
+    local = int(rng.integers(1, 7))
+    chunks = int(rng.integers(1, local + 1))
+    counts = rng.integers(0, 5, size=(ep, ep * local))
+    if seed % 2:
+        counts[rng.integers(ep)] = 0  # a rank with no tokens
+        counts[:, 0] += 9  # one hot expert
+    layouts = [ChunkLayout.build(counts, r, local, chunks) for r in range(ep)]
+    # Each rank's permuted buffer, chunk-major, labelled with (src, expert) per row.
+    payloads = []
+    for src, lay in enumerate(layouts):
+        labels = [(src, e) for e in lay.expert_order for _ in range(counts[src, e])]
+        payloads.append(np.array(labels, dtype=np.int64).reshape(-1, 2))
+        assert len(labels) == lay.send_offsets[-1] == counts[src].sum()
+    received = simulate_all_to_all(layouts, payloads)
+    for dst, lay in enumerate(layouts):
+        assert lay.num_chunks == chunks
+        for chunk in range(chunks):
+            rows = received[(dst, chunk)]
+            assert len(rows) == sum(lay.recv_splits[chunk])
+            regroup = lay.rank_major_to_expert_major(chunk)
+            if regroup is not None:
+                rows = regroup_rows(torch.from_numpy(rows), *regroup).numpy()
+            start, end = lay.expert_ranges[chunk]
+            expected = [
+                (src, dst * local + e)
+                for e in range(start, end)
+                for src in range(ep)
+                for _ in range(counts[src, dst * local + e])
+            ]
+            assert [tuple(r) for r in rows] == expected
+            assert lay.tokens_per_expert[chunk] == [
+                int(counts[:, dst * local + e].sum()) for e in range(start, end)
+            ]
+            back = lay.expert_major_to_rank_major(chunk)
+            if back is not None:
+                restored = regroup_rows(torch.from_numpy(rows), *back).numpy()
+                assert (restored == received[(dst, chunk)]).all()
+
+
+def test_layout_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="experts"):
+        ChunkLayout.build(np.zeros((2, 6), dtype=np.int64), 0, 4, 2)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_plan_orders_dispatch_before_experts_before_combine(chunks):
+    plan = build_plan(chunks, with_shared_experts=True)
+    position = {(s.stage, s.chunk): i for i, s in enumerate(plan)}
+    for i in range(chunks):
+        assert position[(DISPATCH, i)] < position[(EXPERTS, i)] < position[(COMBINE, i)]
+        if i + 1 < chunks:
+            # The next dispatch is issued before this chunk's experts: it overlaps them.
+            assert position[(DISPATCH, i + 1)] < position[(EXPERTS, i)]
+    assert position[(DISPATCH, 0)] < position[(SHARED, 0)] < position[(EXPERTS, 0)]
+    for step in plan:
+        assert step.stream == (COMM if step.stage in (DISPATCH, COMBINE) else COMPUTE)
+    assert len(plan) == 3 * chunks + 1
+
+
+def test_run_plan_without_streams_follows_plan_order():
+    plan = build_plan(3)
+    seen = []
+    stages = {name: (lambda c, name=name: seen.append((name, c))) for name in (DISPATCH, EXPERTS, COMBINE)}
+    run_plan(plan, stages, comm_stream=None)
+    assert seen == [(s.stage, s.chunk) for s in plan]
+
+
+def test_build_plan_rejects_zero():
+    with pytest.raises(ValueError):
+        build_plan(0)
