@@ -50,11 +50,15 @@ class Utils:
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29511")
+            kwargs = {}
+            if torch.cuda.is_available():
+                kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
             dist.init_process_group(
                 backend=Utils.backend(),
                 world_size=Utils.world_size,
                 rank=Utils.rank,
                 timeout=datetime.timedelta(seconds=timeout_s),
+                **kwargs,
             )
         Utils.inited = True
 

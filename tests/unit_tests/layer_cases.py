@@ -15,6 +15,7 @@ def construction_errors():
 
     world = dist.get_world_size()
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    Utils.set_seed(1)
     submodules = compat.moe_submodules_from_spec(compat.local_moe_spec(8))
     bad_configs = {
         "allgather": dict(moe_token_dispatcher_type="allgather"),

@@ -66,3 +66,13 @@ def test_auto_degree_is_identical_on_every_rank(world):
     assert len(chunks) == 1, f"ranks disagree on N: {[r['num_chunks'] for r in results]}"
     assert chunks.pop() > 1, "the slow-link profile should make pipelining pay"
     assert all(r["rel_err"] <= 1e-6 for r in results), results
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dispatcher_roundtrip_returns_input(world):
+    _skip_if_too_few_gpus(world)
+    results = run_distributed(eps_cases.run_dispatcher_roundtrip, world, world)
+    for rank, rank_results in enumerate(results):
+        for path, experts, topk, degree, err, chunks in rank_results:
+            assert err <= 1e-6, (rank, path, experts, topk, degree, err)
+            assert chunks == min(degree, experts // world), (rank, path, degree, chunks)
