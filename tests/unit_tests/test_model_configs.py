@@ -1,6 +1,5 @@
 """configs/*.yaml -> Megatron TransformerConfig / spec: shapes as published, clear errors."""
 
-import copy
 import glob
 import os
 
@@ -241,3 +240,59 @@ def test_apply_eps_on_config_spec():
         module = getattr(mlp, "module", getattr(mlp, "func", None))
         kinds.append(module is EPSMoELayer)
     assert kinds == [False, True, True]
+
+
+# Published totals (billions of parameters): the config shapes reproduce them.
+PUBLISHED_B = {"deepseek_v2_lite": 15.7, "deepseek_v2": 236, "mixtral_8x7b": 46.7, "dbrx": 132}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_parameter_count_matches_published_total(name):
+    total = load_model_config(cfg_path(name)).parameter_counts()["total"] / 1e9
+    assert total == pytest.approx(PUBLISHED_B[name], rel=0.01)
+
+
+def build_models_and_count(names_and_attention):
+    """Per rank (world 1): build each config's GPTModel; return its parameter count (matrices
+    only) and the logits of a plain forward."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_eps.prefill import seed_all
+
+    parallel_state.initialize_model_parallel()
+    out = {}
+    for name, core_attention in names_and_attention:
+        with open(cfg_path(name)) as f:
+            data = yaml.safe_load(f)
+        data["model"]["core_attention"] = core_attention
+        # GPTModel pins NVTE_*_ATTN to its attention_backend (auto: 1, local: 0) and refuses a
+        # second model with the other backend in the same process.
+        for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+            os.environ.pop(var, None)
+        mc = model_config_from_dict(data, name)
+        config = mc.transformer_config()
+        seed_all(3, torch.device("cpu"))
+        model = mc.build_gpt_model(config, mc.layer_spec(config)).eval()
+        count = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+        tokens = torch.randint(0, mc.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            logits = model(tokens, torch.arange(40).expand(2, 40), None)
+        out[f"{name}/{core_attention}"] = (count, mc.parameter_counts()["total"], logits)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_built_models_match_counts_and_sdpa_matches_local_attention():
+    from megatron_eps.testing import run_distributed
+
+    out = run_distributed(
+        build_models_and_count, 1, [("tiny", "sdpa"), ("tiny", "local"), ("tiny_mla", "sdpa")]
+    )[0]
+    for key, (built, counted, logits) in out.items():
+        assert built == counted, key
+        assert torch.isfinite(logits).all() and logits.std() > 0, key
+    # Same weights, Megatron's DotProductAttention vs SDPAttention: same logits.
+    sdpa, local = out["tiny/sdpa"][2], out["tiny/local"][2]
+    assert sdpa.shape == (2, 40, 128)
+    assert torch.allclose(sdpa, local, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,672 @@
+"""megatron-eps-prefill: prefill throughput of a Megatron-Core MoE GPT, stock vs EPS.
+
+Builds a GPTModel with MoE layers from a model config (configs/*.yaml; random weights from a
+fixed seed, nothing downloaded), then runs the prefill step through Megatron-Core's static
+inference path (``StaticInferenceContext`` + ``GPTInferenceWrapper.run_one_forward_step``, the
+step the static engine / TextGenerationController takes for prefill) for a batch of prompts per
+size: once with the stock MoELayer and once with EPS (``apply_eps`` on the spec; the EPS model
+loads the stock model's state_dict, so the weights are equal). It checks that the logits agree
+and reports prefill tokens/s (median over timed repeats, after warm-up).
+
+Launch::
+
+    torchrun --nproc-per-node N examples/run_prefill.py --config configs/tiny.yaml
+    python examples/run_prefill.py                      # one process, world size 1
+    megatron-eps-prefill --config configs/deepseek_v2_lite.yaml --layers 8 \
+        --prompt-lengths 2048,8192,32768 --json out.json
+
+Parallel layout: expert parallelism over all ranks (EP = world size unless set); attention is
+data-parallel (each rank prefills its own prompts) or, for GQA/MHA models,
+tensor-parallel with ``--tensor-model-parallel-size`` (sequence parallel MoE, ETP = 1). Every
+rank runs the same prompt lengths, batch size and number of steps, as EP requires.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_CONFIG = "configs/tiny.yaml"
+# Logit agreement, stock vs EPS. fp32: max |diff| <= 1e-4 * max(1, max |stock|).
+# bf16/fp16: ||diff|| / ||stock|| <= 1e-2.
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
+
+
+class PrefillError(RuntimeError):
+    pass
+
+
+_OOM_ERRORS = tuple(
+    e for e in (getattr(torch, "OutOfMemoryError", None),
+                getattr(torch.cuda, "OutOfMemoryError", None)) if isinstance(e, type)
+) or (MemoryError,)
+
+
+# --------------------------------------------------------------------------- arguments
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers >= 1, e.g. 2048,8192,32768"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers >= 1, e.g. 2048,8192,32768"
+        )
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are integers >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are integers >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_eps.arguments import add_eps_args
+
+    parser = argparse.ArgumentParser(
+        prog="megatron-eps-prefill",
+        description="Prefill throughput of a Megatron-Core MoE GPT: stock MoELayer vs EPS-MoE.",
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--config", default=None, metavar="YAML",
+                   help=f"model config (configs/*.yaml). Default: {DEFAULT_CONFIG}")
+    g.add_argument("--layers", type=_positive_int, default=None, metavar="N",
+                   help="override model.num_layers (reduced depth to fit one GPU)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter/activation dtype. Default: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=1234, help="weight and prompt seed")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--prompt-lengths", type=_int_list, default=None, metavar="L1,L2,...",
+                   help="prompt lengths in tokens. Default: 2048,8192,32768 on GPU, 64,256 on CPU")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="prompts per data-parallel rank and step. Default: 1 on GPU, 2 on CPU")
+    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (median)")
+    g.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed warm-up steps")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--stock-only", action="store_true", help="run the stock model only")
+    mode.add_argument("--eps-only", action="store_true", help="run the EPS model only")
+    g.add_argument("--check-logits", choices=("last", "all"), default="last",
+                   help="compare last-token logits (what prefill returns) or all positions")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="logit agreement bound (fp32: max abs diff / max(1, max |ref|); "
+                   "bf16/fp16: relative L2 error). Default: 1e-4 fp32, 1e-2 bf16/fp16")
+    g = parser.add_argument_group("parallelism and devices")
+    g.add_argument("--tensor-model-parallel-size", "--tp", type=_positive_int, default=None,
+                   dest="tensor_model_parallel_size",
+                   help="attention tensor parallelism (GQA/MHA only). Default: config or 1")
+    g.add_argument("--expert-model-parallel-size", "--ep", type=_positive_int, default=None,
+                   dest="expert_model_parallel_size",
+                   help="expert parallelism. Default: config or the world size")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA + NCCL if a GPU is present, else CPU + gloo")
+    g.add_argument("--cpu-threads", type=_positive_int, default=1,
+                   help="torch threads per rank on CPU")
+    g.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="S",
+                   help="process-group timeout in seconds")
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    g.add_argument("--git-commit", default=None,
+                   help="commit to record when not run from a git checkout "
+                   "(default: $MEGATRON_EPS_GIT_COMMIT or git rev-parse HEAD)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--save-logits", default=None, metavar="PATH",
+                   help="torch.save rank 0's logits {prompt_length: {mode: tensor}} (debugging, "
+                   "cross-layout checks)")
+    add_eps_args(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    use_cuda = _use_cuda(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; allowed values here: auto, cpu")
+    if args.config is None:
+        args.config = _default_config_path()
+    if args.dtype is None:
+        args.dtype = "bf16" if use_cuda else "fp32"
+    if args.prompt_lengths is None:
+        args.prompt_lengths = [2048, 8192, 32768] if use_cuda else [64, 256]
+    if args.batch_size is None:
+        args.batch_size = 1 if use_cuda else 2
+    if args.tolerance is None:
+        args.tolerance = DEFAULT_TOLERANCE[args.dtype]
+    if args.eps_config is None:
+        # The model config's own eps: section (defaults if it has none).
+        args.eps_config = args.config
+    # Fail on bad EPS settings before any process group exists.
+    from megatron_eps.config import EPSConfig, EPSConfigError
+
+    try:
+        EPSConfig.from_args(args)
+    except EPSConfigError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _default_config_path() -> str:
+    if os.path.isfile(DEFAULT_CONFIG):
+        return DEFAULT_CONFIG
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(repo, DEFAULT_CONFIG)
+
+
+def _use_cuda(device: str) -> bool:
+    if device == "cpu":
+        return False
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- distributed
+def init_distributed(args) -> Dict[str, int]:
+    """Default process group: torchrun's env, or a world of one. NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+
+    use_cuda = _use_cuda(args.device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        from megatron_eps.testing.cpu_shims import install_cpu_shims
+
+        install_cpu_shims(force=torch.cuda.is_available())
+        torch.set_num_threads(args.cpu_threads)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=args.dist_timeout),
+        )
+    return {"rank": rank, "world_size": world, "local_rank": local_rank}
+
+
+# --------------------------------------------------------------------------- model building
+def build_model(mc, config, eps_config=None, state_dict=None):
+    """GPTModel from the model config; EPS MoE layers if ``eps_config``; weights from
+    ``state_dict`` if given (otherwise the current RNG state decides them)."""
+    spec = mc.layer_spec(config)
+    if eps_config is not None:
+        from megatron_eps.spec import apply_eps
+
+        spec = apply_eps(spec, eps_config)
+    model = mc.build_gpt_model(config, spec)
+    if torch.cuda.is_available() and not config.use_cpu_initialization:
+        model = model.cuda()
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise PrefillError(
+                "the EPS model's parameters differ from the stock model's: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    model.eval()
+    return model
+
+
+def seed_all(seed: int, device) -> None:
+    """Seed torch and Megatron's RNG tracker. On GPUs the regular tracker gives each EP rank
+    its own expert weights; on CPU the inference tracker (no CUDA RNG) is the one that works,
+    and CPU initialisation draws every weight from the default generator."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+def make_prompts(seed: int, dp_rank: int, batch: int, length: int, vocab: int, device):
+    """Random token ids; equal on the ranks of one TP group, different across DP ranks."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + dp_rank * 7919 + length)
+    tokens = torch.randint(0, vocab, (batch, length), generator=gen, dtype=torch.long)
+    return tokens.to(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_prefill(model, tokens, config, vocab_size, check_logits: str):
+    """One prefill through the static inference path; returns the logits (as the wrapper gives
+    them: [B, 1, V] with last-token materialisation, [B, L, V] otherwise)."""
+    from megatron_eps import compat
+
+    batch, length = tokens.shape
+    context = compat.make_static_inference_context(
+        batch, length, materialize_only_last_token_logits=(check_logits == "last")
+    )
+    wrapper = compat.make_gpt_inference_wrapper(
+        model,
+        context,
+        hidden_size=config.hidden_size,
+        params_dtype=config.params_dtype,
+        padded_vocab_size=vocab_size,
+        max_batch_size=batch,
+        max_sequence_length=length,
+    )
+    wrapper.prep_model_for_inference()
+    inputs = wrapper.prep_inference_input(tokens)
+    window = wrapper.get_batch_for_context_window(inputs, 0, length)
+    return wrapper, context, window
+
+
+def timed_prefills(model, tokens, config, vocab_size, args, device, progress=None, label=""):
+    """Warm-up + timed repeats of the prefill step; returns (times_s, logits of the last run)."""
+    import torch.distributed as dist
+
+    wrapper, context, window = run_prefill(model, tokens, config, vocab_size, args.check_logits)
+    times = []
+    logits = None
+    for i in range(args.warmup + args.repeats):
+        context.reset()
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        logits = wrapper.run_one_forward_step(window)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            times.append(elapsed)
+        if progress is not None:
+            progress.update(1)
+    # The step takes as long as its slowest rank.
+    t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out = logits.float()
+    del wrapper, context, window
+    return t.cpu().tolist(), out
+
+
+def compare_logits(stock: torch.Tensor, eps: torch.Tensor, dtype: str = "fp32") -> Dict[str, float]:
+    """Agreement statistics of two logit tensors, reduced over all ranks when distributed."""
+    import torch.distributed as dist
+
+    diff = (eps - stock).abs()
+    stats = torch.tensor(
+        [
+            diff.max().item(),
+            stock.abs().max().item(),
+            float((eps - stock).double().pow(2).sum().item()),
+            float(stock.double().pow(2).sum().item()),
+            float(torch.isfinite(eps).all().item() and torch.isfinite(stock).all().item()),
+        ],
+        dtype=torch.float64,
+    )
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_backend() == "nccl":
+        stats = stats.cuda()
+    # Max for the maxima, sums for the squared norms, min for finiteness (over all ranks).
+    maxima = stats[[0, 1]].clone()
+    sums = stats[[2, 3]].clone()
+    finite = stats[[4]].clone()
+    if distributed:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    max_abs, ref_max = maxima.tolist()
+    err_sq, ref_sq = sums.tolist()
+    return {
+        "max_abs_diff": max_abs,
+        "ref_max_abs": ref_max,
+        "max_abs_diff_scaled": max_abs / max(1.0, ref_max),
+        "rel_l2_err": math.sqrt(err_sq) / max(math.sqrt(ref_sq), 1e-30),
+        "finite": bool(finite.item() > 0.5),
+    }
+
+
+def logits_agree(cmp: Dict[str, float], dtype: str, tol: float) -> bool:
+    """fp32: max |diff| / max(1, max |ref|) <= tol; bf16/fp16: ||diff|| / ||ref|| <= tol."""
+    if not cmp["finite"]:
+        return False
+    metric = cmp["max_abs_diff_scaled"] if dtype == "fp32" else cmp["rel_l2_err"]
+    return metric <= tol
+
+
+# --------------------------------------------------------------------------- metadata
+def _git_commit(args) -> Optional[str]:
+    if args.git_commit:
+        return args.git_commit
+    env = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _device_info(device) -> Dict[str, object]:
+    info = {"type": device.type, "platform": platform.platform(), "hostname": socket.gethostname()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            name=props.name,
+            count=torch.cuda.device_count(),
+            total_memory_gb=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
+    else:
+        info.update(name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    return info
+
+
+def _versions() -> Dict[str, str]:
+    import megatron_eps
+    from megatron_eps import compat
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": str(compat.MCORE_VERSION),
+        "megatron_eps": megatron_eps.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- main
+def run(args) -> Dict[str, object]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_eps.config import EPSConfig
+    from megatron_eps.model_config import load_model_config
+
+    dist_info = init_distributed(args)
+    rank, world = dist_info["rank"], dist_info["world_size"]
+    device = torch.device("cuda", torch.cuda.current_device()) if _use_cuda(args.device) else torch.device("cpu")
+
+    mc = load_model_config(args.config, num_layers=args.layers)
+    par = mc.resolve_parallel(world, args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    tp, ep = par["tensor_model_parallel_size"], par["expert_model_parallel_size"]
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if tp > 1:
+        for length in args.prompt_lengths:
+            if (args.batch_size * length) % tp:
+                raise PrefillError(
+                    f"--prompt-lengths {length} x --batch-size {args.batch_size} must be divisible "
+                    f"by --tensor-model-parallel-size {tp} (sequence-parallel MoE)"
+                )
+    dtype = DTYPES[args.dtype]
+    config = mc.transformer_config(
+        dtype=dtype,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        use_cpu_initialization=device.type == "cpu",
+    )
+    eps_config = EPSConfig.from_args(args).replace(enabled=True)
+    modes = ["stock", "eps"]
+    if args.stock_only:
+        modes = ["stock"]
+    elif args.eps_only:
+        modes = ["eps"]
+
+    is_main = rank == 0
+    progress = None
+    total_steps = len(modes) * len(args.prompt_lengths) * (args.warmup + args.repeats)
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, desc="prefill", unit="step", file=sys.stderr)
+
+    results = {length: {} for length in args.prompt_lengths}
+    logits = {length: {} for length in args.prompt_lengths}
+    expert_backends = {}
+    state_dict = None
+    build_s = {}
+    errors: List[str] = []
+    for mode in modes:
+        seed_all(args.seed, device)
+        t0 = time.perf_counter()
+        model = build_model(mc, config, eps_config if mode == "eps" else None, state_dict)
+        _sync(device)
+        build_s[mode] = time.perf_counter() - t0
+        if mode == "stock" and "eps" in modes:
+            # Same weights for the EPS model, kept off the GPU while the stock model runs.
+            state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                          if torch.is_tensor(v)}
+        for length in args.prompt_lengths:
+            if progress is not None:
+                progress.set_description(f"prefill {mode} L={length}")
+            tokens = make_prompts(args.seed, dp_rank, args.batch_size, length, mc.vocab_size, device)
+            oom = None
+            try:
+                times, out = timed_prefills(
+                    model, tokens, config, mc.vocab_size, args, device, progress, mode
+                )
+            except _OOM_ERRORS as exc:
+                if world > 1:
+                    raise  # the other ranks are inside a collective: nothing to continue
+                oom = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            if oom is not None:
+                # One process: record the size as failed and go on with the others (the
+                # exception and its frames are gone here, so their memory can be freed).
+                results[length][mode] = {"error": f"out of memory: {oom}"}
+                logits[length][mode] = None
+                errors.append(f"{mode} L={length}: out of memory")
+                del tokens
+                if device.type == "cuda":
+                    import gc
+
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                continue
+            median = statistics.median(times)
+            tokens_global = args.batch_size * length * dp_size
+            results[length][mode] = {
+                "times_s": times,
+                "median_s": median,
+                "tokens_per_s": tokens_global / median,
+                "tokens_per_s_per_rank": tokens_global / median / world,
+            }
+            logits[length][mode] = out.cpu() if (len(modes) > 1 or args.save_logits) else None
+            if mode == "eps":
+                backends = sorted(
+                    {b for m in model.modules() for b in getattr(m, "last_expert_backends", [])}
+                )
+                expert_backends[length] = backends
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if progress is not None:
+        progress.close()
+
+    all_ok = True
+    rows = []
+    for length in args.prompt_lengths:
+        entry = {
+            "prompt_length": length,
+            "batch_size_per_dp_rank": args.batch_size,
+            "tokens_per_step": args.batch_size * length * dp_size,
+        }
+        entry.update(results[length])
+        complete = all("error" not in results[length].get(m, {"error": 1}) for m in modes)
+        if len(modes) == 2 and complete:
+            cmp = compare_logits(logits[length]["stock"], logits[length]["eps"], args.dtype)
+            cmp["tolerance"] = args.tolerance
+            cmp["metric"] = "max_abs_diff_scaled" if args.dtype == "fp32" else "rel_l2_err"
+            cmp["agree"] = logits_agree(cmp, args.dtype, args.tolerance)
+            all_ok &= cmp["agree"]
+            entry["logits"] = cmp
+            entry["speedup"] = results[length]["eps"]["tokens_per_s"] / results[length]["stock"]["tokens_per_s"]
+        if length in expert_backends:
+            entry["eps_expert_backends"] = expert_backends[length]
+        rows.append(entry)
+
+    report = {
+        "benchmark": "megatron-eps-prefill",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "argv": sys.argv,
+        "git_commit": _git_commit(args),
+        "versions": _versions(),
+        "device": _device_info(device),
+        "backend": dist.get_backend(),
+        "model": {
+            "config": args.config,
+            "name": mc.name,
+            "attention": mc.attention,
+            "core_attention": mc.core_attention,
+            "num_layers": mc.num_layers,
+            "num_moe_layers": mc.num_moe_layers,
+            "hidden_size": mc.hidden_size,
+            "num_moe_experts": mc.num_moe_experts,
+            "moe_ffn_hidden_size": int(mc.fields["moe_ffn_hidden_size"]),
+            "moe_router_topk": int(mc.fields["moe_router_topk"]),
+            "moe_shared_expert_intermediate_size": mc.fields.get("moe_shared_expert_intermediate_size"),
+            "vocab_size": mc.vocab_size,
+            "dtype": args.dtype,
+            "seed": args.seed,
+        },
+        "parallel": {
+            "world_size": world,
+            "tensor_model_parallel_size": tp,
+            "expert_model_parallel_size": ep,
+            "expert_tensor_parallel_size": 1,
+            "data_parallel_size": dp_size,
+            "attention": "tensor-parallel" if tp > 1 else "data-parallel",
+        },
+        "eps_config": eps_config.to_dict(),
+        "inference_path": "StaticInferenceContext + GPTInferenceWrapper.run_one_forward_step",
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "check_logits": args.check_logits,
+        "modes": modes,
+        "build_s": build_s,
+        "results": rows,
+        "logits_agree": all_ok if len(modes) == 2 else None,
+        "errors": errors,
+    }
+    if is_main and args.save_logits:
+        torch.save(logits, args.save_logits)
+    if is_main:
+        print(format_table(report), flush=True)
+        if args.json:
+            directory = os.path.dirname(os.path.abspath(args.json))
+            os.makedirs(directory, exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+            print(f"wrote {args.json}", flush=True)
+    return report
+
+
+def format_table(report) -> str:
+    m, p = report["model"], report["parallel"]
+    dev = report["device"]
+    lines = [
+        f"megatron-eps prefill | {m['name']} ({m['num_layers']} layers, {m['attention']}, "
+        f"{m['num_moe_experts']} experts top-{m['moe_router_topk']}) | {m['dtype']} | "
+        f"{dev['type']}: {dev.get('name', '')} | world {p['world_size']} (EP {p['expert_model_parallel_size']}, "
+        f"TP {p['tensor_model_parallel_size']}, {p['attention']} attention)"
+    ]
+    if dev["type"] == "cpu":
+        lines.append("NOTE: CPU timings are noisy and say nothing about GPU throughput.")
+    header = f"{'prompt':>8} {'tok/step':>9} {'stock tok/s':>12} {'eps tok/s':>12} {'speedup':>8} {'logit err':>10} {'ok':>4}"
+    lines += [header, "-" * len(header)]
+    for row in report["results"]:
+        stock = row.get("stock", {}).get("tokens_per_s")
+        eps = row.get("eps", {}).get("tokens_per_s")
+        if any("error" in row.get(m, {}) for m in ("stock", "eps")):
+            lines.append(f"{row['prompt_length']:>8} {row['tokens_per_step']:>9} "
+                         + "; ".join(f"{m}: {row[m]['error'][:60]}" for m in ("stock", "eps")
+                                     if "error" in row.get(m, {})))
+            continue
+        speed = row.get("speedup")
+        cmp = row.get("logits")
+        err = cmp[cmp["metric"]] if cmp else None
+        lines.append(
+            f"{row['prompt_length']:>8} {row['tokens_per_step']:>9} "
+            f"{(f'{stock:,.0f}' if stock else '-'):>12} {(f'{eps:,.0f}' if eps else '-'):>12} "
+            f"{(f'{speed:.2f}x' if speed else '-'):>8} {(f'{err:.2e}' if err is not None else '-'):>10} "
+            f"{('yes' if cmp['agree'] else 'NO') if cmp else '-':>4}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    try:
+        report = run(args)
+    finally:
+        if dist.is_initialized():
+            try:
+                from megatron.core import parallel_state
+
+                parallel_state.destroy_model_parallel()
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if report.get("logits_agree") is False:
+        if is_main:
+            print("ERROR: stock and EPS logits disagree beyond the tolerance", file=sys.stderr)
+        return 1
+    if report.get("errors"):
+        if is_main:
+            print(f"ERROR: some sizes did not run: {'; '.join(report['errors'])}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
