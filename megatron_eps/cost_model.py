@@ -1,7 +1,26 @@
 """The pipeline degree N: explicit, or chosen from a calibrated cost model (EPS-MoE Sec. 5.2).
 
-Every input to ``choose_pipeline_degree`` is data every rank of the expert-parallel group
-holds (the all-gathered count matrix, the layer's shape, the config, the profile file), and the
+Model (all times in seconds; see docs/pipeline.md for the derivation):
+
+* Communication of chunk g: three all-to-alls (dispatch tokens, dispatch probs, combine), each
+  ``bytes / link_bandwidth + link_latency``. The bytes of a collective are those of the busiest
+  rank of the group (max over ranks of the remote rows it sends or receives), since an
+  all-to-all ends when its slowest rank does.
+* Computation of chunk g on rank r: the expert GEMMs of the experts in the chunk, from the
+  kernel engineer's cost tables (``megatron_eps.experts.selector.predict_time``) when they
+  exist, else a roofline ``max(FLOPs / expert_tflops, weight bytes / memory bandwidth)`` per
+  expert. Shared experts are issued on the compute stream while dispatch 0 is in flight.
+* The pipelined time of N chunks is the makespan of ``schedule.build_plan(N)`` simulated on two
+  in-order streams with the plan's events (the same plan ``run_plan`` issues), plus the
+  measured per-chunk overhead ``k (N - 1)``. For equal chunks this is the paper's
+  ``T_comm + T_comp - min(T_comm, T_comp) (N-1)/N + k N + b``, minimal near
+  ``N* = sqrt(min(T_comm, T_comp) / k)``; the simulation also covers uneven chunks, the
+  shared experts and the pipeline fill/drain.
+* The paper's enable condition (Sec. 4) drops N whose chunking inflates the pieces:
+  ``N S(m/N) / S(m) <= 1 + eps0`` (comm) and ``sum_g G(chunk g) / G(all) <= 1 + eps1`` (GEMM).
+
+Every input to ``choose_pipeline_degree`` is data every rank of the expert-parallel group holds
+(the all-gathered count matrix, the layer's shape, the config, the profile file), and the
 function is deterministic, so every rank picks the same N and the chunked all-to-alls match.
 """
 
@@ -10,12 +29,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_eps.config import EPSConfig
+
+# Collectives per chunk in dispatcher.pipelined_forward: dispatch tokens, dispatch probs, combine.
+COLLECTIVES_PER_CHUNK = 3
+PROBS_BYTES_PER_ROW = 4  # the dispatched routing weight (fp32)
+EARLY_STOP = 6  # choose_pipeline_degree stops after this many rising predictions past the best
 
 
 @dataclass(frozen=True)
@@ -29,6 +53,7 @@ class LayerShape:
     topk: int
     gated: bool = True
     bytes_per_element: int = 2
+    shared_ffn_hidden_size: int = 0  # total shared-expert width (0: no shared experts)
 
     @classmethod
     def from_megatron(cls, config, num_local_experts: int, ep_size: int, dtype_bytes: int):
@@ -40,7 +65,27 @@ class LayerShape:
             topk=config.moe_router_topk,
             gated=bool(config.gated_linear_unit),
             bytes_per_element=dtype_bytes,
+            shared_ffn_hidden_size=int(
+                getattr(config, "moe_shared_expert_intermediate_size", None) or 0
+            ),
         )
+
+    @property
+    def fc1_width(self) -> int:
+        return self.ffn_hidden_size * (2 if self.gated else 1)
+
+    @property
+    def flops_per_row(self) -> float:
+        """FLOPs of one routed row through one expert (fc1 + fc2)."""
+        return 2.0 * self.hidden_size * (self.fc1_width + self.ffn_hidden_size)
+
+    @property
+    def expert_weight_bytes(self) -> float:
+        return float(self.hidden_size * (self.fc1_width + self.ffn_hidden_size) * self.bytes_per_element)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden_size * self.bytes_per_element
 
 
 @dataclass(frozen=True)
@@ -48,10 +93,22 @@ class PipelineProfile:
     """Calibrated constants of the pipeline cost model for one GPU and link.
 
     link_bandwidth_gbps: all-to-all bytes per second per rank, in GB/s (one direction).
-    link_latency_us: fixed cost of one all-to-all.
+    link_latency_us: fixed cost of one all-to-all call.
     chunk_overhead_us: k, the extra time each additional chunk costs (launches, regrouping,
-        smaller GEMMs), measured to be linear in N as in the paper.
+        smaller GEMMs, the host issuing more work), measured to be linear in N as in the paper.
     expert_tflops: achieved expert-GEMM throughput used when no kernel cost table is given.
+    chunk_overhead_base_us: b, a fixed cost of pipelining at all (N > 1).
+    memory_bandwidth_gbps: device memory bandwidth for weight-bound (small-load) expert GEMMs;
+        None: FLOPs only.
+    overlap_efficiency: fraction of the ideally hidden time that overlap really hides (GEMMs
+        slow down beside a communication kernel; 1.0 = ideal).
+    comm_inflation_eps / gemm_inflation_eps: eps0 / eps1 of the paper's enable condition.
+    host_chunk_us: host time to issue one chunk (dispatch, experts, combine calls). The GPU
+        cannot run ahead of the host, so a layer takes at least ``host_chunk_us * N`` after the
+        count matrix arrives; 0 ignores the host.
+    emulated_remote_fraction: only for the single-GPU link emulator (benchmarks): with
+        ep_size 1 the link moves this fraction of every row (7/8 emulates rank 0 of EP=8). None
+        (every real deployment): at ep_size 1 nothing crosses a link.
     """
 
     link_bandwidth_gbps: float
@@ -59,61 +116,358 @@ class PipelineProfile:
     chunk_overhead_us: float
     expert_tflops: float
     source: str = "unspecified"
+    chunk_overhead_base_us: float = 0.0
+    memory_bandwidth_gbps: Optional[float] = None
+    overlap_efficiency: float = 1.0
+    comm_inflation_eps: float = 0.32
+    gemm_inflation_eps: float = 0.03
+    emulated_remote_fraction: Optional[float] = None
+    host_chunk_us: float = 0.0
+
+    _REQUIRED = ("link_bandwidth_gbps", "link_latency_us", "chunk_overhead_us", "expert_tflops")
+
+    def __post_init__(self):
+        for name in ("link_bandwidth_gbps", "expert_tflops"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"pipeline profile {name} must be > 0, got {getattr(self, name)}")
+        for name in ("link_latency_us", "chunk_overhead_us", "chunk_overhead_base_us", "host_chunk_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"pipeline profile {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.overlap_efficiency <= 1.0:
+            raise ValueError(f"overlap_efficiency must be in [0, 1], got {self.overlap_efficiency}")
+
+    @classmethod
+    def from_dict(cls, section: dict, source: str = "dict") -> "PipelineProfile":
+        missing = [k for k in cls._REQUIRED if k not in section]
+        if missing:
+            raise ValueError(
+                f"eps cost_profile {source!r} lacks pipeline key(s) {', '.join(missing)}; "
+                f"expected keys: {', '.join(cls._REQUIRED)}"
+            )
+        known = {f.name for f in fields(cls)} - {"source"}
+        values = {k: section[k] for k in known if k in section and section[k] is not None}
+        for k, v in list(values.items()):
+            values[k] = float(v)
+        return cls(source=source, **values)
 
     @classmethod
     def from_json(cls, path: str) -> "PipelineProfile":
         with open(path) as f:
             data = json.load(f)
-        section = data.get("pipeline", data)
-        try:
-            return cls(
-                link_bandwidth_gbps=float(section["link_bandwidth_gbps"]),
-                link_latency_us=float(section["link_latency_us"]),
-                chunk_overhead_us=float(section["chunk_overhead_us"]),
-                expert_tflops=float(section["expert_tflops"]),
-                source=path,
-            )
-        except KeyError as exc:
-            raise ValueError(
-                f"eps cost_profile {path!r} lacks pipeline key {exc}; expected keys: "
-                "link_bandwidth_gbps, link_latency_us, chunk_overhead_us, expert_tflops"
-            ) from None
+        return cls.from_dict(data.get("pipeline", data), source=path)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
 
 
+# --------------------------------------------------------------------------- communication
 def mean_tokens_per_rank(counts: np.ndarray, topk: int) -> float:
     """Input tokens per EP rank, averaged over the group (from the global count matrix)."""
     return float(np.asarray(counts).sum()) / (max(topk, 1) * max(np.asarray(counts).shape[0], 1))
 
 
-def predict_times(counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, ep_rank=None):
-    """(T_comm, T_comp) in seconds for the unpipelined layer, for the busiest rank.
-
-    Communication: dispatch + combine bytes that leave or enter a rank over the link.
-    Computation: the expert GEMM FLOPs of the rank that receives the most rows.
-    Using the busiest rank (not this rank) keeps the estimate identical on every rank.
-    """
+def _per_dst(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.int64)
     ep = shape.ep_size
-    per_dst = counts.reshape(ep, ep, shape.num_local_experts)  # [src, dst, local expert]
-    rows_in = per_dst.sum(axis=(0, 2))  # rows each rank computes
-    remote_out = per_dst.sum(axis=(1, 2)) - np.einsum("iik->i", per_dst)  # rows sent away
-    remote_in = rows_in - np.einsum("iik->i", per_dst)
-    remote_rows = np.maximum(remote_out, remote_in).max(initial=0)
+    if counts.shape != (ep, ep * shape.num_local_experts):
+        raise ValueError(
+            f"count matrix shape {counts.shape} does not match ep_size={ep}, "
+            f"num_local_experts={shape.num_local_experts}"
+        )
+    return counts.reshape(ep, ep, shape.num_local_experts)  # [src, dst, local expert]
+
+
+def _remote_rows_per_chunk(per_dst: np.ndarray, starts: Sequence[int], profile: PipelineProfile):
+    """[chunk] rows the busiest rank moves over the link in each chunk's all-to-all.
+
+    ``per_dst`` [src, dst, local expert]; chunk g holds local experts starts[g]..starts[g+1]-1.
+    """
+    ep = per_dst.shape[0]
+    pair = np.add.reduceat(per_dst, list(starts), axis=2).astype(np.float64)  # [src, dst, chunk]
     if ep == 1:
-        remote_rows = rows_in.max(initial=0)  # an emulated link moves every row
-    row_bytes = shape.hidden_size * shape.bytes_per_element
-    link = profile.link_bandwidth_gbps * 1e9
-    t_comm = 2 * (remote_rows * row_bytes / link + profile.link_latency_us * 1e-6)
-    fc1_width = shape.ffn_hidden_size * (2 if shape.gated else 1)
-    flops_per_row = 2 * shape.hidden_size * (fc1_width + shape.ffn_hidden_size)
-    t_comp = rows_in.max(initial=0) * flops_per_row / (profile.expert_tflops * 1e12)
-    return float(t_comm), float(t_comp)
+        if profile.emulated_remote_fraction is None:
+            return np.zeros(pair.shape[2])
+        return pair[0, 0] * profile.emulated_remote_fraction
+    local = np.einsum("iig->ig", pair)  # [rank, chunk]
+    sent = pair.sum(axis=1) - local
+    received = pair.sum(axis=0) - local
+    return np.maximum(sent, received).max(axis=0)
+
+
+def collective_time(remote_rows, row_bytes: float, profile: PipelineProfile):
+    """One all-to-all call: bytes over the link plus the call's latency; 0 if nothing moves."""
+    rows = np.asarray(remote_rows, dtype=np.float64)
+    t = rows * row_bytes / (profile.link_bandwidth_gbps * 1e9) + profile.link_latency_us * 1e-6
+    t = np.where(rows > 0, t, 0.0)
+    return float(t) if t.ndim == 0 else t
+
+
+def chunk_comm_times(
+    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, num_chunks: int
+) -> Tuple[List[float], List[float]]:
+    """(dispatch, combine) seconds of each chunk; the same on every rank (max over ranks)."""
+    from megatron_eps.schedule import split_local_experts
+
+    starts = [s for s, _ in split_local_experts(shape.num_local_experts, num_chunks)]
+    rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
+    tokens = collective_time(rows, shape.row_bytes, profile)
+    dispatch = tokens + collective_time(rows, PROBS_BYTES_PER_ROW, profile)
+    return [float(x) for x in dispatch], [float(x) for x in tokens]
+
+
+# --------------------------------------------------------------------------- computation
+def _kernel_table_time(kernel_profile, shape: LayerShape, tokens_per_expert) -> Optional[float]:
+    """Seconds from the kernel engineer's cost tables, or None when they are not available."""
+    if kernel_profile is None:
+        return None
+    try:
+        from megatron_eps.experts import selector
+    except ImportError:
+        return None
+    predict = getattr(selector, "predict_time", None)
+    if predict is None:
+        return None
+    try:
+        value = predict(kernel_profile, None, shape, list(int(t) for t in tokens_per_expert))
+    except Exception:  # noqa: BLE001 - an incompatible table falls back to the roofline
+        return None
+    return None if value is None else float(value)
+
+
+def experts_time(
+    tokens_per_expert: Sequence[int],
+    shape: LayerShape,
+    profile: PipelineProfile,
+    kernel_profile=None,
+) -> float:
+    """Seconds of the expert GEMMs for these rows per expert (one backend call)."""
+    table = _kernel_table_time(kernel_profile, shape, tokens_per_expert)
+    if table is not None:
+        return table
+    rate = profile.expert_tflops * 1e12
+    total = 0.0
+    for rows in tokens_per_expert:
+        if rows <= 0:
+            continue  # an empty expert costs no tiles and reads no weights
+        t = rows * shape.flops_per_row / rate
+        if profile.memory_bandwidth_gbps:
+            t = max(t, shape.expert_weight_bytes / (profile.memory_bandwidth_gbps * 1e9))
+        total += t
+    return total
+
+
+def shared_experts_time(tokens: float, shape: LayerShape, profile: PipelineProfile) -> float:
+    if shape.shared_ffn_hidden_size <= 0 or tokens <= 0:
+        return 0.0
+    width = shape.shared_ffn_hidden_size
+    flops = 2.0 * tokens * shape.hidden_size * (width * (2 if shape.gated else 1) + width)
+    t = flops / (profile.expert_tflops * 1e12)
+    if profile.memory_bandwidth_gbps:
+        weights = shape.hidden_size * width * (3 if shape.gated else 2) * shape.bytes_per_element
+        t = max(t, weights / (profile.memory_bandwidth_gbps * 1e9))
+    return t
+
+
+def chunk_compute_times(
+    counts: np.ndarray,
+    shape: LayerShape,
+    profile: PipelineProfile,
+    num_chunks: int,
+    kernel_profile=None,
+    _per_expert: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """[rank, chunk] seconds of each rank's expert GEMMs per chunk."""
+    from megatron_eps.schedule import split_local_experts
+
+    ranges = split_local_experts(shape.num_local_experts, num_chunks)
+    if _per_expert is None:
+        _per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
+    if _per_expert is not None:
+        return np.add.reduceat(_per_expert, [start for start, _ in ranges], axis=1)
+    rows = _per_dst(counts, shape).sum(axis=0)  # [dst rank, local expert]
+    out = np.zeros((shape.ep_size, len(ranges)))
+    for r in range(shape.ep_size):
+        for g, (start, end) in enumerate(ranges):
+            out[r, g] = experts_time(rows[r, start:end], shape, profile, kernel_profile)
+    return out
+
+
+def _per_expert_times(counts, shape, profile, kernel_profile) -> Optional[np.ndarray]:
+    """[rank, local expert] roofline seconds, or None when kernel tables decide per call."""
+    rows = _per_dst(counts, shape).sum(axis=0)
+    if kernel_profile is not None and _kernel_table_time(kernel_profile, shape, rows[0, :1]) is not None:
+        return None
+    return _roofline_expert_times(rows, shape, profile)
+
+
+def _roofline_expert_times(rows: np.ndarray, shape: LayerShape, profile: PipelineProfile):
+    rows = np.asarray(rows, dtype=np.float64)
+    t = rows * shape.flops_per_row / (profile.expert_tflops * 1e12)
+    if profile.memory_bandwidth_gbps:
+        t = np.maximum(t, shape.expert_weight_bytes / (profile.memory_bandwidth_gbps * 1e9))
+    return np.where(rows > 0, t, 0.0)
+
+
+# --------------------------------------------------------------------------- schedule
+def simulate_plan(
+    dispatch: Sequence[float],
+    experts: Sequence[float],
+    combine: Sequence[float],
+    shared: float = 0.0,
+    dispatch_ahead: Optional[int] = None,
+) -> float:
+    """Makespan of ``schedule.build_plan(N)`` on two in-order streams with the plan's events.
+
+    Each step starts when its stream is free and its awaited event has been recorded; the
+    compute stream finally waits for the last combine (as ``run_plan`` does). This walks the
+    plan itself; ``_simulate`` is the same recurrence on plain floats.
+    """
+    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, SHARED, build_plan
+
+    n = len(experts)
+    durations = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine}
+    free = {"comm": 0.0, "compute": 0.0}
+    events: Dict[str, float] = {"tokens_ready": 0.0}
+    for step in build_plan(n, with_shared_experts=shared > 0, dispatch_ahead=dispatch_ahead):
+        start = free[step.stream]
+        if step.wait is not None:
+            start = max(start, events[step.wait])
+        duration = shared if step.stage == SHARED else durations[step.stage][step.chunk]
+        free[step.stream] = start + duration
+        if step.record is not None:
+            events[step.record] = free[step.stream]
+    return max(free.values())
+
+
+def _simulate(dispatch, experts, combine, shared: float, dispatch_ahead: Optional[int] = None) -> float:
+    """simulate_plan's recurrence on plain floats (fast: used for every N of every forward)."""
+    n = len(experts)
+    dispatched = [0.0] * n
+    comm = dispatch[0]
+    dispatched[0] = comm
+    compute = shared
+    issued = 1
+    for i in range(n):
+        last = n - 1 if dispatch_ahead is None else min(n - 1, i + dispatch_ahead)
+        while issued <= last:
+            comm += dispatch[issued]
+            dispatched[issued] = comm
+            issued += 1
+        compute = max(compute, dispatched[i]) + experts[i]
+        comm = max(comm, compute) + combine[i]
+    return max(comm, compute)
 
 
 def pipelined_time(n: int, t_comm: float, t_comp: float, overhead_s: float) -> float:
-    """Paper's model: serial time minus the hidden part L(N) plus the overhead R(N) = k N."""
+    """Paper's closed form for equal chunks: serial time minus the hidden part L(N) plus R(N) = k N."""
     hidden = min(t_comm, t_comp) * (n - 1) / n
     return t_comm + t_comp - hidden + overhead_s * n
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model outputs for one N (seconds)."""
+
+    num_chunks: int
+    t_comm: float  # all collectives, serial
+    t_comp: float  # expert + shared GEMMs of the busiest rank, serial
+    t_serial: float  # everything on one stream (the N-chunk plan without overlap), + overhead
+    t_pipelined: float  # overlapped makespan incl. overhead
+    enabled: bool  # the paper's enable condition holds for this N
+
+
+class _Inputs:
+    """What every N shares for one count matrix (computed once per forward)."""
+
+    def __init__(self, counts, shape: LayerShape, profile: PipelineProfile, kernel_profile=None):
+        self.per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
+        tokens = np.asarray(counts).sum(axis=1) / max(shape.topk, 1)
+        self.shared = np.array([shared_experts_time(float(t), shape, profile) for t in tokens])
+        self.one_chunk = (
+            chunk_comm_times(counts, shape, profile, 1),
+            chunk_compute_times(counts, shape, profile, 1, kernel_profile, self.per_expert),
+        )
+
+
+def predict(
+    counts: np.ndarray,
+    shape: LayerShape,
+    profile: PipelineProfile,
+    num_chunks: int,
+    kernel_profile=None,
+    _inputs: Optional[_Inputs] = None,
+    dispatch_ahead: Optional[int] = None,
+) -> Prediction:
+    """The model's times for ``num_chunks`` chunks (identical on every rank).
+
+    The all-to-alls couple the ranks: chunk g's combine ends only once every rank has finished
+    X(g), so the plan is simulated with each chunk's GEMM time of its slowest rank.
+    """
+    if _inputs is None:
+        _inputs = _Inputs(counts, shape, profile, kernel_profile)
+    dispatch, combine = chunk_comm_times(counts, shape, profile, num_chunks)
+    compute = chunk_compute_times(counts, shape, profile, num_chunks, kernel_profile, _inputs.per_expert)
+    shared = _inputs.shared
+    overhead = profile.chunk_overhead_us * 1e-6 * (num_chunks - 1)
+    if num_chunks > 1:
+        overhead += profile.chunk_overhead_base_us * 1e-6
+    t_comm = float(sum(dispatch) + sum(combine))
+    slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
+    s = float(shared.max(initial=0.0))
+    serial = t_comm + float(sum(slowest)) + s
+    ideal = _simulate(dispatch, slowest, combine, s, dispatch_ahead)
+    gpu = serial - (serial - ideal) * profile.overlap_efficiency + overhead
+    host = profile.host_chunk_us * 1e-6 * num_chunks
+    enabled = True
+    if num_chunks > 1:
+        enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
+    return Prediction(
+        num_chunks=num_chunks,
+        t_comm=t_comm,
+        t_comp=float((compute.sum(axis=1) + shared).max(initial=0.0)),
+        t_serial=max(serial + overhead, host),
+        t_pipelined=max(gpu, host),
+        enabled=enabled,
+    )
+
+
+def _enable_condition(chunked, comm_one, compute_one, profile: PipelineProfile) -> bool:
+    dispatch, combine, compute = chunked
+    comm_1 = sum(comm_one[0]) + sum(comm_one[1])
+    if comm_1 > 0 and (sum(dispatch) + sum(combine)) / comm_1 > 1 + profile.comm_inflation_eps:
+        return False
+    g1, gn = compute_one.sum(axis=1), compute.sum(axis=1)
+    for one, many in zip(g1, gn):
+        if one > 0 and many / one > 1 + profile.gemm_inflation_eps:
+            return False
+    return True
+
+
+def enable_condition(
+    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, num_chunks: int, kernel_profile=None
+) -> bool:
+    """The paper's condition: chunking inflates neither the collectives (N S(m/N) / S(m) <=
+    1 + eps0) nor the GEMMs (sum of chunk GEMM times / one-call time <= 1 + eps1)."""
+    chunked = chunk_comm_times(counts, shape, profile, num_chunks) + (
+        chunk_compute_times(counts, shape, profile, num_chunks, kernel_profile),
+    )
+    return _enable_condition(
+        chunked,
+        chunk_comm_times(counts, shape, profile, 1),
+        chunk_compute_times(counts, shape, profile, 1, kernel_profile),
+        profile,
+    )
+
+
+def predict_times(counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, ep_rank=None):
+    """(T_comm, T_comp) in seconds for the unpipelined layer, for the busiest rank."""
+    p = predict(counts, shape, profile, 1)
+    return p.t_comm, p.t_comp
+
+
+def candidate_degrees(shape: LayerShape, eps_config: EPSConfig) -> List[int]:
+    upper = max(1, min(shape.num_local_experts, eps_config.max_pipeline_degree))
+    return list(range(1, upper + 1))
 
 
 def choose_pipeline_degree(
@@ -121,36 +475,55 @@ def choose_pipeline_degree(
     shape: LayerShape,
     eps_config: EPSConfig,
     profile: Optional[PipelineProfile] = None,
+    kernel_profile=None,
+    dispatch_ahead: Optional[int] = None,
 ) -> int:
     """N for this forward. Deterministic in its arguments, all of which every EP rank shares.
 
     - Below ``min_tokens_to_pipeline`` tokens per rank (group mean): 1.
-    - An explicit ``pipeline_degree``: that value, clamped to the number of local experts.
-    - ``"auto"``: the N in [1, min(local experts, max_pipeline_degree)] that minimizes
-      ``pipelined_time`` under ``profile``; without a profile, 1 (no calibrated model, no guess).
+    - An explicit ``pipeline_degree``: that value, clamped to [1, local experts].
+    - ``"auto"``: the N in [1, min(local experts, max_pipeline_degree)] that satisfies the
+      enable condition and minimizes the predicted time (ties: the smaller N); without a
+      profile, 1 (no calibrated model, no guess).
     """
-    upper = max(1, min(shape.num_local_experts, eps_config.max_pipeline_degree))
     if mean_tokens_per_rank(counts, shape.topk) < eps_config.min_tokens_to_pipeline:
         return 1
     if eps_config.pipeline_degree != "auto":
         return max(1, min(int(eps_config.pipeline_degree), shape.num_local_experts))
     if profile is None:
         return 1
-    t_comm, t_comp = predict_times(counts, shape, profile)
-    overhead = profile.chunk_overhead_us * 1e-6
-    best_n, best_t = 1, pipelined_time(1, t_comm, t_comp, overhead)
-    for n in range(2, upper + 1):
-        t = pipelined_time(n, t_comm, t_comp, overhead)
-        if t < best_t * (1 - 1e-9):
-            best_n, best_t = n, t
+    inputs = _Inputs(counts, shape, profile, kernel_profile)
+    best_n, best_t = 1, predict(counts, shape, profile, 1, kernel_profile, inputs, dispatch_ahead).t_pipelined
+    previous, rising = best_t, 0
+    for n in candidate_degrees(shape, eps_config)[1:]:
+        p = predict(counts, shape, profile, n, kernel_profile, inputs, dispatch_ahead)
+        if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
+            best_n, best_t = n, p.t_pipelined
+        # The predicted time is (nearly) convex in N: stop after it rose EARLY_STOP times in a
+        # row past the best (saves host time on the critical path; deterministic all the same).
+        rising = rising + 1 if p.t_pipelined > previous and n > best_n else 0
+        previous = p.t_pipelined
+        if rising >= EARLY_STOP:
+            break
     return best_n
 
 
+def optimal_degree_closed_form(t_comm: float, t_comp: float, chunk_overhead_s: float) -> float:
+    """The paper's N* = sqrt(min(T_comm, T_comp) / k) (continuous)."""
+    if chunk_overhead_s <= 0:
+        return math.inf
+    return math.sqrt(min(t_comm, t_comp) / chunk_overhead_s)
+
+
+# --------------------------------------------------------------------------- profiles
 _PROFILE_CACHE: dict = {}
 
 
 def load_pipeline_profile(path: Optional[str], device) -> Optional[PipelineProfile]:
-    """The profile at ``path``, else the one shipped for this GPU (megatron_eps/profiles/)."""
+    """The profile at ``path``, else the one shipped for this GPU (megatron_eps/profiles/).
+
+    A file without the pipeline keys (e.g. a kernel-only cost table) gives None.
+    """
     if path is None:
         path = shipped_profile_path(device)
         if path is None:
@@ -158,17 +531,26 @@ def load_pipeline_profile(path: Optional[str], device) -> Optional[PipelineProfi
     if path not in _PROFILE_CACHE:
         with open(path) as f:
             data = json.load(f)
-        _PROFILE_CACHE[path] = PipelineProfile.from_json(path) if "pipeline" in data else None
+        section = data.get("pipeline", data)
+        has_keys = isinstance(section, dict) and all(k in section for k in PipelineProfile._REQUIRED)
+        _PROFILE_CACHE[path] = PipelineProfile.from_dict(section, source=path) if has_keys else None
     return _PROFILE_CACHE[path]
 
 
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
+    return "".join(c.lower() if c.isalnum() else "_" for c in name).strip("_")
+
+
 def shipped_profile_path(device) -> Optional[str]:
-    """megatron_eps/profiles/<gpu name slug>.json for a CUDA device, if it exists."""
+    """megatron_eps/profiles/<gpu name slug>.pipeline.json for a CUDA device, if it exists.
+
+    (``<slug>.json`` beside it holds the expert-kernel cost tables.)
+    """
     import torch
 
     if device is None or torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    slug = "".join(c.lower() if c.isalnum() else "_" for c in name).strip("_")
-    path = os.path.join(os.path.dirname(__file__), "profiles", f"{slug}.json")
+    slug = gpu_slug(torch.cuda.get_device_name(device))
+    path = os.path.join(os.path.dirname(__file__), "profiles", f"{slug}.pipeline.json")
     return path if os.path.isfile(path) else None

@@ -13,6 +13,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron_eps import compat
 from megatron_eps.comm import AllToAll, ProcessGroupAllToAll
 from megatron_eps.config import EPSConfig
+from megatron_eps.sm_control import gemm_sm_carveout
 from megatron_eps.schedule import (
     COMBINE,
     DISPATCH,
@@ -68,6 +69,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.all_to_all: AllToAll = ProcessGroupAllToAll(self.ep_group if self.ep_size > 1 else None)
         self.overlap = True
         self.profiler_ranges = False
+        # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
+        # all of them before the first combine.
+        self.dispatch_ahead: Optional[int] = None
         self.last_record: Optional[PipelineRecord] = None
 
     # ------------------------------------------------------------------ public entry
@@ -138,6 +142,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         expert_outputs: List[Optional[torch.Tensor]] = [None] * num_chunks
         shared_output: List[Optional[torch.Tensor]] = [None]
 
+        comm_stream = self._comm_stream(tokens)
+
         def chunk_slice(tensor, chunk):
             return tensor[layout.send_offsets[chunk] : layout.send_offsets[chunk + 1]]
 
@@ -157,6 +163,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
         def experts(chunk):
             x, p = received_tokens[chunk], received_probs[chunk]
+            if comm_stream is not None:
+                # Allocated on the comm stream, read here on the compute stream: keep the
+                # allocator from reusing the memory before these reads ran (the plan orders
+                # the next comm-stream allocation after them too; this does not rely on it).
+                x.record_stream(torch.cuda.current_stream())
+                p.record_stream(torch.cuda.current_stream())
             regroup = layout.rank_major_to_expert_major(chunk)
             if regroup is not None:
                 x, p = regroup_rows(x, *regroup), regroup_rows(p, *regroup)
@@ -179,9 +191,14 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         def shared(_chunk):
             shared_output[0] = shared_experts()
 
-        plan = build_plan(num_chunks, with_shared_experts=shared_experts is not None)
+        plan = build_plan(
+            num_chunks,
+            with_shared_experts=shared_experts is not None,
+            dispatch_ahead=self.dispatch_ahead,
+        )
         stages = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine, SHARED: shared}
-        run_plan(plan, stages, self._comm_stream(tokens), self.profiler_ranges)
+        with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if tokens.is_cuda else None):
+            run_plan(plan, stages, comm_stream, self.profiler_ranges)
         # Every chunk buffer above stays referenced until here, after the compute stream has
         # waited for the last combine, so the caching allocator cannot hand a buffer to new
         # work while the comm stream may still read or write it.

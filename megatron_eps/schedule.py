@@ -6,6 +6,10 @@ For N chunks the plan is (D = dispatch all-to-all, X = expert GEMMs, C = combine
     compute stream:  S       X0            X1            X2 ...
                      (S = shared experts, while D0 is in flight)
 
+(That is ``dispatch_ahead=1``; the default, ``dispatch_ahead=None``, issues D0 .. D(N-1)
+before S and C0, so a combine that waits for its GEMMs never holds back a dispatch; same
+events.)
+
     D(i)  waits  tokens_ready (the permuted tokens exist)         records dispatched[i]
     X(i)  waits  dispatched[i]                                    records computed[i]
     C(i)  waits  computed[i]                                      records combined[i]
@@ -45,16 +49,37 @@ class Step:
         return f"{self.stream:>7}: {self.stage}[{self.chunk}]{waits}"
 
 
-def build_plan(num_chunks: int, with_shared_experts: bool = False) -> List[Step]:
-    """The ordered steps of one pipelined MoE forward (see the module docstring)."""
+def build_plan(
+    num_chunks: int, with_shared_experts: bool = False, dispatch_ahead: Optional[int] = None
+) -> List[Step]:
+    """The ordered steps of one pipelined MoE forward (see the module docstring).
+
+    ``dispatch_ahead``: how many dispatches the comm stream runs ahead of the experts. 1 is the
+    plan drawn above (D(i+1) before X(i), then C(i)); None (default) issues every dispatch
+    before the first combine. The comm stream runs in issue order, so with 1 a combine that
+    waits for its GEMMs (e.g. behind the shared experts) also holds back the next dispatch;
+    dispatches depend on nothing, so issuing them all first leaves the link idle only when it
+    waits for the last GEMMs (measured and modeled in docs/pipeline.md).
+    """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    if dispatch_ahead is not None and dispatch_ahead < 1:
+        raise ValueError(f"dispatch_ahead must be >= 1 or None, got {dispatch_ahead}")
     plan = [Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]")]
+    issued = 1
+    if dispatch_ahead is None:
+        # Host issue order matters when the host is the bottleneck: queue every dispatch
+        # before spending host time on the shared experts.
+        while issued < num_chunks:
+            plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
+            issued += 1
     if with_shared_experts:
         plan.append(Step(SHARED, 0, COMPUTE, None, None))
     for i in range(num_chunks):
-        if i + 1 < num_chunks:
-            plan.append(Step(DISPATCH, i + 1, COMM, None, f"dispatched[{i + 1}]"))
+        last = num_chunks - 1 if dispatch_ahead is None else min(num_chunks - 1, i + dispatch_ahead)
+        while issued <= last:
+            plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
+            issued += 1
         plan.append(Step(EXPERTS, i, COMPUTE, f"dispatched[{i}]", f"computed[{i}]"))
         plan.append(Step(COMBINE, i, COMM, f"computed[{i}]", f"combined[{i}]"))
     return plan

@@ -38,7 +38,7 @@ class Utils:
         return "nccl" if torch.cuda.is_available() else "gloo"
 
     @staticmethod
-    def initialize_distributed(timeout_s: int = 120):
+    def initialize_distributed(timeout_s: int = 300):
         Utils.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         Utils.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
         if not torch.cuda.is_available():

@@ -164,6 +164,8 @@ def run_auto_degree_agreement(world_expected: int):
         seq = [40, 3, 0, 17][rank % 4]
         x = torch.randn(seq, 1, HIDDEN, generator=torch.Generator().manual_seed(rank))
         x = x.to(_device())
+        if x.numel() == 0:
+            stock.route = types.MethodType(route_allowing_empty, stock)
         with torch.no_grad():
             expected, _ = stock(x)
             actual, _ = eps(x)

@@ -1,0 +1,268 @@
+"""Benchmark the expert backends and the selector over loads and skews (GPU; CPU runs tiny).
+
+For each shape x mean tokens/expert x skew: the median time of every available backend's whole
+expert computation (fc1 + SwiGLU + probs + fc2), the backend the selector picks from the cost
+profile (``--profile``), and the oracle (fastest measured). Reports the selector's
+chosen/oracle efficiency (oracle time / chosen time), Triton vs torch._grouped_mm, and TFLOP/s
+against a dense bf16 GEMM ceiling measured in the same run. ``--stock`` also times Megatron's
+stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank (top-6).
+
+    python benchmarks/bench_experts.py --profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.json \
+        --out benchmarks/results/experts_h100.json --stock
+
+Shapes (local experts per rank): DeepSeek-V2 at EP=8 (H5120 F1536 n20), DeepSeek-V2-Lite at
+EP=1 (H2048 F1408 n64), Mixtral 8x7B at EP=2 (H4096 F14336 n4), and H3072 F1024 n32, a shape
+no shipped profile calibrates (tests the selector's shape interpolation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_eps.experts import calibrate as cal  # noqa: E402
+from megatron_eps.experts import selector  # noqa: E402
+from megatron_eps.experts.base import get_backend  # noqa: E402
+from megatron_eps.experts.reference import relative_error  # noqa: E402
+
+SHAPES = {
+    "dsv2_ep8": (5120, 1536, 20),
+    "dsv2_lite": (2048, 1408, 64),
+    "mixtral_ep2": (4096, 14336, 4),
+    "uncalibrated_h3072": (3072, 1024, 32),
+    "tiny_cpu": (128, 64, 8),  # smoke runs on CPU only
+}
+# Mostly off the calibration grid (powers of two) so the selector has to interpolate.
+LOADS = (8, 24, 96, 384, 1536, 4096, 8192)
+SKEWS = (0.0, 0.5, 1.0, 1.5)
+
+
+def git_commit(explicit):
+    if explicit:
+        return explicit
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return os.environ.get("EPS_GIT_COMMIT")
+
+
+def dense_ceiling(device, dtype) -> float:
+    """TFLOP/s of one large dense GEMM (8192^3 on GPU), the roofline the backends are held to."""
+    size = 8192 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    t = cal.time_call(lambda i: torch.mm(a, b), device, target_s=0.2, min_reps=10, max_reps=100)
+    return 2 * size**3 / t / 1e12
+
+
+def geomean(values):
+    values = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def run_grid(args, device, dtype, profile):
+    rows_out = []
+    for shape_name in args.shapes:
+        hidden, ffn, n = SHAPES[shape_name]
+        experts = cal.synthetic_experts(hidden, ffn, n, dtype, device, seed=1)
+        names = cal.measurable_backends(experts, device, dtype)
+        max_rows = max(int(round(n * m)) for m in args.loads)
+        inputs = cal.make_inputs(max_rows, hidden, dtype, device, sets=3 if device.type == "cuda" else 1, seed=1)
+        for mean in args.loads:
+            for skew in args.skews:
+                counts = cal.make_counts(n, mean, skew, seed=1)
+                rows = sum(counts)
+                seconds = cal.measure_point(experts, names, counts, inputs, device, args.target_ms / 1e3)
+                chosen = selector.choose_backend("auto", experts, counts, device, dtype, profile)
+                oracle = min(seconds, key=seconds.get)
+                flops = 6.0 * rows * hidden * ffn
+                record = {
+                    "shape": shape_name, "hidden": hidden, "ffn": ffn, "experts": n,
+                    "tokens_per_expert": mean, "skew": skew, "rows": rows, "max_tokens": max(counts),
+                    "seconds": seconds, "chosen": chosen, "oracle": oracle,
+                    "chosen_over_oracle": seconds[oracle] / seconds[chosen] if chosen in seconds else None,
+                    "tflops": {b: flops / t / 1e12 for b, t in seconds.items()},
+                }
+                if profile is not None and chosen in profile.backends:
+                    record["predicted_seconds"] = {
+                        b: selector.predict_time(profile, b, (hidden, ffn), counts)
+                        for b in names if b in profile.backends
+                    }
+                if "triton" in seconds and "grouped" in seconds:
+                    record["triton_speedup_vs_grouped"] = seconds["grouped"] / seconds["triton"]
+                rows_out.append(record)
+                print(format_row(record), flush=True)
+        del experts, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows_out
+
+
+def format_row(r):
+    times = " ".join(f"{b}={t * 1e3:8.3f}" for b, t in sorted(r["seconds"].items()))
+    eff = r["chosen_over_oracle"]
+    tri = r.get("triton_speedup_vs_grouped")
+    return (
+        f"{r['shape']:>18} load {r['tokens_per_expert']:5d} skew {r['skew']:.1f} max {r['max_tokens']:6d} | "
+        f"{times} ms | chosen {r['chosen']:>7} oracle {r['oracle']:>7} eff {eff if eff is None else round(eff, 3)} | "
+        f"tri/grp {'-' if tri is None else f'{tri:.2f}'} | best {max(r['tflops'].values()):6.1f} TF/s"
+    )
+
+
+def summarize(rows, ceiling):
+    summary = {}
+    effs = [r["chosen_over_oracle"] for r in rows if r["chosen_over_oracle"] is not None]
+    summary["selector_geomean"] = geomean(effs)
+    summary["selector_worst"] = min(effs) if effs else None
+    per_shape = {}
+    for shape in sorted({r["shape"] for r in rows}):
+        e = [r["chosen_over_oracle"] for r in rows if r["shape"] == shape and r["chosen_over_oracle"] is not None]
+        per_shape[shape] = {"geomean": geomean(e), "worst": min(e) if e else None}
+    summary["selector_per_shape"] = per_shape
+    hot = [r["triton_speedup_vs_grouped"] for r in rows
+           if "triton_speedup_vs_grouped" in r and r["skew"] >= 1.0 and r["tokens_per_expert"] >= 256]
+    rest = [r["triton_speedup_vs_grouped"] for r in rows
+            if "triton_speedup_vs_grouped" in r and not (r["skew"] >= 1.0 and r["tokens_per_expert"] >= 256)]
+    summary["triton_vs_grouped_skewed_ge256"] = {"geomean": geomean(hot), "min": min(hot) if hot else None}
+    summary["triton_vs_grouped_elsewhere"] = {"geomean": geomean(rest), "min": min(rest) if rest else None}
+    big = [r for r in rows if r["tokens_per_expert"] >= 1024 and r["skew"] == 1.0]
+    summary["best_pct_of_ceiling_ge1024_skew1"] = {
+        f"{r['shape']}@{r['tokens_per_expert']}": round(100 * max(r["tflops"].values()) / ceiling, 1) for r in big
+    }
+    summary["chosen_pct_of_ceiling_ge1024_skew1"] = {
+        f"{r['shape']}@{r['tokens_per_expert']}": round(100 * r["tflops"][r["chosen"]] / ceiling, 1) for r in big
+    }
+    wins = {}
+    for r in rows:
+        wins[r["oracle"]] = wins.get(r["oracle"], 0) + 1
+    summary["oracle_wins"] = wins
+    return summary
+
+
+def stock_comparison(device, dtype, target_s, profile):
+    """Stock SequentialMLP vs the backends: DSV2-Lite, T=4096 tokens per rank, top-6 (EP=1)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_eps import compat
+    from megatron_eps.experts import LocalExperts
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.distributed import free_port
+    from megatron_eps.testing.models import moe_config
+
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    Utils.initialize_model_parallel(1, 1)
+    hidden, ffn, n, topk, tokens = 2048, 1408, 64, 6, 4096
+    config = moe_config(num_experts=n, topk=topk, hidden_size=hidden, ffn_hidden_size=ffn, dtype=dtype)
+    Utils.set_seed(5)
+    layer = MoELayer(config, submodules=compat.moe_submodules_from_spec(compat.local_moe_spec(n))).to(device)
+    module = layer.experts.eval()
+    experts = LocalExperts(module, config)
+    results = []
+    rows_total = tokens * topk
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    router_like = torch.multinomial(torch.softmax(torch.randn(n, generator=gen), 0), rows_total, True, generator=gen)
+    loads = {
+        "balanced": cal.make_counts(n, rows_total / n, 0.0),
+        "zipf1.0": cal.make_counts(n, rows_total / n, 1.0),
+        "random_router": torch.bincount(router_like, minlength=n).tolist(),
+    }
+    x = torch.randn(rows_total, hidden, device=device).to(dtype)
+    probs = torch.rand(rows_total, device=device)
+    with torch.no_grad():
+        for name, counts in loads.items():
+            # Megatron's dispatcher hands SequentialMLP a host tensor of counts: no sync in .tolist().
+            counts_cpu = torch.tensor(counts)
+            stock_t = cal.time_call(lambda i: module(x, counts_cpu, probs), device, target_s=target_s)
+            stock_out = module(x, counts_cpu, probs)[0]
+            seconds, errors = {}, {}
+            for backend in cal.measurable_backends(experts, device, dtype):
+                fwd = get_backend(backend).forward
+                seconds[backend] = cal.time_call(lambda i, f=fwd: f(experts, x, counts, probs, 0), device, target_s=target_s)
+                errors[backend] = relative_error(fwd(experts, x, counts, probs, 0), stock_out)
+            chosen = selector.choose_backend("auto", experts, counts, device, dtype, profile)
+            best = min(seconds, key=seconds.get)
+            record = {
+                "load": name, "tokens_per_rank": tokens, "topk": topk, "rows": rows_total,
+                "max_tokens": max(counts), "stock_seconds": stock_t, "seconds": seconds,
+                "rel_err_vs_stock": errors, "chosen": chosen, "best": best,
+                "speedup_best": stock_t / seconds[best], "speedup_chosen": stock_t / seconds[chosen],
+            }
+            results.append(record)
+            print(
+                f"stock SequentialMLP DSV2-Lite T={tokens} {name:>13}: stock {stock_t * 1e3:.3f} ms, "
+                + ", ".join(f"{b} {t * 1e3:.3f} ms (err {errors[b]:.1e})" for b, t in seconds.items())
+                + f" -> chosen {chosen} {record['speedup_chosen']:.1f}x, best {best} {record['speedup_best']:.1f}x",
+                flush=True,
+            )
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=None, help="cost profile for the selector (default: shipped one)")
+    parser.add_argument("--out", default=None, help="JSON results path")
+    parser.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "tiny_cpu"))
+    parser.add_argument("--loads", default=",".join(map(str, LOADS)))
+    parser.add_argument("--skews", default=",".join(map(str, SKEWS)))
+    parser.add_argument("--target-ms", type=float, default=30.0)
+    parser.add_argument("--stock", action="store_true", help="also time stock SequentialMLP (needs Megatron)")
+    parser.add_argument("--git-commit", default=None)
+    args = parser.parse_args(argv)
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes {unknown}: known shapes are {', '.join(SHAPES)}")
+    args.loads = [int(v) for v in args.loads.split(",")]
+    args.skews = [float(v) for v in args.skews.split(",")]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    profile = selector.load_cost_profile(args.profile, device)
+    started = time.time()
+    cal.warm_gpu(device, seconds=2.0)
+    ceiling = dense_ceiling(device, dtype)
+    print(f"device {selector.device_name(device)}; dense {dtype} GEMM ceiling {ceiling:.1f} TF/s; "
+          f"profile {profile.path if profile else None}", flush=True)
+    rows = run_grid(args, device, dtype, profile)
+    summary = summarize(rows, ceiling)
+    stock = stock_comparison(device, dtype, args.target_ms / 1e3, profile) if args.stock else None
+    result = {
+        "benchmark": "bench_experts",
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "git_commit": git_commit(args.git_commit),
+        "device": cal.device_info(device),
+        "versions": cal.versions(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "profile": profile.path if profile else None,
+        "profile_device": profile.device_name if profile else None,
+        "dense_ceiling_tflops": ceiling,
+        "summary": summary,
+        "stock_sequential_mlp": stock,
+        "rows": rows,
+        "wall_seconds": time.time() - started,
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""``megatron-eps-calibrate``: measure the expert backends and write a cost profile (JSON).
+
+For each expert shape (hidden H, ffn F, local experts n; SwiGLU experts as in every supported
+model) and each available GEMM backend, times the whole expert computation (fc1 + activation +
+probs + fc2, exactly what a backend's forward does) over a grid of loads: mean tokens per expert
+(default 8 .. 8192, powers of two) x skew (Zipf exponents 0, 0.5, 1.0, 1.5 of the per-expert
+shares; expert order shuffled with a fixed seed). Timing: CUDA events around each call, warm-up
+first, several input sets rotated so no call reads the previous call's input from L2, median of
+the repeats (host clock on CPU). The profile records the device name, torch/triton/megatron-core
+versions, the shapes, the grid and the medians; megatron_eps.experts.selector reads it.
+
+Examples:
+    megatron-eps-calibrate --config configs/deepseek_v2_lite.yaml --ep 1 --out my_gpu.json
+    megatron-eps-calibrate --hidden 2048 --ffn 1408 --experts 64 --out my_gpu.json
+    megatron-eps-calibrate --shape 5120,1536,20 --shape 2048,1408,64 --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+DEFAULT_LOADS = tuple(2**i for i in range(3, 14))  # 8 .. 8192 tokens per expert
+DEFAULT_SKEWS = (0.0, 0.5, 1.0, 1.5)
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------- loads
+def make_counts(num_experts: int, mean_tokens: float, skew: float, seed: int = 0) -> List[int]:
+    """Rows per expert: total n*mean split by Zipf(skew) shares, experts in shuffled order."""
+    from megatron_eps.experts.selector import zipf_shares
+
+    total = int(round(num_experts * mean_tokens))
+    exact = zipf_shares(num_experts, skew) * total
+    counts = np.floor(exact).astype(np.int64)
+    # Hand the rounding remainder to the largest fractional parts (sum stays exact).
+    remainder = total - int(counts.sum())
+    if remainder > 0:
+        counts[np.argsort(-(exact - counts), kind="stable")[:remainder]] += 1
+    order = np.random.default_rng(seed).permutation(num_experts)
+    return [int(c) for c in counts[order]]
+
+
+# ---------------------------------------------------------------------------- experts
+def synthetic_experts(hidden: int, ffn: int, num_experts: int, dtype, device, seed: int = 0):
+    """StackedExperts with random SwiGLU weights scaled like Megatron's init (std 0.02)."""
+    from megatron_eps.experts.weights import ExpertWeights, StackedExperts
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fc1 = torch.empty(num_experts, 2 * ffn, hidden, dtype=dtype, device=device)
+    fc2 = torch.empty(num_experts, hidden, ffn, dtype=dtype, device=device)
+    for e in range(num_experts):  # per expert on the host: bounded host memory for big shapes
+        fc1[e].copy_(torch.randn(2 * ffn, hidden, generator=gen) * 0.02)
+        fc2[e].copy_(torch.randn(hidden, ffn, generator=gen) * 0.02)
+    return StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
+
+
+def make_inputs(rows: int, hidden: int, dtype, device, sets: int, seed: int = 0):
+    """``sets`` (hidden, probs) pairs of random values (never zeros: zeros time differently)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(sets):
+        x = torch.randn(rows, hidden, device=device, dtype=torch.float32, generator=gen).to(dtype)
+        p = torch.rand(rows, device=device, dtype=torch.float32, generator=gen)
+        out.append((x, p))
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+def time_call(
+    fn: Callable[[int], object],
+    device: torch.device,
+    target_s: float = 0.03,
+    min_reps: int = 5,
+    max_reps: int = 50,
+    warmup: int = 2,
+) -> float:
+    """Median seconds of ``fn(i)`` (i = repeat index, used to rotate inputs)."""
+    if device.type == "cuda":
+        for i in range(warmup):
+            fn(i)
+        torch.cuda.synchronize(device)
+        probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        probe_start.record()
+        fn(warmup)
+        probe_end.record()
+        torch.cuda.synchronize(device)
+        probe = max(probe_start.elapsed_time(probe_end) / 1e3, 1e-6)
+        reps = int(min(max(target_s / probe, min_reps), max_reps))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn(i)
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+    for i in range(warmup):
+        fn(i)
+    t0 = time.perf_counter()
+    fn(warmup)
+    probe = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max(target_s / probe, min_reps), max_reps))
+    samples = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def warm_gpu(device: torch.device, seconds: float = 1.0) -> None:
+    """Keep the GPU busy for a while so clocks have ramped up before the first measurement."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            torch.mm(a, a)
+        torch.cuda.synchronize(device)
+
+
+def measurable_backends(experts, device, dtype, requested: Optional[Sequence[str]] = None) -> List[str]:
+    """Available GEMM backends (``megatron`` needs a real module; calibration does not time it)."""
+    from megatron_eps.experts.base import available_backends
+
+    names = [b for b in available_backends(experts, device, dtype) if b != "megatron"]
+    if requested:
+        missing = [b for b in requested if b not in names]
+        if missing:
+            raise SystemExit(
+                f"--backends {','.join(missing)} cannot run here; available: {', '.join(names)}"
+            )
+        names = [b for b in names if b in requested]
+    return names
+
+
+def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[str, float]:
+    """Median seconds of each backend on one load (inputs rotated between repeats)."""
+    from megatron_eps.experts.base import get_backend
+
+    rows = sum(counts)
+    seconds = {}
+    with torch.no_grad():
+        for name in backends:
+            backend = get_backend(name)
+
+            def run(i, backend=backend):
+                x, p = inputs[i % len(inputs)]
+                return backend.forward(experts, x[:rows], counts, p[:rows], 0)
+
+            seconds[name] = time_call(run, device, target_s=target_s)
+    return seconds
+
+
+# ---------------------------------------------------------------------------- environment
+def versions() -> Dict[str, Optional[str]]:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        out["triton"] = None
+    try:
+        from megatron.core.package_info import __version__ as mcore
+
+        out["megatron_core"] = mcore
+    except Exception:  # noqa: BLE001
+        out["megatron_core"] = None
+    try:
+        import transformer_engine
+
+        out["transformer_engine"] = transformer_engine.__version__
+    except Exception:  # noqa: BLE001
+        out["transformer_engine"] = None
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    from megatron_eps.experts.selector import device_name, device_slug
+
+    name = device_name(device)
+    info = {"name": name, "slug": device_slug(name), "type": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            capability=list(torch.cuda.get_device_capability(device)),
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
+    return info
+
+
+# ---------------------------------------------------------------------------- shapes
+def shapes_from_args(args) -> List[Tuple[int, int, int]]:
+    shapes = []
+    for text in args.shape or []:
+        try:
+            h, f, n = (int(v) for v in text.split(","))
+        except ValueError:
+            raise SystemExit(f"--shape {text!r}: expected HIDDEN,FFN,EXPERTS (three integers)") from None
+        shapes.append((h, f, n))
+    if args.config:
+        shapes.append(shape_from_model_yaml(args.config, args.ep))
+    if args.hidden or args.ffn or args.experts:
+        if not (args.hidden and args.ffn and args.experts):
+            raise SystemExit("--hidden, --ffn and --experts go together (local experts per rank)")
+        shapes.append((args.hidden, args.ffn, args.experts))
+    if not shapes:
+        raise SystemExit("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
+    for h, f, n in shapes:
+        if min(h, f, n) <= 0:
+            raise SystemExit(f"shape H={h} F={f} experts={n}: all must be positive")
+    return shapes
+
+
+def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
+    """(hidden, moe ffn, local experts) from a configs/<model>.yaml (model: and parallel: keys)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config {path!r}: no such file")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    model = data.get("model", data)
+    try:
+        hidden = int(model["hidden_size"])
+        ffn = int(model.get("moe_ffn_hidden_size") or model["ffn_hidden_size"])
+        experts = int(model["num_moe_experts"])
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(
+            f"--config {path!r}: needs model.hidden_size, model.moe_ffn_hidden_size and "
+            "model.num_moe_experts (or pass --hidden --ffn --experts)"
+        ) from None
+    if ep is None:
+        ep = (data.get("parallel") or {}).get("expert_model_parallel_size") or 1
+    ep = int(ep)
+    if experts % ep:
+        raise SystemExit(f"--config {path!r}: {experts} experts do not divide over --ep {ep}")
+    return hidden, ffn, experts // ep
+
+
+# ---------------------------------------------------------------------------- main
+def calibrate(
+    shapes,
+    device: torch.device,
+    dtype,
+    loads=DEFAULT_LOADS,
+    skews=DEFAULT_SKEWS,
+    backends: Optional[Sequence[str]] = None,
+    target_s: float = 0.03,
+    max_rows: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    from tqdm import tqdm
+
+    warm_gpu(device)
+    shape_records = []
+    total_points = len(shapes) * len(loads) * len(skews)
+    bar = tqdm(total=total_points, desc="calibrating", unit="load", disable=not progress, file=sys.stderr)
+    for hidden, ffn, n in shapes:
+        experts = synthetic_experts(hidden, ffn, n, dtype, device, seed)
+        names = measurable_backends(experts, device, dtype, backends)
+        rows_needed = max(int(round(n * m)) for m in loads)
+        if max_rows is not None:
+            rows_needed = min(rows_needed, max_rows)
+        inputs = make_inputs(rows_needed, hidden, dtype, device, sets=3 if device.type == "cuda" else 1, seed=seed)
+        records = []
+        for mean in loads:
+            for skew in skews:
+                bar.set_postfix_str(f"H{hidden} F{ffn} n{n} load {mean} skew {skew}")
+                counts = make_counts(n, mean, skew, seed)
+                if sum(counts) > rows_needed:
+                    bar.update(1)
+                    continue
+                seconds = measure_point(experts, names, counts, inputs, device, target_s)
+                records.append(
+                    {
+                        "tokens_per_expert": mean,
+                        "skew": skew,
+                        "rows": sum(counts),
+                        "max_tokens": max(counts),
+                        "counts": counts,
+                        "seconds": seconds,
+                    }
+                )
+                bar.update(1)
+        shape_records.append(
+            {"hidden": hidden, "ffn": ffn, "experts": n, "gated": True, "activation": "swiglu",
+             "backends": names, "loads": records}
+        )
+        del experts, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    from megatron_eps.experts.selector import PROFILE_FORMAT, PROFILE_VERSION
+
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "device": device_info(device),
+        "versions": versions(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "timing": {"method": "cuda events per call, median" if device.type == "cuda" else "host clock, median",
+                   "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
+        "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
+        "shapes": shape_records,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-eps-calibrate",
+        description="Time the expert GEMM backends over a grid of loads and write a cost profile.",
+    )
+    parser.add_argument("--config", help="model YAML (configs/<model>.yaml) to take the expert shape from")
+    parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (local experts = experts / ep)")
+    parser.add_argument("--hidden", type=int, help="hidden size H")
+    parser.add_argument("--ffn", type=int, help="expert ffn hidden size F")
+    parser.add_argument("--experts", type=int, help="local experts per rank")
+    parser.add_argument("--shape", action="append", help="HIDDEN,FFN,LOCAL_EXPERTS (repeatable)")
+    parser.add_argument("--out", required=True, help="where to write the JSON profile")
+    parser.add_argument("--loads", default=",".join(map(str, DEFAULT_LOADS)), help="mean tokens per expert")
+    parser.add_argument("--skews", default=",".join(map(str, DEFAULT_SKEWS)), help="Zipf exponents")
+    parser.add_argument("--backends", default=None, help="comma list (default: every available one)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--target-ms", type=float, default=30.0, help="time spent per backend and load")
+    parser.add_argument("--max-rows", type=int, default=None, help="skip loads with more rows than this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    shapes = shapes_from_args(args)
+    try:
+        loads = [int(v) for v in args.loads.split(",")]
+        skews = [float(v) for v in args.skews.split(",")]
+    except ValueError:
+        raise SystemExit("--loads takes integers and --skews numbers, comma-separated") from None
+    if min(loads) <= 0 or min(skews) < 0:
+        raise SystemExit("--loads must be positive and --skews non-negative")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    profile = calibrate(
+        shapes,
+        device,
+        DTYPES[args.dtype],
+        loads=loads,
+        skews=skews,
+        backends=backends,
+        target_s=args.target_ms / 1e3,
+        max_rows=args.max_rows,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(profile, f, indent=1)
+    print(f"wrote {args.out}: {len(shapes)} shape(s) on {profile['device']['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

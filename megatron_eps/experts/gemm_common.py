@@ -1,0 +1,84 @@
+"""Argument checks and input preparation shared by the GEMM backends (grouped, dense, triton, te)."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+
+from megatron_eps.experts.weights import ExpertWeights, StackedExperts, unsupported_module_reason
+
+
+class ExpertCall(NamedTuple):
+    """One backend call, validated: the weights of the experts in range and the prepared input."""
+
+    fc1: torch.Tensor  # [n, F1, H]
+    fc2: torch.Tensor  # [n, H, F]
+    hidden: torch.Tensor  # [M, H], probs already folded in when probs_on_input
+    probs: Optional[torch.Tensor]  # [M] or None (None: nothing to scale with)
+    counts: List[int]  # tokens per expert, host ints, len n
+    weights: ExpertWeights
+
+
+def gemm_unavailable_reason(local_experts, device, dtype) -> Optional[str]:
+    """Reasons shared by every GEMM backend (module/config support), or None."""
+    if isinstance(local_experts, StackedExperts):
+        return None
+    return unsupported_module_reason(local_experts.module, local_experts.config)
+
+
+def prepare_call(
+    weights: ExpertWeights,
+    hidden: torch.Tensor,
+    tokens_per_expert: Sequence[int],
+    probs: torch.Tensor,
+    first_expert: int,
+    backend: str,
+) -> ExpertCall:
+    counts = [int(c) for c in tokens_per_expert]
+    n = len(counts)
+    if first_expert < 0 or first_expert + n > weights.num_experts:
+        raise ValueError(
+            f"expert_kernel={backend!r}: experts {first_expert}..{first_expert + n - 1} are out of "
+            f"range for {weights.num_experts} local experts"
+        )
+    if hidden.dim() != 2 or hidden.shape[1] != weights.hidden_size:
+        raise ValueError(
+            f"expert_kernel={backend!r}: hidden must be [M, {weights.hidden_size}], got "
+            f"{tuple(hidden.shape)}"
+        )
+    if sum(counts) != hidden.shape[0] or any(c < 0 for c in counts):
+        raise ValueError(
+            f"expert_kernel={backend!r}: tokens_per_expert {counts} must be >= 0 and sum to the "
+            f"{hidden.shape[0]} rows of hidden"
+        )
+    if hidden.dtype != weights.dtype or hidden.device != weights.device:
+        raise ValueError(
+            f"expert_kernel={backend!r}: hidden is {hidden.dtype} on {hidden.device} but the "
+            f"expert weights are {weights.dtype} on {weights.device}"
+        )
+    if probs is not None and probs.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"expert_kernel={backend!r}: probs has {probs.shape[0]} rows, hidden {hidden.shape[0]}"
+        )
+    probs = probs.reshape(-1) if probs is not None else None
+    if weights.activation.probs_on_input and probs is not None:
+        # Megatron scales the input and then multiplies by ones: the same as not scaling later.
+        hidden = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
+        probs = None
+    fc1 = weights.fc1[first_expert : first_expert + n]
+    fc2 = weights.fc2[first_expert : first_expert + n]
+    return ExpertCall(fc1, fc2, hidden, probs, counts, weights)
+
+
+def pinned_int32(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host ints -> int32 device tensor without a host sync (pinned, non-blocking copy).
+
+    A plain ``torch.tensor(values, device=cuda)`` synchronizes the stream, which would stall the
+    expert pipeline; the pinned staging buffer is kept alive by the caching host allocator until
+    the copy has run.
+    """
+    host = torch.tensor(values, dtype=torch.int32)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,378 @@
+"""Choose the expert GEMM backend per call from measured costs (``expert_kernel="auto"``).
+
+Cost profile
+    A JSON file written by ``megatron-eps-calibrate``: for each calibrated expert shape
+    (hidden H, ffn F, experts n) and each backend, the median time of the whole expert
+    computation (fc1 + activation + fc2) over a grid of loads: mean tokens per expert
+    (8 .. 8192) x skew (Zipf exponent 0, 0.5, 1.0, 1.5 of the per-expert shares).
+    Profiles for known GPUs ship in ``megatron_eps/profiles/<gpu-name-slug>.json``.
+
+Prediction (``predict_time``)
+    A call is summarised by its mean load m = rows / n and its skew s, the Zipf exponent whose
+    largest share equals the call's largest share (max rows / rows), so the summary means the
+    same for any n. Per calibrated shape, log(time) is interpolated bilinearly in (log m, s)
+    (s clamped to the grid; below the smallest load the time is flat, the weight-streaming
+    floor; above the largest it grows linearly with m). Other shapes are scaled by
+    n*H*F (both the FLOPs and the weight bytes of the experts scale with it) and the calibrated
+    shapes are blended by inverse squared distance in (log n, log H, log F); an exact shape
+    match uses its own table only.
+
+Choice (``choose_backend``)
+    An explicit backend name is checked for availability (a clear error names the setting
+    ``expert_kernel`` and the values available here). ``auto`` takes the backend with the least
+    predicted time among the available GEMM backends that the profile has measured, using the
+    profile given, else the one shipped for this GPU. Without a profile that covers the device
+    (same device name and dtype), the documented default is deterministic:
+    ``dense`` on CPU (where it is the per-expert math), ``grouped`` on GPUs (the most robust
+    backend in our H100 measurements), else ``triton``, else ``dense``; ``megatron`` only when
+    no GEMM backend can run these experts (unsupported module or config).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from megatron_eps.experts import base
+
+PROFILE_FORMAT = "megatron-eps-cost-profile"
+PROFILE_VERSION = 1
+PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+GPU_DEFAULT_ORDER = ("grouped", "triton", "dense")
+# Predictions closer than this are treated as a tie, broken by the default order: a backend
+# that is predicted faster by a hair is not worth the risk of the prediction being noise.
+SELECTION_MARGIN = 0.03
+CPU_DEFAULT = "dense"
+MAX_SKEW = 4.0
+
+
+# ---------------------------------------------------------------------------- device naming
+def device_name(device: Union[str, torch.device]) -> str:
+    """The name profiles are keyed by: the CUDA device name, or 'cpu'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (the shipped profile's file name;
+    the same slug as cost_model.gpu_slug, whose <slug>.pipeline.json sits beside it)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def shipped_profile_path(device) -> str:
+    return os.path.join(PROFILES_DIR, device_slug(device_name(device)) + ".json")
+
+
+# ---------------------------------------------------------------------------- load summary
+@functools.lru_cache(maxsize=256)
+def _zipf_max_share_curve(num_experts: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(skews, largest share of Zipf(s) over num_experts) on a fine grid; share grows with s."""
+    skews = np.linspace(0.0, MAX_SKEW, 401)
+    ranks = np.arange(1, num_experts + 1, dtype=np.float64)
+    shares = np.array([1.0 / np.sum(ranks ** (-s)) for s in skews])
+    return skews, shares
+
+
+def zipf_shares(num_experts: int, skew: float) -> np.ndarray:
+    """Shares of Zipf(skew) over num_experts, largest first (skew 0: uniform)."""
+    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** (-float(skew))
+    return weights / weights.sum()
+
+
+def load_summary(tokens_per_expert: Sequence[int]) -> Tuple[float, float]:
+    """(mean tokens per expert, equivalent Zipf skew) of one call's row counts."""
+    counts = [int(c) for c in tokens_per_expert]
+    n = len(counts)
+    total = sum(counts)
+    if n == 0 or total == 0:
+        return 0.0, 0.0
+    mean = total / n
+    if n == 1:
+        return mean, 0.0
+    skews, shares = _zipf_max_share_curve(n)
+    return mean, float(np.interp(max(counts) / total, shares, skews))
+
+
+# ---------------------------------------------------------------------------- profile
+class _ShapeTable:
+    """log-time grid of one (backend, shape): rows = skews, columns = loads."""
+
+    def __init__(self, loads: Sequence[float], skews: Sequence[float], seconds: np.ndarray):
+        self.log_loads = np.log(np.asarray(loads, dtype=np.float64))
+        self.skews = np.asarray(skews, dtype=np.float64)
+        self.log_t = np.log(np.asarray(seconds, dtype=np.float64))
+
+    def predict(self, mean: float, skew: float) -> float:
+        lm = math.log(max(mean, 1e-9))
+        extra = 0.0
+        if lm > self.log_loads[-1]:
+            extra = lm - self.log_loads[-1]  # compute bound: time proportional to rows
+            lm = self.log_loads[-1]
+        lm = max(lm, self.log_loads[0])  # weight-streaming floor below the smallest load
+        s = min(max(skew, self.skews[0]), self.skews[-1])
+        per_skew = [np.interp(lm, self.log_loads, row) for row in self.log_t]
+        return float(math.exp(np.interp(s, self.skews, per_skew) + extra))
+
+
+class CostProfile:
+    """Measured expert-computation times of one device (see the module docstring)."""
+
+    def __init__(self, data: dict, path: Optional[str] = None):
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(
+                f"{path or 'cost profile'} is not a megatron-eps cost profile "
+                f"(format={data.get('format')!r}); write one with megatron-eps-calibrate"
+            )
+        self.path = path
+        self.data = data
+        self.device_name: str = data["device"]["name"]
+        self.dtype: str = data.get("dtype", "bfloat16")
+        # (backend, H, F, n) -> _ShapeTable
+        self.tables: Dict[Tuple[str, int, int, int], _ShapeTable] = {}
+        for shape in data["shapes"]:
+            key = (int(shape["hidden"]), int(shape["ffn"]), int(shape["experts"]))
+            backends = sorted({b for load in shape["loads"] for b in load["seconds"]})
+            for backend in backends:
+                grid: Dict[Tuple[float, float], float] = {}
+                for load in shape["loads"]:
+                    t = load["seconds"].get(backend)
+                    if t is not None and t > 0 and math.isfinite(t):
+                        grid[(float(load["skew"]), float(load["tokens_per_expert"]))] = float(t)
+                skews = sorted({s for s, _ in grid})
+                loads = sorted({m for _, m in grid})
+                if not skews or not loads:
+                    continue
+                seconds = np.array([[_nearest(grid, s, m) for m in loads] for s in skews])
+                self.tables[(backend,) + key] = _ShapeTable(loads, skews, seconds)
+        self.backends = sorted({k[0] for k in self.tables})
+
+    @classmethod
+    def from_file(cls, path: str) -> "CostProfile":
+        data = _read_json(path)
+        if data.get("format") != PROFILE_FORMAT and isinstance(data.get("experts"), dict):
+            data = data["experts"]  # a combined file: kernel tables under "experts"
+        return cls(data, path)
+
+    def covers(self, device, dtype: torch.dtype) -> bool:
+        """Measured on this device's kind of GPU (or CPU) and in this dtype."""
+        return self.device_name == device_name(device) and self.dtype == _dtype_name(dtype)
+
+    def shapes(self, backend: str) -> List[Tuple[int, int, int]]:
+        return [k[1:] for k in self.tables if k[0] == backend]
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cost profile {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"cost profile {path!r}: expected a JSON object")
+    return data
+
+
+def has_kernel_tables(path: str) -> bool:
+    """True if the file holds expert-kernel tables (alone, or under an "experts" key)."""
+    data = _read_json(path)
+    return data.get("format") == PROFILE_FORMAT or (
+        isinstance(data.get("experts"), dict) and data["experts"].get("format") == PROFILE_FORMAT
+    )
+
+
+def _nearest(grid, skew, load):
+    """Grid value, or (for a hole in the grid) the closest measured point."""
+    if (skew, load) in grid:
+        return grid[(skew, load)]
+    key = min(grid, key=lambda k: (abs(k[0] - skew), abs(math.log(k[1] / load))))
+    return grid[key]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+_PROFILE_CACHE: Dict[Tuple[Optional[str], str], Optional[CostProfile]] = {}
+
+
+def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
+    """The expert-kernel cost tables for ``device``. Cached.
+
+    ``path`` is the ``cost_profile`` setting, which the pipeline cost model reads too: a file
+    with kernel tables (alone or under an "experts" key) gives them; a file without them
+    (pipeline constants only) or ``path=None`` gives the profile shipped for this device, or
+    None when there is none.
+    """
+    name = device_name(device)
+    key = (os.path.abspath(path) if path else None, name)
+    if key not in _PROFILE_CACHE:
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"eps cost_profile={path!r}: no such file (write one with megatron-eps-calibrate)"
+            )
+        if path and has_kernel_tables(path):
+            _PROFILE_CACHE[key] = CostProfile.from_file(path)
+        else:
+            shipped = shipped_profile_path(device)
+            _PROFILE_CACHE[key] = CostProfile.from_file(shipped) if os.path.isfile(shipped) else None
+    return _PROFILE_CACHE[key]
+
+
+def clear_caches() -> None:
+    _PROFILE_CACHE.clear()
+    _AVAILABLE.clear()
+    _DECISIONS.clear()
+
+
+# ---------------------------------------------------------------------------- prediction
+def predict_time(profile: CostProfile, backend: Optional[str], shape, tokens_per_expert) -> float:
+    """Predicted seconds of one expert computation (fc1 + activation + fc2).
+
+    backend: a backend name, or None for the fastest backend the profile measured (what
+        ``auto`` picks when all of them can run).
+    shape: (hidden_size, ffn_hidden_size[, num_experts]) or any object with ``hidden_size`` and
+        ``ffn_hidden_size`` attributes (e.g. cost_model.LayerShape). The number of experts of
+        the call is always len(tokens_per_expert): a pipeline chunk covers fewer experts than
+        the layer has, so a third element / ``num_local_experts`` is not used.
+    """
+    if hasattr(shape, "hidden_size"):
+        hidden, ffn = int(shape.hidden_size), int(shape.ffn_hidden_size)
+    else:
+        hidden, ffn = int(shape[0]), int(shape[1])
+    counts = [int(c) for c in tokens_per_expert]
+    mean, skew = load_summary(counts)
+    if not counts or mean == 0:
+        return 0.0
+    n = len(counts)
+    if backend is None:
+        return min(_predict(profile, name, hidden, ffn, n, mean, skew) for name in profile.backends)
+    return _predict(profile, backend, hidden, ffn, n, mean, skew)
+
+
+def _predict(profile, backend, hidden, ffn, n, mean, skew) -> float:
+    shapes = profile.shapes(backend)
+    if not shapes:
+        raise ValueError(
+            f"cost profile {profile.path or ''} has no measurements of expert_kernel={backend!r}; "
+            f"it measured: {', '.join(profile.backends)}"
+        )
+    work = float(n) * hidden * ffn
+    weighted_log, total_weight = 0.0, 0.0
+    for h_r, f_r, n_r in shapes:
+        log_t = math.log(profile.tables[(backend, h_r, f_r, n_r)].predict(mean, skew))
+        log_t += math.log(work / (float(n_r) * h_r * f_r))
+        distance = (
+            abs(math.log(n / n_r)) + abs(math.log(hidden / h_r)) + abs(math.log(ffn / f_r))
+        )
+        if distance < 1e-9:
+            return math.exp(log_t)
+        weight = 1.0 / distance**2
+        weighted_log += weight * log_t
+        total_weight += weight
+    return math.exp(weighted_log / total_weight)
+
+
+# ---------------------------------------------------------------------------- choice
+_AVAILABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DECISIONS: Dict[tuple, str] = {}
+
+
+def _available(local_experts, device, dtype) -> List[str]:
+    """available_backends, cached per experts object (the answer depends on module and config)."""
+    key = (str(torch.device(device)), dtype)
+    try:
+        per_experts = _AVAILABLE.setdefault(local_experts, {})
+    except TypeError:  # not weak-referenceable: no cache
+        per_experts = {}
+    if key not in per_experts:
+        per_experts[key] = base.available_backends(local_experts, device, dtype)
+    return per_experts[key]
+
+
+def default_backend(device, candidates: Sequence[str]) -> str:
+    """The documented choice when no cost profile covers the device."""
+    if torch.device(device).type == "cpu" and CPU_DEFAULT in candidates:
+        return CPU_DEFAULT
+    for name in GPU_DEFAULT_ORDER:
+        if name in candidates:
+            return name
+    return candidates[0] if candidates else "megatron"
+
+
+def _preference_order(device, candidates: Sequence[str]) -> List[str]:
+    """Candidates in tie-break order: the default backend first, then GPU_DEFAULT_ORDER."""
+    first = default_backend(device, candidates)
+    rest = [n for n in GPU_DEFAULT_ORDER if n in candidates and n != first]
+    return [first] + rest + [n for n in candidates if n != first and n not in rest]
+
+
+def _allowed_values() -> List[str]:
+    from megatron_eps.config import EXPERT_KERNELS
+
+    return list(EXPERT_KERNELS)
+
+
+def choose_backend(
+    requested: str,
+    local_experts,
+    tokens_per_expert: Sequence[int],
+    device,
+    dtype: torch.dtype,
+    profile: Optional[CostProfile] = None,
+) -> str:
+    """The backend name to run this call with (see the module docstring)."""
+    allowed = _allowed_values()
+    if requested not in allowed and requested not in base.registered_backends():
+        raise ValueError(
+            f"eps expert_kernel={requested!r} is not allowed; allowed values: {', '.join(allowed)}"
+        )
+    available = _available(local_experts, device, dtype)
+    if requested != "auto":
+        if requested in available:
+            return requested
+        backend_cls = base._REGISTRY.get(requested)
+        reason = (
+            backend_cls.unavailable_reason(local_experts, device, dtype)
+            if backend_cls is not None
+            else "its module could not be imported"
+        )
+        raise ValueError(
+            f"eps expert_kernel={requested!r} cannot run here ({torch.device(device)}, {dtype}): "
+            f"{reason}. Available values here: {', '.join(['auto'] + available)}"
+        )
+    gemm = [name for name in available if name != "megatron"]
+    if not gemm:
+        return "megatron"
+    if profile is None:
+        profile = load_cost_profile(None, device)
+    if profile is None or not profile.covers(device, dtype):
+        return default_backend(device, gemm)
+    candidates = [name for name in gemm if name in profile.backends]
+    if not candidates:
+        return default_backend(device, gemm)
+    weights = local_experts.weights()
+    hidden, ffn, n = weights.hidden_size, weights.ffn_hidden_size, len(tokens_per_expert)
+    mean, skew = load_summary(tokens_per_expert)
+    if mean == 0:
+        return default_backend(device, candidates)
+    # Decisions are cached on a fine grid of the load summary (1/8 octave of load, 0.05 skew):
+    # the choice is then a dict lookup on the hot path.
+    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20))
+    choice = _DECISIONS.get(key)
+    if choice is None:
+        times = {name: _predict(profile, name, hidden, ffn, n, mean, skew) for name in candidates}
+        fastest = min(times.values())
+        preference = _preference_order(device, candidates)
+        choice = next(name for name in preference if times[name] <= fastest * (1 + SELECTION_MARGIN))
+        _DECISIONS[key] = choice
+    return choice

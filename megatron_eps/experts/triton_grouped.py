@@ -1,0 +1,77 @@
+"""``triton`` backend: megatron-eps' own load-aware grouped GEMM (see triton_kernels.py).
+
+fc1 runs with the activation and the routing probs fused into its epilogue (the [M, 2F] fc1
+output is never written), fc2 writes straight into the output. Tile shapes are chosen from the
+host-side row counts per call; the persistent tile scheduler keeps every SM busy under skew.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_eps.experts import triton_kernels as tk
+from megatron_eps.experts.base import ExpertBackend, register_backend
+from megatron_eps.experts.gemm_common import ExpertCall, gemm_unavailable_reason, prepare_call
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
+    hidden, counts = call.hidden, call.counts
+    rows, hidden_size = hidden.shape
+    out = hidden.new_empty(rows, hidden_size)
+    if rows == 0:
+        return out
+    spec = call.weights.activation
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    ffn = call.fc2.shape[2]
+    cfg1, cfg2 = tk.choose_configs(counts, hidden_size, ffn, spec.gated)
+    tiles1, n1 = tk.build_tile_table(counts, cfg1.block_m, hidden.device)
+    if cfg2.block_m == cfg1.block_m:
+        tiles2, n2 = tiles1, n1
+    else:
+        tiles2, n2 = tk.build_tile_table(counts, cfg2.block_m, hidden.device)
+    if spec.fused_code is not None:
+        h = tk.expert_gemm(
+            hidden,
+            call.fc1,
+            tiles1,
+            n1,
+            cfg1,
+            gated=spec.gated,
+            act_code=spec.fused_code,
+            probs=call.probs,
+            clamp=spec.clamp,
+            glu_offset=spec.glu_offset,
+        )
+    else:
+        # An activation callable the kernel does not know: plain GEMM, then Megatron's math.
+        fc1_out = tk.expert_gemm(hidden, call.fc1, tiles1, n1, cfg1)
+        h = spec.apply_torch(fc1_out, call.probs)
+    return tk.expert_gemm(h, call.fc2, tiles2, n2, cfg2, out=out)
+
+
+@register_backend
+class TritonExpertsBackend(ExpertBackend):
+    name = "triton"
+
+    @classmethod
+    def unavailable_reason(cls, local_experts, device, dtype):
+        reason = tk.triton_unavailable_reason()
+        if reason is not None:
+            return reason
+        device = torch.device(device)
+        if device.type != "cuda" and not tk.interpreter_active():
+            return "the triton expert kernel needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            return "the triton expert kernel needs an SM80+ GPU (bf16 tensor cores)"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"the triton expert kernel runs bfloat16/float16/float32, not {dtype}"
+        return gemm_unavailable_reason(local_experts, device, dtype)
+
+    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
+        call = prepare_call(
+            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
+        )
+        return triton_expert_forward(call)

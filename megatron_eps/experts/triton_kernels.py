@@ -1,0 +1,522 @@
+"""Triton kernels of the expert computation: a load-aware grouped GEMM and a fused activation.
+
+Grouped GEMM (``expert_gemm``)
+    out[rows of e] = epilogue(x[rows of e] @ w[e]^T) for every expert e in one launch.
+    Work items are (m-tile, n-tile) pairs where an m-tile is BLOCK_M consecutive rows of ONE
+    expert: the host builds the m-tile table (expert, row start, row end) from the host-side row
+    counts (no device sync), so an expert with 6000 rows simply owns 47 m-tiles and an empty
+    expert owns none. A persistent grid of about one CTA per SM walks the flat list of work items
+    with a stride of the grid size, so a skewed load (one hot expert) still spreads over every SM,
+    and the tail is at most one tile per SM. Tiles are visited in GROUP_M-swizzled order so CTAs
+    running at the same time share weight tiles (and x tiles) in L2.
+    bf16 (or fp16/fp32) operands, fp32 accumulation.
+    fc1 epilogue (GATED): each tile computes the gate columns [n, n+BN) and the matching linear
+    columns [F+n, F+n+BN) as two accumulators, then act(gate) * (lin + offset) * probs in fp32 and
+    stores only [M, F]: the fc1 output [M, 2F] never goes to memory.
+
+Fused activation (``fused_activation``)
+    The same epilogue as a standalone elementwise kernel for the grouped/dense backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+try:  # Triton is optional: the triton backend reports itself unavailable without it.
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Optional[str] = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+    triton = None
+    tl = None
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def triton_unavailable_reason() -> Optional[str]:
+    return None if triton is not None else f"triton does not import ({_TRITON_ERROR})"
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _activation(x, ACT: tl.constexpr):
+        # ACT codes: see megatron_eps.experts.activation (ACT_*).
+        y = x
+        if ACT == 1:  # silu
+            y = x * tl.sigmoid(x)
+        if ACT == 2:  # exact (erf) gelu, as F.gelu
+            y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+        if ACT == 3:  # relu
+            y = tl.maximum(x, 0.0)
+        if ACT == 4:  # squared relu
+            r = tl.maximum(x, 0.0)
+            y = r * r
+        if ACT == 5:  # quick gelu
+            y = x * tl.sigmoid(1.702 * x)
+        return y
+
+    @triton.jit
+    def _glu_epilogue(gate, lin, clamp, glu_offset, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr):
+        if HAS_CLAMP:
+            gate = tl.minimum(gate, clamp)
+            lin = tl.minimum(tl.maximum(lin, -clamp), clamp)
+        return _activation(gate, ACT) * (lin + glu_offset)
+
+    @triton.jit
+    def _expert_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        probs_ptr,
+        tiles_ptr,
+        num_m_tiles,
+        N,
+        K,
+        gate_rows,
+        stride_xm,
+        stride_xk,
+        stride_we,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        clamp,
+        glu_offset,
+        num_programs,
+        GATED: tl.constexpr,
+        ACT: tl.constexpr,
+        HAS_PROBS: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        IEEE: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_n_tiles = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_m_tiles * num_n_tiles
+        tiles_per_group = GROUP_M * num_n_tiles
+        for tile in range(pid, num_tiles, num_programs):
+            # GROUP_M swizzle over the global m-tile list (which may cross expert boundaries).
+            group = tile // tiles_per_group
+            first_m = group * GROUP_M
+            group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+            in_group = tile % tiles_per_group
+            m_tile = first_m + in_group % group_m
+            n_tile = in_group // group_m
+
+            expert = tl.load(tiles_ptr + m_tile).to(tl.int64)
+            row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
+            row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            # Out-of-range rows/cols read a valid row/col instead of being masked: the K loop
+            # then needs no row/col masks, and the junk lands only in rows/cols never stored.
+            rows_in = tl.where(row_ok, rows, row_end - 1).to(tl.int64)
+            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            cols_in = tl.where(col_ok, cols, N - 1).to(tl.int64)
+            ks = tl.arange(0, BLOCK_K)
+
+            x_ptrs = x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
+            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                if EVEN_K:
+                    a = tl.load(x_ptrs)
+                    b = tl.load(w_ptrs)
+                else:
+                    k_ok = ks < K - k * BLOCK_K
+                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+                if GATED:
+                    # The linear half's rows sit gate_rows (= F) below the gate rows.
+                    if EVEN_K:
+                        b_lin = tl.load(w_ptrs + gate_rows * stride_wn)
+                    else:
+                        b_lin = tl.load(w_ptrs + gate_rows * stride_wn, mask=k_ok[:, None], other=0.0)
+                    if IEEE:
+                        acc_lin = tl.dot(a, b_lin, acc_lin, input_precision="ieee")
+                    else:
+                        acc_lin = tl.dot(a, b_lin, acc_lin)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+
+            if GATED:
+                result = _glu_epilogue(acc, acc_lin, clamp, glu_offset, ACT, HAS_CLAMP)
+            else:
+                result = _activation(acc, ACT)
+            if HAS_PROBS:
+                p = tl.load(probs_ptr + rows_in).to(tl.float32)
+                result = result * p[:, None]
+            out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols_in[None, :]
+            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _expert_gemm_tma_kernel(
+        x_desc,
+        w_desc,
+        out_ptr,
+        probs_ptr,
+        tiles_ptr,
+        num_m_tiles,
+        N,
+        K,
+        w_rows_per_expert,
+        gate_rows,
+        stride_om,
+        clamp,
+        glu_offset,
+        num_programs,
+        GATED: tl.constexpr,
+        ACT: tl.constexpr,
+        HAS_PROBS: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # Same work items and epilogue as _expert_gemm_kernel; operands arrive through TMA
+        # (Hopper's bulk tensor copies). Rows of an m-tile past its expert's end are whatever
+        # follows in x (or TMA's zero fill past the tensor): they are computed, never stored.
+        # Likewise weight rows past the n range; K past the end is zero-filled by TMA.
+        pid = tl.program_id(0)
+        num_n_tiles = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_m_tiles * num_n_tiles
+        tiles_per_group = GROUP_M * num_n_tiles
+        for tile in range(pid, num_tiles, num_programs):
+            group = tile // tiles_per_group
+            first_m = group * GROUP_M
+            group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+            in_group = tile % tiles_per_group
+            m_tile = first_m + in_group % group_m
+            n_tile = in_group // group_m
+
+            expert = tl.load(tiles_ptr + m_tile)
+            row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
+            row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+            w_row = expert * w_rows_per_expert + n_tile * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                a = x_desc.load([row_start, k * BLOCK_K])
+                b = w_desc.load([w_row, k * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+                if GATED:
+                    b_lin = w_desc.load([w_row + gate_rows, k * BLOCK_K])
+                    acc_lin = tl.dot(a, b_lin.T, acc_lin)
+
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            rows_in = tl.where(row_ok, rows, row_end - 1).to(tl.int64)
+            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            if GATED:
+                result = _glu_epilogue(acc, acc_lin, clamp, glu_offset, ACT, HAS_CLAMP)
+            else:
+                result = _activation(acc, ACT)
+            if HAS_PROBS:
+                p = tl.load(probs_ptr + rows_in).to(tl.float32)
+                result = result * p[:, None]
+            out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols[None, :]
+            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _fused_activation_kernel(
+        in_ptr,
+        probs_ptr,
+        out_ptr,
+        M,
+        F,
+        stride_in,
+        stride_out,
+        clamp,
+        glu_offset,
+        GATED: tl.constexpr,
+        ACT: tl.constexpr,
+        HAS_PROBS: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask = (rows < M)[:, None] & (cols < F)[None, :]
+        in_ptrs = in_ptr + rows.to(tl.int64)[:, None] * stride_in + cols[None, :]
+        gate = tl.load(in_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            lin = tl.load(in_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+            result = _glu_epilogue(gate, lin, clamp, glu_offset, ACT, HAS_CLAMP)
+        else:
+            result = _activation(gate, ACT)
+        if HAS_PROBS:
+            p = tl.load(probs_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)
+            result = result * p[:, None]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch settings of one expert_gemm launch."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+    # Persistent: about one CTA per SM loops over work items; else one CTA per work item.
+    persistent: bool = True
+    ctas_per_sm: int = 1
+    # Load operands with TMA tensor descriptors (Hopper+) instead of pointer loads.
+    tma: bool = False
+
+
+# Chooses (fc1 config, fc2 config) from the row counts; replaceable for tuning sweeps.
+ConfigChooser = Callable[[Sequence[int], int, int, bool], Tuple[GemmConfig, GemmConfig]]
+
+
+def default_configs(counts: Sequence[int], hidden: int, ffn: int, gated: bool):
+    """Tile configs by load, tuned on H100 bf16 (benchmarks/tune_triton.py; docs/kernels.md).
+
+    TMA operand loads were 2.2-2.9x faster than pointer loads at >= 256 tokens/expert in that
+    sweep (same tiles, both on wgmma); 128x(2x128) fc1 tiles and 128x256 fc2 tiles won at
+    >= 256 tokens/expert, 64-row tiles at <= 32 (less padding when experts hold few rows).
+    Where TMA cannot be used (pre-Hopper, misaligned rows) expert_gemm falls back to pointer
+    loads with narrower tiles (see _pointer_fallback).
+    """
+    busy = [c for c in counts if c]
+    mean_rows = sum(busy) / max(len(busy), 1)
+    if mean_rows <= 32:
+        fc1 = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4, tma=True)
+        fc2 = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, tma=True)
+    else:
+        fc1 = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, tma=True)
+        fc2 = GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=True)
+    return fc1, fc2
+
+
+def _pointer_fallback(cfg: GemmConfig, gated: bool) -> GemmConfig:
+    """The pointer-load kernel keeps its operands' addresses in registers: narrower tiles
+    (128x64 per half for fc1, 128x128 for fc2; 255 registers and spills otherwise)."""
+    return dataclasses.replace(cfg, tma=False, block_n=min(cfg.block_n, 64 if gated else 128), num_stages=4)
+
+
+_CHOOSER: Dict[str, ConfigChooser] = {"fn": default_configs}
+# The last compiled kernel of each flavour (registers/spills/PTX for tuning diagnostics).
+LAST_KERNEL: Dict[str, object] = {}
+
+
+def set_config_chooser(chooser: Optional[ConfigChooser]) -> None:
+    """Install a different tile-config chooser (benchmark sweeps); None restores the default."""
+    _CHOOSER["fn"] = chooser or default_configs
+
+
+def choose_configs(counts, hidden, ffn, gated):
+    return _CHOOSER["fn"](counts, hidden, ffn, gated)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def build_tile_table(counts: Sequence[int], block_m: int, device: torch.device):
+    """int32 [3, T] device table (expert, row start, row end) of every m-tile, and T.
+
+    Built from host ints with a few list operations (no device sync); copied with a pinned,
+    non-blocking transfer.
+    """
+    experts, starts, ends = [], [], []
+    row = 0
+    for expert, count in enumerate(counts):
+        end = row + count
+        tile_starts = range(row, end, block_m)
+        experts.extend([expert] * len(tile_starts))
+        starts.extend(tile_starts)
+        ends.extend([end] * len(tile_starts))
+        row = end
+    num_tiles = len(experts)
+    host = torch.tensor([experts, starts, ends], dtype=torch.int32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        return host.to(device, non_blocking=True), num_tiles
+    return host, num_tiles
+
+
+def expert_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    tiles: torch.Tensor,
+    num_m_tiles: int,
+    cfg: GemmConfig,
+    out: Optional[torch.Tensor] = None,
+    gated: bool = False,
+    act_code: int = 0,
+    probs: Optional[torch.Tensor] = None,
+    clamp: Optional[float] = None,
+    glu_offset: float = 0.0,
+) -> torch.Tensor:
+    """out[rows of e] = epilogue(x[rows of e] @ w[e]^T); w is [n, N_rows, K] (N_rows = 2N if gated)."""
+    rows, K = x.shape
+    n_rows = w.shape[1]
+    N = n_rows // 2 if gated else n_rows
+    if out is None:
+        out = x.new_empty(rows, N)
+    if num_m_tiles == 0:
+        return out
+    num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
+    if cfg.persistent and x.is_cuda:
+        grid_size = min(num_work, _sm_count(x.device.index or 0) * cfg.ctas_per_sm)
+    elif cfg.persistent:  # interpreter: a few programs still exercise the persistent loop
+        grid_size = min(num_work, 3)
+    else:
+        grid_size = num_work
+    if cfg.tma and _tma_usable(x, w):
+        return _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_code,
+                           probs, clamp, glu_offset)
+    if cfg.tma:
+        cfg = _pointer_fallback(cfg, gated)
+        num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
+        grid_size = min(num_work, grid_size) if cfg.persistent else num_work
+    LAST_KERNEL["pointer"] = _expert_gemm_kernel[(grid_size,)](
+        x,
+        w,
+        out,
+        probs if probs is not None else x,
+        tiles,
+        num_m_tiles,
+        N,
+        K,
+        N if gated else 0,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        float(clamp) if clamp is not None else 0.0,
+        float(glu_offset),
+        grid_size,
+        GATED=gated,
+        ACT=act_code,
+        HAS_PROBS=probs is not None,
+        HAS_CLAMP=clamp is not None,
+        IEEE=x.dtype == torch.float32,
+        EVEN_K=K % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _tma_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs Hopper+, contiguous rows and 16-byte aligned bases and row strides."""
+    if x.is_cuda and (torch.cuda.get_device_capability(x.device)[0] < 9 or x.dtype == torch.float32):
+        return False  # no TMA before Hopper; fp32 would run as tf32 through this path
+    elem = x.element_size()
+    return (
+        x.stride(1) == 1
+        and (x.stride(0) * elem) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and w.is_contiguous()
+        and (w.shape[2] * elem) % 16 == 0
+        and w.data_ptr() % 16 == 0
+    )
+
+
+def _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_code, probs, clamp, glu_offset):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n_experts, w_rows, _ = w.shape
+    x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K), [cfg.block_n, cfg.block_k])
+    LAST_KERNEL["tma"] = _expert_gemm_tma_kernel[(grid_size,)](
+        x_desc,
+        w_desc,
+        out,
+        probs if probs is not None else x,
+        tiles,
+        num_m_tiles,
+        N,
+        K,
+        w_rows,
+        N if gated else 0,
+        out.stride(0),
+        float(clamp) if clamp is not None else 0.0,
+        float(glu_offset),
+        grid_size,
+        GATED=gated,
+        ACT=act_code,
+        HAS_PROBS=probs is not None,
+        HAS_CLAMP=clamp is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def fused_activation(fc1_out: torch.Tensor, probs: Optional[torch.Tensor], spec) -> torch.Tensor:
+    """spec's activation (and probs) of fc1_out [M, F1] -> [M, F] in one elementwise kernel."""
+    rows, f1 = fc1_out.shape
+    width = f1 // 2 if spec.gated else f1
+    out = fc1_out.new_empty(rows, width)
+    if rows == 0 or width == 0:
+        return out
+    if fc1_out.stride(1) != 1:
+        fc1_out = fc1_out.contiguous()
+    block_m, block_f = 16, 256
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_f))
+    _fused_activation_kernel[grid](
+        fc1_out,
+        probs if probs is not None else fc1_out,
+        out,
+        rows,
+        width,
+        fc1_out.stride(0),
+        out.stride(0),
+        float(spec.clamp) if spec.clamp is not None else 0.0,
+        float(spec.glu_offset),
+        GATED=spec.gated,
+        ACT=spec.fused_code,
+        HAS_PROBS=probs is not None,
+        HAS_CLAMP=spec.clamp is not None,
+        BLOCK_M=block_m,
+        BLOCK_F=block_f,
+        num_warps=4,
+    )
+    return out

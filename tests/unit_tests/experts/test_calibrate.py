@@ -1,0 +1,61 @@
+"""megatron-eps-calibrate on a tiny shape (CPU): grid, loads and a profile the selector reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_eps.experts import calibrate, selector
+
+
+def test_make_counts_keeps_total_and_skew():
+    for skew in (0.0, 0.5, 1.0, 1.5):
+        counts = calibrate.make_counts(20, 100, skew, seed=3)
+        assert len(counts) == 20 and sum(counts) == 2000 and min(counts) >= 0
+    assert calibrate.make_counts(4, 16, 0.0) == [16, 16, 16, 16]
+    assert max(calibrate.make_counts(20, 100, 1.5)) > 3 * max(calibrate.make_counts(20, 100, 0.5))
+
+
+def test_calibrate_writes_a_profile_the_selector_uses(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "cpu.json"
+    calibrate.main(
+        ["--shape", "32,16,4", "--device", "cpu", "--loads", "4,16", "--skews", "0,1.0", "--dtype", "fp32",
+         "--target-ms", "1", "--out", str(out), "--no-progress"]
+    )
+    data = json.loads(out.read_text())
+    assert data["device"]["name"] == "cpu" and data["dtype"] == "float32"
+    assert data["grid"] == {"tokens_per_expert": [4, 16], "skews": [0.0, 1.0]}
+    loads = data["shapes"][0]["loads"]
+    assert len(loads) == 4
+    assert all(set(l["seconds"]) == {"dense", "grouped"} and all(t > 0 for t in l["seconds"].values()) for l in loads)
+    for key in ("torch", "triton", "megatron_core"):
+        assert key in data["versions"]
+    profile = selector.load_cost_profile(str(out), "cpu")
+    assert profile.covers("cpu", torch.float32)
+    assert selector.predict_time(profile, "dense", (32, 16), [16] * 4) > 0
+
+
+def test_model_yaml_shape(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "model:\n  hidden_size: 2048\n  moe_ffn_hidden_size: 1408\n  num_moe_experts: 64\n"
+        "parallel:\n  expert_model_parallel_size: 8\n"
+    )
+    assert calibrate.shape_from_model_yaml(str(path), None) == (2048, 1408, 8)
+    assert calibrate.shape_from_model_yaml(str(path), 2) == (2048, 1408, 32)
+    with pytest.raises(SystemExit, match="do not divide"):
+        calibrate.shape_from_model_yaml(str(path), 3)
+
+
+def test_shipped_model_configs_parse():
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    moe_configs = [p for p in glob.glob(os.path.join(root, "configs", "*.yaml")) if "num_moe_experts" in open(p).read()]
+    for path in moe_configs:
+        hidden, ffn, experts = calibrate.shape_from_model_yaml(path, 1)
+        assert hidden > 0 and ffn > 0 and experts > 0

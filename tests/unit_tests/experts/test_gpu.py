@@ -1,0 +1,94 @@
+"""bf16 on a CUDA GPU: every available backend vs the float64 reference and vs Megatron."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_eps.experts import LocalExperts, available_backends, get_backend
+from megatron_eps.experts.reference import reference_expert_forward, reference_for_experts, relative_error
+from megatron_eps.experts.weights import ExpertWeights, StackedExperts
+
+from .conftest import build_sequential_experts, count_cases, random_call, requires_cuda, requires_te
+
+BF16_TOL = 1e-2
+pytestmark = requires_cuda
+
+
+def _poisoned_forward(backend, experts, x, counts, probs, first):
+    """Run with a NaN-filled cache so stale memory cannot pass for output."""
+    torch.cuda.empty_cache()
+    junk = torch.full((1 << 24,), float("nan"), device=x.device, dtype=x.dtype)
+    del junk
+    return get_backend(backend).forward(experts, x, counts, probs, first)
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 128), (4, 512, 1408 // 4)])
+def test_stacked_backends_bf16(shape):
+    n, hidden, ffn = shape
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    fc1 = (torch.randn(n, 2 * ffn, hidden, generator=gen) / hidden**0.5).cuda().bfloat16()
+    fc2 = (torch.randn(n, hidden, ffn, generator=gen) / ffn**0.5).cuda().bfloat16()
+    experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
+    names = [b for b in available_backends(experts, torch.device("cuda"), torch.bfloat16) if b != "megatron"]
+    assert {"grouped", "dense", "triton"} <= set(names)
+    cases = dict(count_cases(n))
+    cases["large_skewed"] = [700, 3, 0, 1300, 5, 0, 64, 1][:n]
+    for case, counts in cases.items():
+        x, probs = random_call(n, hidden, counts, torch.bfloat16, "cuda", seed=len(case))
+        ref = reference_expert_forward(fc1, fc2, experts.weights().activation, x, counts, probs)
+        for name in names:
+            out = _poisoned_forward(name, experts, x, counts, probs, 0)
+            assert out.shape == (sum(counts), hidden) and out.dtype == torch.bfloat16
+            if sum(counts):
+                err = relative_error(out, ref)
+                assert err <= BF16_TOL, (name, case, err)
+
+
+def test_sequential_mlp_backends_bf16(megatron_parallel):
+    module, config = build_sequential_experts(
+        num_experts=6, hidden=256, ffn=128, dtype=torch.bfloat16, device="cuda"
+    )
+    experts = LocalExperts(module, config)
+    names = available_backends(experts, torch.device("cuda"), torch.bfloat16)
+    assert "megatron" in names and "grouped" in names
+    for case, counts in count_cases(6).items():
+        x, probs = random_call(6, 256, counts, torch.bfloat16, "cuda", seed=len(case))
+        stock = get_backend("megatron").forward(experts, x, counts, probs, 0)
+        ref = reference_for_experts(experts, x, counts, probs)
+        for name in names:
+            out = get_backend(name).forward(experts, x, counts, probs, 0)
+            if sum(counts):
+                assert relative_error(out, ref) <= BF16_TOL, (name, case)
+                assert relative_error(out, stock) <= BF16_TOL, (name, case)
+
+
+def test_fused_activation_matches_megatron_math():
+    from megatron_eps.experts.activation import ActivationSpec
+    from megatron_eps.experts.triton_kernels import fused_activation
+
+    spec = ActivationSpec.swiglu()
+    h = torch.randn(1000, 2 * 1408, device="cuda").bfloat16()
+    probs = torch.rand(1000, device="cuda")
+    ref = spec.apply_torch(h.double(), probs.double())
+    assert relative_error(fused_activation(h, probs, spec), ref) < 5e-3
+
+
+@requires_te
+def test_te_backend_matches_megatron(megatron_parallel):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_eps import compat
+    from megatron_eps.testing.models import moe_config
+
+    config = moe_config(num_experts=4, hidden_size=256, ffn_hidden_size=128, dtype=torch.bfloat16,
+                        moe_grouped_gemm=True)
+    spec = get_gpt_layer_with_transformer_engine_spec(num_experts=4, moe_grouped_gemm=True)
+    layer = MoELayer(config, submodules=compat.moe_submodules_from_spec(spec.submodules.mlp)).cuda()
+    experts = LocalExperts(layer.experts, config)
+    counts = [30, 0, 7, 100]
+    x, probs = random_call(4, 256, counts, torch.bfloat16, "cuda")
+    stock = get_backend("megatron").forward(experts, x, counts, probs, 0)
+    for name in ("te", "grouped", "dense"):
+        assert relative_error(get_backend(name).forward(experts, x, counts, probs, 0), stock) <= BF16_TOL

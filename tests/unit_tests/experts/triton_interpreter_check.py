@@ -1,0 +1,116 @@
+"""Run the Triton kernels under TRITON_INTERPRET=1 on the CPU (fp32) and print errors as JSON.
+
+Started in a subprocess by test_triton_interpreter.py: the interpreter must be switched on
+before triton is imported, and must not leak into other tests of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_eps.experts import get_backend  # noqa: E402
+from megatron_eps.experts import triton_kernels as tk  # noqa: E402
+from megatron_eps.experts.activation import ActivationSpec, _known_activations  # noqa: E402
+from megatron_eps.experts.reference import reference_expert_forward, relative_error  # noqa: E402
+from megatron_eps.experts.weights import ExpertWeights, StackedExperts  # noqa: E402
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    results = {}
+    configs = {
+        "default": None,
+        "small_tiles_not_persistent": lambda c, h, f, g: (
+            tk.GemmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, persistent=False),
+            tk.GemmConfig(block_m=32, block_n=32, block_k=32, group_m=3, num_warps=4, persistent=False),
+        ),
+        "persistent_mixed_tiles": lambda c, h, f, g: (
+            tk.GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4, num_warps=4),
+            tk.GemmConfig(block_m=32, block_n=16, block_k=16, group_m=1, num_warps=4),
+        ),
+        "tma_descriptors": lambda c, h, f, g: (
+            tk.GemmConfig(block_m=16, block_n=16, block_k=32, group_m=2, num_warps=4, tma=True),
+            tk.GemmConfig(block_m=32, block_n=32, block_k=16, group_m=3, num_warps=4, tma=True),
+        ),
+    }
+    # H=40 is not a multiple of the K tile: exercises the masked K loop.
+    shapes = {"even": (4, 64, 48), "ragged_k": (3, 40, 24)}
+    for shape_name, (n, hidden, ffn) in shapes.items():
+        fc1 = torch.randn(n, 2 * ffn, hidden) / hidden**0.5
+        fc2 = torch.randn(n, hidden, ffn) / ffn**0.5
+        for spec_name, spec in {
+            "swiglu": ActivationSpec.swiglu(),
+            "swiglu_clamp_offset": ActivationSpec(
+                gated=True, fn=F.silu, clamp=0.7, glu_offset=1.0, fused_code=1
+            ),
+            "probs_on_input": ActivationSpec.swiglu(probs_on_input=True),
+        }.items():
+            experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2, spec))
+            cases = {
+                "mixed_with_empty": [5, 0, 70, 3][:n],
+                "one_hot_expert": [0, 77, 0, 0][:n],
+                "all_empty": [0] * n,
+            }
+            for config_name, chooser in configs.items():
+                tk.set_config_chooser(chooser)
+                for case, counts in cases.items():
+                    rows = sum(counts)
+                    x = torch.randn(rows, hidden)
+                    probs = torch.rand(rows)
+                    out = get_backend("triton").forward(experts, x, counts, probs, 0)
+                    key = f"{shape_name}/{spec_name}/{config_name}/{case}"
+                    if rows == 0:
+                        results[key] = 0.0 if out.shape == (0, hidden) else float("inf")
+                        continue
+                    ref = reference_expert_forward(fc1, fc2, spec, x, counts, probs)
+                    results[key] = relative_error(out, ref)
+            tk.set_config_chooser(None)
+        # A sub-range of experts.
+        experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
+        counts = [9, 0]
+        x, probs = torch.randn(9, hidden), torch.rand(9)
+        out = get_backend("triton").forward(experts, x, counts, probs, 1)
+        ref = reference_expert_forward(fc1, fc2, experts.weights().activation, x, counts, probs, 1)
+        results[f"{shape_name}/subrange"] = relative_error(out, ref)
+
+    # Non-gated experts (relu) and an activation the kernel does not know (torch fallback).
+    fc1 = torch.randn(2, 24, 32) / 6
+    for name, spec in {
+        "relu_plain": ActivationSpec(gated=False, fn=F.relu, fused_code=3),
+        "unknown_fn": ActivationSpec(gated=True, fn=torch.tanh, fused_code=None),
+    }.items():
+        fc2 = torch.randn(2, 32, 12 if spec.gated else 24) / 4
+        experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2, spec))
+        counts = [6, 11]
+        x, probs = torch.randn(17, 32), torch.rand(17)
+        out = get_backend("triton").forward(experts, x, counts, probs, 0)
+        results[f"activation/{name}"] = relative_error(
+            out, reference_expert_forward(fc1, fc2, spec, x, counts, probs)
+        )
+
+    # The standalone fused activation kernel, every activation it knows.
+    for fn, code in _known_activations().items():
+        for gated in (True, False):
+            for clamp, offset in ((None, 0.0), (0.5, 1.0)):
+                if not gated and clamp is not None:
+                    continue
+                spec = ActivationSpec(gated=gated, fn=fn, clamp=clamp, glu_offset=offset, fused_code=code)
+                h = torch.randn(37, 2 * 40 if gated else 40)
+                probs = torch.rand(37)
+                out = tk.fused_activation(h, probs, spec)
+                ref = spec.apply_torch(h.double(), probs.double())
+                key = f"fused_activation/{getattr(fn, '__name__', fn)}/gated={gated}/clamp={clamp}"
+                results[key] = relative_error(out, ref)
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""The pipeline cost model (megatron_eps.cost_model): math, N* behaviour, determinism, threshold,
+clamping, profiles, and the same N on every rank of a gloo group with skewed loads."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+
+from megatron_eps.config import EPSConfig
+from megatron_eps.cost_model import (
+    LayerShape,
+    PipelineProfile,
+    chunk_comm_times,
+    chunk_compute_times,
+    choose_pipeline_degree,
+    enable_condition,
+    load_pipeline_profile,
+    optimal_degree_closed_form,
+    pipelined_time,
+    predict,
+    predict_times,
+    shipped_profile_path,
+    simulate_plan,
+)
+from megatron_eps.testing import run_distributed
+
+DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)
+
+
+def balanced_counts(shape: LayerShape, tokens_per_rank: int) -> np.ndarray:
+    """Every rank sends every expert the same number of rows."""
+    experts = shape.ep_size * shape.num_local_experts
+    per_expert = tokens_per_rank * shape.topk // experts
+    return np.full((shape.ep_size, experts), per_expert, dtype=np.int64)
+
+
+def random_counts(shape: LayerShape, tokens, seed=0, zipf=None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    experts = shape.ep_size * shape.num_local_experts
+    rows = []
+    for t in tokens:
+        if zipf:
+            weights = 1.0 / np.arange(1, experts + 1) ** zipf
+            picks = rng.choice(experts, size=t * shape.topk, p=weights / weights.sum())
+        else:
+            picks = rng.integers(0, experts, t * shape.topk)
+        rows.append(np.bincount(picks, minlength=experts))
+    return np.stack(rows).astype(np.int64)
+
+
+def profile(**kw) -> PipelineProfile:
+    values = dict(link_bandwidth_gbps=160.0, link_latency_us=0.0, chunk_overhead_us=15.0, expert_tflops=600.0)
+    values.update(kw)
+    return PipelineProfile(**values)
+
+
+AUTO = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, max_pipeline_degree=64)
+
+
+# ----------------------------------------------------------------------------- schedule math
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("t_comm,t_comp", [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0), (6.0, 1.0)])
+def test_simulated_plan_vs_closed_form(n, t_comm, t_comp):
+    """Equal chunks: the simulated plan equals the paper's closed form when compute-bound, and
+    is never worse (the 3-stage plan also overlaps dispatch with combine when comm-bound)."""
+    d = [t_comm / (2 * n)] * n
+    x = [t_comp / n] * n
+    simulated = simulate_plan(d, x, d)
+    closed = pipelined_time(n, t_comm, t_comp, 0.0)
+    assert simulated <= closed + 1e-12
+    if t_comp >= t_comm:
+        assert simulated == pytest.approx(closed, rel=1e-12)
+    elif n > 1 and t_comp / n <= t_comm / (2 * n):
+        # comm-bound with each chunk's GEMMs shorter than one combine: the comm stream never
+        # waits, so the layer takes exactly T_comm.
+        assert simulated == pytest.approx(t_comm, rel=1e-12)
+    assert simulated >= max(t_comm, t_comp) - 1e-12  # never faster than the busier stream
+    if n == 1:
+        assert simulated == pytest.approx(t_comm + t_comp)
+
+
+def test_simulated_plan_hides_shared_experts_behind_dispatch():
+    # Shared experts (0.5) shorter than dispatch 0 (1.0): fully hidden.
+    assert simulate_plan([1.0], [2.0], [1.0], shared=0.5) == pytest.approx(4.0)
+    # Longer (3.0): X0 starts after it; 2 of the 3 units are exposed.
+    assert simulate_plan([1.0], [2.0], [1.0], shared=3.0) == pytest.approx(6.0)
+
+
+def test_uneven_chunks_cost_more_than_even_ones():
+    even = simulate_plan([0.5, 0.5], [1.0, 1.0], [0.5, 0.5])
+    uneven = simulate_plan([0.5, 0.5], [1.8, 0.2], [0.5, 0.5])
+    assert uneven > even
+
+
+def test_prediction_is_the_plan_walk_with_each_chunks_slowest_rank():
+    """The all-to-alls couple the ranks: the model walks schedule.build_plan with, per chunk,
+    the GEMM time of the slowest rank (and the largest shared-expert time)."""
+    from megatron_eps.cost_model import shared_experts_time
+
+    counts = random_counts(DSV2, [4096, 1000, 7000, 0, 300, 4096, 2048, 5000], seed=3, zipf=1.0)
+    p = profile(memory_bandwidth_gbps=2500.0, link_latency_us=20.0)
+    tokens = counts.sum(axis=1) / DSV2.topk
+    s = max(shared_experts_time(t, DSV2, p) for t in tokens)
+    for n in (1, 3, 5, 16):
+        for ahead in (1, None):
+            d, c = chunk_comm_times(counts, DSV2, p, n)
+            x = chunk_compute_times(counts, DSV2, p, n)
+            walked = simulate_plan(d, x.max(axis=0), c, s, dispatch_ahead=ahead)
+            pred = predict(counts, DSV2, p, n, dispatch_ahead=ahead)
+            assert pred.t_pipelined == pytest.approx(walked + p.chunk_overhead_us * 1e-6 * (n - 1), rel=1e-12)
+            assert pred.t_serial == pytest.approx(
+                sum(d) + sum(c) + x.max(axis=0).sum() + s + p.chunk_overhead_us * 1e-6 * (n - 1), rel=1e-12
+            )
+
+
+def test_host_issue_time_bounds_the_layer():
+    counts = balanced_counts(DSV2, 4096)
+    gpu_only = profile(chunk_overhead_us=10.0)
+    host = profile(chunk_overhead_us=10.0, host_chunk_us=600.0)
+    for n in (1, 4, 10):
+        assert predict(counts, DSV2, host, n).t_pipelined >= 600e-6 * n
+        assert predict(counts, DSV2, host, n).t_pipelined >= predict(counts, DSV2, gpu_only, n).t_pipelined
+    assert choose_pipeline_degree(counts, DSV2, AUTO, host) < choose_pipeline_degree(counts, DSV2, AUTO, gpu_only)
+
+
+# ----------------------------------------------------------------------------- model inputs
+def test_comm_time_from_bytes_bandwidth_and_latency():
+    shape = LayerShape(1024, 512, 4, 2, 2)
+    # Global experts 0..3 live on rank 0, 4..7 on rank 1. Rank 0 sends 10 rows to rank 1 and
+    # receives none; rank 1 sends none and receives 10: the busiest rank moves 10 rows.
+    counts = np.array([[10, 0, 0, 30, 5, 5, 0, 0], [0, 0, 0, 0, 7, 0, 0, 1]])
+    p = profile(link_bandwidth_gbps=1.0, link_latency_us=3.0)
+    d, c = chunk_comm_times(counts, shape, p, 1)
+    row_bytes = 1024 * 2
+    assert c[0] == pytest.approx(10 * row_bytes / 1e9 + 3e-6)
+    assert d[0] == pytest.approx(c[0] + 10 * 4 / 1e9 + 3e-6)  # + the probs all-to-all
+    # Two chunks: experts {0,1} and {2,3} of each rank; rank 0's remote rows go to global 4, 5.
+    d2, c2 = chunk_comm_times(counts, shape, p, 2)
+    assert c2[0] == pytest.approx(10 * row_bytes / 1e9 + 3e-6)
+    assert c2[1] == 0.0  # nothing crosses the link in chunk 1: no call latency either
+
+
+def test_compute_time_is_the_busiest_rank_and_shared_experts_count():
+    shape = LayerShape(1024, 512, 2, 2, 1, shared_ffn_hidden_size=256)
+    counts = np.array([[100, 0, 0, 0], [100, 300, 0, 0]])  # rank 0 receives 500 rows, rank 1 none
+    p = profile(expert_tflops=1.0)
+    _, t_comp = predict_times(counts, shape, p)
+    shared_per_token = 2.0 * 1024 * (256 * 2 + 256)
+    rank0 = 500 * shape.flops_per_row + 100 * shared_per_token  # 100 tokens of its own
+    rank1 = 400 * shared_per_token
+    assert t_comp == pytest.approx(max(rank0, rank1) / 1e12)
+    assert rank0 > rank1
+
+
+def test_weight_bound_small_loads():
+    shape = LayerShape(5120, 1536, 20, 1, 6)
+    p = profile(memory_bandwidth_gbps=1000.0, emulated_remote_fraction=7 / 8)
+    counts = np.full((1, 20), 2)  # 2 rows per expert: weight streaming dominates
+    x = chunk_compute_times(counts, shape, p, 1)
+    assert x[0, 0] == pytest.approx(20 * shape.expert_weight_bytes / 1e12)
+    counts[0, 5] = 0  # an empty expert reads no weights
+    assert chunk_compute_times(counts, shape, p, 1)[0, 0] == pytest.approx(x[0, 0] * 19 / 20)
+
+
+def test_ep1_link_is_free_unless_emulated():
+    shape = LayerShape(5120, 1536, 20, 1, 6)
+    counts = balanced_counts(shape, 8192)
+    real = profile(link_bandwidth_gbps=1.0)
+    assert chunk_comm_times(counts, shape, real, 4)[0] == [0.0] * 4
+    assert choose_pipeline_degree(counts, shape, AUTO, real) == 1  # nothing to hide
+    emulated = profile(emulated_remote_fraction=7 / 8)
+    d, c = chunk_comm_times(counts, shape, emulated, 1)
+    rows = counts.sum() * 7 / 8
+    assert c[0] == pytest.approx(rows * 5120 * 2 / 160e9)
+    assert choose_pipeline_degree(counts, shape, AUTO, emulated) > 1
+
+
+# ----------------------------------------------------------------------------- choosing N
+@pytest.mark.parametrize("k_us", [5.0, 20.0, 80.0])
+@pytest.mark.parametrize("tokens", [2048, 8192])
+def test_auto_degree_follows_sqrt_c_over_k(k_us, tokens):
+    """Balanced, compute-bound layer with many experts: N ~ sqrt(min(T_comm, T_comp) / k)."""
+    shape = LayerShape(4096, 1024, 64, 8, 8)
+    counts = balanced_counts(shape, tokens)
+    p = profile(link_bandwidth_gbps=400.0, chunk_overhead_us=k_us, expert_tflops=300.0)
+    t_comm, t_comp = predict_times(counts, shape, p)
+    assert t_comp > t_comm  # compute-bound: the model is the closed form exactly
+    n_star = optimal_degree_closed_form(t_comm, t_comp, k_us * 1e-6)
+    n = choose_pipeline_degree(counts, shape, AUTO, p)
+    assert 1 < n < 64
+    assert abs(n - n_star) <= 1.0, (n, n_star)
+
+
+def test_auto_degree_monotonic_in_overhead_and_load():
+    counts = balanced_counts(DSV2, 8192)
+    ns = [choose_pipeline_degree(counts, DSV2, AUTO, profile(chunk_overhead_us=k)) for k in (2, 10, 50, 400)]
+    assert ns == sorted(ns, reverse=True) and ns[0] > ns[-1]
+    p = profile()
+    loads = [choose_pipeline_degree(balanced_counts(DSV2, t), DSV2, AUTO, p) for t in (1024, 4096, 16384)]
+    assert loads == sorted(loads) and loads[0] < loads[-1]
+
+
+def test_auto_is_the_best_enabled_prediction():
+    p = profile(link_latency_us=25.0, memory_bandwidth_gbps=2500.0)
+    for seed, tokens in enumerate([[64] * 8, [512] * 8, [4096, 0, 100, 9000, 7, 2000, 4096, 1]]):
+        counts = random_counts(DSV2, tokens, seed=seed, zipf=1.2)
+        n = choose_pipeline_degree(counts, DSV2, AUTO, p)
+        preds = [predict(counts, DSV2, p, m) for m in range(1, 21)]
+        chosen = preds[n - 1]
+        assert chosen.t_pipelined <= preds[0].t_pipelined
+        best = min(q.t_pipelined for q in preds if q.enabled or q.num_chunks == 1)
+        assert chosen.t_pipelined == pytest.approx(best, rel=1e-9)
+
+
+def test_choice_is_deterministic_and_input_type_independent():
+    counts = random_counts(DSV2, [3000, 100, 0, 8000, 50, 4096, 4096, 10], seed=1, zipf=1.0)
+    p = profile(link_latency_us=10.0)
+    first = choose_pipeline_degree(counts, DSV2, AUTO, p)
+    assert all(choose_pipeline_degree(counts.copy(), DSV2, AUTO, p) == first for _ in range(5))
+    assert choose_pipeline_degree(counts.astype(np.int32), DSV2, AUTO, p) == first
+    assert choose_pipeline_degree(counts.tolist(), DSV2, AUTO, p) == first
+
+
+def test_threshold_returns_one():
+    counts = balanced_counts(DSV2, 1600)  # exactly 1600 tokens per rank
+    p = profile(chunk_overhead_us=0.1)
+    cfg = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=1601)
+    assert choose_pipeline_degree(counts, DSV2, cfg, p) == 1
+    assert choose_pipeline_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 1
+    cfg = cfg.replace(min_tokens_to_pipeline=1600)  # the mean is exactly 1600: not below
+    assert choose_pipeline_degree(counts, DSV2, cfg, p) > 1
+    assert choose_pipeline_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 4
+
+
+def test_clamping_and_missing_profile():
+    shape = LayerShape(1024, 512, 4, 2, 2)
+    counts = balanced_counts(shape, 100000)
+    explicit = EPSConfig(pipeline_degree=100, min_tokens_to_pipeline=0)
+    assert choose_pipeline_degree(counts, shape, explicit, None) == 4
+    cheap = profile(link_bandwidth_gbps=1.0, chunk_overhead_us=0.0)
+    assert choose_pipeline_degree(counts, shape, AUTO, cheap) <= 4
+    capped = AUTO.replace(max_pipeline_degree=2)
+    assert choose_pipeline_degree(balanced_counts(DSV2, 65536), DSV2, capped, cheap) == 2
+    assert choose_pipeline_degree(counts, shape, AUTO, None) == 1  # no calibrated model: no guess
+
+
+def test_enable_condition():
+    counts = balanced_counts(DSV2, 2048)
+    assert enable_condition(counts, DSV2, profile(link_latency_us=0.0), 8)
+    # A latency comparable to the byte time: 8 chunks multiply it by 8, far over 1 + eps0.
+    slow_start = profile(link_latency_us=2000.0, chunk_overhead_us=0.0)
+    assert not enable_condition(counts, DSV2, slow_start, 8)
+    assert choose_pipeline_degree(counts, DSV2, AUTO, slow_start) <= 2
+    lenient = profile(link_latency_us=2000.0, chunk_overhead_us=0.0, comm_inflation_eps=100.0)
+    assert enable_condition(counts, DSV2, lenient, 8)
+
+
+def test_overlap_efficiency_scales_the_gain():
+    counts = balanced_counts(DSV2, 8192)
+    full = predict(counts, DSV2, profile(), 4)
+    half = predict(counts, DSV2, profile(overlap_efficiency=0.5), 4)
+    assert half.t_pipelined - full.t_pipelined == pytest.approx((full.t_serial - full.t_pipelined) / 2)
+
+
+# ----------------------------------------------------------------------------- profiles
+def test_profile_json_round_trip(tmp_path):
+    p = profile(chunk_overhead_base_us=3.0, memory_bandwidth_gbps=2800.0, emulated_remote_fraction=0.875)
+    path = tmp_path / "p.pipeline.json"
+    path.write_text(json.dumps({"pipeline": p.to_dict(), "provenance": {"x": 1}}))
+    loaded = load_pipeline_profile(str(path), "cpu")
+    assert loaded.to_dict() == p.to_dict()
+    kernel_only = tmp_path / "kernels.json"
+    kernel_only.write_text(json.dumps({"grouped": {"tflops": 600}}))
+    assert load_pipeline_profile(str(kernel_only), "cpu") is None
+    with pytest.raises(ValueError, match="chunk_overhead_us"):
+        PipelineProfile.from_dict({"link_bandwidth_gbps": 1, "link_latency_us": 1, "expert_tflops": 1})
+    with pytest.raises(ValueError):
+        profile(link_bandwidth_gbps=0.0)
+    assert shipped_profile_path("cpu") is None
+
+
+def test_shipped_profiles_parse():
+    import glob
+    import os
+
+    import megatron_eps
+
+    root = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles")
+    for path in glob.glob(os.path.join(root, "*.pipeline.json")):
+        p = PipelineProfile.from_json(path)
+        assert p.chunk_overhead_us >= 0 and p.expert_tflops > 0 and p.link_bandwidth_gbps > 0
+        assert p.emulated_remote_fraction is None  # a shipped profile describes a real link
+        with open(path) as f:
+            assert "provenance" in json.load(f)
+
+
+# ----------------------------------------------------------------------------- ranks agree
+SKEWED_TOKENS = {2: [48, 0], 4: [40, 3, 0, 97]}
+
+
+def _rank_auto_agreement(world: int, profile_path: str):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_eps.moe_layer import route_allowing_empty
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    rank = dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        config = moe_config(num_experts=4 * world, topk=2, hidden_size=32, ffn_hidden_size=16,
+                            shared_expert_size=24, ep_size=world)
+        eps_config = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0,
+                               cost_profile=profile_path, expert_kernel="megatron")
+        stock, eps = build_moe_pair(config, eps_config, seed=11)
+        seq = SKEWED_TOKENS[world][rank]
+        x = torch.randn(seq, 1, 32, generator=torch.Generator().manual_seed(100 + rank))
+        if seq == 0:
+            stock.route = types.MethodType(route_allowing_empty, stock)
+        with torch.no_grad():
+            expected, _ = stock(x)
+            actual, _ = eps(x)
+        record = eps.token_dispatcher.last_record
+        diff = (expected.double() - actual.double()).norm().item()
+        ref = expected.double().norm().item()
+        return {
+            "num_chunks": record.num_chunks,
+            "counts": record.global_counts.tolist(),
+            "rel_err": diff / ref if ref > 0 else diff,
+            "tokens": seq,
+        }
+    finally:
+        Utils.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_rank_picks_the_same_degree(world, tmp_path):
+    # A link slow enough that pipelining pays even for a few tokens (CPU-sized layer).
+    p = profile(link_bandwidth_gbps=1e-4, link_latency_us=1.0, chunk_overhead_us=1.0, expert_tflops=1e-4)
+    path = tmp_path / "slow.pipeline.json"
+    # One cost_profile file serves both the kernel selector (its own format, here without
+    # kernel tables) and the pipeline model (the "pipeline" section).
+    path.write_text(json.dumps({
+        "format": "megatron-eps-cost-profile", "device": {"name": "cpu"}, "dtype": "float32",
+        "shapes": [], "pipeline": p.to_dict(),
+    }))
+    results = run_distributed(_rank_auto_agreement, world, world, str(path), timeout_s=300)
+    chunks = [r["num_chunks"] for r in results]
+    assert len(set(chunks)) == 1, f"ranks disagree on N: {chunks}"
+    assert [r["tokens"] for r in results] == SKEWED_TOKENS[world]
+    counts = np.asarray(results[0]["counts"])
+    assert all(np.array_equal(np.asarray(r["counts"]), counts) for r in results)
+    # The per-rank loads really are skewed, and N is what the model says for the global counts.
+    assert counts.sum(axis=1).min() == 0 and counts.sum(axis=1).max() > 0
+    shape = LayerShape(32, 16, 4, world, 2, shared_ffn_hidden_size=24, bytes_per_element=4)
+    expected = choose_pipeline_degree(counts, shape, AUTO.replace(max_pipeline_degree=16), p)
+    assert chunks[0] == expected and expected > 1
+    assert all(r["rel_err"] <= 1e-5 for r in results), [r["rel_err"] for r in results]
+
+
+# ----------------------------------------------------------------------------- dispatch ahead
+def test_plan_dispatch_ahead_orders():
+    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, build_plan
+
+    interleaved = [(s.stage, s.chunk) for s in build_plan(3, dispatch_ahead=1)]
+    assert interleaved == [
+        (DISPATCH, 0), (DISPATCH, 1), (EXPERTS, 0), (COMBINE, 0),
+        (DISPATCH, 2), (EXPERTS, 1), (COMBINE, 1), (EXPERTS, 2), (COMBINE, 2),
+    ]
+    ahead = [(s.stage, s.chunk) for s in build_plan(3)]
+    assert ahead[:3] == [(DISPATCH, 0), (DISPATCH, 1), (DISPATCH, 2)]
+    assert sorted(ahead) == sorted(interleaved)
+    with pytest.raises(ValueError):
+        build_plan(3, dispatch_ahead=0)
+
+
+def test_dispatch_ahead_avoids_the_shared_expert_stall():
+    # Comm-bound with long shared experts: with dispatch_ahead=1, C0 waits behind S + X0 and
+    # holds D2 back; issuing every dispatch first keeps the link busy.
+    d, x, c = [0.5] * 4, [0.3] * 4, [0.5] * 4
+    interleaved = simulate_plan(d, x, c, shared=1.5, dispatch_ahead=1)
+    ahead = simulate_plan(d, x, c, shared=1.5)
+    assert ahead < interleaved
+    assert ahead == pytest.approx(4.0)  # = T_comm: nothing exposed
+    counts = balanced_counts(DSV2, 8192)
+    p = profile()
+    for n in (2, 4, 10):
+        for a in (1, 2, None):
+            dd, cc = chunk_comm_times(counts, DSV2, p, n)
+            xx = chunk_compute_times(counts, DSV2, p, n)
+            from megatron_eps.cost_model import shared_experts_time
+
+            s = shared_experts_time(counts[0].sum() / DSV2.topk, DSV2, p)
+            walked = simulate_plan(dd, xx[0], cc, s, dispatch_ahead=a)
+            pred = predict(counts, DSV2, p, n, dispatch_ahead=a)
+            assert pred.t_pipelined == pytest.approx(walked + p.chunk_overhead_us * 1e-6 * (n - 1))
