@@ -31,6 +31,48 @@ ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, int], torch.Ten
 ChunkCountFn = Callable[[np.ndarray], int]
 
 
+def permute_chunk_major(
+    tokens: torch.Tensor,
+    probs: torch.Tensor,
+    routing_map: torch.Tensor,
+    expert_order: np.ndarray,
+    num_rows: int,
+):
+    """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
+
+    Megatron's unfused ``permute`` sizes its output with ``masked_select`` (a device sync); here
+    the row count is already known on the host (from the count matrix), so every routed
+    (expert, token) pair is scattered to its row with a cumulative sum. Row order is the same
+    as Megatron's: by expert in ``expert_order``, then by token index.
+
+    Args:
+        tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
+        expert_order: [E] expert ids, chunk-major (ChunkLayout.expert_order).
+        num_rows: number of routed pairs (sum of routing_map).
+    Returns:
+        (permuted tokens [num_rows, H], permuted probs [num_rows], token index per row
+        [num_rows], the ``sorted_indices`` Megatron's unpermute takes).
+    """
+    num_tokens, num_experts = routing_map.shape
+    device = routing_map.device
+    identity = bool((expert_order == np.arange(num_experts)).all())
+    order = None if identity else torch.as_tensor(expert_order, device=device)
+    mask = routing_map if order is None else routing_map.index_select(1, order)
+    mask = mask.t().reshape(-1)  # [E * T], expert-major
+    row = torch.cumsum(mask, dim=0) - 1
+    # Pairs that are not routed all land in one spare slot past the end, which is dropped.
+    row = torch.where(mask, row, torch.full_like(row, num_rows))
+    token_ids = torch.arange(num_tokens, device=device).repeat(num_experts)
+    sorted_indices = torch.empty(num_rows + 1, dtype=torch.long, device=device)
+    sorted_indices.scatter_(0, row, token_ids)
+    sorted_indices = sorted_indices[:num_rows]
+    expert_probs = probs if order is None else probs.index_select(1, order)
+    permuted_probs = probs.new_empty(num_rows + 1)
+    permuted_probs.scatter_(0, row, expert_probs.t().reshape(-1))
+    permuted_probs = permuted_probs[:num_rows]
+    return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
+
+
 @dataclass
 class PipelineRecord:
     """What the last pipelined forward did (for tests, logging and benchmarks)."""
@@ -99,6 +141,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         run_experts: ExpertsFn,
         choose_num_chunks: ChunkCountFn,
         shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+        prepare_experts: Optional[Callable[[ChunkLayout], None]] = None,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
 
@@ -111,6 +154,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 of that matrix so that every EP rank picks the same N.
             shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
                 issued while the first dispatch is in flight.
+            prepare_experts: optional hook given the chunk layout before any chunk runs (the
+                layer uses it to stage every chunk's expert offsets in one host-to-device copy).
 
         Returns:
             [S, B, H] output (routed experts combined, plus shared experts).
@@ -126,14 +171,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             global_counts=counts,
         )
 
-        # Permutation 1 (chunk-major): reorder the expert columns so Megatron's permute emits
-        # each chunk's send buffer as one contiguous slice.
-        order = torch.as_tensor(layout.expert_order, device=routing_map.device)
-        chunk_routing_map = routing_map.index_select(1, order)
-        chunk_probs = probs.index_select(1, order)
+        if prepare_experts is not None:
+            prepare_experts(layout)
+        # Permutation 1 (chunk-major): each chunk's send buffer becomes one contiguous slice.
         num_rows = layout.send_offsets[-1]
-        permuted_tokens, permuted_probs, sorted_indices = compat.permute_tokens(
-            tokens, chunk_routing_map, chunk_probs, num_out_tokens=num_rows
+        permuted_tokens, permuted_probs, sorted_indices = permute_chunk_major(
+            tokens, probs, routing_map, layout.expert_order, num_rows
         )
         combined = torch.empty_like(permuted_tokens)
 
@@ -204,7 +247,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # work while the comm stream may still read or write it.
 
         output = compat.unpermute_tokens(
-            combined, sorted_indices, restore_shape=tokens.shape, routing_map=chunk_routing_map
+            combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
         )
         output = output.view(hidden_shape)
         if shared_output[0] is not None:

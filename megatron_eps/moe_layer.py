@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
@@ -123,6 +124,7 @@ class EPSMoELayer(MoELayer):
         # Plain attribute (not a submodule): it only views self.experts.
         self.__dict__["_eps_local_experts"] = LocalExperts(self.experts, self.config)
         self._warned_fallback = False
+        self._resolved_backends = {}
         self.last_expert_backends = []
 
     # ------------------------------------------------------------------ forward
@@ -148,6 +150,7 @@ class EPSMoELayer(MoELayer):
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
         self.last_expert_backends = []
+        self.__dict__["_eps_local_experts"].begin_forward()
         output = self.token_dispatcher.pipelined_forward(
             hidden_states,
             probs,
@@ -155,6 +158,7 @@ class EPSMoELayer(MoELayer):
             run_experts=self._run_experts,
             choose_num_chunks=self._choose_num_chunks(hidden_states),
             shared_experts=shared,
+            prepare_experts=self._prepare_experts,
         )
         return output, None
 
@@ -165,28 +169,52 @@ class EPSMoELayer(MoELayer):
             self.token_dispatcher.ep_size,
             hidden_states.element_size(),
         )
-        profile = None
+        profile = kernel_profile = None
         if self.eps_config.pipeline_degree == "auto":
+            from megatron_eps.experts.selector import load_cost_profile
+
             profile = load_pipeline_profile(self.eps_config.cost_profile, hidden_states.device)
+            if profile is not None:
+                kernel_profile = load_cost_profile(
+                    self.eps_config.cost_profile, hidden_states.device
+                )
 
         def choose(counts):
-            return choose_pipeline_degree(counts, shape, self.eps_config, profile)
+            return choose_pipeline_degree(
+                counts, shape, self.eps_config, profile, kernel_profile=kernel_profile
+            )
 
         return choose
 
-    def _run_experts(self, tokens, tokens_per_expert, probs, first_expert):
+    def _prepare_experts(self, layout):
+        """Before the first chunk: stage every chunk's expert row offsets in one copy."""
+        from megatron_eps.experts.gemm_common import stage_int32_batch
+
+        offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
+        stage_int32_batch(offsets, self.__dict__["_eps_local_experts"].module_device())
+
+    def _resolve_backend(self, tokens, tokens_per_expert):
         from megatron_eps.experts.selector import choose_backend, load_cost_profile
 
-        local_experts = self.__dict__["_eps_local_experts"]
+        kernel = self.eps_config.expert_kernel
+        key = (kernel, tokens.device, tokens.dtype)
+        if kernel != "auto" and key in self._resolved_backends:
+            return self._resolved_backends[key]  # an explicit choice never depends on the load
         name = choose_backend(
-            self.eps_config.expert_kernel,
-            local_experts,
+            kernel,
+            self.__dict__["_eps_local_experts"],
             tokens_per_expert,
             tokens.device,
             tokens.dtype,
             profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
         )
+        if kernel != "auto":
+            self._resolved_backends[key] = name
+        return name
+
+    def _run_experts(self, tokens, tokens_per_expert, probs, first_expert):
+        name = self._resolve_backend(tokens, tokens_per_expert)
         self.last_expert_backends.append(name)
         return get_backend(name).forward(
-            local_experts, tokens, tokens_per_expert, probs, first_expert
+            self.__dict__["_eps_local_experts"], tokens, tokens_per_expert, probs, first_expert
         )

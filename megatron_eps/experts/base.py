@@ -61,13 +61,26 @@ class LocalExperts:
         self.config = config
         self.num_local_experts = int(module.num_local_experts)
         self._weights = None
+        self._checked_this_forward = None  # None: check on every weights() call
+
+    def module_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def begin_forward(self) -> None:
+        """From now on check the stacked views once per layer forward, not once per chunk (the
+        check walks every expert parameter); call at the start of every forward."""
+        self._checked_this_forward = False
 
     def weights(self):
         """Stacked views of the expert weights (see megatron_eps.experts.weights)."""
         from megatron_eps.experts.weights import ExpertWeights
 
-        if self._weights is None or not self._weights.is_current(self.module):
+        if self._weights is None or (
+            not self._checked_this_forward and not self._weights.is_current(self.module)
+        ):
             self._weights = ExpertWeights.from_module(self.module, self.config)
+        if self._checked_this_forward is not None:
+            self._checked_this_forward = True
         return self._weights
 
 

@@ -76,3 +76,12 @@ def test_dispatcher_roundtrip_returns_input(world):
         for path, experts, topk, degree, err, chunks in rank_results:
             assert err <= 1e-6, (rank, path, experts, topk, degree, err)
             assert chunks == min(degree, experts // world), (rank, path, degree, chunks)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "grouped", "auto"])
+def test_eps_equals_stock_with_gemm_backends(kernel):
+    world = 2
+    _skip_if_too_few_gpus(world)
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    results = run_distributed(eps_cases.run_equivalence, world, world, dtype, kernel, 10_000)
+    _check(results, dtype)
