@@ -78,9 +78,13 @@ def test_dispatcher_roundtrip_returns_input(world):
             assert chunks == min(degree, experts // world), (rank, path, degree, chunks)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "grouped", "auto"])
-def test_eps_equals_stock_with_gemm_backends(kernel):
-    world = 2
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("kernel", ["dense", "grouped", "triton", "auto"])
+def test_eps_equals_stock_with_gemm_backends(kernel, world):
+    if kernel == "triton" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernel runs on GPUs (its CPU interpreter test is in experts/)")
+    if world == 1 and not torch.cuda.is_available():
+        pytest.skip("covered at world 2 on CPU")
     _skip_if_too_few_gpus(world)
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     results = run_distributed(eps_cases.run_equivalence, world, world, dtype, kernel, 10_000)
