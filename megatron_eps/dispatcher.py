@@ -73,6 +73,25 @@ def permute_chunk_major(
     return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 
+def unpermute_sum_per_token(
+    combined: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Sum each token's top-k expert rows, in fp32 and in a fixed order.
+
+    Used when every token has exactly k rows (``combined`` [T*k, H], ``sorted_indices`` [T*k]
+    the token of each row). Megatron's unpermute scatter-adds the rows with atomics in the
+    activation dtype, so in bf16 its result depends on the arrival order of the k additions;
+    gathering the k rows of each token and reducing them in fp32 gives one rounding and the
+    same bits on every run, at the same memory traffic.
+    """
+    if num_tokens == 0:
+        return combined.new_zeros((0, combined.shape[-1]))
+    top_k = combined.shape[0] // num_tokens
+    rows_by_token = torch.argsort(sorted_indices, stable=True)
+    gathered = combined.index_select(0, rows_by_token).view(num_tokens, top_k, -1)
+    return gathered.sum(dim=1, dtype=torch.float32).to(combined.dtype)
+
+
 @dataclass
 class PipelineRecord:
     """What the last pipelined forward did (for tests, logging and benchmarks)."""
@@ -246,9 +265,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # waited for the last combine, so the caching allocator cannot hand a buffer to new
         # work while the comm stream may still read or write it.
 
-        output = compat.unpermute_tokens(
-            combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
-        )
+        if num_rows == tokens.shape[0] * self.config.moe_router_topk:
+            output = unpermute_sum_per_token(combined, sorted_indices, tokens.shape[0])
+        else:  # some tokens route to fewer than top-k experts (padding mask): Megatron's way
+            output = compat.unpermute_tokens(
+                combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
+            )
         output = output.view(hidden_shape)
         if shared_output[0] is not None:
             output = output + shared_output[0]
