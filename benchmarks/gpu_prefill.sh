@@ -61,7 +61,7 @@ print(f"{mc.name}: {mc.num_layers} layers ({mc.num_moe_layers} MoE), weights "
 EOF
 
 echo "== prefill: $CONFIG, $LAYERS layers, prompts $PROMPTS, batch $BATCH, EP=1"
-timeout "$TIMEOUT" torchrun --standalone --nproc-per-node 1 examples/run_prefill.py \
+timeout "$TIMEOUT" torchrun --standalone --nproc-per-node "${NPROC:-1}" examples/run_prefill.py \
   --config "$CONFIG" \
   --layers "$LAYERS" \
   --prompt-lengths "$PROMPTS" \

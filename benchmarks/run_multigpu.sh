@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 6: everything that needs several GPUs, in one device call on an nvidia-h200-x{2,4,8}
+# machine (megatron-core 0.19.x + pytest carried in .whl/). NCCL multicast stays off.
+#   1. EPS-vs-stock equivalence tests at EP = 2 and 4 (and every world size <= #GPUs) over NCCL
+#   2. the real all-to-all link: latency/bandwidth fit, merged into a copy of the pipeline profile
+#   3. one MoE layer over real NCCL: stock vs EPS (N fixed, auto), DSV2 and Mixtral shapes
+#   4. the prefill benchmark at EP = #GPUs, stock vs --eps-moe
+set -uo pipefail
+OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+echo "== $NGPU GPUs"; nvidia-smi topo -m 2>/dev/null | head -12
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit_tests/test_eps_equivalence.py \
+  tests/unit_tests/test_cost_model.py -k "not fp32" 2>&1 | tee "$OUT/multigpu_pytest.log" | tail -5
+SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
+PROFILE="$OUT/$SLUG.ep$NGPU.pipeline.json"
+cp "megatron_eps/profiles/$SLUG.pipeline.json" "$PROFILE" 2>/dev/null || cp megatron_eps/profiles/nvidia_h100_80gb_hbm3.pipeline.json "$PROFILE"
+timeout 60 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_link.py \
+  --out "$OUT/link_ep$NGPU.json" --merge-into "$PROFILE" 2>&1 | grep -v -i warn | tail -4
+timeout 200 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
+  --out "$OUT/layer_ep$NGPU.json" --repeats 8 2>&1 | grep -v -i warn | grep -v '^{' | tail -12
+OUT="$OUT" NPROC="$NGPU" TIMEOUT=150 LAYERS=4 PROMPTS=4096,16384 REPEATS=3 \
+  EXTRA_ARGS="--eps-cost-profile $PROFILE" JSON="$OUT/prefill_ep$NGPU.json" \
+  bash benchmarks/gpu_prefill.sh 2>&1 | grep -v -i warn | tail -4
