@@ -25,7 +25,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/benchmarks/results}"
-LAYERS="${LAYERS:-27}"
+LAYERS="${LAYERS:-8}"
 PROMPTS="${PROMPTS:-2048,8192,32768}"
 BATCH="${BATCH:-1}"
 REPEATS="${REPEATS:-5}"

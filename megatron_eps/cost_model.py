@@ -492,6 +492,8 @@ def choose_pipeline_degree(
         return max(1, min(int(eps_config.pipeline_degree), shape.num_local_experts))
     if profile is None:
         return 1
+    if shape.ep_size == 1 and profile.emulated_remote_fraction is None:
+        return 1  # no all-to-all at all: nothing to overlap, so skip the model's host time
     inputs = _Inputs(counts, shape, profile, kernel_profile)
     best_n, best_t = 1, predict(counts, shape, profile, 1, kernel_profile, inputs, dispatch_ahead).t_pipelined
     previous, rising = best_t, 0
