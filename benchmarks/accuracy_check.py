@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -78,10 +77,9 @@ def main(argv=None):
                 row[f"eps_{kernel}_backends"] = sorted(set(eps.last_expert_backends))
         rows.append(row)
         print(json.dumps(row))
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - the device copy is not a git repository
-        commit = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
+    from megatron_eps.provenance import git_commit
+
+    commit = git_commit()
     result = {
         "what": "relative L2 errors of one DSV2-Lite MoE layer in bf16 (see docstring)",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",

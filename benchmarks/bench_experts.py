@@ -21,8 +21,6 @@ import argparse
 import json
 import math
 import os
-import statistics
-import subprocess
 import sys
 import time
 
@@ -48,12 +46,9 @@ SKEWS = (0.0, 0.5, 1.0, 1.5)
 
 
 def git_commit(explicit):
-    if explicit:
-        return explicit
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return os.environ.get("EPS_GIT_COMMIT")
+    from megatron_eps.provenance import git_commit as checkout_commit
+
+    return explicit or checkout_commit()
 
 
 def dense_ceiling(device, dtype) -> float:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -115,10 +113,9 @@ def main(argv=None):
             if rank == 0:
                 print(json.dumps(row), flush=True)
     if rank == 0:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        except Exception:  # noqa: BLE001
-            commit = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
+        from megatron_eps.provenance import git_commit
+
+        commit = git_commit()
         result = {
             "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",
             "world_size": world, "torch": torch.__version__,

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -102,10 +101,9 @@ def main(argv=None):
                      "seconds": worst.item()})
     latency, bandwidth = fit_latency_bandwidth([(r["remote_bytes"], r["seconds"]) for r in rows])
     if rank == 0:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        except Exception:  # noqa: BLE001 - the device copy is not a git repository
-            commit = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
+        from megatron_eps.provenance import git_commit
+
+        commit = git_commit()
         result = {
             "what": "all_to_all_single latency/bandwidth fit (t = latency + remote_bytes / bw)",
             "device": torch.cuda.get_device_name(0) if use_cuda else "cpu",

@@ -7,7 +7,7 @@ versions disagree; everything else is imported directly.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from packaging.version import Version
@@ -30,22 +30,6 @@ if not (SUPPORTED_RANGE[0] <= MCORE_VERSION < SUPPORTED_RANGE[1]):
 
 # 0.18 moved module specs from ModuleSpec(module=MoELayer) to functools.partial(MoELayer, ...).
 SPECS_ARE_PARTIALS = MCORE_VERSION >= Version("0.18.0")
-
-
-def permute_tokens(
-    tokens: torch.Tensor,
-    routing_map: torch.Tensor,
-    probs: Optional[torch.Tensor],
-    num_out_tokens: int,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Megatron's unfused ``moe_utils.permute``: (permuted tokens, permuted probs, sorted indices).
-
-    0.16 returns 3 values, 0.19 returns 5 (the last two are padding bookkeeping we never use).
-    """
-    from megatron.core.transformer.moe.moe_utils import permute
-
-    out = permute(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens, fused=False)
-    return out[0], out[1], out[2]
 
 
 def unpermute_tokens(

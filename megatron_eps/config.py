@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
 EXPERT_KERNELS = ("auto", "grouped", "dense", "triton", "te", "megatron")

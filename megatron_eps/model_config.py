@@ -393,24 +393,9 @@ class SequenceParallelTorchNorm:
 def _replace_torch_norm(spec: Any) -> Any:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    def visit(node):
-        if node is WrappedTorchNorm:
-            return SequenceParallelTorchNorm
-        if isinstance(node, list):
-            return [visit(n) for n in node]
-        if isinstance(node, tuple):
-            return tuple(visit(n) for n in node)
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            changes = {}
-            for f in dataclasses.fields(node):
-                value = getattr(node, f.name)
-                new_value = visit(value)
-                if new_value is not value:
-                    changes[f.name] = new_value
-            return dataclasses.replace(node, **changes) if changes else node
-        return node
+    from megatron_eps.spec import map_spec
 
-    return visit(spec)
+    return map_spec(spec, lambda node: SequenceParallelTorchNorm if node is WrappedTorchNorm else None)
 
 
 def replace_core_attention(spec: Any, core_attention_cls: type) -> Any:

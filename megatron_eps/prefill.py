@@ -31,7 +31,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -372,20 +371,9 @@ def logits_agree(cmp: Dict[str, float], dtype: str, tol: float) -> bool:
 
 # --------------------------------------------------------------------------- metadata
 def _git_commit(args) -> Optional[str]:
-    if args.git_commit:
-        return args.git_commit
-    env = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+    from megatron_eps.provenance import git_commit
 
+    return args.git_commit or git_commit()
 
 def _device_info(device) -> Dict[str, object]:
     info = {"type": device.type, "platform": platform.platform(), "hostname": socket.gethostname()}

@@ -31,29 +31,38 @@ def apply_eps(spec: Any, eps_config: Optional[EPSConfig] = None) -> Any:
         raise TypeError(f"apply_eps: eps_config must be an EPSConfig, got {type(eps_config)}")
     replaced = [0]
 
-    def visit(node):
+    def swap(node):
         swapped = compat.swap_moe_layer_class(node, EPSMoELayer, {"eps_config": eps_config})
         if swapped is not None:
             replaced[0] += 1
-            return swapped
-        if isinstance(node, list):
-            return [visit(item) for item in node]
-        if isinstance(node, tuple):
-            return tuple(visit(item) for item in node)
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            changes = {}
-            for field in dataclasses.fields(node):
-                value = getattr(node, field.name)
-                new_value = visit(value)
-                if new_value is not value:
-                    changes[field.name] = new_value
-            return dataclasses.replace(node, **changes) if changes else node
-        return node
+        return swapped
 
-    result = visit(copy.copy(spec))
+    result = map_spec(copy.copy(spec), swap)
     if replaced[0] == 0:
         raise ValueError(
             "apply_eps: the spec builds no MoELayer; build it with num_experts set "
             "(e.g. get_gpt_layer_local_spec(num_experts=...)) before applying EPS"
         )
     return result
+
+
+def map_spec(node: Any, replace) -> Any:
+    """Rebuild a spec tree (lists, tuples, dataclasses such as ModuleSpec and submodules) with
+    every node for which ``replace(node)`` returns something other than None replaced by it.
+    Unchanged subtrees are returned as they are (no copies)."""
+    new = replace(node)
+    if new is not None:
+        return new
+    if isinstance(node, list):
+        return [map_spec(item, replace) for item in node]
+    if isinstance(node, tuple):
+        return tuple(map_spec(item, replace) for item in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {}
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            new_value = map_spec(value, replace)
+            if new_value is not value:
+                changes[field.name] = new_value
+        return dataclasses.replace(node, **changes) if changes else node
+    return node

@@ -34,7 +34,6 @@ import functools
 import json
 import math
 import os
-import re
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 

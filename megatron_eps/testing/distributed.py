@@ -13,7 +13,7 @@ import datetime
 import os
 import socket
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist

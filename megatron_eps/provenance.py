@@ -1,0 +1,25 @@
+"""Where a result came from: the git commit of the code that produced it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Optional
+
+COMMIT_ENV_VARS = ("MEGATRON_EPS_GIT_COMMIT", "EPS_GIT_COMMIT")
+
+
+def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
+    """``git rev-parse HEAD`` of the checkout, else the commit named by MEGATRON_EPS_GIT_COMMIT
+    (the GPU machine gets a copy of the tree without .git, so runs there pass it in)."""
+    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, text=True, stderr=subprocess.DEVNULL,
+            timeout=10,
+        ).strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        for name in COMMIT_ENV_VARS:
+            if os.environ.get(name):
+                return os.environ[name]
+        return None
