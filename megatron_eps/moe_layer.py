@@ -112,6 +112,12 @@ class EPSMoELayer(MoELayer):
             **kwargs,
         )
         self.eps_config = eps_config
+        if eps_config.enabled and eps_config.comm_num_ctas is not None:
+            from megatron_eps.sm_control import apply_comm_cta_cap
+
+            # Effective for EP communicators NCCL has not created yet (it creates them at a
+            # group's first collective); set it before init_process_group to be sure.
+            apply_comm_cta_cap(eps_config.comm_num_ctas)
         self.token_dispatcher = EPSAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,

@@ -411,6 +411,10 @@ def run(args) -> Dict[str, object]:
     from megatron_eps.config import EPSConfig
     from megatron_eps.model_config import load_model_config
 
+    from megatron_eps.sm_control import apply_comm_cta_cap
+
+    # NCCL reads its CTA cap when communicators are created: before the process group.
+    apply_comm_cta_cap(EPSConfig.from_args(args).comm_num_ctas)
     dist_info = init_distributed(args)
     rank, world = dist_info["rank"], dist_info["world_size"]
     device = torch.device("cuda", torch.cuda.current_device()) if _use_cuda(args.device) else torch.device("cpu")
