@@ -83,7 +83,7 @@ def spec_and_state_dict():
         out["dispatcher"] = type(eps.token_dispatcher).__name__
         # Stock loads an EPS state_dict too.
         stock.load_state_dict(eps.state_dict())
-        x = torch.randn(6, 2, 32)
+        x = torch.randn(6, 2, 32, device=next(stock.parameters()).device)
         with torch.no_grad():
             y_stock, _ = stock(x)
             y_eps, _ = eps(x)
