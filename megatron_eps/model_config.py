@@ -473,36 +473,25 @@ def model_config_from_dict(data: Any, path: str = "<dict>") -> ModelConfig:
         raise ModelConfigError(f"{path}: a 'model:' section (mapping) is required")
     model = dict(model)
 
-    attention = model.pop("attention", "gqa")
-    if attention not in ATTENTION_KINDS:
-        raise ModelConfigError(
-            f"{path}: model.attention={attention!r} is not allowed; allowed values: "
-            f"{', '.join(ATTENTION_KINDS)}"
-        )
-    core_attention = model.pop("core_attention", "sdpa")
-    if core_attention not in CORE_ATTENTIONS:
-        raise ModelConfigError(
-            f"{path}: model.core_attention={core_attention!r} is not allowed; allowed values: "
-            f"{', '.join(CORE_ATTENTIONS)}"
-        )
+    def pop_choice(key, default, allowed):
+        value = model.pop(key, default)
+        if value not in allowed:
+            raise ModelConfigError(
+                f"{path}: model.{key}={value!r} is not allowed; allowed values: "
+                f"{', '.join(allowed)}"
+            )
+        return value
+
+    attention = pop_choice("attention", "gqa", ATTENTION_KINDS)
+    core_attention = pop_choice("core_attention", "sdpa", CORE_ATTENTIONS)
     if attention == "mla" and core_attention == "local":
         raise ModelConfigError(
             f"{path}: model.core_attention='local' cannot run MLA (Megatron's local "
             "DotProductAttention takes no k_channels/v_channels); allowed value with "
             "attention: mla: 'sdpa'"
         )
-    activation = model.pop("activation", "swiglu")
-    if activation not in ACTIVATIONS:
-        raise ModelConfigError(
-            f"{path}: model.activation={activation!r} is not allowed; allowed values: "
-            f"{', '.join(ACTIVATIONS)}"
-        )
-    position_embedding_type = model.pop("position_embedding_type", "rope")
-    if position_embedding_type not in POSITION_EMBEDDINGS:
-        raise ModelConfigError(
-            f"{path}: model.position_embedding_type={position_embedding_type!r} is not allowed; "
-            f"allowed values: {', '.join(POSITION_EMBEDDINGS)}"
-        )
+    activation = pop_choice("activation", "swiglu", ACTIVATIONS)
+    position_embedding_type = pop_choice("position_embedding_type", "rope", POSITION_EMBEDDINGS)
 
     def pop_int(key, default=None, minimum=0):
         value = model.pop(key, default)
