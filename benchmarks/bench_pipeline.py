@@ -44,6 +44,8 @@ MODELS = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=4, topk=2, shared=None, ep=2),
 }
 DEGREES = {"dsv2": [1, 2, 3, 4, 5, 8, 10, 16], "mixtral": [1, 2, 3, 4]}
+# N of the tail split (last chunk one expert) measured beside the equal ones.
+TAIL_DEGREES = {"dsv2": [3, 4, 5, 6, 8], "mixtral": [2, 3]}
 DEVICE = "cuda"
 
 
@@ -119,16 +121,25 @@ def build_layer(model, kernel, with_stock=False):
 _PROFILES = {}
 
 
-def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=None):
+def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=None, split="equal",
+             carveout=None):
     """Configure the layer for one measurement.
 
-    With ``profile_path`` the layer chooses N with cost_model.choose_pipeline_degree under that
-    (emulated-link) profile, exactly as EPSMoELayer._choose_num_chunks does, but without routing
-    the file through eps_config.cost_profile (which the expert-kernel selector reads too).
+    ``degree``: N (``split`` "equal" or "tail") or "auto". With ``profile_path`` the layer chooses
+    the chunks with cost_model.choose_chunking under that (emulated-link) profile, exactly as
+    EPSMoELayer._choose_num_chunks does, but without routing the file through
+    eps_config.cost_profile (which the expert-kernel selector reads too). "auto" keeps the
+    default enable threshold (min_tokens_to_pipeline) and chunk_split="auto", as a user gets
+    them; fixed degrees pipeline at every load.
     """
-    from megatron_eps.cost_model import LayerShape, PipelineProfile, choose_pipeline_degree
+    from megatron_eps import EPSConfig
+    from megatron_eps.cost_model import LayerShape, PipelineProfile, choose_chunking
 
     eps.eps_config.pipeline_degree = degree
+    defaults = EPSConfig()
+    eps.eps_config.min_tokens_to_pipeline = defaults.min_tokens_to_pipeline if degree == "auto" else 0
+    eps.eps_config.chunk_split = defaults.chunk_split if degree == "auto" else split
+    eps.eps_config.gemm_sm_carveout = carveout
     eps.__dict__.pop("_choose_num_chunks", None)
     if profile_path is not None:
         if profile_path not in _PROFILES:
@@ -138,7 +149,8 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
         def choose_num_chunks(hidden_states):
             shape = LayerShape.from_megatron(eps.config, eps.num_local_experts, eps.token_dispatcher.ep_size,
                                              hidden_states.element_size())
-            return lambda counts: choose_pipeline_degree(counts, shape, eps.eps_config, prof)
+            return lambda counts: choose_chunking(counts, shape, eps.eps_config, prof,
+                                                  dispatch_ahead=eps.token_dispatcher.dispatch_ahead)
 
         eps._choose_num_chunks = choose_num_chunks
     eps.token_dispatcher.all_to_all = link
@@ -203,13 +215,14 @@ def measure_chunk_overhead(eps, model, tokens, free_link, repeats):
 
 # ----------------------------------------------------------------------------- profiles
 def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fraction, provenance,
-                  overlap_efficiency=1.0, host_us=0.0):
+                  overlap_efficiency=1.0, host_us=0.0, sm_count=None):
     from megatron_eps.cost_model import PipelineProfile
 
     profile = PipelineProfile(
         link_bandwidth_gbps=bandwidth, link_latency_us=latency, chunk_overhead_us=max(k_us, 0.0),
         expert_tflops=tflops, chunk_overhead_base_us=max(b_us, 0.0), memory_bandwidth_gbps=mem_gbps,
         emulated_remote_fraction=fraction, overlap_efficiency=overlap_efficiency, host_chunk_us=max(host_us, 0.0),
+        sm_count=sm_count,
     )
     data = {"pipeline": profile.to_dict(), "provenance": provenance}
     if fraction is None:
@@ -281,22 +294,33 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
         point["overhead_fit"] = k
         for bw in bandwidths:
             link = links[(model, bw)]
-            r = {"bandwidth_gbps": bw}
+            carve = args.gemm_sm_carveout
+            r = {"bandwidth_gbps": bw, "gemm_sm_carveout": carve}
             r["T_comm_ms"] = comm_only_ms(link, model, tokens, rows, args.repeats)
             set_mode(eps, 1, link, overlap=False)
             r["T_seq_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
-            r["T_N_ms"] = {}
+            r["T_N_ms"], r["T_N_tail_ms"] = {}, {}
             for n in DEGREES[model]:
-                set_mode(eps, n, link, overlap=True)
+                set_mode(eps, n, link, overlap=True, carveout=carve)
                 r["T_N_ms"][n], _ = time_ms(lambda: eps(x), repeats=args.repeats)
-            best_n = min(r["T_N_ms"], key=r["T_N_ms"].get)
+            for n in TAIL_DEGREES[model]:
+                set_mode(eps, n, link, overlap=True, split="tail", carveout=carve)
+                r["T_N_tail_ms"][n], _ = time_ms(lambda: eps(x), repeats=args.repeats)
+            candidates = {(n, "equal"): t for n, t in r["T_N_ms"].items()}
+            candidates.update({(n, "tail"): t for n, t in r["T_N_tail_ms"].items()})
+            best_n, best_split = min(candidates, key=candidates.get)
             r["best_N"] = best_n
-            r["T_eps_ms"] = r["T_N_ms"][best_n]
-            set_mode(eps, "auto", link, overlap=True, profile_path=profiles[(model, bw)])
+            r["best_split"] = best_split
+            r["T_eps_ms"] = candidates[(best_n, best_split)]
+            set_mode(eps, "auto", link, overlap=True, profile_path=profiles[(model, bw)], carveout=carve)
             r["T_auto_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
-            r["auto_N"] = eps.token_dispatcher.last_record.num_chunks
-            # the interleaved plan (dispatch_ahead=1) at the best N
-            set_mode(eps, best_n, link, overlap=True, dispatch_ahead=1)
+            record = eps.token_dispatcher.last_record
+            r["auto_N"] = record.num_chunks
+            r["auto_chunks"] = list(record.experts_per_chunk)
+            # the same best chunks without the carve-out, and with the interleaved plan
+            set_mode(eps, best_n, link, overlap=True, split=best_split, carveout=None)
+            r["T_best_no_carveout_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
+            set_mode(eps, best_n, link, overlap=True, dispatch_ahead=1, split=best_split, carveout=carve)
             r["T_best_ahead1_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
             # shared experts hidden? same plans without them
             if eps.use_shared_expert:
@@ -304,7 +328,7 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
                 try:
                     set_mode(eps, 1, link, overlap=True)
                     r["T_N1_noshared_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
-                    set_mode(eps, best_n, link, overlap=True)
+                    set_mode(eps, best_n, link, overlap=True, split=best_split, carveout=carve)
                     r["T_best_noshared_ms"], _ = time_ms(lambda: eps(x), repeats=args.repeats)
                 finally:
                     eps.use_shared_expert = True
@@ -318,13 +342,17 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
             r["auto_vs_N1"] = r["T_auto_ms"] / r["T_N_ms"][1] - 1
             # the model's view of the same point
             from megatron_eps.cost_model import LayerShape, PipelineProfile, predict
+            from megatron_eps.schedule import tail_split
 
             m = MODELS[model]
             shape = LayerShape(m["hidden"], m["ffn"], m["experts"], 1, m["topk"],
                                shared_ffn_hidden_size=m["shared"] or 0)
             prof = PipelineProfile.from_json(profiles[(model, bw)])
             counts = eps.token_dispatcher.last_record.global_counts
-            r["model_ms"] = {n: predict(counts, shape, prof, n).t_pipelined * 1e3 for n in DEGREES[model]}
+            r["model_ms"] = {n: predict(counts, shape, prof, n, gemm_sm_carveout=carve).t_pipelined * 1e3
+                             for n in DEGREES[model]}
+            r["model_tail_ms"] = {n: predict(counts, shape, prof, tail_split(m["experts"], n),
+                                             gemm_sm_carveout=carve).t_pipelined * 1e3 for n in TAIL_DEGREES[model]}
             r["model_T_seq_ms"] = predict(counts, shape, prof, 1).t_serial * 1e3
             point["by_bandwidth"][str(bw)] = r
     del x
@@ -483,8 +511,10 @@ def print_table(points):
             continue
         for bw, r in p["by_bandwidth"].items():
             sh = r.get("shared_hidden_best")
-            log(f"{p['model']:8} {p['tokens']:>6} {bw:>5} {r['T_seq_ms']:8.3f} {r['T_eps_ms']:8.3f} {r['best_N']:>3} "
-                f"{r['T_auto_ms']:8.3f} {r['auto_N']:>3} {r['T_comm_ms']:8.3f} {p['T_comp_ms']:8.3f} "
+            best = f"{r['best_N']}{'t' if r.get('best_split') == 'tail' else ''}"
+            auto = f"{r['auto_N']}{'t' if len(set(r.get('auto_chunks', [0]))) > 1 else ''}"
+            log(f"{p['model']:8} {p['tokens']:>6} {bw:>5} {r['T_seq_ms']:8.3f} {r['T_eps_ms']:8.3f} {best:>3} "
+                f"{r['T_auto_ms']:8.3f} {auto:>3} {r['T_comm_ms']:8.3f} {p['T_comp_ms']:8.3f} "
                 f"{r['eta']:5.2f} {100 * r['auto_vs_best']:8.1f}% {100 * r['auto_vs_N1']:7.1f}% "
                 f"{'' if sh is None else f'{100 * sh:9.0f}%':>10} {p['overhead_fit']['k_us']:6.1f}")
 
@@ -514,6 +544,10 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--bandwidths", default="160,450", help="emulated link GB/s per rank and direction")
     ap.add_argument("--latency-us", type=float, default=10.0, help="emulated latency of one all-to-all call")
+    ap.add_argument("--gemm-sm-carveout", type=int, default=8,
+                    help="eps gemm_sm_carveout for the overlapped runs (SMs left to the link kernels)")
+    ap.add_argument("--link-ctas", type=int, default=16, help="CTAs of the emulated link (NCCL channels)")
+    ap.add_argument("--spin", default=None, choices=["timer", "sleep"], help="link emulator kernel (default timer)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--kernel", default="auto-pick", help="expert_kernel (default: grouped if present)")
     ap.add_argument("--calib-tokens", type=int, default=16384, help="GPU-bound load for k")
@@ -555,6 +589,9 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "expert_kernel": kernel,
         "latency_us": args.latency_us,
+        "gemm_sm_carveout": args.gemm_sm_carveout,
+        "link_ctas": args.link_ctas,
+        "link_spin": args.spin or "default",
         "repeats": args.repeats,
         "timing": "CUDA events around one layer forward; median of repeats after 3 warm-ups",
         "points": [],
@@ -572,7 +609,8 @@ def main(argv=None):
     copy_gbps = measure_copy_gbps()
     calib = {"sleep_cycles_per_ms": cycles, "copy_gbps_read_plus_write": copy_gbps}
     log(f"calibration: _sleep {cycles} cycles/ms, copy {copy_gbps:.0f} GB/s")
-    free_link = EmulatedLinkAllToAll(float("inf"), 0.0, 1.0, cycles_per_ms=cycles)
+    # Free link: a plain copy (no spin), for the per-chunk overhead fits.
+    free_link = EmulatedLinkAllToAll(float("inf"), 0.0, 1.0, cycles_per_ms=cycles, spin="sleep")
     layers = {}
     k_fits, host_fits, tflops = [], [], []
     for model in models:
@@ -616,10 +654,11 @@ def main(argv=None):
     for model in models:
         fraction = (MODELS[model]["ep"] - 1) / MODELS[model]["ep"]
         for bw in bandwidths:
-            links[(model, bw)] = EmulatedLinkAllToAll(bw, args.latency_us, fraction, cycles_per_ms=cycles)
+            links[(model, bw)] = EmulatedLinkAllToAll(bw, args.latency_us, fraction, cycles_per_ms=cycles,
+                                                      spin=args.spin, num_ctas=args.link_ctas)
             path = os.path.join(tmp, f"{model}_{bw:g}.pipeline.json")
             write_profile(path, bandwidth=bw, latency=args.latency_us, k_us=k_us, b_us=0.0, tflops=expert_tflops,
-                          mem_gbps=mem_gbps, fraction=fraction, host_us=host_us,
+                          mem_gbps=mem_gbps, fraction=fraction, host_us=host_us, sm_count=result["sm_count"] or None,
                           provenance=dict(provenance, link="emulated (benchmark only)"))
             profiles[(model, bw)] = path
     if args.write_profile:
@@ -627,7 +666,7 @@ def main(argv=None):
             args.write_profile = os.path.join(args.write_profile, f"{gpu_slug(device_name)}.pipeline.json")
         write_profile(
             args.write_profile, bandwidth=args.profile_bandwidth, latency=args.latency_us, k_us=k_us, b_us=0.0,
-            tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us,
+            tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us, sm_count=result["sm_count"] or None,
             provenance=dict(provenance, link=(
                 f"link_bandwidth_gbps={args.profile_bandwidth:g} and link_latency_us={args.latency_us:g} are the "
                 "default link this profile is calibrated for (H100 NVLink nominal per direction; an assumed "
@@ -645,12 +684,15 @@ def main(argv=None):
             x = make_input(model, 2048 if DEVICE == "cuda" else 64, seed=7)
             with torch.no_grad():
                 ref, _ = stock(x)
-                for n in (1, DEGREES[model][-1], "auto"):
-                    set_mode(eps, n, links[(model, bandwidths[0])], overlap=True,
-                             profile_path=profiles[(model, bandwidths[0])])
+                for n, split in ((1, "equal"), (DEGREES[model][-1], "equal"), (TAIL_DEGREES[model][-1], "tail"),
+                                 ("auto", "auto")):
+                    set_mode(eps, n, links[(model, bandwidths[0])], overlap=True, split=split,
+                             profile_path=profiles[(model, bandwidths[0])] if n == "auto" else None,
+                             carveout=args.gemm_sm_carveout)
                     out, _ = eps(x)
                     err = ((ref.double() - out.double()).norm() / ref.double().norm()).item()
                     result["equality"].append({"model": model, "N": eps.token_dispatcher.last_record.num_chunks,
+                                               "chunks": list(eps.token_dispatcher.last_record.experts_per_chunk),
                                                "rel_err_bf16": err})
                     log(f"equality {model} N={eps.token_dispatcher.last_record.num_chunks}: rel err {err:.2e}")
             del stock, eps, ref, out, x

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_eps.config import EXPERT_KERNELS
+from megatron_eps.config import CHUNK_SPLITS, EXPERT_KERNELS
 
 # argparse dest -> EPSConfig field. Flags left at None do not override the YAML file.
 ARG_TO_FIELD = {
@@ -13,6 +13,7 @@ ARG_TO_FIELD = {
     "eps_min_tokens_to_pipeline": "min_tokens_to_pipeline",
     "eps_cost_profile": "cost_profile",
     "eps_max_pipeline_degree": "max_pipeline_degree",
+    "eps_chunk_split": "chunk_split",
     "eps_comm_num_ctas": "comm_num_ctas",
     "eps_gemm_sm_carveout": "gemm_sm_carveout",
 }
@@ -90,7 +91,7 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         metavar="T",
         help="Run unpipelined below this many tokens per rank (mean over the EP group). "
-        "Default: 1024.",
+        "Default: 2048.",
     )
     group.add_argument(
         "--eps-cost-profile",
@@ -119,6 +120,15 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_int_at_least(0, "--eps-gemm-sm-carveout"),
         default=None,
         metavar="S",
-        help="SMs held back from cuBLAS GEMMs while the pipeline runs. Default: 0.",
+        help="SMs held back from the GEMMs while chunks overlap with the all-to-alls, so the "
+        "communication kernels find free SMs. Default: 0.",
+    )
+    group.add_argument(
+        "--eps-chunk-split",
+        type=str,
+        choices=CHUNK_SPLITS,
+        default=None,
+        help="Experts per chunk: equal (the paper), tail (last chunk one expert), or auto (the "
+        "cost model picks per forward). Default: auto.",
     )
     return parser

@@ -18,8 +18,16 @@ te       -- Transformer Engine GroupedLinear (only when transformer_engine impor
 megatron -- call the layer's own Megatron experts module (SequentialMLP / TEGroupedMLP)
 """
 
-CHUNK_SPLITS = ("expert",)
-"""Allowed ``chunk_split`` values: ``expert`` is the paper's horizontal split by local-expert group."""
+CHUNK_SPLITS = ("auto", "equal", "tail")
+"""Allowed ``chunk_split`` values. Chunks are always groups of local experts (the paper's
+horizontal split); this says how many experts each chunk holds:
+
+equal -- N chunks of (nearly) equal size, as in the paper
+tail  -- the last chunk holds one expert and the others split the rest evenly: the last combine,
+         which no GEMM can hide, moves 1/E of the rows instead of 1/N
+auto  -- with pipeline_degree="auto" the cost model picks equal or tail per forward; with a fixed
+         degree, equal
+"""
 
 
 class EPSConfigError(ValueError):
@@ -40,19 +48,21 @@ class EPSConfig:
             group, so every rank agrees) the layer runs unpipelined (N = 1).
         cost_profile: path of a JSON cost profile written by ``megatron-eps-calibrate``, or None
             to use the profile shipped for the current GPU (if any).
-        chunk_split: how tokens are split into chunks; only ``"expert"`` (horizontal split).
+        chunk_split: how many local experts each chunk holds, one of CHUNK_SPLITS.
         max_pipeline_degree: upper bound for ``pipeline_degree="auto"``.
         comm_num_ctas: cap on the CTAs NCCL may use for the all-to-alls (None: NCCL's default).
             Applied through NCCL_MAX_NCHANNELS/NCCL_MAX_CTAS before the process group is built.
-        gemm_sm_carveout: SMs held back from cuBLAS GEMMs while the pipeline runs (None: 0).
+        gemm_sm_carveout: SMs held back from the GEMMs (cuBLAS, torch._grouped_mm, our Triton
+            kernel) while chunks overlap with communication, so the all-to-all kernels find
+            free SMs (None: 0).
     """
 
     enabled: bool = True
     pipeline_degree: Union[int, str] = "auto"
     expert_kernel: str = "auto"
-    min_tokens_to_pipeline: int = 1024
+    min_tokens_to_pipeline: int = 2048
     cost_profile: Optional[str] = None
-    chunk_split: str = "expert"
+    chunk_split: str = "auto"
     max_pipeline_degree: int = 16
     comm_num_ctas: Optional[int] = None
     gemm_sm_carveout: Optional[int] = None

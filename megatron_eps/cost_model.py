@@ -106,6 +106,9 @@ class PipelineProfile:
     host_chunk_us: host time to issue one chunk (dispatch, experts, combine calls). The GPU
         cannot run ahead of the host, so a layer takes at least ``host_chunk_us * N`` after the
         count matrix arrives; 0 ignores the host.
+    sm_count: SMs of the GPU; with ``gemm_sm_carveout`` the GEMMs of an overlapped plan get
+        ``sm_count - carveout`` of them, so their time is scaled by ``sm_count / (sm_count -
+        carveout)``. None: the carve-out is not modeled.
     emulated_remote_fraction: only for the single-GPU link emulator (benchmarks): with
         ep_size 1 the link moves this fraction of every row (7/8 emulates rank 0 of EP=8). None
         (every real deployment): at ep_size 1 nothing crosses a link.
@@ -123,6 +126,7 @@ class PipelineProfile:
     gemm_inflation_eps: float = 0.03
     emulated_remote_fraction: Optional[float] = None
     host_chunk_us: float = 0.0
+    sm_count: Optional[float] = None
 
     _REQUIRED = ("link_bandwidth_gbps", "link_latency_us", "chunk_overhead_us", "expert_tflops")
 
@@ -202,13 +206,19 @@ def collective_time(remote_rows, row_bytes: float, profile: PipelineProfile):
     return float(t) if t.ndim == 0 else t
 
 
-def chunk_comm_times(
-    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, num_chunks: int
-) -> Tuple[List[float], List[float]]:
-    """(dispatch, combine) seconds of each chunk; the same on every rank (max over ranks)."""
-    from megatron_eps.schedule import split_local_experts
+def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
+    from megatron_eps.schedule import chunk_sizes, ranges_of_sizes
 
-    starts = [s for s, _ in split_local_experts(shape.num_local_experts, num_chunks)]
+    return ranges_of_sizes(chunk_sizes(shape.num_local_experts, chunking))
+
+
+def chunk_comm_times(
+    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, chunking
+) -> Tuple[List[float], List[float]]:
+    """(dispatch, combine) seconds of each chunk; the same on every rank (max over ranks).
+
+    ``chunking``: N (equal chunks) or the number of local experts in each chunk."""
+    starts = [s for s, _ in _chunk_ranges(shape, chunking)]
     rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
     tokens = collective_time(rows, shape.row_bytes, profile)
     dispatch = tokens + collective_time(rows, PROBS_BYTES_PER_ROW, profile)
@@ -272,14 +282,12 @@ def chunk_compute_times(
     counts: np.ndarray,
     shape: LayerShape,
     profile: PipelineProfile,
-    num_chunks: int,
+    chunking,
     kernel_profile=None,
     _per_expert: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """[rank, chunk] seconds of each rank's expert GEMMs per chunk."""
-    from megatron_eps.schedule import split_local_experts
-
-    ranges = split_local_experts(shape.num_local_experts, num_chunks)
+    ranges = _chunk_ranges(shape, chunking)
     if _per_expert is None:
         _per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
     if _per_expert is not None:
@@ -393,21 +401,28 @@ def predict(
     counts: np.ndarray,
     shape: LayerShape,
     profile: PipelineProfile,
-    num_chunks: int,
+    chunking,
     kernel_profile=None,
     _inputs: Optional[_Inputs] = None,
     dispatch_ahead: Optional[int] = None,
+    gemm_sm_carveout: Optional[int] = None,
 ) -> Prediction:
-    """The model's times for ``num_chunks`` chunks (identical on every rank).
+    """The model's times for ``chunking`` (N equal chunks, or experts per chunk); identical on
+    every rank.
 
     The all-to-alls couple the ranks: chunk g's combine ends only once every rank has finished
     X(g), so the plan is simulated with each chunk's GEMM time of its slowest rank.
     """
     if _inputs is None:
         _inputs = _Inputs(counts, shape, profile, kernel_profile)
-    dispatch, combine = chunk_comm_times(counts, shape, profile, num_chunks)
-    compute = chunk_compute_times(counts, shape, profile, num_chunks, kernel_profile, _inputs.per_expert)
+    dispatch, combine = chunk_comm_times(counts, shape, profile, chunking)
+    compute = chunk_compute_times(counts, shape, profile, chunking, kernel_profile, _inputs.per_expert)
+    num_chunks = len(dispatch)
     shared = _inputs.shared
+    if num_chunks > 1 and gemm_sm_carveout and profile.sm_count:
+        # dispatcher: the carve-out holds only while chunks overlap (N > 1)
+        slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
+        compute, shared = compute * slowdown, shared * slowdown
     overhead = profile.chunk_overhead_us * 1e-6 * (num_chunks - 1)
     if num_chunks > 1:
         overhead += profile.chunk_overhead_base_us * 1e-6
@@ -444,12 +459,12 @@ def _enable_condition(chunked, comm_one, compute_one, profile: PipelineProfile) 
 
 
 def enable_condition(
-    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, num_chunks: int, kernel_profile=None
+    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, chunking, kernel_profile=None
 ) -> bool:
     """The paper's condition: chunking inflates neither the collectives (N S(m/N) / S(m) <=
     1 + eps0) nor the GEMMs (sum of chunk GEMM times / one-call time <= 1 + eps1)."""
-    chunked = chunk_comm_times(counts, shape, profile, num_chunks) + (
-        chunk_compute_times(counts, shape, profile, num_chunks, kernel_profile),
+    chunked = chunk_comm_times(counts, shape, profile, chunking) + (
+        chunk_compute_times(counts, shape, profile, chunking, kernel_profile),
     )
     return _enable_condition(
         chunked,
@@ -470,6 +485,95 @@ def candidate_degrees(shape: LayerShape, eps_config: EPSConfig) -> List[int]:
     return list(range(1, upper + 1))
 
 
+def choose_chunking(
+    counts: np.ndarray,
+    shape: LayerShape,
+    eps_config: EPSConfig,
+    profile: Optional[PipelineProfile] = None,
+    kernel_profile=None,
+    dispatch_ahead: Optional[int] = None,
+    split: Optional[str] = None,
+) -> Tuple[int, ...]:
+    """Local experts per chunk for this forward (N = the tuple's length).
+
+    Deterministic in its arguments, all of which every EP rank shares:
+
+    - Below ``min_tokens_to_pipeline`` tokens per rank (group mean): one chunk.
+    - An explicit ``pipeline_degree`` N: N chunks (clamped to [1, local experts]), split as
+      ``split`` says (default ``eps_config.chunk_split``; ``auto`` means equal here).
+    - ``"auto"``: the chunking with the least predicted time among N in [1, min(local experts,
+      max_pipeline_degree)] and the splits allowed (``auto``: equal and tail), subject to the
+      enable condition (ties: fewer chunks, then the equal split); without a profile, one chunk.
+
+    Decisions under ``"auto"`` are cached by a coarse summary of the count matrix (every
+    count to within 2^(1/8), about 9%): equal summaries get the decision of the first count
+    matrix seen with that summary. All ranks see the same matrices in the same order, so their
+    caches, and their choices, stay identical.
+    """
+    from megatron_eps.schedule import chunk_sizes
+
+    experts = shape.num_local_experts
+    split = split or eps_config.chunk_split
+    if mean_tokens_per_rank(counts, shape.topk) < eps_config.min_tokens_to_pipeline:
+        return (experts,)
+    if eps_config.pipeline_degree != "auto":
+        n = max(1, min(int(eps_config.pipeline_degree), experts))
+        return chunk_sizes(experts, n, "tail" if split == "tail" else "equal")
+    if profile is None:
+        return (experts,)
+    if shape.ep_size == 1 and profile.emulated_remote_fraction is None:
+        return (experts,)  # no all-to-all at all: nothing to overlap, so skip the model's host time
+    counts = np.asarray(counts, dtype=np.int64)
+    key = (
+        _load_summary(counts),
+        shape,
+        profile,
+        id(kernel_profile),
+        dispatch_ahead,
+        split,
+        eps_config.max_pipeline_degree,
+        eps_config.gemm_sm_carveout,
+    )
+    cached = _DECISIONS.get(key)
+    if cached is not None:
+        return cached
+    families = ("equal", "tail") if split == "auto" else (split,)
+    inputs = _Inputs(counts, shape, profile, kernel_profile)
+    best = (experts,)
+    carveout = eps_config.gemm_sm_carveout
+    best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead).t_pipelined
+    seen = {best}
+    for family in families:
+        previous, rising = math.inf, 0
+        for n in candidate_degrees(shape, eps_config)[1:]:
+            sizes = chunk_sizes(experts, n, family)
+            if sizes in seen:
+                continue
+            seen.add(sizes)
+            p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout)
+            if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
+                best, best_t = sizes, p.t_pipelined
+            # The predicted time is (nearly) convex in N: stop after it rose EARLY_STOP times in
+            # a row (saves host time on the critical path; deterministic all the same).
+            rising = rising + 1 if p.t_pipelined > previous else 0
+            previous = p.t_pipelined
+            if rising >= EARLY_STOP:
+                break
+    if len(_DECISIONS) >= _DECISION_CACHE_SIZE:
+        _DECISIONS.pop(next(iter(_DECISIONS)))  # oldest first: the same on every rank
+    _DECISIONS[key] = best
+    return best
+
+
+_DECISIONS: Dict[tuple, Tuple[int, ...]] = {}
+_DECISION_CACHE_SIZE = 1024
+
+
+def _load_summary(counts: np.ndarray) -> bytes:
+    """The count matrix to within a factor 2^(1/8) per entry (the cache key of choose_chunking)."""
+    return np.rint(np.log2(1.0 + counts) * 8.0).astype(np.int16).tobytes() + str(counts.shape).encode()
+
+
 def choose_pipeline_degree(
     counts: np.ndarray,
     shape: LayerShape,
@@ -478,36 +582,10 @@ def choose_pipeline_degree(
     kernel_profile=None,
     dispatch_ahead: Optional[int] = None,
 ) -> int:
-    """N for this forward. Deterministic in its arguments, all of which every EP rank shares.
-
-    - Below ``min_tokens_to_pipeline`` tokens per rank (group mean): 1.
-    - An explicit ``pipeline_degree``: that value, clamped to [1, local experts].
-    - ``"auto"``: the N in [1, min(local experts, max_pipeline_degree)] that satisfies the
-      enable condition and minimizes the predicted time (ties: the smaller N); without a
-      profile, 1 (no calibrated model, no guess).
-    """
-    if mean_tokens_per_rank(counts, shape.topk) < eps_config.min_tokens_to_pipeline:
-        return 1
-    if eps_config.pipeline_degree != "auto":
-        return max(1, min(int(eps_config.pipeline_degree), shape.num_local_experts))
-    if profile is None:
-        return 1
-    if shape.ep_size == 1 and profile.emulated_remote_fraction is None:
-        return 1  # no all-to-all at all: nothing to overlap, so skip the model's host time
-    inputs = _Inputs(counts, shape, profile, kernel_profile)
-    best_n, best_t = 1, predict(counts, shape, profile, 1, kernel_profile, inputs, dispatch_ahead).t_pipelined
-    previous, rising = best_t, 0
-    for n in candidate_degrees(shape, eps_config)[1:]:
-        p = predict(counts, shape, profile, n, kernel_profile, inputs, dispatch_ahead)
-        if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
-            best_n, best_t = n, p.t_pipelined
-        # The predicted time is (nearly) convex in N: stop after it rose EARLY_STOP times in a
-        # row past the best (saves host time on the critical path; deterministic all the same).
-        rising = rising + 1 if p.t_pipelined > previous and n > best_n else 0
-        previous = p.t_pipelined
-        if rising >= EARLY_STOP:
-            break
-    return best_n
+    """N for this forward with equal chunks (the paper's choice); see ``choose_chunking``."""
+    return len(
+        choose_chunking(counts, shape, eps_config, profile, kernel_profile, dispatch_ahead, "equal")
+    )
 
 
 def optimal_degree_closed_form(t_comm: float, t_comp: float, chunk_overhead_s: float) -> float:

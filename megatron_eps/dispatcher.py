@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,15 +20,18 @@ from megatron_eps.schedule import (
     EXPERTS,
     SHARED,
     ChunkLayout,
+    Chunking,
     build_plan,
+    chunk_sizes,
     regroup_rows,
     run_plan,
 )
 
 # (tokens [M, H] grouped by expert, tokens_per_expert, probs [M], first local expert) -> [M, H]
 ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, int], torch.Tensor]
-# (global counts [ep_size, num_experts]) -> number of chunks
-ChunkCountFn = Callable[[np.ndarray], int]
+# (global counts [ep_size, num_experts]) -> number of chunks N (equal chunks), or the number of
+# local experts in each chunk
+ChunkCountFn = Callable[[np.ndarray], Chunking]
 
 
 def permute_chunk_major(
@@ -99,6 +102,7 @@ class PipelineRecord:
     num_chunks: int
     tokens_per_chunk: List[int]
     global_counts: np.ndarray
+    experts_per_chunk: Tuple[int, ...] = ()
 
 
 class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -169,8 +173,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             probs: [T, E] routing probabilities (T = S * B), as the router returns them.
             routing_map: [T, E] bool, as the router returns it.
             run_experts: computes one chunk's experts (see ExpertsFn).
-            choose_num_chunks: maps the global count matrix to N; it must be a pure function
-                of that matrix so that every EP rank picks the same N.
+            choose_num_chunks: maps the global count matrix to N (equal chunks) or to the
+                local experts of each chunk; it must be a pure function of that matrix (and
+                of state every rank shares) so that every EP rank picks the same chunks.
             shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
                 issued while the first dispatch is in flight.
             prepare_experts: optional hook given the chunk layout before any chunk runs (the
@@ -182,12 +187,17 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
         counts = self.global_token_counts(routing_map)
-        num_chunks = max(1, min(int(choose_num_chunks(counts)), self.num_local_experts))
-        layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, num_chunks)
+        choice = choose_num_chunks(counts)
+        if isinstance(choice, (int, np.integer)):
+            choice = max(1, min(int(choice), self.num_local_experts))
+        sizes = chunk_sizes(self.num_local_experts, choice)
+        num_chunks = len(sizes)
+        layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
             tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
             global_counts=counts,
+            experts_per_chunk=sizes,
         )
 
         if prepare_experts is not None:
@@ -259,7 +269,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             dispatch_ahead=self.dispatch_ahead,
         )
         stages = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine, SHARED: shared}
-        with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if tokens.is_cuda else None):
+        # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
+        # GEMM that holds every SM would keep them waiting (unpipelined: nothing to leave).
+        overlapping = comm_stream is not None and num_chunks > 1
+        with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
             run_plan(plan, stages, comm_stream, self.profiler_ranges)
         # Every chunk buffer above stays referenced until here, after the compute stream has
         # waited for the last combine, so the caching allocator cannot hand a buffer to new
@@ -283,5 +296,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.ep_size == 1 and not self.all_to_all.occupies_link:
             return None  # nothing to overlap with: dispatch/combine are local slices
         if EPSAlltoAllTokenDispatcher.comm_stream is None:
-            EPSAlltoAllTokenDispatcher.comm_stream = torch.cuda.Stream(device=like.device)
+            # High priority: when SMs free up, the block scheduler starts pending all-to-all
+            # CTAs before the next GEMM's, so a GEMM queued behind the comm work does not hold
+            # the link back for its whole duration.
+            EPSAlltoAllTokenDispatcher.comm_stream = torch.cuda.Stream(
+                device=like.device, priority=-1
+            )
         return EPSAlltoAllTokenDispatcher.comm_stream

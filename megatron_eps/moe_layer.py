@@ -11,7 +11,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_eps import compat
 from megatron_eps.config import EPSConfig, EPSConfigError
-from megatron_eps.cost_model import LayerShape, choose_pipeline_degree, load_pipeline_profile
+from megatron_eps.cost_model import LayerShape, choose_chunking, load_pipeline_profile
 from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts, get_backend
 
@@ -186,8 +186,13 @@ class EPSMoELayer(MoELayer):
                 )
 
         def choose(counts):
-            return choose_pipeline_degree(
-                counts, shape, self.eps_config, profile, kernel_profile=kernel_profile
+            return choose_chunking(
+                counts,
+                shape,
+                self.eps_config,
+                profile,
+                kernel_profile=kernel_profile,
+                dispatch_ahead=self.token_dispatcher.dispatch_ahead,
             )
 
         return choose

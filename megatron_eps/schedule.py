@@ -22,7 +22,7 @@ So while X(i) runs, the comm stream carries C(i-1) and D(i+1): the paper's overl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -143,6 +143,54 @@ def split_local_experts(num_local_experts: int, num_chunks: int) -> List[Tuple[i
     return ranges
 
 
+# How a layer's local experts are grouped into chunks: an int N (N chunks of equal size, the
+# paper's split) or the number of experts in each chunk, in order.
+Chunking = Union[int, Sequence[int]]
+
+def tail_split(num_local_experts: int, num_chunks: int) -> Tuple[int, ...]:
+    """Experts per chunk for N chunks whose last chunk holds a single expert.
+
+    The last combine cannot overlap any GEMM (it waits for the last one), so it is the
+    pipeline's drain; one expert instead of 1/N of them shrinks it (the first dispatch, the
+    fill, overlaps the shared experts). The other chunks split the rest evenly.
+    """
+    if not 1 <= num_chunks <= num_local_experts:
+        raise ValueError(
+            f"num_chunks must be in [1, {num_local_experts}] (local experts), got {num_chunks}"
+        )
+    if num_chunks == 1:
+        return (num_local_experts,)
+    head = split_local_experts(num_local_experts - 1, num_chunks - 1)
+    return tuple(end - start for start, end in head) + (1,)
+
+
+def chunk_sizes(num_local_experts: int, chunking: Chunking, split: str = "equal") -> Tuple[int, ...]:
+    """Experts per chunk for ``chunking`` (an int N is split as ``split`` says: equal or tail)."""
+    if isinstance(chunking, (int, np.integer)):
+        n = int(chunking)
+        if split == "tail":
+            return tail_split(num_local_experts, n)
+        if split != "equal":
+            raise ValueError(f"chunk split must be one of equal, tail for a fixed N, got {split!r}")
+        return tuple(end - start for start, end in split_local_experts(num_local_experts, n))
+    sizes = tuple(int(s) for s in chunking)
+    if not sizes or min(sizes) < 1 or sum(sizes) != num_local_experts:
+        raise ValueError(
+            f"chunk sizes {list(sizes)} must be >= 1 each and sum to the {num_local_experts} "
+            "local experts"
+        )
+    return sizes
+
+
+def ranges_of_sizes(sizes: Sequence[int]) -> List[Tuple[int, int]]:
+    """[start, end) local-expert ranges of chunks holding ``sizes`` experts each."""
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append((start, start + int(size)))
+        start += int(size)
+    return ranges
+
+
 @dataclass
 class ChunkLayout:
     """Everything the pipeline needs to know on the host about one forward's chunks.
@@ -171,8 +219,9 @@ class ChunkLayout:
 
     @classmethod
     def build(
-        cls, counts: np.ndarray, ep_rank: int, num_local_experts: int, num_chunks: int
+        cls, counts: np.ndarray, ep_rank: int, num_local_experts: int, chunking: Chunking
     ) -> "ChunkLayout":
+        """``chunking``: N (equal chunks) or the number of local experts in each chunk."""
         counts = np.asarray(counts, dtype=np.int64)
         ep_size, num_experts = counts.shape
         if num_experts != ep_size * num_local_experts:
@@ -180,7 +229,7 @@ class ChunkLayout:
                 f"count matrix has {num_experts} experts, expected ep_size * local experts = "
                 f"{ep_size} * {num_local_experts}"
             )
-        ranges = split_local_experts(num_local_experts, num_chunks)
+        ranges = ranges_of_sizes(chunk_sizes(num_local_experts, chunking))
         # [src, dst, local expert]
         per_dst = counts.reshape(ep_size, ep_size, num_local_experts)
         order, send_splits, recv_splits, recv_counts, tpe = [], [], [], [], []

@@ -347,6 +347,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _gemm_sm_count(device_index: int) -> int:
+    """SMs a persistent GEMM may fill: all of them less the carve-out torch's GEMMs honour
+    (sm_control.gemm_sm_carveout), so comm kernels keep SMs of their own."""
+    from megatron_eps.sm_control import current_gemm_carveout
+
+    carveout = current_gemm_carveout() or 0
+    return max(1, _sm_count(device_index) - carveout)
+
+
 def build_tile_table(counts: Sequence[int], block_m: int, device: torch.device):
     """int32 [3, T] device table (expert, row start, row end) of every m-tile, and T.
 
@@ -393,7 +402,7 @@ def expert_gemm(
         return out
     num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
     if cfg.persistent and x.is_cuda:
-        grid_size = min(num_work, _sm_count(x.device.index or 0) * cfg.ctas_per_sm)
+        grid_size = min(num_work, _gemm_sm_count(x.device.index or 0) * cfg.ctas_per_sm)
     elif cfg.persistent:  # interpreter: a few programs still exercise the persistent loop
         grid_size = min(num_work, 3)
     else:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_eps import EPSConfig
 from megatron_eps.moe_layer import route_allowing_empty
+from megatron_eps.schedule import chunk_sizes
 from megatron_eps.testing import Utils
 from megatron_eps.testing.models import build_moe_pair, moe_config
 
@@ -56,8 +57,8 @@ def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def equivalence_cases(world: int):
-    """The (experts, topk, N, shared, routing) grid for a world size, covering every value of
-    each axis at least once per world size."""
+    """The (experts, topk, N, shared, routing, chunk split) grid for a world size, covering
+    every value of each axis at least once per world size."""
     expert_counts = [e for e in (4, 8, 16, 64) if e % world == 0]
     cases = []
     for index, (experts, topk, degree) in enumerate(
@@ -67,7 +68,8 @@ def equivalence_cases(world: int):
             continue
         shared = index % 2 == 1
         routing = ("balanced", "hot", "zero_rank")[index % 3]
-        cases.append((experts, topk, degree, shared, routing))
+        split = ("equal", "tail")[(index // 2) % 2]
+        cases.append((experts, topk, degree, shared, routing, split))
     return cases
 
 
@@ -81,7 +83,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
     results = []
     try:
         cases = equivalence_cases(world)[:max_cases]
-        for seed, (experts, topk, degree, shared, routing) in enumerate(cases):
+        for seed, (experts, topk, degree, shared, routing, split) in enumerate(cases):
             config = moe_config(
                 num_experts=experts,
                 topk=topk,
@@ -92,7 +94,10 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                 dtype=dtype,
             )
             eps_config = EPSConfig(
-                pipeline_degree=degree, min_tokens_to_pipeline=0, expert_kernel=expert_kernel
+                pipeline_degree=degree,
+                min_tokens_to_pipeline=0,
+                expert_kernel=expert_kernel,
+                chunk_split=split,
             )
             stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
             if routing == "hot":
@@ -111,7 +116,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
             record = eps.token_dispatcher.last_record
             results.append(
                 {
-                    "case": (experts, topk, degree, shared, routing, dtype_name),
+                    "case": (experts, topk, degree, shared, routing, dtype_name, split),
                     "rel_err": relative_error(expected, actual),
                     "max_abs": (expected.double() - actual.double()).abs().max().item()
                     if expected.numel()
@@ -119,6 +124,10 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                     "shape_ok": tuple(expected.shape) == tuple(actual.shape),
                     "num_chunks": record.num_chunks,
                     "expected_chunks": min(degree, experts // world),
+                    "experts_per_chunk": list(record.experts_per_chunk),
+                    "expected_experts_per_chunk": list(
+                        chunk_sizes(experts // world, min(degree, experts // world), split)
+                    ),
                     "tokens": x.shape[0] * x.shape[1],
                     "routed_rows_total": int(record.global_counts.sum()),
                     "finite": bool(torch.isfinite(actual.float()).all()),
@@ -171,6 +180,7 @@ def run_auto_degree_agreement(world_expected: int):
             actual, _ = eps(x)
         return {
             "num_chunks": eps.token_dispatcher.last_record.num_chunks,
+            "experts_per_chunk": list(eps.token_dispatcher.last_record.experts_per_chunk),
             "rel_err": relative_error(expected, actual),
         }
     finally:

@@ -16,6 +16,7 @@ from megatron_eps.cost_model import (
     PipelineProfile,
     chunk_comm_times,
     chunk_compute_times,
+    choose_chunking,
     choose_pipeline_degree,
     enable_condition,
     load_pipeline_profile,
@@ -26,6 +27,7 @@ from megatron_eps.cost_model import (
     shipped_profile_path,
     simulate_plan,
 )
+from megatron_eps.schedule import chunk_sizes
 from megatron_eps.testing import run_distributed
 
 DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)
@@ -225,6 +227,49 @@ def test_choice_is_deterministic_and_input_type_independent():
     assert choose_pipeline_degree(counts.tolist(), DSV2, AUTO, p) == first
 
 
+def test_tail_split_shortens_the_drain_and_auto_takes_it():
+    # Compute-bound with shared experts that cover the first dispatch: the drain (the last
+    # combine) is what pipelining leaves exposed, and the tail split makes it 1/E of the rows.
+    counts = balanced_counts(DSV2, 8192)
+    p = profile(chunk_overhead_us=30.0, link_latency_us=10.0)
+    equal = {n: predict(counts, DSV2, p, n).t_pipelined for n in range(1, 21)}
+    tail = {n: predict(counts, DSV2, p, chunk_sizes(20, n, "tail")).t_pipelined for n in range(2, 21)}
+    n_eq = min(equal, key=equal.get)
+    assert min(tail.values()) < equal[n_eq]
+    chosen = choose_chunking(counts, DSV2, AUTO, p)
+    assert chosen[-1] == 1 and len(set(chosen)) > 1
+    assert predict(counts, DSV2, p, chosen).t_pipelined == pytest.approx(min(tail.values()), rel=1e-9)
+    # split="equal" (and choose_pipeline_degree) stay on the paper's equal chunks.
+    assert choose_chunking(counts, DSV2, AUTO, p, split="equal") == chunk_sizes(20, n_eq)
+    assert choose_pipeline_degree(counts, DSV2, AUTO, p) == n_eq
+    assert choose_chunking(counts, DSV2, AUTO.replace(chunk_split="tail"), p)[-1] == 1
+    # A fixed degree: equal unless the config asks for the tail split.
+    fixed = AUTO.replace(pipeline_degree=5)
+    assert choose_chunking(counts, DSV2, fixed, p) == (4, 4, 4, 4, 4)
+    assert choose_chunking(counts, DSV2, fixed.replace(chunk_split="tail"), p) == (5, 5, 5, 4, 1)
+
+
+def test_auto_decisions_are_cached_by_a_coarse_load_summary():
+    from megatron_eps import cost_model
+
+    cost_model._DECISIONS.clear()
+    p = profile(chunk_overhead_us=30.0, link_latency_us=10.0)
+    counts = random_counts(DSV2, [8192] * 8, seed=3)
+    first = choose_chunking(counts, DSV2, AUTO, p)
+    assert len(cost_model._DECISIONS) == 1
+    # Within the summary's resolution: the cached decision, no new entry.
+    assert choose_chunking(counts + (counts > 500), DSV2, AUTO, p) == first
+    assert len(cost_model._DECISIONS) == 1
+    # Another load, another profile: new decisions, each the model's own.
+    other = balanced_counts(DSV2, 1024)
+    assert choose_chunking(other, DSV2, AUTO, p) == choose_chunking(other, DSV2, AUTO, p)
+    slow_host = profile(chunk_overhead_us=30.0, link_latency_us=10.0, host_chunk_us=5000.0)
+    assert choose_chunking(counts, DSV2, AUTO, slow_host) == (20,)
+    assert len(cost_model._DECISIONS) == 3
+    cost_model._DECISIONS.clear()
+    assert choose_chunking(counts, DSV2, AUTO, p) == first
+
+
 def test_threshold_returns_one():
     counts = balanced_counts(DSV2, 1600)  # exactly 1600 tokens per rank
     p = profile(chunk_overhead_us=0.1)
@@ -330,6 +375,7 @@ def _rank_auto_agreement(world: int, profile_path: str):
         ref = expected.double().norm().item()
         return {
             "num_chunks": record.num_chunks,
+            "experts_per_chunk": list(record.experts_per_chunk),
             "counts": record.global_counts.tolist(),
             "rel_err": diff / ref if ref > 0 else diff,
             "tokens": seq,
@@ -358,8 +404,9 @@ def test_every_rank_picks_the_same_degree(world, tmp_path):
     # The per-rank loads really are skewed, and N is what the model says for the global counts.
     assert counts.sum(axis=1).min() == 0 and counts.sum(axis=1).max() > 0
     shape = LayerShape(32, 16, 4, world, 2, shared_ffn_hidden_size=24, bytes_per_element=4)
-    expected = choose_pipeline_degree(counts, shape, AUTO.replace(max_pipeline_degree=16), p)
-    assert chunks[0] == expected and expected > 1
+    expected = choose_chunking(counts, shape, AUTO.replace(max_pipeline_degree=16), p)
+    assert all(tuple(r["experts_per_chunk"]) == expected for r in results), results
+    assert chunks[0] == len(expected) > 1
     assert all(r["rel_err"] <= 1e-5 for r in results), [r["rel_err"] for r in results]
 
 

@@ -25,6 +25,7 @@ def _check(results, tolerance_kind):
     for rank, rank_results in enumerate(results):
         for r in rank_results:
             ok = r["shape_ok"] and r["finite"] and r["num_chunks"] == r["expected_chunks"]
+            ok = ok and r["experts_per_chunk"] == r["expected_experts_per_chunk"]
             if tolerance_kind == "fp32":
                 ok = ok and r["max_abs"] <= FP32_MAX_ABS
             else:
@@ -38,6 +39,10 @@ def _check(results, tolerance_kind):
     assert {c[1] for c in cases} == {1, 2, 6}
     assert {c[3] for c in cases} == {True, False}
     assert {c[4] for c in cases} == {"balanced", "hot", "zero_rank"}
+    assert {c[6] for c in cases} == {"equal", "tail"}
+    # Some tail split really was uneven (its last chunk one expert, another chunk more).
+    assert any(len(set(r["experts_per_chunk"])) > 1 and c[6] == "tail"
+               for r, c in zip(results[0], cases))
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -64,6 +69,8 @@ def test_auto_degree_is_identical_on_every_rank(world):
     results = run_distributed(eps_cases.run_auto_degree_agreement, world, world)
     chunks = {r["num_chunks"] for r in results}
     assert len(chunks) == 1, f"ranks disagree on N: {[r['num_chunks'] for r in results]}"
+    splits = {tuple(r["experts_per_chunk"]) for r in results}
+    assert len(splits) == 1, f"ranks disagree on the chunks: {[r['experts_per_chunk'] for r in results]}"
     assert chunks.pop() > 1, "the slow-link profile should make pipelining pay"
     assert all(r["rel_err"] <= 1e-6 for r in results), results
 

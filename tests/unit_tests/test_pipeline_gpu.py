@@ -85,9 +85,12 @@ def _no_syncs_in_run_plan(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("degree", [1, 2, 3, 8])
-def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree):
-    stock, eps = _pair(dtype, degree)
+@pytest.mark.parametrize("degree,split", [(1, "equal"), (2, "equal"), (3, "equal"), (8, "equal"),
+                                          (3, "tail"), (5, "tail")])
+def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
+    from megatron_eps.schedule import chunk_sizes
+
+    stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
     eps.token_dispatcher.all_to_all = _emulator()  # a slow link: the comm stream lags behind
     assert eps.token_dispatcher.overlap
     x = torch.randn(512, 2, HIDDEN, device="cuda", dtype=dtype)
@@ -98,6 +101,7 @@ def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, deg
     torch.cuda.synchronize()
     assert calls["n"] == 1
     assert eps.token_dispatcher.last_record.num_chunks == degree
+    assert eps.token_dispatcher.last_record.experts_per_chunk == chunk_sizes(8, degree, split)
     assert torch.isfinite(actual.float()).all()
     assert _rel(expected, actual) <= tol
 
@@ -122,13 +126,14 @@ def test_memory_reuse_across_streams_is_safe(parallel):
         assert _rel(ref, out) <= 1e-2
 
 
-def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel):
+@pytest.mark.parametrize("spin", ["timer", "sleep"])
+def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel, spin):
     from megatron_eps.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     cycles = calibrate_sleep_cycles_per_ms()
     assert 2e5 < cycles < 5e6  # a GPU clock between 0.2 and 5 GHz
     link = EmulatedLinkAllToAll(bandwidth_gbps=10.0, latency_us=100.0, remote_fraction=0.5,
-                                cycles_per_ms=cycles)
+                                cycles_per_ms=cycles, spin=spin)
     src = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)  # 8 MiB
     dst = torch.empty_like(src)
     modeled = link.link_seconds(src.numel() * 2)
@@ -147,6 +152,54 @@ def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel):
     assert torch.equal(dst, src)
     with pytest.raises(ValueError):
         link(dst, src, [2048, 2048], [2048, 2048])
+    # Slices at odd offsets (probs rows: 4-byte aligned) and odd bf16 lengths (no int32 view).
+    probs = torch.rand(4099, device="cuda")
+    probs_out = torch.zeros(4099, device="cuda")
+    link(probs_out[1:], probs[1:], [4098], [4098])
+    odd = torch.randn(3, 7, device="cuda", dtype=torch.bfloat16)
+    odd_out = torch.empty_like(odd)
+    link(odd_out, odd, [3], [3])
+    torch.cuda.synchronize()
+    assert torch.equal(probs_out[1:], probs[1:]) and probs_out[0] == 0
+    assert torch.equal(odd_out, odd)
+
+
+def test_timer_link_keeps_its_time_beside_gemms_that_leave_it_sms(parallel):
+    """The emulated link must not stretch under a GEMM load (the SM-clock based _sleep does)
+    when the GEMMs leave it SMs, as the pipeline's carve-out does."""
+    from megatron_eps.link_emulator import EmulatedLinkAllToAll
+    from megatron_eps.sm_control import carveout_supported, gemm_sm_carveout
+
+    if not carveout_supported():
+        pytest.skip("torch has no _set_sm_carveout_experimental")
+    link = EmulatedLinkAllToAll(bandwidth_gbps=160.0, latency_us=10.0, remote_fraction=0.875,
+                                spin="timer", num_ctas=16)
+    src = torch.randn(8192 * 6, 5120, device="cuda", dtype=torch.bfloat16)  # DSV2 8K tokens
+    dst = torch.empty_like(src)
+    rows = [src.shape[0]]
+    modeled = link.link_seconds(src.numel() * 2)
+    x = torch.randn(40960, 5120, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 3072, 5120, device="cuda", dtype=torch.bfloat16)
+    offs = torch.arange(1, 17, device="cuda", dtype=torch.int32) * 2560
+    comm = torch.cuda.Stream(priority=-1)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        with gemm_sm_carveout(16):
+            for _ in range(4):
+                torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+            with torch.cuda.stream(comm):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                link(dst, src, rows, rows)
+                end.record()
+            for _ in range(8):
+                torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    measured = sorted(times)[2]
+    assert measured <= 1.25 * modeled, (measured, modeled)
+    assert torch.equal(dst, src)
 
 
 def test_emulated_link_is_overlapped_with_the_gemms(parallel):

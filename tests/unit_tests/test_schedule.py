@@ -13,9 +13,11 @@ from megatron_eps.schedule import (
     SHARED,
     ChunkLayout,
     build_plan,
+    chunk_sizes,
     regroup_rows,
     run_plan,
     split_local_experts,
+    tail_split,
 )
 
 
@@ -33,6 +35,27 @@ def test_split_local_experts_covers_all(experts, chunks):
 def test_split_local_experts_rejects(bad):
     with pytest.raises(ValueError):
         split_local_experts(4, bad)
+
+
+@pytest.mark.parametrize("experts,chunks", [(1, 1), (4, 4), (5, 2), (20, 5), (20, 16), (64, 8)])
+def test_tail_split_ends_with_one_expert(experts, chunks):
+    sizes = tail_split(experts, chunks)
+    assert len(sizes) == chunks and sum(sizes) == experts and min(sizes) >= 1
+    if chunks > 1:
+        assert sizes[-1] == 1
+        assert max(sizes[:-1]) - min(sizes[:-1]) <= 1
+    assert chunk_sizes(experts, chunks, "tail") == sizes
+    assert chunk_sizes(experts, sizes) == sizes
+
+
+def test_chunk_sizes_rejects_bad_input():
+    for bad in ([], [2, 0, 2], [1, 1], [3, 3]):
+        with pytest.raises(ValueError, match="sum to the 4 local experts"):
+            chunk_sizes(4, bad)
+    with pytest.raises(ValueError, match="equal, tail"):
+        chunk_sizes(4, 2, "rows")
+    with pytest.raises(ValueError, match="num_chunks"):
+        tail_split(4, 5)
 
 
 def simulate_all_to_all(layouts, payloads):
@@ -56,11 +79,18 @@ def test_layout_routes_every_row_to_its_expert(seed):
     ep = int(rng.integers(1, 5))
     local = int(rng.integers(1, 7))
     chunks = int(rng.integers(1, local + 1))
+    # Even seeds: N equal chunks; odd seeds: random uneven chunk sizes.
+    chunking = chunks
+    if seed % 2:
+        cuts = sorted(rng.choice(np.arange(1, local), size=chunks - 1, replace=False)) if chunks > 1 else []
+        chunking = [b - a for a, b in zip([0] + list(cuts), list(cuts) + [local])]
     counts = rng.integers(0, 5, size=(ep, ep * local))
     if seed % 2:
         counts[rng.integers(ep)] = 0  # a rank with no tokens
         counts[:, 0] += 9  # one hot expert
-    layouts = [ChunkLayout.build(counts, r, local, chunks) for r in range(ep)]
+    layouts = [ChunkLayout.build(counts, r, local, chunking) for r in range(ep)]
+    if seed % 2:
+        assert [e - s for s, e in layouts[0].expert_ranges] == chunking
     # Each rank's permuted buffer, chunk-major, labelled with (src, expert) per row.
     payloads = []
     for src, lay in enumerate(layouts):
