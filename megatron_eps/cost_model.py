@@ -419,6 +419,10 @@ def predict(
     compute = chunk_compute_times(counts, shape, profile, chunking, kernel_profile, _inputs.per_expert)
     num_chunks = len(dispatch)
     shared = _inputs.shared
+    enabled = True
+    if num_chunks > 1:
+        # The paper's condition is about splitting itself: judged on GEMM times at full SMs.
+        enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
     if num_chunks > 1 and gemm_sm_carveout and profile.sm_count:
         # dispatcher: the carve-out holds only while chunks overlap (N > 1)
         slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
@@ -433,9 +437,6 @@ def predict(
     ideal = _simulate(dispatch, slowest, combine, s, dispatch_ahead)
     gpu = serial - (serial - ideal) * profile.overlap_efficiency + overhead
     host = profile.host_chunk_us * 1e-6 * num_chunks
-    enabled = True
-    if num_chunks > 1:
-        enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
     return Prediction(
         num_chunks=num_chunks,
         t_comm=t_comm,

@@ -70,14 +70,17 @@ def _timer_link_kernel():
         while elapsed < duration_ns:
             elapsed = _globaltimer_ns() - start
 
-    return emulated_link_kernel
+    from megatron_eps.triton_launch import CachedLauncher
+
+    return CachedLauncher(emulated_link_kernel)
 
 
 def _as_words(t: torch.Tensor) -> Optional[torch.Tensor]:
     """``t`` as a flat int32 view (no copy), or None when its bytes cannot be viewed so."""
     if not t.is_contiguous() or (t.numel() * t.element_size()) % 4 or t.data_ptr() % 4:
         return None
-    return t.reshape(-1).view(torch.uint8).view(torch.int32)
+    flat = t.view(-1)
+    return flat if flat.dtype == torch.int32 else flat.view(torch.int32)
 
 
 def timer_spin_available() -> bool:
@@ -105,7 +108,7 @@ def emulated_link_transfer(
             return
         src = dst = torch.empty(1, dtype=torch.int32, device=output.device)
     grid = (max(1, min(int(num_ctas), -(-words // _TIMER_COPY_BLOCK))),)
-    kernel[grid](src, dst, words, int(seconds * 1e9), BLOCK=_TIMER_COPY_BLOCK, num_warps=8)
+    kernel(grid, (src, dst, words, int(seconds * 1e9)), {"BLOCK": _TIMER_COPY_BLOCK}, num_warps=8)
 
 
 def calibrate_sleep_cycles_per_ms(device=None, spins: Sequence[int] = (200_000, 2_000_000)) -> float:

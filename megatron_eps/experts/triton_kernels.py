@@ -499,6 +499,14 @@ def _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_activation_launcher():
+    """The activation kernel is launched once per chunk, on the pipeline's critical path."""
+    from megatron_eps.triton_launch import CachedLauncher
+
+    return CachedLauncher(_fused_activation_kernel)
+
+
 def fused_activation(fc1_out: torch.Tensor, probs: Optional[torch.Tensor], spec) -> torch.Tensor:
     """spec's activation (and probs) of fc1_out [M, F1] -> [M, F] in one elementwise kernel."""
     rows, f1 = fc1_out.shape
@@ -510,22 +518,27 @@ def fused_activation(fc1_out: torch.Tensor, probs: Optional[torch.Tensor], spec)
         fc1_out = fc1_out.contiguous()
     block_m, block_f = 16, 256
     grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_f))
-    _fused_activation_kernel[grid](
-        fc1_out,
-        probs if probs is not None else fc1_out,
-        out,
-        rows,
-        width,
-        fc1_out.stride(0),
-        out.stride(0),
-        float(spec.clamp) if spec.clamp is not None else 0.0,
-        float(spec.glu_offset),
-        GATED=spec.gated,
-        ACT=spec.fused_code,
-        HAS_PROBS=probs is not None,
-        HAS_CLAMP=spec.clamp is not None,
-        BLOCK_M=block_m,
-        BLOCK_F=block_f,
+    _fused_activation_launcher()(
+        grid,
+        (
+            fc1_out,
+            probs if probs is not None else fc1_out,
+            out,
+            rows,
+            width,
+            fc1_out.stride(0),
+            out.stride(0),
+            float(spec.clamp) if spec.clamp is not None else 0.0,
+            float(spec.glu_offset),
+        ),
+        {
+            "GATED": spec.gated,
+            "ACT": spec.fused_code,
+            "HAS_PROBS": probs is not None,
+            "HAS_CLAMP": spec.clamp is not None,
+            "BLOCK_M": block_m,
+            "BLOCK_F": block_f,
+        },
         num_warps=4,
     )
     return out

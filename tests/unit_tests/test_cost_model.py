@@ -249,6 +249,21 @@ def test_tail_split_shortens_the_drain_and_auto_takes_it():
     assert choose_chunking(counts, DSV2, fixed.replace(chunk_split="tail"), p) == (5, 5, 5, 4, 1)
 
 
+def test_gemm_carveout_slows_overlapped_gemms_only():
+    counts = balanced_counts(DSV2, 8192)
+    p = profile(chunk_overhead_us=30.0, sm_count=132.0)
+    for n in (1, 4):
+        plain = predict(counts, DSV2, p, n)
+        carved = predict(counts, DSV2, p, n, gemm_sm_carveout=16)
+        assert carved.enabled == plain.enabled  # the enable condition judges the split alone
+        if n == 1:  # the dispatcher holds SMs back only while chunks overlap
+            assert carved.t_pipelined == plain.t_pipelined
+        else:
+            assert carved.t_comp == pytest.approx(plain.t_comp * 132 / 116)
+            assert carved.t_pipelined > plain.t_pipelined
+    assert len(choose_chunking(counts, DSV2, AUTO.replace(gemm_sm_carveout=8), p)) > 1
+
+
 def test_auto_decisions_are_cached_by_a_coarse_load_summary():
     from megatron_eps import cost_model
 
