@@ -2,7 +2,8 @@
 
 Model (all times in seconds; see docs/pipeline.md for the derivation):
 
-* Communication of chunk g: three all-to-alls (dispatch tokens, dispatch probs, combine), each
+* Communication of chunk g: two all-to-alls (dispatch, whose rows carry their routing weights
+  in 16 extra bytes, and combine), each
   ``bytes / link_bandwidth + link_latency``. The bytes of a collective are those of the busiest
   rank of the group (max over ranks of the remote rows it sends or receives), since an
   all-to-all ends when its slowest rank does.
@@ -36,10 +37,10 @@ import numpy as np
 
 from megatron_eps.config import EPSConfig
 
-# Collectives per chunk in dispatcher.pipelined_forward: dispatch tokens, dispatch probs, combine.
-COLLECTIVES_PER_CHUNK = 3
-PROBS_BYTES_PER_ROW = 4  # the dispatched routing weight (fp32)
-EARLY_STOP = 6  # choose_pipeline_degree stops after this many rising predictions past the best
+# Collectives per chunk in dispatcher.pipelined_forward: dispatch (each row carries its routing
+# weight in PACKED_PROBS_BYTES_PER_ROW extra bytes, see dispatcher.probs_columns) and combine.
+COLLECTIVES_PER_CHUNK = 2
+PACKED_PROBS_BYTES_PER_ROW = 16
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,9 @@ def chunk_comm_times(
     ``chunking``: N (equal chunks) or the number of local experts in each chunk."""
     starts = [s for s, _ in _chunk_ranges(shape, chunking)]
     rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
-    tokens = collective_time(rows, shape.row_bytes, profile)
-    dispatch = tokens + collective_time(rows, PROBS_BYTES_PER_ROW, profile)
-    return [float(x) for x in dispatch], [float(x) for x in tokens]
+    dispatch = collective_time(rows, shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW, profile)
+    combine = collective_time(rows, shape.row_bytes, profile)
+    return [float(x) for x in dispatch], [float(x) for x in combine]
 
 
 # --------------------------------------------------------------------------- computation
@@ -486,6 +487,33 @@ def candidate_degrees(shape: LayerShape, eps_config: EPSConfig) -> List[int]:
     return list(range(1, upper + 1))
 
 
+def candidate_chunkings(
+    shape: LayerShape, eps_config: EPSConfig, families: Sequence[str] = ("equal",)
+) -> List[Tuple[int, ...]]:
+    """The multi-chunk splits ``pipeline_degree="auto"`` compares, in order (fewer chunks first).
+
+    For each split family and each distinct size of the largest chunk, the fewest chunks that
+    reach it: a chunk's GEMMs and all-to-alls scale with its experts, so the largest chunk sets
+    the pipeline's step, while every extra chunk adds overhead (20 experts: N = 2, 3, 4, 5, 7,
+    10, 20). Not a heuristic cut-off: the predicted time is not convex in N (uneven splits), so
+    every candidate is evaluated.
+    """
+    from megatron_eps.schedule import chunk_sizes
+
+    experts = shape.num_local_experts
+    out, seen_largest = [], set()
+    for family in families:
+        seen_largest.clear()
+        for n in candidate_degrees(shape, eps_config)[1:]:
+            sizes = chunk_sizes(experts, n, family)
+            largest = max(sizes)
+            if largest in seen_largest or sizes in out:
+                continue
+            seen_largest.add(largest)
+            out.append(sizes)
+    return out
+
+
 def choose_chunking(
     counts: np.ndarray,
     shape: LayerShape,
@@ -543,23 +571,10 @@ def choose_chunking(
     best = (experts,)
     carveout = eps_config.gemm_sm_carveout
     best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead).t_pipelined
-    seen = {best}
-    for family in families:
-        previous, rising = math.inf, 0
-        for n in candidate_degrees(shape, eps_config)[1:]:
-            sizes = chunk_sizes(experts, n, family)
-            if sizes in seen:
-                continue
-            seen.add(sizes)
-            p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout)
-            if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
-                best, best_t = sizes, p.t_pipelined
-            # The predicted time is (nearly) convex in N: stop after it rose EARLY_STOP times in
-            # a row (saves host time on the critical path; deterministic all the same).
-            rising = rising + 1 if p.t_pipelined > previous else 0
-            previous = p.t_pipelined
-            if rising >= EARLY_STOP:
-                break
+    for sizes in candidate_chunkings(shape, eps_config, families):
+        p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout)
+        if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
+            best, best_t = sizes, p.t_pipelined
     if len(_DECISIONS) >= _DECISION_CACHE_SIZE:
         _DECISIONS.pop(next(iter(_DECISIONS)))  # oldest first: the same on every rank
     _DECISIONS[key] = best

@@ -76,6 +76,40 @@ def permute_chunk_major(
     return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 
+def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
+    """Columns (of the token dtype) appended to each dispatched row to carry its routing weight,
+    or 0 when the weight cannot ride along (then it gets an all-to-all of its own).
+
+    The extra columns span 16 bytes (at least the weight's size), so 16-byte aligned rows stay so
+    for the grouped GEMM, and the weight's bytes sit at an offset aligned to its own size.
+    """
+    token_bytes, prob_bytes = tokens.element_size(), probs.element_size()
+    width = max(16, prob_bytes)
+    hidden_bytes = tokens.shape[-1] * token_bytes
+    if width % token_bytes or prob_bytes % token_bytes or hidden_bytes % prob_bytes:
+        return 0
+    return width // token_bytes
+
+
+def row_probs(packed: torch.Tensor, hidden_size: int, probs_dtype: torch.dtype) -> torch.Tensor:
+    """The routing weight of every packed row (a strided view into ``packed``)."""
+    width = torch.empty((), dtype=probs_dtype).element_size() // packed.element_size()
+    return packed[:, hidden_size : hidden_size + width].view(probs_dtype)[:, 0]
+
+
+def pack_rows_with_probs(
+    tokens: torch.Tensor, sorted_indices: torch.Tensor, permuted_probs: torch.Tensor, columns: int
+) -> torch.Tensor:
+    """[num_rows, H + columns]: each permuted token row with its routing weight appended, so one
+    all-to-all per chunk dispatches both (Megatron sends the weights in a second one)."""
+    num_tokens, hidden = tokens.shape
+    extended = tokens.new_empty((num_tokens, hidden + columns))
+    extended[:, :hidden] = tokens
+    packed = extended.index_select(0, sorted_indices)
+    row_probs(packed, hidden, permuted_probs.dtype).copy_(permuted_probs)
+    return packed
+
+
 def unpermute_sum_per_token(
     combined: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
@@ -204,10 +238,17 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             prepare_experts(layout)
         # Permutation 1 (chunk-major): each chunk's send buffer becomes one contiguous slice.
         num_rows = layout.send_offsets[-1]
+        hidden_size = tokens.shape[-1]
         permuted_tokens, permuted_probs, sorted_indices = permute_chunk_major(
             tokens, probs, routing_map, layout.expert_order, num_rows
         )
-        combined = torch.empty_like(permuted_tokens)
+        over_link = self.ep_size > 1 or self.all_to_all.occupies_link
+        packed_columns = probs_columns(tokens, probs) if over_link else 0
+        if packed_columns:
+            permuted_tokens = pack_rows_with_probs(
+                tokens, sorted_indices, permuted_probs, packed_columns
+            )
+        combined = tokens.new_empty((num_rows, hidden_size))
 
         received_tokens: List[Optional[torch.Tensor]] = [None] * num_chunks
         received_probs: List[Optional[torch.Tensor]] = [None] * num_chunks
@@ -222,15 +263,17 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         def dispatch(chunk):
             send_tokens = chunk_slice(permuted_tokens, chunk)
             send_probs = chunk_slice(permuted_probs, chunk)
-            if self.ep_size == 1 and not self.all_to_all.occupies_link:
+            if not over_link:
                 received_tokens[chunk], received_probs[chunk] = send_tokens, send_probs
                 return
             rows = sum(layout.recv_splits[chunk])
-            recv_tokens = send_tokens.new_empty((rows, send_tokens.shape[1]))
-            recv_probs = send_probs.new_empty((rows,))
             splits_in, splits_out = layout.send_splits[chunk], layout.recv_splits[chunk]
+            recv_tokens = send_tokens.new_empty((rows, send_tokens.shape[1]))
             self.all_to_all(recv_tokens, send_tokens, splits_out, splits_in)
-            self.all_to_all(recv_probs, send_probs, splits_out, splits_in)
+            recv_probs = None
+            if not packed_columns:
+                recv_probs = send_probs.new_empty((rows,))
+                self.all_to_all(recv_probs, send_probs, splits_out, splits_in)
             received_tokens[chunk], received_probs[chunk] = recv_tokens, recv_probs
 
         def experts(chunk):
@@ -240,10 +283,15 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 # allocator from reusing the memory before these reads ran (the plan orders
                 # the next comm-stream allocation after them too; this does not rely on it).
                 x.record_stream(torch.cuda.current_stream())
-                p.record_stream(torch.cuda.current_stream())
+                if p is not None:
+                    p.record_stream(torch.cuda.current_stream())
             regroup = layout.rank_major_to_expert_major(chunk)
             if regroup is not None:
-                x, p = regroup_rows(x, *regroup), regroup_rows(p, *regroup)
+                x = regroup_rows(x, *regroup)
+                p = regroup_rows(p, *regroup) if p is not None else None
+            if packed_columns:
+                p = row_probs(x, hidden_size, probs.dtype).contiguous()
+                x = x[:, :hidden_size]
             first_expert = layout.expert_ranges[chunk][0]
             y = run_experts(x, layout.tokens_per_expert[chunk], p, first_expert)
             regroup = layout.expert_major_to_rank_major(chunk)

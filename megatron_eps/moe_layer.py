@@ -226,6 +226,9 @@ class EPSMoELayer(MoELayer):
     def _run_experts(self, tokens, tokens_per_expert, probs, first_expert):
         name = self._resolve_backend(tokens, tokens_per_expert)
         self.last_expert_backends.append(name)
-        return get_backend(name).forward(
+        backend = get_backend(name)
+        if not (backend.accepts_strided_rows or tokens.is_contiguous()):
+            tokens = tokens.contiguous()
+        return backend.forward(
             self.__dict__["_eps_local_experts"], tokens, tokens_per_expert, probs, first_expert
         )

@@ -29,6 +29,9 @@ class ExpertBackend(ABC):
     """One way of running the local experts' GEMMs."""
 
     name: str = ""
+    # True when ``hidden`` may have a row stride larger than its width (rows that carry extra
+    # columns, as the dispatcher's packed rows do); others get a contiguous copy.
+    accepts_strided_rows: bool = False
 
     @classmethod
     def unavailable_reason(

@@ -39,6 +39,7 @@ def dense_expert_forward(call: ExpertCall) -> torch.Tensor:
 @register_backend
 class DenseExpertsBackend(ExpertBackend):
     name = "dense"
+    accepts_strided_rows = True
 
     @classmethod
     def unavailable_reason(cls, local_experts, device, dtype):

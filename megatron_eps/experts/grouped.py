@@ -49,6 +49,7 @@ def grouped_expert_forward(call: ExpertCall) -> torch.Tensor:
 @register_backend
 class GroupedExpertsBackend(ExpertBackend):
     name = "grouped"
+    accepts_strided_rows = True
 
     @classmethod
     def unavailable_reason(cls, local_experts, device, dtype):

@@ -148,7 +148,10 @@ def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel, spin):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     measured = sorted(times)[2]
-    assert 0.9 * modeled <= measured <= 1.3 * modeled + 50e-6, (measured, modeled)
+    # _sleep counts SM clock cycles calibrated a moment earlier; the clock of an idle GPU may
+    # still be ramping, so only the GPU-timer spin is held to a tight bound.
+    upper = 1.3 if spin == "timer" else 2.0
+    assert 0.9 * modeled <= measured <= upper * modeled + 50e-6, (measured, modeled)
     assert torch.equal(dst, src)
     with pytest.raises(ValueError):
         link(dst, src, [2048, 2048], [2048, 2048])
