@@ -270,17 +270,17 @@ def kernel_profile_base():
 
 # ----------------------------------------------------------------------------- one point
 def comm_only_ms(link, model, tokens, rows, repeats):
-    """The N=1 layer's three emulator calls (tokens, probs, combine) back to back."""
+    """The N=1 layer's two emulator calls back to back: the dispatch (rows with their routing
+    weights packed in 8 extra bf16 columns, as the dispatcher sends them) and the combine."""
     h = MODELS[model]["hidden"]
-    src = torch.empty(rows, h, device=DEVICE, dtype=torch.bfloat16)
+    src = torch.empty(rows, h + 8, device=DEVICE, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    p_src = torch.empty(rows, device=DEVICE, dtype=torch.float32)
-    p_dst = torch.empty_like(p_src)
+    out = torch.empty(rows, h, device=DEVICE, dtype=torch.bfloat16)
+    back = torch.empty_like(out)
 
     def run():
         link(dst, src, [rows], [rows])
-        link(p_dst, p_src, [rows], [rows])
-        link(src, dst, [rows], [rows])
+        link(back, out, [rows], [rows])
 
     ms, _ = time_ms(run, repeats=repeats)
     return ms
