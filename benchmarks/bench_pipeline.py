@@ -496,7 +496,7 @@ def draw_timeline(trace_path, png_path, title=""):
 
     def kind(name):
         n = name.lower()
-        if "sleep" in n or "spin" in n:
+        if "sleep" in n or "spin" in n or "emulated_link" in n:
             return "sleep"
         if "gemm" in n or "cutlass" in n or "sm90" in n or "matmul" in n or "xmma" in n or "nvjet" in n:
             return "gemm"
@@ -520,7 +520,7 @@ def draw_timeline(trace_path, png_path, title=""):
     ax.set_yticks(range(len(streams)))
     ax.set_yticklabels([f"stream {s}" for s in streams])
     ax.set_xlabel("ms")
-    ax.set_title(title + "  (red: link emulator spin, blue: GEMM, purple: copy, grey: other; "
+    ax.set_title(title + "  (red: emulated all-to-all, blue: GEMM, purple: copy, grey: other; "
                  "upper bars: eps.* stage ranges)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=130)

@@ -20,6 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def skip_unless_ranks_fit(world_size: int) -> None:
+    """pytest.skip when ranks would share a GPU (NCCL refuses two ranks on one device); on CPU
+    (gloo) any world size runs."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+        import pytest
+
+        pytest.skip(f"needs {world_size} GPUs (NCCL ranks cannot share one)")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

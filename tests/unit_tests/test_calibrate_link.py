@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from megatron_eps.testing import skip_unless_ranks_fit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "calibrate_link.py")
 
@@ -37,6 +39,7 @@ def test_fit_rejects_too_few_or_bad_points():
 
 
 def test_two_rank_run_writes_profile(tmp_path):
+    skip_unless_ranks_fit(2)
     out = tmp_path / "link.json"
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"pipeline": {"chunk_overhead_us": 9.0, "expert_tflops": 1.0,

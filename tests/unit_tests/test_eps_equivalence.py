@@ -7,16 +7,11 @@ when CUDA is present (world sizes above the GPU count are skipped there).
 import pytest
 import torch
 
-from megatron_eps.testing import run_distributed
+from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.unit_tests import eps_cases
 
 FP32_MAX_ABS = 1e-5
 BF16_REL = 1e-2
-
-
-def _skip_if_too_few_gpus(world):
-    if torch.cuda.is_available() and torch.cuda.device_count() < world:
-        pytest.skip(f"needs {world} GPUs")
 
 
 def _check(results, tolerance_kind):
@@ -47,7 +42,7 @@ def _check(results, tolerance_kind):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_eps_equals_stock_fp32(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     results = run_distributed(
         eps_cases.run_equivalence, world, world, "fp32", "megatron", 10_000
     )
@@ -58,14 +53,14 @@ def test_eps_equals_stock_fp32(world):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_eps_equals_stock_bf16(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_equivalence, world, world, "bf16", "megatron", 10_000)
     _check(results, "bf16")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_auto_degree_is_identical_on_every_rank(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_auto_degree_agreement, world, world)
     chunks = {r["num_chunks"] for r in results}
     assert len(chunks) == 1, f"ranks disagree on N: {[r['num_chunks'] for r in results]}"
@@ -77,7 +72,7 @@ def test_auto_degree_is_identical_on_every_rank(world):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_dispatcher_roundtrip_returns_input(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_dispatcher_roundtrip, world, world)
     for rank, rank_results in enumerate(results):
         for path, experts, topk, degree, err, chunks in rank_results:
@@ -92,7 +87,7 @@ def test_eps_equals_stock_with_gemm_backends(kernel, world):
         pytest.skip("the Triton kernel runs on GPUs (its CPU interpreter test is in experts/)")
     if world == 1 and not torch.cuda.is_available():
         pytest.skip("covered at world 2 on CPU")
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     results = run_distributed(eps_cases.run_equivalence, world, world, dtype, kernel, 10_000)
     _check(results, dtype)

@@ -1,20 +1,14 @@
 """EPSMoELayer construction checks, spec wiring and state_dict compatibility."""
 
 import pytest
-import torch
 
-from megatron_eps.testing import run_distributed
+from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.unit_tests import layer_cases
-
-
-def _skip_if_too_few_gpus(world):
-    if torch.cuda.is_available() and torch.cuda.device_count() < world:
-        pytest.skip(f"needs {world} GPUs")
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_unsupported_configs_raise_clear_errors(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     messages = run_distributed(layer_cases.construction_errors, world)[0]
     assert "moe_token_dispatcher_type" in messages["allgather"]
     assert "alltoall" in messages["allgather"]
@@ -26,7 +20,7 @@ def test_unsupported_configs_raise_clear_errors(world):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_spec_state_dict_and_fallback(world):
-    _skip_if_too_few_gpus(world)
+    skip_unless_ranks_fit(world)
     out = run_distributed(layer_cases.spec_and_state_dict, world)[0]
     assert out["spec_class"] == "EPSMoELayer"
     assert out["original_untouched"]

@@ -223,8 +223,10 @@ def build_and_check(argv_sets):
             model_parallel_cuda_manual_seed(5, inference_rng_tracker=True)
             stock = model_provider(stock_args)
             stock.load_state_dict(model.state_dict())
+            device = next(model.parameters()).device
             tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-            pos = torch.arange(24).expand(2, 24)
+            tokens = tokens.to(device)
+            pos = torch.arange(24, device=device).expand(2, 24)
             model.eval()
             stock.eval()
             with torch.inference_mode():

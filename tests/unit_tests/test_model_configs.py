@@ -275,10 +275,11 @@ def build_models_and_count(names_and_attention):
         seed_all(3, torch.device("cpu"))
         model = mc.build_gpt_model(config, mc.layer_spec(config)).eval()
         count = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+        device = next(model.parameters()).device
         tokens = torch.randint(0, mc.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            logits = model(tokens, torch.arange(40).expand(2, 40), None)
-        out[f"{name}/{core_attention}"] = (count, mc.parameter_counts()["total"], logits)
+            logits = model(tokens.to(device), torch.arange(40, device=device).expand(2, 40), None)
+        out[f"{name}/{core_attention}"] = (count, mc.parameter_counts()["total"], logits.cpu())
     parallel_state.destroy_model_parallel()
     return out
 

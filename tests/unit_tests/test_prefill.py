@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_eps.testing import skip_unless_ranks_fit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "run_prefill.py")
 
@@ -30,6 +32,7 @@ def _run(cmd, timeout=240):
 
 
 def _torchrun(nproc, *args, timeout=240):
+    skip_unless_ranks_fit(nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(_free_port()), SCRIPT, *args]
     return _run(cmd, timeout)
