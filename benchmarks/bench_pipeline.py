@@ -232,14 +232,14 @@ def measure_chunk_overhead(eps, model, tokens, free_link, repeats):
 
 # ----------------------------------------------------------------------------- profiles
 def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fraction, provenance,
-                  overlap_efficiency=1.0, host_us=0.0, sm_count=None):
+                  overlap_efficiency=1.0, host_us=0.0, sm_count=None, host_base_us=0.0, min_gain=0.0):
     from megatron_eps.cost_model import PipelineProfile
 
     profile = PipelineProfile(
         link_bandwidth_gbps=bandwidth, link_latency_us=latency, chunk_overhead_us=max(k_us, 0.0),
         expert_tflops=tflops, chunk_overhead_base_us=max(b_us, 0.0), memory_bandwidth_gbps=mem_gbps,
         emulated_remote_fraction=fraction, overlap_efficiency=overlap_efficiency, host_chunk_us=max(host_us, 0.0),
-        sm_count=sm_count,
+        sm_count=sm_count, host_base_us=max(host_base_us, 0.0), min_gain=min_gain,
     )
     data = {"pipeline": profile.to_dict(), "provenance": provenance}
     if fraction is None:
@@ -575,6 +575,8 @@ def main(argv=None):
     ap.add_argument("--gemm-sm-carveout", type=int, default=8,
                     help="eps gemm_sm_carveout for the overlapped runs (SMs left to the link kernels)")
     ap.add_argument("--link-ctas", type=int, default=16, help="CTAs of the emulated link (NCCL channels)")
+    ap.add_argument("--min-gain", type=float, default=0.10,
+                    help="profile min_gain: auto pipelines only for a predicted gain of at least this fraction")
     ap.add_argument("--spin", default=None, choices=["timer", "sleep"], help="link emulator kernel (default timer)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the final seq/N1/best/auto timings")
@@ -662,6 +664,7 @@ def main(argv=None):
     # first model's (DSV2 by default: the most degrees, so the best-determined slope).
     model_k = {m: max(f["k_us"], 0.0) for m, f in zip(models, k_fits)}
     model_host = {m: max(f["k_us"], 0.0) for m, f in zip(models, host_fits)}
+    model_host_base = {m: max(f["intercept_ms"] * 1e3, 0.0) for m, f in zip(models, host_fits)}
     k_us, host_us = model_k[models[0]], model_host[models[0]]
     expert_tflops = statistics.median(tflops)
     mem_gbps = copy_gbps / 2  # one direction of traffic: the weight reads of a weight-bound GEMM
@@ -693,6 +696,7 @@ def main(argv=None):
             write_profile(path, bandwidth=bw, latency=args.latency_us, k_us=model_k[model], b_us=0.0,
                           tflops=expert_tflops,
                           mem_gbps=mem_gbps, fraction=fraction, host_us=model_host[model],
+                          host_base_us=model_host_base[model], min_gain=args.min_gain,
                           sm_count=result["sm_count"] or None,
                           provenance=dict(provenance, link="emulated (benchmark only)"))
             profiles[(model, bw)] = path
@@ -702,6 +706,7 @@ def main(argv=None):
         write_profile(
             args.write_profile, bandwidth=args.profile_bandwidth, latency=args.latency_us, k_us=k_us, b_us=0.0,
             tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us, sm_count=result["sm_count"] or None,
+            host_base_us=model_host_base[models[0]], min_gain=args.min_gain,
             provenance=dict(provenance, link=(
                 f"link_bandwidth_gbps={args.profile_bandwidth:g} and link_latency_us={args.latency_us:g} are the "
                 "default link this profile is calibrated for (H100 NVLink nominal per direction; an assumed "

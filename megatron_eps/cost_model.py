@@ -105,8 +105,12 @@ class PipelineProfile:
         slow down beside a communication kernel; 1.0 = ideal).
     comm_inflation_eps / gemm_inflation_eps: eps0 / eps1 of the paper's enable condition.
     host_chunk_us: host time to issue one chunk (dispatch, experts, combine calls). The GPU
-        cannot run ahead of the host, so a layer takes at least ``host_chunk_us * N`` after the
-        count matrix arrives; 0 ignores the host.
+        cannot run ahead of the host, so a layer takes at least ``host_base_us + host_chunk_us
+        * N``; 0 ignores the host.
+    host_base_us: host time of the layer that does not depend on N (router, permutation, the
+        count matrix's sync, the unpermutation), measured with host_chunk_us.
+    min_gain: ``auto`` pipelines only when the predicted time beats one chunk's by at least
+        this fraction (hysteresis against the model's error; 0: any predicted gain).
     sm_count: SMs of the GPU; with ``gemm_sm_carveout`` the GEMMs of an overlapped plan get
         ``sm_count - carveout`` of them, so their time is scaled by ``sm_count / (sm_count -
         carveout)``. None: the carve-out is not modeled.
@@ -127,6 +131,8 @@ class PipelineProfile:
     gemm_inflation_eps: float = 0.03
     emulated_remote_fraction: Optional[float] = None
     host_chunk_us: float = 0.0
+    host_base_us: float = 0.0
+    min_gain: float = 0.0
     sm_count: Optional[float] = None
 
     _REQUIRED = ("link_bandwidth_gbps", "link_latency_us", "chunk_overhead_us", "expert_tflops")
@@ -135,9 +141,17 @@ class PipelineProfile:
         for name in ("link_bandwidth_gbps", "expert_tflops"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"pipeline profile {name} must be > 0, got {getattr(self, name)}")
-        for name in ("link_latency_us", "chunk_overhead_us", "chunk_overhead_base_us", "host_chunk_us"):
+        for name in (
+            "link_latency_us",
+            "chunk_overhead_us",
+            "chunk_overhead_base_us",
+            "host_chunk_us",
+            "host_base_us",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"pipeline profile {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not 0.0 <= self.overlap_efficiency <= 1.0:
             raise ValueError(f"overlap_efficiency must be in [0, 1], got {self.overlap_efficiency}")
 
@@ -437,7 +451,9 @@ def predict(
     serial = t_comm + float(sum(slowest)) + s
     ideal = _simulate(dispatch, slowest, combine, s, dispatch_ahead)
     gpu = serial - (serial - ideal) * profile.overlap_efficiency + overhead
-    host = profile.host_chunk_us * 1e-6 * num_chunks
+    # The host bound counts the layer's fixed host time; the GPU side leaves the same fixed
+    # work (router, permutation) out, which only errs towards fewer chunks when host-bound.
+    host = (profile.host_base_us + profile.host_chunk_us * num_chunks) * 1e-6
     return Prediction(
         num_chunks=num_chunks,
         t_comm=t_comm,
@@ -571,6 +587,7 @@ def choose_chunking(
     best = (experts,)
     carveout = eps_config.gemm_sm_carveout
     best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead).t_pipelined
+    best_t *= 1.0 - profile.min_gain  # what a multi-chunk split must beat
     for sizes in candidate_chunkings(shape, eps_config, families):
         p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout)
         if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):

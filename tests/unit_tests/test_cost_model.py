@@ -265,6 +265,25 @@ def test_tail_split_shortens_the_drain_and_auto_takes_it():
     assert choose_chunking(counts, DSV2, fixed.replace(chunk_split="tail"), p) == (5, 5, 5, 4, 1)
 
 
+def test_host_base_and_min_gain_keep_marginal_loads_unpipelined():
+    counts = balanced_counts(DSV2, 4096)
+    p = profile(chunk_overhead_us=30.0, link_latency_us=10.0)
+    chosen = choose_chunking(counts, DSV2, AUTO, p)
+    assert len(chosen) > 1
+    gain = 1 - predict(counts, DSV2, p, chosen).t_pipelined / predict(counts, DSV2, p, 1).t_pipelined
+    # Just above and just below the predicted gain.
+    assert len(choose_chunking(counts, DSV2, AUTO, profile(chunk_overhead_us=30.0, link_latency_us=10.0,
+                                                           min_gain=gain * 0.9))) > 1
+    assert choose_chunking(counts, DSV2, AUTO, profile(chunk_overhead_us=30.0, link_latency_us=10.0,
+                                                       min_gain=gain * 1.1)) == (20,)
+    # A host whose fixed time dwarfs the GPU work: more chunks only add host time.
+    host_bound = profile(chunk_overhead_us=30.0, link_latency_us=10.0, host_chunk_us=200.0, host_base_us=50000.0)
+    assert predict(counts, DSV2, host_bound, 1).t_pipelined == pytest.approx(50200e-6)
+    assert choose_chunking(counts, DSV2, AUTO, host_bound) == (20,)
+    with pytest.raises(ValueError, match="min_gain"):
+        profile(min_gain=1.0)
+
+
 def test_gemm_carveout_slows_overlapped_gemms_only():
     counts = balanced_counts(DSV2, 8192)
     p = profile(chunk_overhead_us=30.0, sm_count=132.0)
