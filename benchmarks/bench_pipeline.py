@@ -203,13 +203,15 @@ def fit_line(xs, ys):
 
 
 def interleaved_ms(setters, x, eps, rounds=3, repeats=10):
-    """Median time of each configuration, measured in ``rounds`` alternating passes, so that a
-    slow spell of the shared machine hits every configuration alike."""
-    samples = {name: [] for name in setters}
+    """Median time of each configuration, measured in ``rounds`` alternating passes (the order
+    rotates each round), so that a slow spell of the shared machine hits every configuration
+    alike."""
+    names = list(setters)
+    samples = {name: [] for name in names}
     with torch.no_grad():
-        for _ in range(rounds):
-            for name, setter in setters.items():
-                setter()
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no fixed slot
+                setters[name]()
                 _, ms = time_ms(lambda: eps(x), warmup=2, repeats=repeats)
                 samples[name].extend(ms)
     return {name: statistics.median(v) for name, v in samples.items()}
