@@ -451,7 +451,23 @@ def summarize_trace(trace_path):
         overlap_ms = _intersect(a, b) / 1e3
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3 if kernels else 0
     return {"syncs_in_layer": syncs, "kernel_busy_ms_by_stream": busy, "two_stream_overlap_ms": overlap_ms,
-            "gpu_span_ms": span}
+            "gpu_span_ms": span, "shared_experts": shared_overlap(events, kernels)}
+
+
+def shared_overlap(events, kernels):
+    """GPU time of the shared experts' kernels, and the part of it the link is busy too."""
+    link = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "emulated_link" in e["name"] or "nccl" in e["name"].lower()]
+    ranges = [e for e in events if e.get("cat") == "gpu_user_annotation"
+              and str(e.get("name", "")).startswith("eps.shared_experts")]
+    if not ranges or not link:
+        return None
+    link_tids = {e["tid"] for e in kernels if "emulated_link" in e["name"] or "nccl" in e["name"].lower()}
+    a, b = ranges[0]["ts"], ranges[0]["ts"] + ranges[0]["dur"]
+    own = _union([(max(e["ts"], a), min(e["ts"] + e["dur"], b)) for e in kernels
+                  if e["tid"] not in link_tids and e["ts"] < b and e["ts"] + e["dur"] > a])
+    busy = sum(y - x for x, y in own)
+    hidden = _intersect(own, _union(link))
+    return {"kernel_ms": busy / 1e3, "beside_link_ms": hidden / 1e3, "fraction": hidden / busy if busy else None}
 
 
 def _union(intervals):
