@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_eps.experts.base import ExpertBackend, register_backend
-from megatron_eps.experts.gemm_common import ExpertCall, gemm_unavailable_reason, prepare_call
+from megatron_eps.experts.base import register_backend
+from megatron_eps.experts.gemm_common import ExpertCall, GemmExpertBackend
 
 
 def dense_expert_forward(call: ExpertCall) -> torch.Tensor:
@@ -37,16 +37,9 @@ def dense_expert_forward(call: ExpertCall) -> torch.Tensor:
 
 
 @register_backend
-class DenseExpertsBackend(ExpertBackend):
+class DenseExpertsBackend(GemmExpertBackend):
     name = "dense"
     accepts_strided_rows = True
 
-    @classmethod
-    def unavailable_reason(cls, local_experts, device, dtype):
-        return gemm_unavailable_reason(local_experts, device, dtype)
-
-    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
-        call = prepare_call(
-            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
-        )
+    def compute(self, call, local_experts, first_expert):
         return dense_expert_forward(call)

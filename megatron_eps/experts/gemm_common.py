@@ -6,6 +6,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
+from megatron_eps.experts.base import ExpertBackend
 from megatron_eps.experts.weights import ExpertWeights, StackedExperts, unsupported_module_reason
 
 
@@ -69,6 +70,25 @@ def prepare_call(
     fc1 = weights.fc1[first_expert : first_expert + n]
     fc2 = weights.fc2[first_expert : first_expert + n]
     return ExpertCall(fc1, fc2, hidden, probs, counts, weights)
+
+
+class GemmExpertBackend(ExpertBackend):
+    """A backend over the stacked expert weights: ``forward`` validates and prepares the call
+    (prepare_call), then ``compute`` runs it."""
+
+    @classmethod
+    def unavailable_reason(cls, local_experts, device, dtype):
+        return gemm_unavailable_reason(local_experts, device, dtype)
+
+    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
+        call = prepare_call(
+            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
+        )
+        return self.compute(call, local_experts, first_expert)
+
+    def compute(self, call: ExpertCall, local_experts, first_expert: int) -> torch.Tensor:
+        """[M, H] output of ``call`` (experts first_expert .. first_expert + n - 1)."""
+        raise NotImplementedError
 
 
 # (device, values) -> int32 device tensor staged ahead of time by stage_int32_batch.

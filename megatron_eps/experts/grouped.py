@@ -14,12 +14,12 @@ import itertools
 
 import torch
 
-from megatron_eps.experts.base import ExpertBackend, register_backend
+from megatron_eps.experts.base import register_backend
 from megatron_eps.experts.gemm_common import (
     ExpertCall,
+    GemmExpertBackend,
     gemm_unavailable_reason,
     pinned_int32,
-    prepare_call,
 )
 
 _ALIGN_BYTES = 16
@@ -47,7 +47,7 @@ def grouped_expert_forward(call: ExpertCall) -> torch.Tensor:
 
 
 @register_backend
-class GroupedExpertsBackend(ExpertBackend):
+class GroupedExpertsBackend(GemmExpertBackend):
     name = "grouped"
     accepts_strided_rows = True
 
@@ -75,8 +75,5 @@ class GroupedExpertsBackend(ExpertBackend):
                 return f"torch._grouped_mm needs {name}*{elem} bytes to be a multiple of 16, got {size}"
         return None
 
-    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
-        call = prepare_call(
-            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
-        )
+    def compute(self, call, local_experts, first_expert):
         return grouped_expert_forward(call)

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron_eps.experts.base import ExpertBackend, register_backend
-from megatron_eps.experts.gemm_common import gemm_unavailable_reason, prepare_call
+from megatron_eps.experts.base import register_backend
+from megatron_eps.experts.gemm_common import GemmExpertBackend, gemm_unavailable_reason
 from megatron_eps.experts.weights import StackedExperts, _experts_kind
 
 
@@ -26,7 +26,7 @@ def te_unavailable_reason() -> Optional[str]:
 
 
 @register_backend
-class TEExpertsBackend(ExpertBackend):
+class TEExpertsBackend(GemmExpertBackend):
     name = "te"
 
     @classmethod
@@ -40,11 +40,8 @@ class TEExpertsBackend(ExpertBackend):
             return "the te expert kernel runs TEGroupedMLP experts only (moe_grouped_gemm with TE specs)"
         return gemm_unavailable_reason(local_experts, device, dtype)
 
-    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
-        # prepare_call validates the arguments and folds probs into the input when asked.
-        call = prepare_call(
-            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
-        )
+    def compute(self, call, local_experts, first_expert):
+        # prepare_call has validated the arguments and folded probs into the input when asked.
         module = local_experts.module
         if call.hidden.shape[0] == 0:
             return call.hidden.new_empty(0, call.hidden.shape[1])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from megatron_eps.experts import triton_kernels as tk
-from megatron_eps.experts.base import ExpertBackend, register_backend
-from megatron_eps.experts.gemm_common import ExpertCall, gemm_unavailable_reason, prepare_call
+from megatron_eps.experts.base import register_backend
+from megatron_eps.experts.gemm_common import ExpertCall, GemmExpertBackend, gemm_unavailable_reason
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -53,7 +53,7 @@ def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
 
 
 @register_backend
-class TritonExpertsBackend(ExpertBackend):
+class TritonExpertsBackend(GemmExpertBackend):
     name = "triton"
 
     @classmethod
@@ -70,8 +70,5 @@ class TritonExpertsBackend(ExpertBackend):
             return f"the triton expert kernel runs bfloat16/float16/float32, not {dtype}"
         return gemm_unavailable_reason(local_experts, device, dtype)
 
-    def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
-        call = prepare_call(
-            local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
-        )
+    def compute(self, call, local_experts, first_expert):
         return triton_expert_forward(call)
