@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_eps.config import CHUNK_SPLITS, EXPERT_KERNELS
+from megatron_eps.config import CHUNK_SPLITS, EXPERT_KERNELS, TRANSPORTS
 
 # argparse dest -> EPSConfig field. Flags left at None do not override the YAML file.
 ARG_TO_FIELD = {
@@ -16,6 +16,7 @@ ARG_TO_FIELD = {
     "eps_chunk_split": "chunk_split",
     "eps_comm_num_ctas": "comm_num_ctas",
     "eps_gemm_sm_carveout": "gemm_sm_carveout",
+    "eps_transport": "transport",
 }
 
 
@@ -130,5 +131,14 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="Experts per chunk: equal (the paper), tail (last chunk one expert), or auto (the "
         "cost model picks per forward). Default: auto.",
+    )
+    group.add_argument(
+        "--eps-transport",
+        type=str,
+        choices=TRANSPORTS,
+        default=None,
+        help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
+        "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
+        "or auto (copy_engine where it works, else nccl). Default: auto.",
     )
     return parser

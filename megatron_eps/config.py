@@ -30,6 +30,18 @@ auto  -- with pipeline_degree="auto" the cost model picks equal or tail per forw
 """
 
 
+TRANSPORTS = ("auto", "nccl", "copy_engine")
+"""Allowed ``transport`` values: how a chunk's rows travel between the ranks of the EP group.
+
+nccl        -- torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU); works anywhere,
+               but its kernels need SMs, so beside a persistent grouped GEMM it does not overlap
+copy_engine -- the GPUs' copy engines write each row straight into its final place in the
+               peer's symmetric-memory buffer (no SMs): every EP rank on one node with peer
+               access (NVLink), CUDA, torch symmetric memory and cuda-bindings
+auto        -- copy_engine where it can work, else nccl (logged once)
+"""
+
+
 class EPSConfigError(ValueError):
     """A megatron-eps setting has a value that is not allowed. The message names both."""
 
@@ -55,6 +67,7 @@ class EPSConfig:
         gemm_sm_carveout: SMs held back from the GEMMs (cuBLAS, torch._grouped_mm, our Triton
             kernel) while chunks overlap with communication, so the all-to-all kernels find
             free SMs (None: 0).
+        transport: how chunks travel between EP ranks, one of TRANSPORTS.
     """
 
     enabled: bool = True
@@ -66,6 +79,7 @@ class EPSConfig:
     max_pipeline_degree: int = 16
     comm_num_ctas: Optional[int] = None
     gemm_sm_carveout: Optional[int] = None
+    transport: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -90,6 +104,11 @@ class EPSConfig:
                 f"allowed values: {', '.join(CHUNK_SPLITS)}"
             )
         self.max_pipeline_degree = _positive_int("max_pipeline_degree", self.max_pipeline_degree)
+        if self.transport not in TRANSPORTS:
+            raise EPSConfigError(
+                f"eps transport={self.transport!r} is not allowed; "
+                f"allowed values: {', '.join(TRANSPORTS)}"
+            )
         if self.comm_num_ctas is not None:
             self.comm_num_ctas = _positive_int("comm_num_ctas", self.comm_num_ctas)
         if self.gemm_sm_carveout is not None:
