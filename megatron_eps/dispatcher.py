@@ -11,7 +11,9 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_eps import compat
-from megatron_eps.comm import AllToAll, ProcessGroupAllToAll
+from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
+from megatron_eps.comm.base import gather_rows, row_probs
+from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
 from megatron_eps.sm_control import gemm_sm_carveout
 from megatron_eps.schedule import (
@@ -23,7 +25,6 @@ from megatron_eps.schedule import (
     Chunking,
     build_plan,
     chunk_sizes,
-    regroup_rows,
     run_plan,
 )
 
@@ -40,6 +41,7 @@ def permute_chunk_major(
     routing_map: torch.Tensor,
     expert_order: np.ndarray,
     num_rows: int,
+    gather_tokens: bool = True,
 ):
     """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
 
@@ -53,8 +55,9 @@ def permute_chunk_major(
         expert_order: [E] expert ids, chunk-major (ChunkLayout.expert_order).
         num_rows: number of routed pairs (sum of routing_map).
     Returns:
-        (permuted tokens [num_rows, H], permuted probs [num_rows], token index per row
-        [num_rows], the ``sorted_indices`` Megatron's unpermute takes).
+        (permuted tokens [num_rows, H] (None with ``gather_tokens`` False: the caller gathers
+        them itself), permuted probs [num_rows], token index per row [num_rows], the
+        ``sorted_indices`` Megatron's unpermute takes).
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
@@ -73,7 +76,8 @@ def permute_chunk_major(
     permuted_probs = probs.new_empty(num_rows + 1)
     permuted_probs.scatter_(0, row, expert_probs.t().reshape(-1))
     permuted_probs = permuted_probs[:num_rows]
-    return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
+    permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
+    return permuted, permuted_probs, sorted_indices
 
 
 def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
@@ -91,10 +95,15 @@ def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
     return width // token_bytes
 
 
-def row_probs(packed: torch.Tensor, hidden_size: int, probs_dtype: torch.dtype) -> torch.Tensor:
-    """The routing weight of every packed row (a strided view into ``packed``)."""
-    width = torch.empty((), dtype=probs_dtype).element_size() // packed.element_size()
-    return packed[:, hidden_size : hidden_size + width].view(probs_dtype)[:, 0]
+def widen_rows(tokens: torch.Tensor, columns: int) -> torch.Tensor:
+    """[T, H + columns]: the token rows with room for the routing weight (the columns are
+    filled per routed row by ``comm.base.gather_rows``)."""
+    if not columns:
+        return tokens
+    num_tokens, hidden = tokens.shape
+    extended = tokens.new_empty((num_tokens, hidden + columns))
+    extended[:, :hidden] = tokens
+    return extended
 
 
 def pack_rows_with_probs(
@@ -102,12 +111,7 @@ def pack_rows_with_probs(
 ) -> torch.Tensor:
     """[num_rows, H + columns]: each permuted token row with its routing weight appended, so one
     all-to-all per chunk dispatches both (Megatron sends the weights in a second one)."""
-    num_tokens, hidden = tokens.shape
-    extended = tokens.new_empty((num_tokens, hidden + columns))
-    extended[:, :hidden] = tokens
-    packed = extended.index_select(0, sorted_indices)
-    row_probs(packed, hidden, permuted_probs.dtype).copy_(permuted_probs)
-    return packed
+    return gather_rows(widen_rows(tokens, columns), sorted_indices, columns, permuted_probs)
 
 
 def unpermute_sum_per_token(
@@ -126,7 +130,8 @@ def unpermute_sum_per_token(
     top_k = combined.shape[0] // num_tokens
     rows_by_token = torch.argsort(sorted_indices, stable=True)
     gathered = combined.index_select(0, rows_by_token).view(num_tokens, top_k, -1)
-    return gathered.sum(dim=1, dtype=torch.float32).to(combined.dtype)
+    accumulate = torch.promote_types(combined.dtype, torch.float32)
+    return gathered.sum(dim=1, dtype=accumulate).to(combined.dtype)
 
 
 @dataclass
@@ -137,6 +142,7 @@ class PipelineRecord:
     tokens_per_chunk: List[int]
     global_counts: np.ndarray
     experts_per_chunk: Tuple[int, ...] = ()
+    transport: str = ""
 
 
 class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -165,7 +171,14 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.eps_config = eps_config if eps_config is not None else EPSConfig()
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
-        self.all_to_all: AllToAll = ProcessGroupAllToAll(self.ep_group if self.ep_size > 1 else None)
+        if self.eps_config.enabled:
+            from megatron_eps.comm.selection import check_transport_setting
+
+            # Local facts only: an impossible transport fails here, before any collective.
+            check_transport_setting(self.eps_config.transport, self.ep_group, self.ep_size)
+        # Resolved at the first forward (copy_engine needs the device and one agreement
+        # all-reduce); ``use_transport`` sets one explicitly.
+        self.transport: Optional[ExpertTransport] = None
         self.overlap = True
         self.profiler_ranges = False
         # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
@@ -173,12 +186,44 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.dispatch_ahead: Optional[int] = None
         self.last_record: Optional[PipelineRecord] = None
 
+    # ------------------------------------------------------------------ transport
+    def use_transport(self, transport: ExpertTransport) -> None:
+        """Run the next forwards over ``transport`` (tests and benchmarks: e.g. an NCCLTransport
+        over the single-GPU link emulator)."""
+        self.transport = transport
+
+    @property
+    def all_to_all(self) -> Optional[AllToAll]:
+        """The all-to-all under an NCCLTransport (None for other transports)."""
+        return getattr(self.transport, "all_to_all", None)
+
+    @all_to_all.setter
+    def all_to_all(self, all_to_all: AllToAll) -> None:
+        self.transport = NCCLTransport(all_to_all)
+
+    def _resolve_transport(self, device: torch.device) -> ExpertTransport:
+        if self.transport is not None:
+            return self.transport
+        group = self.ep_group if self.ep_size > 1 else None
+        setting = self.eps_config.transport
+        if self.ep_size > 1 and device.type == "cuda" and setting != "nccl":
+            from megatron_eps.comm.copy_engine import CopyEngineTransport, peer_memory_for
+            from megatron_eps.comm.selection import agree_on_copy_engine
+
+            if agree_on_copy_engine(self.ep_group, device, setting):
+                self.transport = CopyEngineTransport(peer_memory_for(self.ep_group, device))
+                return self.transport
+        self.transport = NCCLTransport(ProcessGroupAllToAll(group))
+        return self.transport
+
     # ------------------------------------------------------------------ public entry
     def global_token_counts(self, routing_map: torch.Tensor) -> np.ndarray:
         """counts[src_rank, expert] for the whole EP group: one all-gather, one host copy.
 
         This is the only host synchronization of the pipelined forward (stock Megatron also
-        needs one to size its all-to-alls).
+        needs one to size its all-to-alls). On GPUs the host polls for it with a deadline
+        (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
+        as the previous forward's waits for peers, so a lost peer ends in a clear error.
         """
         local = routing_map.sum(dim=0).to(torch.int64)
         if self.ep_size > 1:
@@ -188,6 +233,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
         else:
             gathered = local
+        if gathered.is_cuda:
+            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            host.copy_(gathered, non_blocking=True)
+            wait_for_event(torch.cuda.current_stream().record_event(), wait_timeout_s(),
+                           "the expert-parallel token counts (all-gather over the EP group)")
+            gathered = host
         return gathered.cpu().numpy().reshape(self.ep_size, self.num_experts)
 
     def pipelined_forward(
@@ -236,77 +287,40 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
         if prepare_experts is not None:
             prepare_experts(layout)
-        # Permutation 1 (chunk-major): each chunk's send buffer becomes one contiguous slice.
+        transport = self._resolve_transport(tokens.device)
+        self.last_record.transport = transport.name if transport.moves_rows else "local"
+        # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
+        # the copy engines, land in their final rows).
         num_rows = layout.send_offsets[-1]
         hidden_size = tokens.shape[-1]
-        permuted_tokens, permuted_probs, sorted_indices = permute_chunk_major(
-            tokens, probs, routing_map, layout.expert_order, num_rows
+        _, permuted_probs, sorted_indices = permute_chunk_major(
+            tokens, probs, routing_map, layout.expert_order, num_rows, gather_tokens=False
         )
-        over_link = self.ep_size > 1 or self.all_to_all.occupies_link
-        packed_columns = probs_columns(tokens, probs) if over_link else 0
-        if packed_columns:
-            permuted_tokens = pack_rows_with_probs(
-                tokens, sorted_indices, permuted_probs, packed_columns
-            )
-        combined = tokens.new_empty((num_rows, hidden_size))
-
-        received_tokens: List[Optional[torch.Tensor]] = [None] * num_chunks
-        received_probs: List[Optional[torch.Tensor]] = [None] * num_chunks
-        expert_outputs: List[Optional[torch.Tensor]] = [None] * num_chunks
+        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
+        transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
+                        tokens.dtype, tokens.device)
+        transport.place_rows(widen_rows(tokens, packed_columns), sorted_indices, permuted_probs,
+                             packed_columns)
         shared_output: List[Optional[torch.Tensor]] = [None]
-
-        comm_stream = self._comm_stream(tokens)
-
-        def chunk_slice(tensor, chunk):
-            return tensor[layout.send_offsets[chunk] : layout.send_offsets[chunk + 1]]
+        comm_stream = self._comm_stream(tokens, transport)
 
         def dispatch(chunk):
-            send_tokens = chunk_slice(permuted_tokens, chunk)
-            send_probs = chunk_slice(permuted_probs, chunk)
-            if not over_link:
-                received_tokens[chunk], received_probs[chunk] = send_tokens, send_probs
-                return
-            rows = sum(layout.recv_splits[chunk])
-            splits_in, splits_out = layout.send_splits[chunk], layout.recv_splits[chunk]
-            recv_tokens = send_tokens.new_empty((rows, send_tokens.shape[1]))
-            self.all_to_all(recv_tokens, send_tokens, splits_out, splits_in)
-            recv_probs = None
-            if not packed_columns:
-                recv_probs = send_probs.new_empty((rows,))
-                self.all_to_all(recv_probs, send_probs, splits_out, splits_in)
-            received_tokens[chunk], received_probs[chunk] = recv_tokens, recv_probs
+            return transport.dispatch(chunk)
 
         def experts(chunk):
-            x, p = received_tokens[chunk], received_probs[chunk]
-            if comm_stream is not None:
-                # Allocated on the comm stream, read here on the compute stream: keep the
-                # allocator from reusing the memory before these reads ran (the plan orders
-                # the next comm-stream allocation after them too; this does not rely on it).
-                x.record_stream(torch.cuda.current_stream())
-                if p is not None:
-                    p.record_stream(torch.cuda.current_stream())
-            regroup = layout.rank_major_to_expert_major(chunk)
-            if regroup is not None:
-                x = regroup_rows(x, *regroup)
-                p = regroup_rows(p, *regroup) if p is not None else None
-            if packed_columns:
+            x = transport.received(chunk)
+            if isinstance(x, tuple):
+                x, p = x
+            elif packed_columns:
                 p = row_probs(x, hidden_size, probs.dtype).contiguous()
                 x = x[:, :hidden_size]
+            else:
+                p = None
             first_expert = layout.expert_ranges[chunk][0]
-            y = run_experts(x, layout.tokens_per_expert[chunk], p, first_expert)
-            regroup = layout.expert_major_to_rank_major(chunk)
-            if regroup is not None:
-                y = regroup_rows(y, *regroup)
-            expert_outputs[chunk] = y
-            received_tokens[chunk] = received_probs[chunk] = None
+            transport.hand_back(chunk, run_experts(x, layout.tokens_per_expert[chunk], p, first_expert))
 
         def combine(chunk):
-            self.all_to_all(
-                chunk_slice(combined, chunk),
-                expert_outputs[chunk],
-                layout.send_splits[chunk],
-                layout.recv_splits[chunk],
-            )
+            return transport.combine(chunk)
 
         def shared(_chunk):
             shared_output[0] = shared_experts()
@@ -318,13 +332,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         stages = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine, SHARED: shared}
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
-        # GEMM that holds every SM would keep them waiting (unpipelined: nothing to leave).
-        overlapping = comm_stream is not None and num_chunks > 1
+        # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
+        # engines, which need no SM: nothing to leave).
+        overlapping = comm_stream is not None and num_chunks > 1 and transport.name == "nccl"
         with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
             run_plan(plan, stages, comm_stream, self.profiler_ranges)
-        # Every chunk buffer above stays referenced until here, after the compute stream has
-        # waited for the last combine, so the caching allocator cannot hand a buffer to new
-        # work while the comm stream may still read or write it.
+        combined = transport.combined_rows()
 
         if num_rows == tokens.shape[0] * self.config.moe_router_topk:
             output = unpermute_sum_per_token(combined, sorted_indices, tokens.shape[0])
@@ -332,16 +345,17 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             output = compat.unpermute_tokens(
                 combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
             )
+        transport.end()
         output = output.view(hidden_shape)
         if shared_output[0] is not None:
             output = output + shared_output[0]
         return output
 
     # ------------------------------------------------------------------ streams
-    def _comm_stream(self, like: torch.Tensor):
+    def _comm_stream(self, like: torch.Tensor, transport: ExpertTransport):
         if not (self.overlap and like.is_cuda):
             return None
-        if self.ep_size == 1 and not self.all_to_all.occupies_link:
+        if not transport.moves_rows:
             return None  # nothing to overlap with: dispatch/combine are local slices
         if EPSAlltoAllTokenDispatcher.comm_stream is None:
             # High priority: when SMs free up, the block scheduler starts pending all-to-all
@@ -351,3 +365,34 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 device=like.device, priority=-1
             )
         return EPSAlltoAllTokenDispatcher.comm_stream
+
+
+def wait_timeout_s() -> float:
+    """Seconds the host waits for a forward's cross-rank work before it gives up
+    (``MEGATRON_EPS_WAIT_TIMEOUT_S``, default 600)."""
+    import os
+
+    return float(os.environ.get("MEGATRON_EPS_WAIT_TIMEOUT_S", "600"))
+
+
+class PeerTimeoutError(RuntimeError):
+    """A wait for the other ranks of the expert-parallel group did not finish in time."""
+
+
+def wait_for_event(event, timeout_s: float, what: str) -> None:
+    """Block the host until ``event`` completes; raise PeerTimeoutError after ``timeout_s``."""
+    import time
+
+    if event.query():
+        return
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise PeerTimeoutError(
+                f"megatron-eps: waited {timeout_s:.0f} s for {what} without completion; another "
+                "rank of the expert-parallel group has stopped or diverged (set "
+                "MEGATRON_EPS_WAIT_TIMEOUT_S to wait longer)"
+            )
+        time.sleep(pause)
+        pause = min(1e-3, pause + 2e-5)

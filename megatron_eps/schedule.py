@@ -87,44 +87,47 @@ def build_plan(
 
 def run_plan(
     plan: Sequence[Step],
-    stages: Dict[str, Callable[[int], None]],
+    stages: Dict[str, Callable[[int], object]],
     comm_stream: Optional["torch.cuda.Stream"],
     profiler_ranges: bool = False,
 ) -> None:
     """Execute ``plan``. ``stages[name](chunk)`` issues that stage's work on the current stream.
 
-    With ``comm_stream`` None everything runs on the current stream in plan order (CPU, or a
-    GPU run with overlap switched off). Otherwise COMM steps are issued under ``comm_stream``
-    and steps are ordered only by the plan's events: no device-wide synchronization.
+    A stage may return what its consumers wait on (an object with ``wait(stream)``, e.g. the
+    copy-engine transport's flag waits); otherwise the plan records an event on the stage's
+    stream after it. With ``comm_stream`` None everything runs on the current stream in plan
+    order (CPU, or a GPU run with overlap switched off). Otherwise COMM steps are issued under
+    ``comm_stream`` and steps are ordered only by the plan's events: no device-wide sync.
     """
     if comm_stream is None:
         for step in plan:
             _issue(step, stages, profiler_ranges)
         return
     compute_stream = torch.cuda.current_stream()
-    events: Dict[str, torch.cuda.Event] = {"tokens_ready": compute_stream.record_event()}
+    events: Dict[str, object] = {"tokens_ready": compute_stream.record_event()}
     streams = {COMM: comm_stream, COMPUTE: compute_stream}
-    last_comm_event = None
+    last_comm = None
     for step in plan:
         stream = streams[step.stream]
         if step.wait is not None:
-            stream.wait_event(events[step.wait])
+            events[step.wait].wait(stream)
         with torch.cuda.stream(stream):
-            _issue(step, stages, profiler_ranges)
+            completion = _issue(step, stages, profiler_ranges)
         if step.record is not None:
-            events[step.record] = stream.record_event()
+            if completion is None:
+                completion = stream.record_event()
+            events[step.record] = completion
             if step.stream == COMM:
-                last_comm_event = events[step.record]
-    if last_comm_event is not None:
-        compute_stream.wait_event(last_comm_event)
+                last_comm = completion
+    if last_comm is not None:
+        last_comm.wait(compute_stream)
 
 
 def _issue(step: Step, stages, profiler_ranges: bool):
     if profiler_ranges:
         with torch.profiler.record_function(f"eps.{step.stage}[{step.chunk}]"):
-            stages[step.stage](step.chunk)
-    else:
-        stages[step.stage](step.chunk)
+            return stages[step.stage](step.chunk)
+    return stages[step.stage](step.chunk)
 
 
 # ---------------------------------------------------------------------------- chunk layout
@@ -279,11 +282,3 @@ class ChunkLayout:
         sizes = [int(x) for x in counts.T.reshape(-1)]  # piece (e, s) at index e * num_src + s
         order = [e * num_src + s for s in range(num_src) for e in range(num_exp)]
         return sizes, order
-
-
-def regroup_rows(
-    tensor: torch.Tensor, sizes: Sequence[int], order: Sequence[int]
-) -> torch.Tensor:
-    """Split ``tensor`` along rows into pieces of ``sizes`` and concatenate them in ``order``."""
-    pieces = torch.split(tensor, list(sizes), dim=0)
-    return torch.cat([pieces[i] for i in order], dim=0)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_eps.comm.nccl import regroup_rows
 from megatron_eps.schedule import (
     COMBINE,
     COMM,
@@ -14,7 +15,6 @@ from megatron_eps.schedule import (
     ChunkLayout,
     build_plan,
     chunk_sizes,
-    regroup_rows,
     run_plan,
     split_local_experts,
     tail_split,

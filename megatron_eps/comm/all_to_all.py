@@ -1,4 +1,4 @@
-"""The all-to-all used by the pipeline, behind a small interface so a benchmark can swap it.
+"""The variable-size all-to-all under ``NCCLTransport``, behind a small interface so a benchmark can swap it.
 
 ``ProcessGroupAllToAll`` is the real thing (torch.distributed: NCCL on GPUs, gloo on CPU).
 ``megatron_eps.link_emulator.EmulatedLinkAllToAll`` stands in for a multi-GPU link on one GPU,

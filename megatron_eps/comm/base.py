@@ -1,0 +1,110 @@
+"""The transport interface the pipeline drives, one forward at a time.
+
+Per forward, with ``L`` = the chunk layout (``schedule.ChunkLayout``, identical on every rank
+but for ``ep_rank``), ``W`` = row width (hidden size plus the columns carrying the routing
+weight) and ``H`` = hidden size:
+
+1. ``begin(layout, counts, width, hidden, dtype, device)`` on the host: size buffers.
+2. ``place_rows(rows, sorted_indices, permuted_probs, prob_columns)`` on the compute stream:
+   the routed rows in send order (chunk, destination rank, expert), each the token row
+   ``rows[sorted_indices[i]]`` [W] with its weight ``permuted_probs[i]`` in the prob columns.
+3. For each chunk g, in the plan's order:
+   * ``dispatch(g)`` on the comm stream; returns the ``Completion`` the experts wait on (None:
+     the plan records an event on the comm stream).
+   * ``received(g)`` on the compute stream after that wait: [rows of g, W], expert-major
+     (experts of the chunk in order, each expert's rows by source rank, then token), which is
+     the order Megatron's stock dispatcher hands its experts.
+   * ``hand_back(g, outputs)`` on the compute stream: the experts' [rows of g, H] outputs in
+     the order of ``received(g)``.
+   * ``combine(g)`` on the comm stream; returns the ``Completion`` the final wait uses.
+4. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
+   rank routed, H] in send order, each row the output of the expert it was sent to.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+class Completion:
+    """Something a stream can wait for: ``wait(stream)`` orders the stream's later work after
+    it, without blocking the host (``torch.cuda.Event`` has the same method)."""
+
+    def wait(self, stream) -> None:
+        raise NotImplementedError
+
+
+class ExpertTransport:
+    """The exchange of one MoE layer's rows between EP ranks (see the module docstring)."""
+
+    name = "transport"
+    # False when no row crosses a rank (EP size 1, no emulated link): dispatch and combine
+    # are slices of local buffers and the pipeline has nothing to overlap.
+    moves_rows = True
+
+    def begin(
+        self,
+        layout,
+        counts: np.ndarray,
+        width: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        raise NotImplementedError
+
+    def place_rows(
+        self,
+        rows: torch.Tensor,
+        sorted_indices: torch.Tensor,
+        permuted_probs: torch.Tensor,
+        prob_columns: int,
+    ) -> None:
+        raise NotImplementedError
+
+    def dispatch(self, chunk: int) -> Optional[Completion]:
+        raise NotImplementedError
+
+    def received(self, chunk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hand_back(self, chunk: int, outputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def combine(self, chunk: int) -> Optional[Completion]:
+        raise NotImplementedError
+
+    def combined_rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """Drop the forward's references (called after ``combined_rows`` was consumed)."""
+
+    def check_progress(self) -> None:
+        """Raise if earlier forwards' cross-rank waits have not completed in time (no-op for
+        transports whose waits are collectives with their own timeouts)."""
+
+
+def gather_rows(rows: torch.Tensor, sorted_indices: torch.Tensor, prob_columns: int,
+                permuted_probs: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rows[sorted_indices]`` with each row's routing weight written into its prob columns.
+
+    rows: [T, W] token rows (W = H + prob_columns); sorted_indices: [M]; permuted_probs: [M].
+    Returns [M, W] (``out`` when given).
+    """
+    if out is None:
+        out = rows.index_select(0, sorted_indices)
+    else:
+        torch.index_select(rows, 0, sorted_indices, out=out)
+    if prob_columns:
+        row_probs(out, rows.shape[1] - prob_columns, permuted_probs.dtype).copy_(permuted_probs)
+    return out
+
+
+def row_probs(packed: torch.Tensor, hidden_size: int, probs_dtype: torch.dtype) -> torch.Tensor:
+    """The routing weight of every packed row (a strided view into ``packed``)."""
+    width = torch.empty((), dtype=probs_dtype).element_size() // packed.element_size()
+    return packed[:, hidden_size : hidden_size + width].view(probs_dtype)[:, 0]

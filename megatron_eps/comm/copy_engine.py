@@ -1,0 +1,381 @@
+"""CopyEngineTransport: rows written by the GPUs' copy engines into the peers' symmetric memory.
+
+Why: NCCL's all-to-all kernels need SMs, and a persistent grouped GEMM holds all of them, so
+the two serialize (measured on two H200s: overlap 0.00). A ``cudaMemcpyAsync`` into a peer's
+buffer runs on a copy engine and takes no SM, so it proceeds beside the GEMM.
+
+How (``copy_engine_layout`` has the row arithmetic):
+
+* dispatch(g): one batched copy-engine call writes this rank's rows of chunk g straight into
+  their final rows of every peer's receive area (expert-major, the GEMM's order: nothing is
+  regrouped on the receiver), then a stream memory operation bumps a flag in each peer's
+  memory to the forward's sequence number. Rows for this rank's own experts were placed in its
+  receive area by the permutation and never move.
+* received(g): the receiver's compute stream waits (a stream memory operation, no SM) until
+  every peer's flag for chunk g reached the sequence number; the rows are a view of the
+  receive area.
+* combine(g): the outputs of this rank's experts are copied to their source ranks' return
+  buffers (to this rank's own return buffer for its own rows); after the last chunk a flag
+  per peer tells it its rows are back.
+
+Buffers are sized from the all-gathered count matrix (the same numbers on every rank), grown
+geometrically and reused across forwards and layers. The count all-gather that starts every
+forward is the fence that keeps a peer from writing a buffer this rank still reads: a rank
+enters it only after its previous forward's reads were issued, in stream order.
+
+``SymmetricPeerMemory`` is the real memory (torch symmetric memory + cuda-bindings);
+``SimulatedPeers`` runs the same transport for several ranks in one process on plain tensors,
+for tests of the arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_eps.comm.base import Completion, ExpertTransport, gather_rows
+from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
+
+logger = logging.getLogger(__name__)
+
+# Flag slots per (receiving rank, sending rank): one per dispatch chunk and one for the combine.
+MAX_CHUNKS = 256
+COMBINE_SLOT = MAX_CHUNKS
+NUM_SLOTS = MAX_CHUNKS + 1
+# Symmetric buffers grow to at least this factor of their old size, in steps of this many bytes.
+GROWTH = 1.5
+GRANULE = 2 << 20
+
+DISPATCH_BUFFER = "dispatch"
+RETURN_BUFFER = "return"
+
+
+class PeerMemory:
+    """Buffers of the same size on every rank of an EP group, and copies and flags between them."""
+
+    ep_size: int
+    ep_rank: int
+
+    def ensure(self, dispatch_bytes: int, return_bytes: int) -> None:
+        """Grow both buffers to at least these sizes (all ranks call it with the same sizes)."""
+        raise NotImplementedError
+
+    def local(self, which: str) -> torch.Tensor:
+        """This rank's buffer ``which`` as uint8 [capacity bytes]."""
+        raise NotImplementedError
+
+    def copy_rows(self, src: torch.Tensor, batches: Sequence[Tuple[int, str, RowCopies]]) -> None:
+        """Issue on the current stream: for each (rank, buffer, copies), rows of ``src`` (2-D,
+        contiguous) to rows of that rank's buffer viewed as rows of ``src``'s width and dtype."""
+        raise NotImplementedError
+
+    def signal(self, peer: int, slot: int, value: int) -> None:
+        """After the current stream's earlier work: set flag (slot, this rank) on ``peer``."""
+        raise NotImplementedError
+
+    def wait(self, peer: int, slot: int, value: int, stream) -> None:
+        """``stream`` waits until this rank's flag (slot, peer) is >= value."""
+        raise NotImplementedError
+
+    def next_sequence(self) -> int:
+        self._sequence = getattr(self, "_sequence", 0) + 1
+        return self._sequence
+
+
+class _FlagWait(Completion):
+    """Waits for flags set by peers (and, optionally, for an event of this rank)."""
+
+    def __init__(self, memory: PeerMemory, slot: int, value: int, peers: Sequence[int], event=None):
+        self.memory, self.slot, self.value, self.peers, self.event = memory, slot, value, peers, event
+
+    def wait(self, stream) -> None:
+        if self.event is not None:
+            stream.wait_event(self.event)
+        for peer in self.peers:
+            self.memory.wait(peer, self.slot, self.value, stream)
+
+
+def _rows_view(buffer: torch.Tensor, byte_offset: int, rows: int, width: int, dtype) -> torch.Tensor:
+    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    return buffer[byte_offset : byte_offset + rows * row_bytes].view(dtype).view(rows, width)
+
+
+class CopyEngineTransport(ExpertTransport):
+    name = "copy_engine"
+    moves_rows = True
+
+    def __init__(self, memory: PeerMemory):
+        self.memory = memory
+
+    def begin(self, layout, counts, width, hidden, dtype, device):
+        if layout.num_chunks > MAX_CHUNKS:
+            raise ValueError(
+                f"copy_engine transport supports at most {MAX_CHUNKS} chunks, got {layout.num_chunks}"
+            )
+        plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges)
+        element = torch.empty((), dtype=dtype).element_size()
+        row_bytes, out_row_bytes = width * element, hidden * element
+        self.memory.ensure(
+            (plan.recv_capacity + plan.staging_capacity) * row_bytes,
+            plan.return_capacity * out_row_bytes,
+        )
+        self.plan, self.layout = plan, layout
+        self.sequence = self.memory.next_sequence()
+        dispatch_buffer = self.memory.local(DISPATCH_BUFFER)
+        self._recv = _rows_view(dispatch_buffer, 0, plan.recv_capacity, width, dtype)
+        self._staging = _rows_view(
+            dispatch_buffer, plan.recv_capacity * row_bytes, plan.staging_capacity, width, dtype
+        )
+        self._return = _rows_view(
+            self.memory.local(RETURN_BUFFER), 0, layout.send_offsets[-1], hidden, dtype
+        )
+        self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
+        self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
+        # One host-to-device copy for the three row-index arrays of the permutation.
+        index = np.concatenate((plan.remote_send_rows, plan.local_send_rows, plan.local_recv_rows))
+        index = torch.from_numpy(index)
+        if device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+        n_remote, n_local = len(plan.remote_send_rows), len(plan.local_send_rows)
+        self._remote_rows = index[:n_remote]
+        self._local_rows = index[n_remote : n_remote + n_local]
+        self._local_dest = index[n_remote + n_local :]
+
+    def place_rows(self, rows, sorted_indices, permuted_probs, prob_columns):
+        if not prob_columns:
+            raise ValueError(
+                "copy_engine transport needs the routing weight packed into each row (hidden "
+                "size * element size a multiple of the weight's size); use transport: nccl"
+            )
+        n_remote = len(self._remote_rows)
+        gather_rows(
+            rows,
+            sorted_indices.index_select(0, self._remote_rows),
+            prob_columns,
+            permuted_probs.index_select(0, self._remote_rows),
+            out=self._staging[:n_remote],
+        )
+        if len(self._local_rows):
+            local = gather_rows(
+                rows,
+                sorted_indices.index_select(0, self._local_rows),
+                prob_columns,
+                permuted_probs.index_select(0, self._local_rows),
+            )
+            self._recv.index_copy_(0, self._local_dest, local)
+
+    def dispatch(self, chunk):
+        copies = self.plan.dispatch[chunk]
+        self.memory.copy_rows(
+            self._staging, [(peer, DISPATCH_BUFFER, copies[peer]) for peer in self._peers]
+        )
+        for peer in self._peers:
+            self.memory.signal(peer, chunk, self.sequence)
+        return _FlagWait(self.memory, chunk, self.sequence, self._peers)
+
+    def received(self, chunk):
+        offsets = self.plan.recv_chunk_offsets
+        return self._recv[offsets[chunk] : offsets[chunk + 1]]
+
+    def hand_back(self, chunk, outputs):
+        self._outputs[chunk] = outputs.contiguous()
+
+    def combine(self, chunk):
+        outputs = self._outputs[chunk]
+        if outputs.is_cuda:
+            # Made on the compute stream, read by the copies issued here: keep the allocator
+            # from reusing it before they ran.
+            outputs.record_stream(torch.cuda.current_stream())
+        copies = self.plan.combine[chunk]
+        self.memory.copy_rows(
+            outputs, [(rank, RETURN_BUFFER, copies[rank]) for rank in range(self.plan.ep_size)]
+        )
+        self._outputs[chunk] = None
+        if chunk != self.layout.num_chunks - 1:
+            return None
+        for peer in self._peers:
+            self.memory.signal(peer, COMBINE_SLOT, self.sequence)
+        event = torch.cuda.current_stream().record_event() if outputs.is_cuda else None
+        return _FlagWait(self.memory, COMBINE_SLOT, self.sequence, self._peers, event)
+
+    def combined_rows(self):
+        return self._return
+
+    def end(self):
+        self._recv = self._staging = self._return = None
+        self._outputs = []
+
+
+# ------------------------------------------------------------------------ simulated (tests)
+class SimulatedPeers:
+    """The memory of ``ep_size`` ranks in one process (CPU tensors), for tests.
+
+    ``memory(rank)`` is that rank's PeerMemory. Copies run at once; a wait on a flag that is not
+    set raises, so a missing or misordered signal fails the test instead of hanging.
+    """
+
+    def __init__(self, ep_size: int, device="cpu"):
+        self.ep_size = ep_size
+        self.device = torch.device(device)
+        self.buffers: List[Dict[str, torch.Tensor]] = [
+            {DISPATCH_BUFFER: torch.zeros(0, dtype=torch.uint8, device=self.device),
+             RETURN_BUFFER: torch.zeros(0, dtype=torch.uint8, device=self.device)}
+            for _ in range(ep_size)
+        ]
+        self.flags = np.zeros((ep_size, NUM_SLOTS, ep_size), dtype=np.int64)
+        self.copies_issued = 0
+        self._memories = [_SimulatedMemory(self, r) for r in range(ep_size)]
+
+    def memory(self, rank: int) -> "PeerMemory":
+        return self._memories[rank]
+
+
+class _SimulatedMemory(PeerMemory):
+    def __init__(self, world: SimulatedPeers, rank: int):
+        self.world, self.ep_rank, self.ep_size = world, rank, world.ep_size
+
+    def ensure(self, dispatch_bytes, return_bytes):
+        mine = self.world.buffers[self.ep_rank]
+        for which, need in ((DISPATCH_BUFFER, dispatch_bytes), (RETURN_BUFFER, return_bytes)):
+            if mine[which].numel() < need:
+                # Poison fresh memory so a row that is read but never written shows up.
+                mine[which] = torch.full((need,), 0xFF, dtype=torch.uint8, device=self.world.device)
+
+    def local(self, which):
+        return self.world.buffers[self.ep_rank][which]
+
+    def copy_rows(self, src, batches):
+        width, dtype = src.shape[1], src.dtype
+        for rank, which, copies in batches:
+            buffer = self.world.buffers[rank][which]
+            rows = buffer.numel() // (width * src.element_size())
+            dst = _rows_view(buffer, 0, rows, width, dtype)
+            for s, d, n in zip(copies.src_rows, copies.dst_rows, copies.num_rows):
+                dst[d : d + n] = src[s : s + n]
+                self.world.copies_issued += 1
+
+    def signal(self, peer, slot, value):
+        self.world.flags[peer, slot, self.ep_rank] = value
+
+    def wait(self, peer, slot, value, stream):
+        have = self.world.flags[self.ep_rank, slot, peer]
+        if have < value:
+            raise RuntimeError(
+                f"rank {self.ep_rank} waits for flag (slot {slot}, peer {peer}) >= {value}, "
+                f"which holds {have}"
+            )
+
+
+# ------------------------------------------------------------------------ real memory
+class SymmetricPeerMemory(PeerMemory):
+    """Torch symmetric memory on the EP group; copies through cuda-bindings' batched memcpy.
+
+    Flags are int32 words in a symmetric buffer of their own, written with
+    ``cuStreamWriteValue32`` (its default flags put a memory fence before the write, so the
+    copies the stream ran before it are visible first) and awaited with
+    ``cuStreamWaitValue32(GEQ)``: both run in the stream's front end and use no SM, so a
+    flag is neither delayed behind a persistent GEMM nor delays one.
+    """
+
+    def __init__(self, group, device: torch.device):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from megatron_eps.comm import cuda_ops
+
+        self._dist, self._symm_mem, self._ops = dist, symm_mem, cuda_ops
+        self.group = group
+        self.device = device
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self._flags, flag_handle = self._allocate(NUM_SLOTS * self.ep_size * 4)
+        self._flags.zero_()
+        self._flag_ptrs = self._peer_pointers(self._flags, flag_handle)
+        self._buffers: Dict[str, torch.Tensor] = {}
+        self._pointers: Dict[str, List[int]] = {}
+        self._capacity = {DISPATCH_BUFFER: 0, RETURN_BUFFER: 0}
+        # Every rank's flags are zero before any peer may set one.
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group, device_ids=[device.index])
+
+    def _allocate(self, nbytes: int):
+        tensor = self._symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
+        handle = self._symm_mem.rendezvous(tensor, self.group)
+        return tensor, handle
+
+    def _peer_pointers(self, tensor, handle) -> List[int]:
+        offset = tensor.data_ptr() - int(handle.buffer_ptrs[self.ep_rank])
+        return [int(p) + offset for p in handle.buffer_ptrs]
+
+    def ensure(self, dispatch_bytes, return_bytes):
+        wanted = {DISPATCH_BUFFER: dispatch_bytes, RETURN_BUFFER: return_bytes}
+        grow = {k: v for k, v in wanted.items() if v > self._capacity[k]}
+        if not grow:
+            return
+        # Peers may still copy into the old buffers from the last forward's stream work.
+        torch.cuda.synchronize(self.device)
+        self._dist.barrier(group=self.group, device_ids=[self.device.index])
+        for which, need in grow.items():
+            size = max(need, int(self._capacity[which] * GROWTH))
+            size = -(-size // GRANULE) * GRANULE
+            self._buffers.pop(which, None)
+            tensor, handle = self._allocate(size)
+            self._buffers[which] = tensor
+            self._pointers[which] = self._peer_pointers(tensor, handle)
+            self._capacity[which] = size
+            logger.info("copy_engine transport: %s buffer %.1f MiB per rank", which, size / 2**20)
+
+    def local(self, which):
+        return self._buffers[which]
+
+    def capacity_bytes(self) -> int:
+        return sum(self._capacity.values())
+
+    def copy_rows(self, src, batches):
+        row_bytes = src.shape[1] * src.element_size()
+        if src.stride(0) * src.element_size() != row_bytes or not src.is_contiguous():
+            raise ValueError("copy_rows needs contiguous rows")
+        base = src.data_ptr()
+        dsts, srcs, sizes = [], [], []
+        for rank, which, copies in batches:
+            if not len(copies):
+                continue
+            dst_base = self._pointers[which][rank]
+            dsts.append(dst_base + copies.dst_rows * row_bytes)
+            srcs.append(base + copies.src_rows * row_bytes)
+            sizes.append(copies.num_rows * row_bytes)
+        if not dsts:
+            return
+        self._ops.memcpy_batch(
+            np.concatenate(dsts), np.concatenate(srcs), np.concatenate(sizes),
+            torch.cuda.current_stream(self.device).cuda_stream,
+        )
+
+    def _flag(self, owner: int, slot: int, sender: int) -> int:
+        return self._flag_ptrs[owner] + (slot * self.ep_size + sender) * 4
+
+    def signal(self, peer, slot, value):
+        self._ops.stream_write_u32(
+            torch.cuda.current_stream(self.device).cuda_stream,
+            self._flag(peer, slot, self.ep_rank),
+            value,
+        )
+
+    def wait(self, peer, slot, value, stream):
+        self._ops.stream_wait_geq_u32(stream.cuda_stream, self._flag(self.ep_rank, slot, peer), value)
+
+
+_MEMORIES: Dict[Tuple[str, int], SymmetricPeerMemory] = {}
+
+
+def peer_memory_for(group, device: torch.device) -> SymmetricPeerMemory:
+    """The one SymmetricPeerMemory of an EP group in this process (layers share it: they run one
+    at a time, and sharing keeps one set of buffers and one sequence of flags)."""
+    key = (group.group_name, device.index)
+    if key not in _MEMORIES:
+        _MEMORIES[key] = SymmetricPeerMemory(group, device)
+    return _MEMORIES[key]

@@ -1,0 +1,172 @@
+"""Where every row of one forward lives in the copy-engine transport's buffers (host arithmetic).
+
+Each rank holds two buffers of the same size on every rank (symmetric memory):
+
+* the dispatch buffer: a receive area of ``recv_capacity`` rows at offset 0, then a staging area
+  of ``staging_capacity`` rows. Rank d's receive area holds, expert by expert (its local
+  experts in order, which is chunk by chunk), each expert's rows from source rank 0, 1, ...,
+  each source's rows in token order: the order the expert GEMMs read, so nothing is regrouped.
+  A rank's rows for its own experts are written straight into its receive area by the
+  permutation; the rows for other ranks' experts are staged in send order and copied by the
+  copy engines straight to their final row in the peer's receive area.
+* the return buffer: ``return_capacity`` rows; rank s's rows in its send order (chunk,
+  destination rank, expert, token), the layout the final unpermutation reads. Each expert's
+  outputs are copied back to their source rank's return buffer.
+
+Everything here derives from the all-gathered count matrix ``counts[src, expert]`` and the
+chunk ranges, which every rank holds, so the capacities are the same on every rank and every
+rank knows where its rows land in every peer's buffers without asking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RowCopies:
+    """Copies of whole rows: ``num_rows[i]`` rows from row ``src_rows[i]`` of the source buffer
+    to row ``dst_rows[i]`` of the destination buffer."""
+
+    src_rows: np.ndarray
+    dst_rows: np.ndarray
+    num_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.num_rows)
+
+    @property
+    def total_rows(self) -> int:
+        return int(self.num_rows.sum())
+
+    @classmethod
+    def merged(cls, src_rows, dst_rows, num_rows) -> "RowCopies":
+        """Drop empty copies and fuse copies that continue each other in both buffers."""
+        src_rows, dst_rows, num_rows = (np.asarray(a, dtype=np.int64) for a in (src_rows, dst_rows, num_rows))
+        keep = num_rows > 0
+        src_rows, dst_rows, num_rows = src_rows[keep], dst_rows[keep], num_rows[keep]
+        if len(num_rows) > 1:
+            continues = (src_rows[1:] == src_rows[:-1] + num_rows[:-1]) & (
+                dst_rows[1:] == dst_rows[:-1] + num_rows[:-1]
+            )
+            starts = np.flatnonzero(np.concatenate(([True], ~continues)))
+            sums = np.add.reduceat(num_rows, starts)
+            src_rows, dst_rows, num_rows = src_rows[starts], dst_rows[starts], sums
+        return cls(src_rows, dst_rows, num_rows)
+
+
+def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(total, dtype=np.int64)
+
+
+@dataclass
+class CopyEngineLayout:
+    """The copy-engine transport's plan for one forward, as seen from rank ``ep_rank``.
+
+    Row indices: "send order" = the permuted order of this rank's routed rows (chunk-major, see
+    ``ChunkLayout``); "receive area" / "staging" / "return" = rows of the buffers above.
+    """
+
+    ep_size: int
+    ep_rank: int
+    recv_capacity: int  # rows of every rank's receive area
+    staging_capacity: int  # rows of every rank's staging area
+    return_capacity: int  # rows of every rank's return buffer
+    recv_chunk_offsets: List[int]  # [chunk + 1] first receive-area row of each chunk (this rank)
+    local_send_rows: np.ndarray  # send-order rows of this rank bound for its own experts
+    local_recv_rows: np.ndarray  # ... and their receive-area rows
+    remote_send_rows: np.ndarray  # send-order rows bound for peers, in staging order
+    dispatch: List[Dict[int, RowCopies]]  # [chunk][peer] staging row -> peer receive-area row
+    combine: List[Dict[int, RowCopies]]  # [chunk][rank] chunk output row -> that rank's return row
+
+    @classmethod
+    def build(
+        cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]]
+    ) -> "CopyEngineLayout":
+        """counts: [ep_size, num_experts] rows each rank routes to each expert (global ids);
+        expert_ranges: [start, end) local-expert range of each chunk (the same on every rank)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        ep_size, num_experts = counts.shape
+        num_local = num_experts // ep_size
+        if num_local * ep_size != num_experts:
+            raise ValueError(f"{num_experts} experts do not split over {ep_size} ranks")
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank {ep_rank} outside [0, {ep_size})")
+        per = counts.reshape(ep_size, ep_size, num_local)  # [src, dst, local expert]
+
+        # send_start[s, d, l]: first send-order row of rank s's rows for expert l of rank d.
+        order = [(d, l) for a, b in expert_ranges for d in range(ep_size) for l in range(a, b)]
+        dst_idx = np.array([d for d, _ in order], dtype=np.int64)
+        loc_idx = np.array([l for _, l in order], dtype=np.int64)
+        sizes_send = per[:, dst_idx, loc_idx]  # [src, piece] in send order
+        starts_send = np.cumsum(sizes_send, axis=1) - sizes_send
+        send_start = np.zeros((ep_size, ep_size, num_local), dtype=np.int64)
+        send_start[:, dst_idx, loc_idx] = starts_send
+
+        # recv_start[d, l, s]: first receive-area row on rank d of source s's rows for expert l.
+        sizes_recv = per.transpose(1, 2, 0)  # [dst, local expert, src]
+        flat = sizes_recv.reshape(ep_size, -1)
+        recv_start = (np.cumsum(flat, axis=1) - flat).reshape(ep_size, num_local, ep_size)
+
+        recv_rows = flat.sum(axis=1)  # per rank
+        sent_rows = counts.sum(axis=1)
+        local_rows = per[np.arange(ep_size), np.arange(ep_size)].sum(axis=1)
+        me = ep_rank
+
+        chunk_offsets = [int(recv_start[me, a, 0]) for a, _ in expert_ranges]
+        chunk_offsets.append(int(recv_rows[me]))
+
+        # This rank's own rows (destination me) and its remote rows, in send order.
+        local_starts = send_start[me, me]
+        local_send = _expand_ranges(local_starts, per[me, me])
+        local_recv = _expand_ranges(recv_start[me, :, me], per[me, me])
+        remote_mask = dst_idx != me
+        remote_send = _expand_ranges(starts_send[me][remote_mask], sizes_send[me][remote_mask])
+        # staging_start[d, l]: first staging row of this rank's rows for (d, l), d != me.
+        staged_sizes = np.where(remote_mask, sizes_send[me], 0)
+        staging_start = np.zeros((ep_size, num_local), dtype=np.int64)
+        staging_start[dst_idx, loc_idx] = np.cumsum(staged_sizes) - staged_sizes
+
+        dispatch, combine = [], []
+        for a, b in expert_ranges:
+            chunk_dispatch, chunk_combine = {}, {}
+            experts = np.arange(a, b)
+            chunk_base = int(recv_start[me, a, 0])
+            for peer in range(ep_size):
+                if peer != me:
+                    chunk_dispatch[peer] = RowCopies.merged(
+                        staging_start[peer, experts],
+                        recv_start[peer, experts, me],
+                        per[me, peer, experts],
+                    )
+                # Outputs of my experts for rows that `peer` sent, back to its return buffer.
+                chunk_combine[peer] = RowCopies.merged(
+                    recv_start[me, experts, peer] - chunk_base,
+                    send_start[peer, me, experts],
+                    per[peer, me, experts],
+                )
+            dispatch.append(chunk_dispatch)
+            combine.append(chunk_combine)
+
+        return cls(
+            ep_size=ep_size,
+            ep_rank=me,
+            recv_capacity=int(recv_rows.max()),
+            staging_capacity=int((sent_rows - local_rows).max()),
+            return_capacity=int(sent_rows.max()),
+            recv_chunk_offsets=chunk_offsets,
+            local_send_rows=local_send,
+            local_recv_rows=local_recv,
+            remote_send_rows=remote_send,
+            dispatch=dispatch,
+            combine=combine,
+        )

@@ -1,0 +1,105 @@
+"""The few CUDA calls the copy-engine transport needs that torch does not expose, via cuda-bindings.
+
+* ``memcpy_batch``: many device-to-device copies in one ``cudaMemcpyBatchAsync`` call, hinted
+  to overlap with compute (so the driver keeps them on the copy engines). Issuing one
+  ``cudaMemcpyAsync`` per (peer, expert) from Python is host-bound (measured: 160 copies 2.7 ms).
+  Falls back to one ``cudaMemcpyAsync`` per copy where the batched call is missing.
+* ``stream_write_u32`` / ``stream_wait_geq_u32``: stream memory operations (no kernel, no SM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+class CudaCallError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _modules():
+    from cuda.bindings import driver, runtime
+
+    return driver, runtime
+
+
+def available() -> bool:
+    try:
+        _modules()
+    except ImportError:
+        return False
+    return True
+
+
+def _check(result, what: str):
+    err = result[0] if isinstance(result, tuple) else result
+    if int(err) != 0:
+        raise CudaCallError(f"{what} failed: {err!r}")
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_attributes():
+    """The one attribute set of every batched copy, or None without the batched API."""
+    _, runtime = _modules()
+    if not hasattr(runtime, "cudaMemcpyBatchAsync"):
+        return None
+    attrs = runtime.cudaMemcpyAttributes()
+    attrs.srcAccessOrder = runtime.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+    attrs.flags = runtime.cudaMemcpyFlags.cudaMemcpyFlagPreferOverlapWithCompute
+    return attrs
+
+
+_use_batch = True
+
+
+def memcpy_batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
+    """Copy ``sizes[i]`` bytes from device address ``srcs[i]`` to ``dsts[i]`` on ``stream``
+    (stream order as a whole; no order among the copies of one call)."""
+    global _use_batch
+    driver, runtime = _modules()
+    count = len(sizes)
+    if count == 0:
+        return
+    dst_list, src_list, size_list = dsts.tolist(), srcs.tolist(), sizes.tolist()
+    attrs = _batch_attributes() if _use_batch else None
+    if attrs is not None:
+        result = runtime.cudaMemcpyBatchAsync(
+            dst_list, src_list, size_list, count, [attrs], [0], 1, stream
+        )
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) == 0:
+            return
+        # Not supported by this driver/device pair: per-copy calls from now on.
+        _use_batch = False
+    kind = runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    for dst, src, size in zip(dst_list, src_list, size_list):
+        _check(runtime.cudaMemcpyAsync(dst, src, size, kind, stream), "cudaMemcpyAsync")
+
+
+def batch_copies_in_use() -> bool:
+    return _use_batch and _batch_attributes() is not None
+
+
+def stream_write_u32(stream: int, address: int, value: int) -> None:
+    driver, _ = _modules()
+    _check(
+        driver.cuStreamWriteValue32(
+            driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF,
+            driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT,
+        ),
+        "cuStreamWriteValue32",
+    )
+
+
+def stream_wait_geq_u32(stream: int, address: int, value: int) -> None:
+    driver, _ = _modules()
+    _check(
+        driver.cuStreamWaitValue32(
+            driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF,
+            driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ,
+        ),
+        "cuStreamWaitValue32",
+    )

@@ -1,0 +1,112 @@
+"""``EPSConfig.transport`` -> a transport: auto picks copy_engine where it can work, else nccl.
+
+``copy_engine_blocker`` answers from facts each rank has locally, without a collective, so an
+explicit ``transport: copy_engine`` that cannot work fails at layer construction. The ranks then
+agree at the first forward (``agree_on_copy_engine``: one all-reduce), so ``auto`` never
+leaves one rank on the copy engines and another on NCCL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from megatron_eps.config import EPSConfigError
+
+logger = logging.getLogger(__name__)
+_logged = set()
+
+
+def _group_ranks(group):
+    import torch.distributed as dist
+
+    return dist.get_process_group_ranks(group)
+
+
+def copy_engine_blocker(group, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the copy-engine transport cannot serve ``group`` from this rank, or None if it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (the copy engines are a GPU's)"
+    if device is not None and torch.device(device).type != "cuda":
+        return f"the layer is on {torch.device(device)}, not on a CUDA device"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as exc:
+        return f"torch symmetric memory is unavailable ({exc})"
+    from megatron_eps.comm import cuda_ops
+
+    if not cuda_ops.available():
+        return "cuda-bindings is not installed (pip install cuda-bindings)"
+    if group is None:
+        return None
+    ranks = _group_ranks(group)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    world = os.environ.get("WORLD_SIZE")
+    if local_world is None or world is None:
+        return (
+            "cannot tell whether every rank of the expert-parallel group is on this node "
+            "(LOCAL_WORLD_SIZE / WORLD_SIZE unset; launch with torchrun)"
+        )
+    local_world = int(local_world)
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    nodes = {r // local_world for r in ranks}
+    if len(nodes) > 1 or me // local_world not in nodes:
+        return (
+            f"the expert-parallel group (global ranks {ranks}) spans {len(nodes)} nodes of "
+            f"{local_world} ranks; the copy engines reach only this node's GPUs"
+        )
+    mine = torch.cuda.current_device() if device is None or device.index is None else device.index
+    for r in ranks:
+        other = r % local_world
+        if other == mine or other >= torch.cuda.device_count():
+            continue
+        if not torch.cuda.can_device_access_peer(mine, other):
+            return f"GPU {mine} has no peer access to GPU {other} (no NVLink/PCIe P2P)"
+    return None
+
+
+def check_transport_setting(transport: str, group, ep_size: int) -> None:
+    """Raise EPSConfigError when ``transport: copy_engine`` is asked for where it cannot work.
+
+    Called at layer construction, before any collective. With one EP rank nothing travels, so
+    every transport setting is valid there.
+    """
+    if transport != "copy_engine" or ep_size <= 1:
+        return
+    reason = copy_engine_blocker(group)
+    if reason is not None:
+        raise EPSConfigError(
+            f"eps transport='copy_engine' cannot work here: {reason}. Allowed values: auto "
+            "(copy_engine where it works, else nccl), nccl"
+        )
+
+
+def agree_on_copy_engine(group, device: torch.device, transport: str) -> bool:
+    """At the first forward: True when every EP rank can use the copy engines (one all-reduce).
+
+    ``transport='copy_engine'`` raises if any rank cannot; ``'auto'`` then falls back to nccl.
+    """
+    import torch.distributed as dist
+
+    reason = copy_engine_blocker(group, device)
+    verdict = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    usable = bool(verdict.item())
+    if not usable and transport == "copy_engine":
+        raise EPSConfigError(
+            "eps transport='copy_engine' cannot work on every rank of the expert-parallel "
+            f"group (this rank: {reason or 'fine; another rank is not'}). Allowed values: "
+            "auto, nccl"
+        )
+    key = (group.group_name if group is not None else None, usable)
+    if key not in _logged and dist.get_rank() == 0:
+        _logged.add(key)
+        chosen = "copy_engine" if usable else "nccl"
+        why = "" if usable else f" (copy_engine unavailable: {reason or 'on another rank'})"
+        logger.info("megatron-eps: transport %s (setting %s)%s", chosen, transport, why)
+    return usable

@@ -1,0 +1,143 @@
+"""The copy-engine transport's row arithmetic, checked against brute force in one process.
+
+Every rank of an EP group is simulated with its own buffers (``SimulatedPeers``): the transport
+places, copies and signals exactly as on GPUs, only the copies are tensor assignments and a
+wait on an unset flag raises. The receive area must hold each chunk's rows expert-major (the
+stock dispatcher's order after its regroup), and the return buffer every routed row's expert
+output in send order.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
+from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
+from megatron_eps.dispatcher import permute_chunk_major, probs_columns, widen_rows
+from megatron_eps.schedule import ChunkLayout, chunk_sizes
+
+HIDDEN = 8
+
+
+def random_routing(rng, num_tokens, num_experts, topk, hot_expert=None, empty=()):
+    allowed = [e for e in range(num_experts) if e not in empty]
+    routing = np.zeros((num_tokens, num_experts), dtype=bool)
+    for t in range(num_tokens):
+        if hot_expert is not None:
+            picks = [hot_expert] + list(rng.choice([e for e in allowed if e != hot_expert],
+                                                   topk - 1, replace=False))
+        else:
+            picks = rng.choice(allowed, topk, replace=False)
+        routing[t, picks] = True
+    probs = rng.random((num_tokens, num_experts)).astype(np.float32) * routing
+    return torch.from_numpy(routing), torch.from_numpy(probs)
+
+
+def expert_output(rows, probs):
+    """A stand-in for the experts that depends on every element and on the routing weight."""
+    return rows * 3.0 - 1.0 + probs.unsqueeze(-1)
+
+
+CASES = [
+    # ep, local experts, tokens per rank, topk, chunking, scenario
+    (2, 4, [13, 9], 2, 2, "random"),
+    (2, 4, [0, 11], 2, 3, "zero tokens on a rank"),
+    (3, 3, [7, 20, 5], 3, [1, 2], "uneven chunks"),
+    (4, 2, [16, 0, 9, 12], 2, 2, "empty experts"),
+    (4, 5, [40, 33, 2, 0], 3, 5, "one hot expert"),
+    (2, 8, [64, 64], 4, 1, "one chunk"),
+    (1, 6, [30], 2, 3, "one rank"),
+]
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+    rng = np.random.default_rng(hash(scenario) % 2**32)
+    num_experts = ep * local
+    empty = (1, num_experts - 1) if scenario == "empty experts" else ()
+    hot = 0 if scenario == "one hot expert" else None
+    hidden_states, routings, probs = [], [], []
+    for r in range(ep):
+        routing, p = random_routing(rng, tokens[r], num_experts, topk, hot, empty)
+        routings.append(routing)
+        probs.append(p)
+        hidden_states.append(torch.randn(tokens[r], HIDDEN, generator=torch.Generator().manual_seed(r)))
+    counts = np.stack([r.sum(dim=0).numpy() for r in routings]).astype(np.int64)
+    sizes = chunk_sizes(local, chunking)
+
+    world = SimulatedPeers(ep)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    layouts, sorted_idx, permuted_probs = [], [], []
+    for _forward in range(2):  # the second forward reuses the buffers and bumps the sequence
+        layouts, sorted_idx, permuted_probs = [], [], []
+        for r in range(ep):
+            layout = ChunkLayout.build(counts, r, local, sizes)
+            num_rows = layout.send_offsets[-1]
+            _, pp, si = permute_chunk_major(hidden_states[r], probs[r], routings[r],
+                                            layout.expert_order, num_rows, gather_tokens=False)
+            columns = probs_columns(hidden_states[r], pp)
+            assert columns
+            transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
+                                torch.device("cpu"))
+            transports[r].place_rows(widen_rows(hidden_states[r], columns), si, pp, columns)
+            layouts.append(layout)
+            sorted_idx.append(si)
+            permuted_probs.append(pp)
+        for chunk in range(len(sizes)):
+            completions = [transports[r].dispatch(chunk) for r in range(ep)]
+            for r in range(ep):
+                completions[r].wait(None)
+                received = transports[r].received(chunk)
+                a, b = layouts[r].expert_ranges[chunk]
+                want_rows, want_probs = [], []
+                for l in range(a, b):  # expert-major, then source rank, then token
+                    expert = r * local + l
+                    for s in range(ep):
+                        tokens_s = torch.nonzero(routings[s][:, expert]).flatten()
+                        want_rows.append(hidden_states[s][tokens_s])
+                        want_probs.append(probs[s][tokens_s, expert])
+                want_rows = torch.cat(want_rows) if want_rows else torch.zeros(0, HIDDEN)
+                want_probs = torch.cat(want_probs) if want_probs else torch.zeros(0)
+                assert received.shape[0] == sum(layouts[r].tokens_per_expert[chunk])
+                assert torch.equal(received[:, :HIDDEN], want_rows)
+                got_probs = received[:, HIDDEN:HIDDEN + 1].contiguous().view(torch.float32)[:, 0]
+                assert torch.equal(got_probs, want_probs)
+                transports[r].hand_back(chunk, expert_output(received[:, :HIDDEN], got_probs))
+            finals = [transports[r].combine(chunk) for r in range(ep)]
+        for r in range(ep):
+            finals[r].wait(None)
+            combined = transports[r].combined_rows()
+            want = expert_output(hidden_states[r][sorted_idx[r]], permuted_probs[r])
+            assert torch.equal(combined, want), scenario
+            transports[r].end()
+
+
+def test_rank_own_rows_are_never_copied():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 20, size=(2, 8))
+    for rank in range(2):
+        plan = CopyEngineLayout.build(counts, rank, [(0, 2), (2, 4)])
+        assert all(rank not in chunk for chunk in plan.dispatch)  # no dispatch copy to itself
+        assert len(plan.local_send_rows) == counts[rank, rank * 4:(rank + 1) * 4].sum()
+        assert plan.recv_capacity == max(counts[:, r * 4:(r + 1) * 4].sum() for r in range(2))
+        assert plan.return_capacity == counts.sum(axis=1).max()
+        # every remote row is staged exactly once
+        staged = sum(c.total_rows for chunk in plan.dispatch for c in chunk.values())
+        assert staged == len(plan.remote_send_rows) == counts[rank].sum() - len(plan.local_send_rows)
+
+
+def test_row_copies_merge_adjacent_and_drop_empty():
+    copies = RowCopies.merged([0, 3, 5, 9, 12], [10, 13, 15, 40, 50], [3, 2, 0, 3, 1])
+    assert copies.src_rows.tolist() == [0, 9, 12]
+    assert copies.dst_rows.tolist() == [10, 40, 50]
+    assert copies.num_rows.tolist() == [5, 3, 1]
+    assert len(RowCopies.merged([], [], [])) == 0
+
+
+def test_missing_signal_is_detected():
+    world = SimulatedPeers(2)
+    memory = world.memory(0)
+    with pytest.raises(RuntimeError, match="waits for flag"):
+        memory.wait(1, 0, 1, None)
+    world.memory(1).signal(0, 0, 1)
+    memory.wait(1, 0, 1, None)
