@@ -175,3 +175,76 @@ def fix_mla_without_te() -> bool:
         mla.HAVE_TE = False
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Process groups of the enclosing TransformerLayer (issue 10, item 9).
+# 0.16.x: TransformerLayer passes pg_collection to its MLP only when the spec's module is exactly
+#         MoELayer (``submodules.mlp.module in (MoELayer, ...)``), so a MoELayer subclass such as
+#         EPSMoELayer gets no pg_collection and would fall back to the global default groups,
+#         whatever groups the model was built with. The layer has already stored its groups in
+#         ``self.pg_collection`` when it builds the MLP: take them from there.
+# 0.19.x: partial specs are called with pg_collection; this lookup is then never needed.
+# ---------------------------------------------------------------------------------------------
+def enclosing_layer_pg_collection(max_depth: int = 8):
+    """The ``pg_collection`` of the TransformerLayer whose ``__init__`` is building the caller,
+    or None when the caller is not being built by one (e.g. constructed directly)."""
+    import sys
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, TransformerLayer) and frame.f_code.co_name == "__init__":
+            return getattr(owner, "pg_collection", None)
+    return None
+
+
+def moe_pg_collection(pg_collection=None):
+    """The process groups a MoELayer subclass should use: the ones it was given, else those of
+    the TransformerLayer building it (0.16 passes them to the exact MoELayer class only), else
+    Megatron's default MoE groups."""
+    if pg_collection is not None:
+        return pg_collection
+    layer_groups = enclosing_layer_pg_collection()
+    if layer_groups is not None and getattr(layer_groups, "ep", None) is not None:
+        return layer_groups
+    return default_pg_collection()
+
+
+class _QuietUnknownMLPForEPS:
+    """logging filter for 0.16's TransformerLayer: drop its 'Unknown MLP type ... Using default
+    kwargs' warning when the MLP being built is an EPSMoELayer (a MoELayer subclass, handled by
+    moe_pg_collection); the warning stays for every other MLP."""
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("Unknown MLP type"):
+            return True
+        import sys
+
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
+        frame = sys._getframe(1)
+        for _ in range(12):
+            if frame is None:
+                break
+            submodules = frame.f_locals.get("submodules")
+            mlp = getattr(submodules, "mlp", None)
+            module = getattr(mlp, "module", None)
+            if isinstance(module, type) and issubclass(module, MoELayer):
+                return False
+            frame = frame.f_back
+        return True
+
+
+def quiet_unknown_mlp_warning_for_eps() -> None:
+    """Install _QuietUnknownMLPForEPS on Megatron's transformer_layer logger (idempotent)."""
+    import logging
+
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _QuietUnknownMLPForEPS) for f in log.filters):
+        log.addFilter(_QuietUnknownMLPForEPS())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
@@ -83,48 +86,83 @@ class EPSConfig:
 
     def __post_init__(self):
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name, value):
+        # Once built, a change is validated like a new config (``cfg.pipeline_degree = -3``
+        # raises EPSConfigError and leaves cfg as it was).
+        if not self.__dict__.get("_validated") or name not in self.field_names():
+            object.__setattr__(self, name, value)
+            return
+        checked = dataclasses.replace(self, **{name: value})
+        object.__setattr__(self, name, getattr(checked, name))
+
+    def __delattr__(self, name):
+        if name in self.field_names():
+            raise EPSConfigError(f"eps setting {name!r} cannot be deleted")
+        object.__delattr__(self, name)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "EPSConfig":
         """Raise EPSConfigError naming the setting and the allowed values if anything is off."""
         if not isinstance(self.enabled, bool):
             raise EPSConfigError(f"eps enabled must be true or false, got {self.enabled!r}")
-        self.pipeline_degree = _parse_pipeline_degree(self.pipeline_degree)
+        _set = functools.partial(object.__setattr__, self)
+        _set("pipeline_degree", _parse_pipeline_degree(self.pipeline_degree))
         if self.expert_kernel not in EXPERT_KERNELS:
             raise EPSConfigError(
                 f"eps expert_kernel={self.expert_kernel!r} is not allowed; "
                 f"allowed values: {', '.join(EXPERT_KERNELS)}"
             )
-        self.min_tokens_to_pipeline = _non_negative_int(
+        _set("min_tokens_to_pipeline", _non_negative_int(
             "min_tokens_to_pipeline", self.min_tokens_to_pipeline
-        )
+        ))
         if self.chunk_split not in CHUNK_SPLITS:
             raise EPSConfigError(
                 f"eps chunk_split={self.chunk_split!r} is not allowed; "
                 f"allowed values: {', '.join(CHUNK_SPLITS)}"
             )
-        self.max_pipeline_degree = _positive_int("max_pipeline_degree", self.max_pipeline_degree)
+        _set("max_pipeline_degree", _positive_int("max_pipeline_degree", self.max_pipeline_degree))
         if self.transport not in TRANSPORTS:
             raise EPSConfigError(
                 f"eps transport={self.transport!r} is not allowed; "
                 f"allowed values: {', '.join(TRANSPORTS)}"
             )
         if self.comm_num_ctas is not None:
-            self.comm_num_ctas = _positive_int("comm_num_ctas", self.comm_num_ctas)
+            _set("comm_num_ctas", _positive_int("comm_num_ctas", self.comm_num_ctas))
         if self.gemm_sm_carveout is not None:
-            self.gemm_sm_carveout = _non_negative_int("gemm_sm_carveout", self.gemm_sm_carveout)
+            _set("gemm_sm_carveout", _non_negative_int("gemm_sm_carveout", self.gemm_sm_carveout))
         if self.cost_profile is not None:
             if not isinstance(self.cost_profile, (str, os.PathLike)):
                 raise EPSConfigError(
                     f"eps cost_profile must be a file path or null, got {self.cost_profile!r}"
                 )
-            self.cost_profile = os.fspath(self.cost_profile)
+            _set("cost_profile", os.fspath(self.cost_profile))
             if not os.path.isfile(self.cost_profile):
                 raise EPSConfigError(
                     f"eps cost_profile={self.cost_profile!r}: no such file "
                     "(write one with megatron-eps-calibrate, or leave it unset)"
                 )
+            check_cost_profile_file(self.cost_profile)
         return self
+
+    def digest(self) -> str:
+        """A hash of every setting, equal on two ranks exactly when their settings are equal
+        (a cost profile counts by its contents, so the same file at two paths is equal)."""
+        return hashlib.sha256(
+            json.dumps(self.comparable_dict(), sort_keys=True).encode()
+        ).hexdigest()
+
+    def comparable_dict(self) -> dict:
+        """to_dict() with cost_profile replaced by a hash of the file's bytes."""
+        values = self.to_dict()
+        if self.cost_profile is not None:
+            try:
+                with open(self.cost_profile, "rb") as f:
+                    values["cost_profile"] = "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+            except OSError:
+                pass
+        return values
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -146,31 +184,41 @@ class EPSConfig:
                 f"{source}: unknown eps key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys: {', '.join(allowed)}"
             )
-        return cls(**dict(values))
+        try:
+            return cls(**dict(values))
+        except EPSConfigError as exc:
+            text = str(exc)
+            raise EPSConfigError(text if text.startswith(source) else f"{source}: {text}") from None
 
     @classmethod
-    def from_yaml(cls, path: Union[str, os.PathLike], overrides: Optional[Mapping] = None):
+    def from_yaml(
+        cls,
+        path: Union[str, os.PathLike],
+        overrides: Optional[Mapping] = None,
+        flag: str = "--eps-config",
+    ):
         """Read a YAML file holding either the EPS keys at top level or under an ``eps:`` key.
 
         A model config file (configs/*.yaml) keeps its EPS settings in an ``eps:`` section; a
         pure EPS file holds the keys directly. ``overrides`` (e.g. explicit command-line flags)
-        win over the file.
+        win over the file; the file's own values are checked too, even where a flag overrides
+        them. ``flag`` is the option that named the file, for error messages.
         """
         import yaml
 
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise EPSConfigError(f"--eps-config {path!r}: no such file")
+            raise EPSConfigError(f"{flag} {path!r}: no such file")
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
             except yaml.YAMLError as exc:
-                raise EPSConfigError(f"--eps-config {path!r} is not valid YAML: {exc}") from exc
+                raise EPSConfigError(f"{flag} {path!r} is not valid YAML: {exc}") from exc
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
             raise EPSConfigError(
-                f"--eps-config {path!r}: expected a mapping at top level, got {type(data).__name__}"
+                f"{flag} {path!r}: expected a mapping at top level, got {type(data).__name__}"
             )
         if "eps" in data:
             section = data["eps"]
@@ -182,16 +230,22 @@ class EPSConfig:
         else:
             section = data
         if not isinstance(section, Mapping):
-            raise EPSConfigError(f"--eps-config {path!r}: 'eps' must be a mapping")
+            raise EPSConfigError(f"{flag} {path!r}: 'eps' must be a mapping")
+        source = f"{flag} {path!r}" + (": eps" if "eps" in data else "")
+        cls.from_dict(section, source=source)  # the file alone must be valid
         merged = dict(section)
         merged.update(overrides or {})
-        return cls.from_dict(merged, source=f"--eps-config {path!r}")
+        return cls.from_dict(merged, source=source)
 
     @classmethod
     def from_args(cls, args) -> "EPSConfig":
         """Build from an argparse namespace made by a parser extended with ``add_eps_args``.
 
         Order of precedence: explicit ``--eps-*`` flags > ``--eps-config`` file > defaults.
+        ``enabled``: ``--eps-moe`` turns EPS on; without it, an ``--eps-config`` file decides
+        (its ``enabled`` key, true when absent, as for every YAML), and with neither EPS is off.
+        ``args.eps_config_flag`` (default ``--eps-config``) names the option that gave the file
+        in error messages (the prefill tool reads the model config's ``eps:`` section).
         """
         from megatron_eps.arguments import ARG_TO_FIELD
 
@@ -200,11 +254,13 @@ class EPSConfig:
             value = getattr(args, arg_name, None)
             if value is not None:
                 overrides[field_name] = value
-        enabled = bool(getattr(args, "eps_moe", False))
-        overrides["enabled"] = enabled
+        if getattr(args, "eps_moe", False):
+            overrides["enabled"] = True
         path = getattr(args, "eps_config", None)
         if path:
-            return cls.from_yaml(path, overrides=overrides)
+            flag = getattr(args, "eps_config_flag", None) or "--eps-config"
+            return cls.from_yaml(path, overrides=overrides, flag=flag)
+        overrides.setdefault("enabled", False)
         return cls.from_dict(overrides, source="--eps-* flags")
 
     def replace(self, **changes) -> "EPSConfig":
@@ -250,3 +306,137 @@ def _non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise EPSConfigError(f"eps {name}={value!r} is not allowed; allowed values: integers >= 0")
     return value
+
+
+# ------------------------------------------------------------------------------ cost profiles
+_PROFILE_CHECKS: dict = {}
+
+
+def read_cost_profile_json(path: str) -> dict:
+    """The JSON object in a cost-profile file; EPSConfigError naming ``cost_profile`` when the
+    file cannot be read, is not JSON, or does not hold a JSON object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise EPSConfigError(f"eps cost_profile={path!r} cannot be read: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EPSConfigError(
+            f"eps cost_profile={path!r} is not valid JSON ({exc}); allowed: a profile written "
+            "by megatron-eps-calibrate or bench_pipeline.py --write-profile"
+        ) from None
+    if not isinstance(data, dict):
+        raise EPSConfigError(
+            f"eps cost_profile={path!r}: expected a JSON object, got a JSON "
+            f"{type(data).__name__}; allowed: a profile written by megatron-eps-calibrate or "
+            "bench_pipeline.py --write-profile"
+        )
+    return data
+
+
+def check_cost_profile_file(path: str) -> dict:
+    """Check that ``path`` is a usable cost profile; return what it holds.
+
+    A profile holds expert-kernel cost tables (``"format": "megatron-eps-cost-profile"``, at top
+    level or under ``"experts"``; from megatron-eps-calibrate), pipeline constants (a
+    ``"pipeline"`` section; from benchmarks/bench_pipeline.py --write-profile), or both.
+    Anything else (corrupt JSON, a list, ``{}``, malformed tables) raises EPSConfigError naming
+    ``cost_profile``. Returns ``{"kernel_tables": bool, "pipeline": bool, "devices": [names
+    the profile was measured on]}``. Checked once per file version.
+    """
+    try:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    except OSError as exc:
+        raise EPSConfigError(f"eps cost_profile={path!r} cannot be read: {exc}") from None
+    if key in _PROFILE_CHECKS:
+        return _PROFILE_CHECKS[key]
+    data = read_cost_profile_json(path)
+    from megatron_eps.cost_model import PipelineProfile
+    from megatron_eps.experts.selector import PROFILE_FORMAT, CostProfile
+
+    devices = []
+    kernel = None
+    if data.get("format") == PROFILE_FORMAT:
+        kernel = data
+    elif isinstance(data.get("experts"), dict):
+        kernel = data["experts"]
+    elif "format" in data:
+        raise EPSConfigError(
+            f"eps cost_profile={path!r}: format={data.get('format')!r} is not a megatron-eps "
+            f"cost profile; allowed: {PROFILE_FORMAT!r} (written by megatron-eps-calibrate)"
+        )
+    if kernel is not None:
+        try:
+            tables = CostProfile(kernel, path)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise EPSConfigError(
+                f"eps cost_profile={path!r}: malformed expert-kernel tables ({type(exc).__name__}: "
+                f"{exc}); write a new one with megatron-eps-calibrate"
+            ) from None
+        if not tables.tables and not isinstance(data.get("pipeline"), dict):
+            raise EPSConfigError(
+                f"eps cost_profile={path!r}: the expert-kernel tables hold no measurements; "
+                "write a new one with megatron-eps-calibrate"
+            )
+        devices.append(tables.device_name)
+    section = data.get("pipeline")
+    has_pipeline = False
+    if section is not None or all(k in data for k in PipelineProfile._REQUIRED):
+        section = data if section is None else section
+        if not isinstance(section, dict):
+            raise EPSConfigError(
+                f"eps cost_profile={path!r}: 'pipeline' must be a JSON object, got "
+                f"{type(section).__name__}"
+            )
+        try:
+            PipelineProfile.from_dict(section, source=path)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EPSConfigError(
+                f"eps cost_profile={path!r}: malformed pipeline section ({exc})"
+            ) from None
+        has_pipeline = True
+        device = (data.get("provenance") or {}).get("device") if isinstance(
+            data.get("provenance"), dict) else None
+        if isinstance(device, str) and device not in devices:
+            devices.append(device)
+    if kernel is None and not has_pipeline:
+        raise EPSConfigError(
+            f"eps cost_profile={path!r} holds neither expert-kernel tables (format "
+            f"{PROFILE_FORMAT!r}, from megatron-eps-calibrate) nor pipeline constants (a "
+            f"'pipeline' section with {', '.join(PipelineProfile._REQUIRED)}, from "
+            "bench_pipeline.py --write-profile)"
+        )
+    result = {"kernel_tables": kernel is not None, "pipeline": has_pipeline, "devices": devices}
+    _PROFILE_CHECKS[key] = result
+    return result
+
+
+_WARNED_DEVICES: set = set()
+
+
+def warn_if_profile_for_other_device(path: Optional[str], device_name: str, log=None) -> bool:
+    """Warn once per (profile, device) when ``path`` was measured on another device.
+
+    A profile for another device is accepted (it may be the best estimate there is, e.g. H100
+    tables on an H200), but its figures are that device's: the warning says so. Expert-kernel
+    tables of another device are not used by ``expert_kernel: auto`` (the documented default
+    order is); pipeline constants are. Returns True if the devices differ.
+    """
+    if not path:
+        return False
+    devices = check_cost_profile_file(path)["devices"]
+    if not devices or device_name in devices:
+        return False
+    key = (os.path.abspath(path), device_name)
+    if key not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(key)
+        import logging
+
+        (log or logging.getLogger("megatron_eps")).warning(
+            "eps cost_profile=%r was measured on %s, this run is on %r: its expert-kernel "
+            "tables are not used (expert_kernel auto takes the default order) and its pipeline "
+            "constants may be off; calibrate this device with megatron-eps-calibrate",
+            path, " / ".join(repr(d) for d in devices), device_name,
+        )
+    return True

@@ -635,18 +635,32 @@ _PROFILE_CACHE: dict = {}
 def load_pipeline_profile(path: Optional[str], device) -> Optional[PipelineProfile]:
     """The profile at ``path``, else the one shipped for this GPU (megatron_eps/profiles/).
 
-    A file without the pipeline keys (e.g. a kernel-only cost table) gives None.
+    A file without the pipeline keys (e.g. a kernel-only cost table) gives None. A file that is
+    no valid profile (corrupt JSON, a list, ``{}``, a malformed section) raises EPSConfigError
+    naming ``cost_profile``; one measured on another device is used, with a warning (once).
     """
     if path is None:
         path = shipped_profile_path(device)
         if path is None:
             return None
     if path not in _PROFILE_CACHE:
-        with open(path) as f:
-            data = json.load(f)
+        from megatron_eps.config import (
+            check_cost_profile_file,
+            read_cost_profile_json,
+        )
+
+        # Corrupt, empty or malformed files: EPSConfigError (a ValueError) naming cost_profile.
+        holds = check_cost_profile_file(path)
+        data = read_cost_profile_json(path)
         section = data.get("pipeline", data)
-        has_keys = isinstance(section, dict) and all(k in section for k in PipelineProfile._REQUIRED)
-        _PROFILE_CACHE[path] = PipelineProfile.from_dict(section, source=path) if has_keys else None
+        _PROFILE_CACHE[path] = (
+            PipelineProfile.from_dict(section, source=path) if holds["pipeline"] else None
+        )
+    if _PROFILE_CACHE[path] is not None and device is not None:
+        from megatron_eps.config import warn_if_profile_for_other_device
+        from megatron_eps.experts.selector import device_name
+
+        warn_if_profile_for_other_device(path, device_name(device))
     return _PROFILE_CACHE[path]
 
 

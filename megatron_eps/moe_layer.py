@@ -60,6 +60,41 @@ def check_megatron_config(config, eps_config: EPSConfig, ep_size: int) -> None:
         )
 
 
+def check_same_eps_config(eps_config: EPSConfig, group) -> None:
+    """Raise EPSConfigError on every rank of ``group`` unless all hold equal EPS settings.
+
+    Ranks with different settings would pick different chunks (or one would run the stock
+    forward) and their collectives would not match: gloo/NCCL would abort with a collective
+    mismatch or hang. One all-reduce of a hash of the settings (a cost profile by its contents)
+    finds it at construction; on a mismatch one all-gather names the settings that differ.
+    """
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) < 2:
+        return
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    digest = int(eps_config.digest()[:15], 16)
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if int(both[0]) == -int(both[1]):
+        return
+    mine = eps_config.comparable_dict()
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    ranks = dist.get_process_group_ranks(group)
+    differing = sorted({k for other in everyone for k in mine if other.get(k) != mine.get(k)})
+    detail = "; ".join(
+        f"{key}: " + ", ".join(f"rank {r}={values[key]!r}" for r, values in zip(ranks, everyone))
+        for key in differing
+    )
+    raise EPSConfigError(
+        f"the ranks of the expert-parallel group have different EPS settings ({detail}); "
+        "every rank of the group must use the same eps config"
+    )
+
+
 def route_allowing_empty(layer, hidden_states, padding_mask=None):
     """``layer.route`` that also accepts a rank holding no tokens.
 
@@ -100,9 +135,13 @@ class EPSMoELayer(MoELayer):
         eps_config = eps_config if eps_config is not None else EPSConfig()
         if not isinstance(eps_config, EPSConfig):
             raise TypeError(f"eps_config must be an EPSConfig, got {type(eps_config).__name__}")
-        if pg_collection is None:
-            pg_collection = compat.default_pg_collection()
+        # The model's groups: on megatron-core 0.16 a TransformerLayer passes them to the exact
+        # MoELayer class only, so take them from the layer building this one (compat).
+        pg_collection = compat.moe_pg_collection(pg_collection)
         ep_size = pg_collection.ep.size() if pg_collection.ep is not None else 1
+        # Before anything that may differ between ranks: every EP rank must hold the same
+        # settings, or their chunked collectives would not match.
+        check_same_eps_config(eps_config, pg_collection.ep if ep_size > 1 else None)
         check_megatron_config(config, eps_config, ep_size)
         super().__init__(
             config,

@@ -29,6 +29,9 @@ def apply_eps(spec: Any, eps_config: Optional[EPSConfig] = None) -> Any:
     eps_config = eps_config if eps_config is not None else EPSConfig()
     if not isinstance(eps_config, EPSConfig):
         raise TypeError(f"apply_eps: eps_config must be an EPSConfig, got {type(eps_config)}")
+    # 0.16's TransformerLayer warns "Unknown MLP type" for every MoELayer subclass; EPS layers
+    # are handled (compat.moe_pg_collection), so that warning is dropped for them only.
+    compat.quiet_unknown_mlp_warning_for_eps()
     replaced = [0]
 
     def swap(node):

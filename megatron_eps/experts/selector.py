@@ -171,14 +171,10 @@ class CostProfile:
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"cost profile {path!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"cost profile {path!r}: expected a JSON object")
-    return data
+    """The profile's JSON object (EPSConfigError, a ValueError, naming cost_profile if not)."""
+    from megatron_eps.config import read_cost_profile_json
+
+    return read_cost_profile_json(path)
 
 
 def has_kernel_tables(path: str) -> bool:
@@ -210,7 +206,9 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
     ``path`` is the ``cost_profile`` setting, which the pipeline cost model reads too: a file
     with kernel tables (alone or under an "experts" key) gives them; a file without them
     (pipeline constants only) or ``path=None`` gives the profile shipped for this device, or
-    None when there is none.
+    None when there is none. A file that is no valid profile raises EPSConfigError (a
+    ValueError) naming ``cost_profile``; a profile measured on another device is used with a
+    warning (once), and its tables then do not cover this device (see ``CostProfile.covers``).
     """
     name = device_name(device)
     key = (os.path.abspath(path) if path else None, name)
@@ -219,6 +217,15 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
             raise FileNotFoundError(
                 f"eps cost_profile={path!r}: no such file (write one with megatron-eps-calibrate)"
             )
+        if path:
+            from megatron_eps.config import (
+                check_cost_profile_file,
+                warn_if_profile_for_other_device,
+            )
+
+            # Corrupt, empty or malformed files: EPSConfigError naming cost_profile.
+            check_cost_profile_file(path)
+            warn_if_profile_for_other_device(path, name)
         if path and has_kernel_tables(path):
             _PROFILE_CACHE[key] = CostProfile.from_file(path)
         else:

@@ -153,7 +153,10 @@ class ExpertWeights:
             pointers = (module.weight1.data_ptr(), module.weight2.data_ptr())
             return cls(fc1, fc2, activation, kind, pointers)
         fc1_params, fc2_params = _per_expert_params(module, kind)
-        with torch.no_grad():
+        # inference_mode(False): packing during a forward under torch.inference_mode() must not
+        # turn the Parameters into inference tensors (a later training forward could not save
+        # them for backward).
+        with torch.inference_mode(False), torch.no_grad():
             fc1 = _stack_in_place(fc1_params)
             fc2 = _stack_in_place(fc2_params)
         return cls(fc1, fc2, activation, kind, _pointers(module, kind))

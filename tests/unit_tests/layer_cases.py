@@ -100,3 +100,93 @@ def spec_and_state_dict():
     finally:
         Utils.destroy_model_parallel()
     return out
+
+
+def inference_mode_then_training():
+    """An EPS forward under torch.inference_mode() leaves the expert Parameters normal tensors,
+    so a later grad-enabled (stock) forward and backward still work."""
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=dist.get_world_size())
+    out = {}
+    try:
+        config = moe_config(num_experts=8, ep_size=dist.get_world_size())
+        stock, eps = build_moe_pair(config, EPSConfig(pipeline_degree=2, min_tokens_to_pipeline=0))
+        x = torch.randn(6, 2, 32, device=next(eps.parameters()).device)
+        with torch.inference_mode():
+            y_inf, _ = eps(x)
+        out["ran_pipeline"] = eps.token_dispatcher.last_record is not None
+        out["inference_params"] = [n for n, p in eps.named_parameters() if p.is_inference()]
+        x2 = x.clone().requires_grad_(True)
+        y, _ = eps(x2)
+        y.sum().backward()
+        out["grads"] = all(p.grad is not None for p in eps.experts.parameters())
+        with torch.no_grad():
+            y_stock, _ = stock(x)
+        out["diff"] = (y_inf - y_stock).abs().max().item()
+    finally:
+        Utils.destroy_model_parallel()
+    return out
+
+
+def different_settings_across_ranks(field, values):
+    """Each rank builds EPSMoELayer with its own value of ``field``: an EPSConfigError naming
+    the setting on every rank, no collective mismatch."""
+    from megatron_eps.moe_layer import EPSMoELayer
+    from megatron_eps import compat
+
+    world = dist.get_world_size()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        config = moe_config(num_experts=8, ep_size=world)
+        submodules = compat.moe_submodules_from_spec(compat.local_moe_spec(8))
+        eps_config = EPSConfig(**{field: values[dist.get_rank()]})
+        try:
+            EPSMoELayer(config, submodules=submodules, eps_config=eps_config)
+            message = None
+        except EPSConfigError as exc:
+            message = str(exc)
+        # Equal settings on every rank still build (and the group is still usable).
+        EPSMoELayer(config, submodules=submodules, eps_config=EPSConfig(pipeline_degree=2))
+    finally:
+        Utils.destroy_model_parallel()
+    return message
+
+
+def layer_uses_model_groups():
+    """A TransformerLayer built with non-default process groups gives them to its EPSMoELayer
+    (megatron-core 0.16 passes them to the exact MoELayer class only)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_eps import apply_eps
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    out = {}
+    try:
+        # Non-default groups: each rank its own expert-parallel group of one.
+        solo = [dist.new_group([r]) for r in range(world)]
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        groups.ep = solo[rank]
+        groups.tp_ep = solo[rank]
+        groups.expt_dp = solo[rank]
+        config = moe_config(num_experts=8, ep_size=1)
+        spec = apply_eps(get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False),
+                         EPSConfig(pipeline_degree=2, min_tokens_to_pipeline=0))
+        layer = build_module(spec, config=config, layer_number=1, pg_collection=groups)
+        mlp = layer.mlp
+        out["class"] = type(mlp).__name__
+        out["same_group"] = mlp.token_dispatcher.ep_group is solo[rank]
+        out["ep_size"] = mlp.token_dispatcher.ep_size
+        out["num_local_experts"] = mlp.num_local_experts
+        # Default-built layer, for contrast: the global EP group of all ranks.
+        default_layer = build_module(spec, config=moe_config(num_experts=8, ep_size=world),
+                                     layer_number=1)
+        out["default_ep_size"] = default_layer.mlp.token_dispatcher.ep_size
+        x = torch.randn(4, 2, 32)
+        with torch.no_grad():
+            y, _ = mlp(x)  # runs on the rank's own group: no collective with the other rank
+        out["finite"] = bool(torch.isfinite(y).all())
+    finally:
+        Utils.destroy_model_parallel()
+    return out

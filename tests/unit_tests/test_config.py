@@ -97,8 +97,23 @@ def test_flags_override_yaml(tmp_path):
     path.write_text("eps:\n  pipeline_degree: 4\n  expert_kernel: dense\n")
     config = parse(["--eps-moe", "--eps-pipeline-degree", "2"], yaml_path=path)
     assert config.enabled and config.pipeline_degree == 2 and config.expert_kernel == "dense"
+    # Without --eps-moe the file decides: no 'enabled' key means true (as for every YAML).
     config = parse([], yaml_path=path)
-    assert not config.enabled and config.pipeline_degree == 4
+    assert config.enabled and config.pipeline_degree == 4
+
+
+def test_enabled_from_yaml_on_the_command_line_path(tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text("eps:\n  enabled: false\n")
+    assert not parse([], yaml_path=off).enabled
+    assert parse(["--eps-moe"], yaml_path=off).enabled  # the flag wins
+    assert not parse([]).enabled  # neither flag nor file: off
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eps:\n  enabled: 'yes'\n")
+    for argv in ([], ["--eps-moe"]):  # the file is checked even where the flag overrides it
+        with pytest.raises(EPSConfigError, match="enabled must be true or false") as info:
+            parse(argv, yaml_path=bad)
+        assert "bad.yaml" in str(info.value)
 
 
 def test_flags_alone():
@@ -124,3 +139,61 @@ def test_bad_flags_exit_with_message(argv, capsys):
 def test_megatron_extra_args_provider_signature():
     parser = argparse.ArgumentParser()
     assert add_eps_args(parser) is parser
+
+
+# --------------------------------------------------------------------------- cost profiles
+BAD_PROFILES = {
+    "corrupt": ('{"format": "megatron-eps-cost-profile", ', "not valid JSON"),
+    "list": ("[1, 2, 3]", "expected a JSON object, got a JSON list"),
+    "empty": ("{}", "holds neither expert-kernel tables"),
+    "other_format": ('{"format": "something else"}', "is not a megatron-eps cost profile"),
+    "bad_tables": ('{"format": "megatron-eps-cost-profile", "device": {}}', "malformed"),
+    "bad_pipeline": ('{"pipeline": {"link_bandwidth_gbps": 1}}', "lacks pipeline key"),
+    "pipeline_list": ('{"pipeline": [1]}', "'pipeline' must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PROFILES))
+def test_bad_cost_profiles_are_refused_naming_the_setting(tmp_path, kind):
+    from megatron_eps.cost_model import load_pipeline_profile
+    from megatron_eps.experts import selector
+
+    text, message = BAD_PROFILES[kind]
+    path = tmp_path / f"{kind}.json"
+    path.write_text(text)
+    with pytest.raises(EPSConfigError, match="cost_profile") as info:
+        EPSConfig(cost_profile=str(path))
+    assert message in str(info.value)
+    # The loaders the forward uses say the same (not a raw JSONDecodeError / AttributeError).
+    selector.clear_caches()
+    with pytest.raises(EPSConfigError, match="cost_profile"):
+        selector.load_cost_profile(str(path), "cpu")
+    with pytest.raises(EPSConfigError, match="cost_profile"):
+        load_pipeline_profile(str(path), "cpu")
+    # And through --eps-cost-profile.
+    with pytest.raises(EPSConfigError, match=message.split("(")[0][:20]):
+        parse(["--eps-moe", "--eps-cost-profile", str(path)])
+
+
+def test_cost_profile_for_another_device_warns_once(caplog):
+    import logging
+    import os
+
+    import megatron_eps
+    from megatron_eps.cost_model import load_pipeline_profile
+    from megatron_eps.experts import selector
+
+    profiles = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles")
+    kernel = os.path.join(profiles, "nvidia_h100_80gb_hbm3.json")
+    pipeline = os.path.join(profiles, "nvidia_h100_80gb_hbm3.pipeline.json")
+    assert EPSConfig(cost_profile=kernel).cost_profile == kernel  # accepted ...
+    selector.clear_caches()
+    with caplog.at_level(logging.WARNING, logger="megatron_eps"):
+        tables = selector.load_cost_profile(kernel, "cpu")
+        selector.load_cost_profile(kernel, "cpu")
+        assert load_pipeline_profile(pipeline, "cpu") is not None
+    warnings = [r.getMessage() for r in caplog.records if "measured on" in r.getMessage()]
+    # ... with one warning per file that names both devices.
+    assert len(warnings) == 2, warnings
+    assert all("NVIDIA H100 80GB HBM3" in w and "'cpu'" in w for w in warnings)
+    assert not tables.covers("cpu", __import__("torch").bfloat16)

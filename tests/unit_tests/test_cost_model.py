@@ -4,6 +4,7 @@ clamping, profiles, and the same N on every rank of a gloo group with skewed loa
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -368,9 +369,17 @@ def test_profile_json_round_trip(tmp_path):
     path.write_text(json.dumps({"pipeline": p.to_dict(), "provenance": {"x": 1}}))
     loaded = load_pipeline_profile(str(path), "cpu")
     assert loaded.to_dict() == p.to_dict()
-    kernel_only = tmp_path / "kernels.json"
-    kernel_only.write_text(json.dumps({"grouped": {"tflops": 600}}))
-    assert load_pipeline_profile(str(kernel_only), "cpu") is None
+    # Kernel tables only (the shipped H100 ones): no pipeline constants in it.
+    import megatron_eps
+
+    kernel_only = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles",
+                               "nvidia_h100_80gb_hbm3.json")
+    assert load_pipeline_profile(kernel_only, "cpu") is None
+    # Something that is no profile at all is an error naming the setting.
+    not_a_profile = tmp_path / "kernels.json"
+    not_a_profile.write_text(json.dumps({"grouped": {"tflops": 600}}))
+    with pytest.raises(ValueError, match="cost_profile=.*holds neither"):
+        load_pipeline_profile(str(not_a_profile), "cpu")
     with pytest.raises(ValueError, match="chunk_overhead_us"):
         PipelineProfile.from_dict({"link_bandwidth_gbps": 1, "link_latency_us": 1, "expert_tflops": 1})
     with pytest.raises(ValueError):

@@ -30,3 +30,47 @@ def test_spec_state_dict_and_fallback(world):
     assert out["no_grad_diff"] <= 1e-5 and out["chunks"] == 2
     assert out["grad_path_record"] is None  # the stock path ran
     assert out["grad_diff"] <= 1e-5 and out["input_grad_finite"]
+
+
+def test_inference_mode_forward_keeps_parameters_trainable():
+    out = run_distributed(layer_cases.inference_mode_then_training, 1)[0]
+    assert out["ran_pipeline"]
+    assert out["inference_params"] == []
+    assert out["grads"]
+    assert out["diff"] <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "field, values",
+    [("pipeline_degree", (2, 4)), ("enabled", (True, False)), ("expert_kernel", ("dense", "auto"))],
+)
+def test_ranks_with_different_settings_get_an_eps_error(field, values):
+    skip_unless_ranks_fit(2)
+    messages = run_distributed(layer_cases.different_settings_across_ranks, 2, field, values)
+    for rank, message in enumerate(messages):
+        assert message is not None, rank
+        assert f"{field}: rank 0={values[0]!r}, rank 1={values[1]!r}" in message
+        assert "different EPS settings" in message
+
+
+def test_eps_layer_gets_the_groups_of_its_transformer_layer():
+    skip_unless_ranks_fit(2)
+    for out in run_distributed(layer_cases.layer_uses_model_groups, 2):
+        assert out["class"] == "EPSMoELayer"
+        assert out["same_group"] and out["ep_size"] == 1 and out["num_local_experts"] == 8
+        assert out["default_ep_size"] == 2
+        assert out["finite"]
+
+
+def test_settings_cannot_be_made_invalid_after_validation():
+    from megatron_eps import EPSConfig, EPSConfigError
+
+    cfg = EPSConfig(pipeline_degree=2)
+    with pytest.raises(EPSConfigError, match="pipeline_degree=-3"):
+        cfg.pipeline_degree = -3
+    assert cfg.pipeline_degree == 2
+    with pytest.raises(EPSConfigError, match="expert_kernel"):
+        cfg.expert_kernel = "cutlass"
+    cfg.pipeline_degree = "4"  # a valid change is validated and normalised
+    assert cfg.pipeline_degree == 4
+    assert cfg.digest() == EPSConfig(pipeline_degree=4).digest() != EPSConfig().digest()

@@ -157,12 +157,19 @@ def test_load_cost_profile_caches_and_reports_missing_files(tmp_path):
         selector.load_cost_profile(str(tmp_path / "missing.json"), "cpu")
     # A combined file: kernel tables under "experts" beside the pipeline cost model's keys.
     combined = tmp_path / "combined.json"
-    combined.write_text(json.dumps({"pipeline": {"a2a_gbps": 100}, "experts": profile.data}))
+    pipeline = {"link_bandwidth_gbps": 100, "link_latency_us": 10, "chunk_overhead_us": 50,
+                "expert_tflops": 100}
+    combined.write_text(json.dumps({"pipeline": pipeline, "experts": profile.data}))
     assert selector.load_cost_profile(str(combined), "cpu").backends == ["dense", "grouped"]
     # A file without kernel tables (pipeline constants only): the shipped profile, none on CPU.
-    other = tmp_path / "pipeline_only.json"
+    pipeline_only = tmp_path / "pipeline_only.json"
+    pipeline_only.write_text(json.dumps({"pipeline": pipeline}))
+    assert selector.load_cost_profile(str(pipeline_only), "cpu") is None
+    # A file that is no profile at all is an error naming the setting.
+    other = tmp_path / "other.json"
     other.write_text(json.dumps({"format": "something else"}))
-    assert selector.load_cost_profile(str(other), "cpu") is None
+    with pytest.raises(ValueError, match="cost_profile="):
+        selector.load_cost_profile(str(other), "cpu")
     with pytest.raises(ValueError, match="not a megatron-eps cost profile"):
         selector.CostProfile.from_file(str(other))
     assert selector.load_cost_profile(None, "cpu") is None
