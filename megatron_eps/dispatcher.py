@@ -272,6 +272,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
         counts = self.global_token_counts(routing_map)
+        transport = self._resolve_transport(tokens.device)
         choice = choose_num_chunks(counts)
         if isinstance(choice, (int, np.integer)):
             choice = max(1, min(int(choice), self.num_local_experts))
@@ -287,7 +288,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
         if prepare_experts is not None:
             prepare_experts(layout)
-        transport = self._resolve_transport(tokens.device)
         self.last_record.transport = transport.name if transport.moves_rows else "local"
         # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
         # the copy engines, land in their final rows).

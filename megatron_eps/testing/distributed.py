@@ -119,6 +119,7 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tup
             "RANK": str(local_rank),
             "LOCAL_RANK": str(local_rank),
             "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),  # one node, as torchrun --standalone
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }

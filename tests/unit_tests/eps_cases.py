@@ -73,7 +73,8 @@ def equivalence_cases(world: int):
     return cases
 
 
-def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int):
+def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int,
+                    transport: str = "auto"):
     """Compare stock and EPS outputs for the case grid; return [(case, error, N, record)]."""
     world = dist.get_world_size()
     assert world == world_expected, (world, world_expected)
@@ -98,6 +99,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                 min_tokens_to_pipeline=0,
                 expert_kernel=expert_kernel,
                 chunk_split=split,
+                transport=transport,
             )
             stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
             if routing == "hot":
@@ -131,6 +133,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                     "tokens": x.shape[0] * x.shape[1],
                     "routed_rows_total": int(record.global_counts.sum()),
                     "finite": bool(torch.isfinite(actual.float()).all()),
+                    "transport": record.transport,
                 }
             )
     finally:

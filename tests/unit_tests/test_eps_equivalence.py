@@ -91,3 +91,16 @@ def test_eps_equals_stock_with_gemm_backends(kernel, world):
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     results = run_distributed(eps_cases.run_equivalence, world, world, dtype, kernel, 10_000)
     _check(results, dtype)
+
+
+@pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
+def test_eps_equals_stock_on_each_transport(transport):
+    """Both transports over a real EP=2 group (GPUs): the whole grid, bf16, and the transport
+    really used is the one asked for (no silent fallback)."""
+    if not torch.cuda.is_available():
+        pytest.skip("the transports differ on GPUs only (CPU ranks use gloo's all-to-all)")
+    skip_unless_ranks_fit(2)
+    results = run_distributed(eps_cases.run_equivalence, 2, 2, "bf16", "auto", 10_000, transport)
+    _check(results, "bf16")
+    used = {r["transport"] for rank in results for r in rank}
+    assert used == {transport}, used
