@@ -8,6 +8,7 @@ leaves one rank on the copy engines and another on NCCL.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Optional
@@ -33,7 +34,7 @@ def copy_engine_blocker(group, device: Optional[torch.device] = None) -> Optiona
     if device is not None and torch.device(device).type != "cuda":
         return f"the layer is on {torch.device(device)}, not on a CUDA device"
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError as exc:
         return f"torch symmetric memory is unavailable ({exc})"
     from megatron_eps.comm import cuda_ops

@@ -141,3 +141,15 @@ def test_missing_signal_is_detected():
         memory.wait(1, 0, 1, None)
     world.memory(1).signal(0, 0, 1)
     memory.wait(1, 0, 1, None)
+
+
+def test_explicit_copy_engine_where_it_cannot_work_is_one_clear_error(monkeypatch):
+    from megatron_eps.comm import selection
+    from megatron_eps.config import EPSConfigError
+
+    monkeypatch.setattr(selection.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EPSConfigError, match="transport='copy_engine'.*no CUDA device.*auto.*nccl"):
+        selection.check_transport_setting("copy_engine", None, 2)
+    selection.check_transport_setting("copy_engine", None, 1)  # nothing travels at EP 1
+    selection.check_transport_setting("auto", None, 2)  # auto falls back instead
+    assert "CUDA" in selection.copy_engine_blocker(None)
