@@ -235,7 +235,8 @@ class EPSConfig:
         cls.from_dict(section, source=source)  # the file alone must be valid
         merged = dict(section)
         merged.update(overrides or {})
-        return cls.from_dict(merged, source=source)
+        # The file passed alone, so what fails now is a flag's value.
+        return cls.from_dict(merged, source="--eps-* flags")
 
     @classmethod
     def from_args(cls, args) -> "EPSConfig":

@@ -453,9 +453,15 @@ def load_model_config(
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
             raise ModelConfigError(f"--config {path!r} is not valid YAML: {exc}") from exc
-    mc = model_config_from_dict(data, path)
-    if num_layers is not None:
-        mc = mc.with_num_layers(num_layers)
+    from megatron_eps.config import EPSConfigError
+
+    try:
+        mc = model_config_from_dict(data, path)
+        if num_layers is not None:
+            mc = mc.with_num_layers(num_layers)
+    except (ModelConfigError, EPSConfigError) as exc:
+        # Name the option the file came from (not --eps-config, even for its eps: section).
+        raise ModelConfigError(f"--config {exc}") from None
     return mc
 
 

@@ -39,6 +39,11 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONFIG = "configs/tiny.yaml"
+# Where the speed figures come from (the CPU run only checks outputs and shows EPS's plan).
+GPU_RESULTS_NOTE = (
+    "speed figures come from the committed GPU results (README 'Results', benchmarks/results/; "
+    "e.g. DeepSeek-V2-Lite prefill on one H100: 1.71x / 1.52x / 1.11x at 2K / 8K / 32K tokens)"
+)
 # Logit agreement, stock vs EPS. fp32: max |diff| <= 1e-4 * max(1, max |stock|).
 # bf16/fp16: ||diff|| / ||stock|| <= 1e-2.
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
@@ -46,6 +51,43 @@ DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 
 class PrefillError(RuntimeError):
     pass
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a torchrun launch (or a single process): the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fail(prog: str, message: str, code: int = 2):
+    """One line naming the problem, printed once (rank 0), then exit: no traceback, no usage
+    block per rank."""
+    if _is_main_rank():
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        _fail(self.prog, f"{message} (see --help)")
+
+
+def quiet_known_noise() -> None:
+    """Drop warnings every run of this tool prints that say nothing to its user: Megatron's
+    Transformer Engine / Apex fallback notices (EPS runs without both), Megatron's own
+    deprecation notice about its config defaults, and torch's rename notice for the
+    all-gather the dispatcher uses. Targeted by message; everything else still shows."""
+    import logging
+    import warnings
+
+    for pattern in (
+        r"Transformer Engine and Apex are not installed",
+        r"Apex is not installed",
+        r"full scope is deprecated",
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    # torchrun's elastic agent and Megatron's INFO chatter stay at WARNING.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
 _OOM_ERRORS = tuple(
@@ -92,13 +134,14 @@ def _non_negative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_eps.arguments import add_eps_args
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megatron-eps-prefill",
         description="Prefill throughput of a Megatron-Core MoE GPT: stock MoELayer vs EPS-MoE.",
     )
     g = parser.add_argument_group("model")
-    g.add_argument("--config", default=None, metavar="YAML",
-                   help=f"model config (configs/*.yaml). Default: {DEFAULT_CONFIG}")
+    g.add_argument("--config", default=None, metavar="YAML|NAME",
+                   help="model config: a YAML file, or the name of a shipped one ("
+                   + ", ".join(shipped_config_names()) + "). Default: tiny")
     g.add_argument("--layers", type=_positive_int, default=None, metavar="N",
                    help="override model.num_layers (reduced depth to fit one GPU)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -116,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--eps-only", action="store_true", help="run the EPS model only")
     g.add_argument("--check-logits", choices=("last", "all"), default="last",
                    help="compare last-token logits (what prefill returns) or all positions")
-    g.add_argument("--tolerance", type=float, default=None,
+    g.add_argument("--tolerance", type=_positive_float, default=None,
                    help="logit agreement bound (fp32: max abs diff / max(1, max |ref|); "
                    "bf16/fp16: relative L2 error). Default: 1e-4 fp32, 1e-2 bf16/fp16")
     g = parser.add_argument_group("parallelism and devices")
@@ -128,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert parallelism. Default: config or the world size")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA + NCCL if a GPU is present, else CPU + gloo")
+    g.add_argument("--validate-only", action="store_true",
+                   help="check every setting (model config, EPS settings, parallel layout, "
+                   "expert kernel, memory) and exit without running; WORLD_SIZE sets the rank "
+                   "count to check for")
     g.add_argument("--cpu-threads", type=_positive_int, default=1,
                    help="torch threads per rank on CPU")
     g.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="S",
@@ -142,17 +189,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.save rank 0's logits {prompt_length: {mode: tensor}} (debugging, "
                    "cross-layout checks)")
     add_eps_args(parser)
+    for action in parser._actions:
+        if action.dest == "eps_moe":
+            action.help = ("accepted for Megatron-LM compatibility; this tool always runs the EPS "
+                           "model beside the stock one (--stock-only skips EPS)")
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are numbers > 0")
+    return value
+
+
+# --------------------------------------------------------------------------- model configs
+def shipped_configs_dir() -> Optional[str]:
+    """The model configs shipped with megatron-eps: megatron_eps/configs/ in an installed wheel,
+    configs/ in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isdir(candidate) and any(f.endswith(".yaml") for f in os.listdir(candidate)):
+            return candidate
+    return None
+
+
+def shipped_config_names() -> List[str]:
+    directory = shipped_configs_dir()
+    if directory is None:
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(directory) if f.endswith(".yaml"))
+
+
+def resolve_config(name: str, flag: str = "--config") -> str:
+    """A model config path from a path or the name of a shipped config (``deepseek_v2_lite``,
+    ``deepseek_v2_lite.yaml`` or ``configs/deepseek_v2_lite.yaml``, from any directory)."""
+    from megatron_eps.model_config import ModelConfigError
+
+    if os.path.isfile(name):
+        return name
+    base = os.path.basename(name)
+    stem = base[: -len(".yaml")] if base.endswith(".yaml") else base
+    directory = shipped_configs_dir()
+    looks_shipped = os.path.dirname(name) in ("", "configs") and stem in shipped_config_names()
+    if directory is not None and looks_shipped:
+        return os.path.join(directory, stem + ".yaml")
+    raise ModelConfigError(
+        f"{flag} {name!r}: no such file, and no shipped config of that name; allowed: a YAML "
+        f"file or one of {', '.join(shipped_config_names()) or '(none shipped)'}"
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate everything before any process group or model exists.
+
+    A bad value ends here with one line naming the setting and the allowed values (printed by
+    rank 0 only) and exit status 2: model config, EPS settings (incl. the cost profile), the
+    parallel layout for WORLD_SIZE ranks, Megatron settings EPS cannot run, the expert kernel
+    on this device, and a first estimate of the memory the largest prompt needs.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     use_cuda = _use_cuda(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; allowed values here: auto, cpu")
-    if args.config is None:
-        args.config = _default_config_path()
+    from megatron_eps.model_config import ModelConfigError
+
+    try:
+        args.config = resolve_config(args.config or DEFAULT_CONFIG)
+    except ModelConfigError as exc:
+        parser.error(str(exc))
     if args.dtype is None:
         args.dtype = "bf16" if use_cuda else "fp32"
     if args.prompt_lengths is None:
@@ -162,23 +271,171 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tolerance is None:
         args.tolerance = DEFAULT_TOLERANCE[args.dtype]
     if args.eps_config is None:
-        # The model config's own eps: section (defaults if it has none).
+        # The model config's own eps: section (defaults if it has none); errors name --config.
         args.eps_config = args.config
-    # Fail on bad EPS settings before any process group exists.
-    from megatron_eps.config import EPSConfig, EPSConfigError
+        args.eps_config_flag = "--config"
+    # Fail on bad settings before any process group exists.
+    from megatron_eps.config import EPSConfigError
 
     try:
-        EPSConfig.from_args(args)
-    except EPSConfigError as exc:
+        validate_setup(args)
+    except (EPSConfigError, ModelConfigError, PrefillError) as exc:
         parser.error(str(exc))
     return args
 
 
-def _default_config_path() -> str:
-    if os.path.isfile(DEFAULT_CONFIG):
-        return DEFAULT_CONFIG
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(repo, DEFAULT_CONFIG)
+def validate_setup(args) -> Dict[str, object]:
+    """Every check that needs no process group: raises EPSConfigError / ModelConfigError /
+    PrefillError naming the setting. Returns what it built (model config, parallel sizes)."""
+    from megatron_eps.config import EPSConfig
+    from megatron_eps.model_config import load_model_config
+    from megatron_eps.moe_layer import check_megatron_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = _use_cuda(args.device)
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    mc = load_model_config(args.config, num_layers=args.layers)
+    eps = EPSConfig.from_args(args)
+    par = mc.resolve_parallel(world, args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    tp, ep = par["tensor_model_parallel_size"], par["expert_model_parallel_size"]
+    if tp > 1:
+        for length in args.prompt_lengths:
+            if (args.batch_size * length) % tp:
+                raise PrefillError(
+                    f"--prompt-lengths {length} x --batch-size {args.batch_size} must be divisible "
+                    f"by --tensor-model-parallel-size {tp} (sequence-parallel MoE)"
+                )
+    dtype = DTYPES[args.dtype]
+    config = mc.transformer_config(
+        dtype=dtype,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        use_cpu_initialization=not use_cuda,
+    )
+    if not args.stock_only:
+        eps_run = eps.replace(enabled=True)
+        check_megatron_config(config, eps_run, ep)
+        _check_expert_kernel(eps_run, mc, device, dtype)
+        from megatron_eps.config import warn_if_profile_for_other_device
+        from megatron_eps.experts.selector import device_name
+
+        import logging
+
+        quiet = logging.getLogger("megatron_eps.quiet")
+        quiet.disabled = True
+        warn_if_profile_for_other_device(
+            eps.cost_profile, device_name(device), log=None if _is_main_rank() else quiet
+        )
+    _check_memory(args, mc, par, world, device)
+    return {"model_config": mc, "parallel": par, "eps_config": eps}
+
+
+def _check_expert_kernel(eps, mc, device, dtype) -> None:
+    """An explicit expert_kernel must run on this device (e.g. triton needs a GPU)."""
+    from megatron_eps.config import EPSConfigError
+
+    name = eps.expert_kernel
+    if name in ("auto", "megatron"):
+        return
+    from megatron_eps.experts import base
+    from megatron_eps.experts.calibrate import synthetic_experts
+
+    base._import_builtin_backends()
+    backend = base._REGISTRY.get(name)
+    # One expert of the model's shape: enough to ask the backend whether it runs here.
+    ffn = int(mc.fields["moe_ffn_hidden_size"])
+    probe = synthetic_experts(mc.hidden_size, ffn, 1, dtype, device)
+    reason = (backend.unavailable_reason(probe, device, dtype) if backend is not None
+              else "its module could not be imported")
+    if reason is not None:
+        available = [n for n, cls in sorted(base._REGISTRY.items())
+                     if n == "megatron" or cls.unavailable_reason(probe, device, dtype) is None]
+        raise EPSConfigError(
+            f"eps expert_kernel={name!r} cannot run here ({device.type}, {str(dtype)[6:]}): "
+            f"{reason}; allowed values here: {', '.join(['auto'] + available)}"
+        )
+
+
+def estimate_prefill_bytes(mc, batch: int, length: int, dtype_bytes: int, ep: int,
+                           check_logits: str, both_modes: bool) -> Dict[str, float]:
+    """A lower bound of the memory one rank needs for one prefill (bytes, by part): weights
+    (plus the CPU copy the EPS model loads from), the KV cache of every layer, the activations
+    of one layer (hidden states, routed rows, expert intermediates) and the logits."""
+    f = mc.fields
+    hidden, topk = mc.hidden_size, int(f["moe_router_topk"])
+    ffn = int(f["moe_ffn_hidden_size"])
+    tokens = batch * length
+    counts = mc.parameter_counts()
+    experts = counts["routed_experts_per_layer"] * mc.num_moe_layers
+    weights = (counts["total"] - experts + experts / ep) * dtype_bytes
+    if both_modes:
+        weights *= 2
+    if mc.attention == "mla":
+        kv_width = int(f.get("kv_lora_rank", 512)) + int(f.get("qk_pos_emb_head_dim", 64))
+    else:
+        heads = int(f["num_attention_heads"])
+        kv_width = 2 * int(f.get("num_query_groups") or heads) * int(
+            f.get("kv_channels") or hidden // heads)
+    kv_cache = mc.num_layers * tokens * kv_width * dtype_bytes
+    gated = 2 if mc.activation in ("swiglu", "geglu") else 1
+    activations = tokens * dtype_bytes * (4 * hidden + 2 * topk * hidden + (gated + 1) * topk * ffn)
+    logit_rows = tokens if check_logits == "all" else batch
+    logits = logit_rows * mc.vocab_size * (dtype_bytes + 4) * (2 if both_modes else 1)
+    return {"weights": weights, "kv_cache": kv_cache, "activations": activations,
+            "logits": logits}
+
+
+def _available_bytes(device) -> Optional[float]:
+    """Memory one rank may use: the GPU's, or this host's available memory over its ranks."""
+    if device.type == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+        return float(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        available = float(info["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return available / max(ranks_here, 1)
+
+
+def _check_memory(args, mc, par, world, device) -> None:
+    """Refuse prompt lengths whose lower-bound memory estimate exceeds what a rank has."""
+    available = _available_bytes(device)
+    if available is None:
+        return
+    dtype_bytes = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
+    both = not (args.stock_only or args.eps_only)
+    ep = par["expert_model_parallel_size"]
+    for length in sorted(args.prompt_lengths, reverse=True)[:1]:
+        parts = estimate_prefill_bytes(mc, args.batch_size, length, dtype_bytes, ep,
+                                       args.check_logits, both)
+        need = sum(parts.values())
+        if need <= available:
+            return
+        per_token = (sum(estimate_prefill_bytes(mc, args.batch_size, 2, dtype_bytes, ep,
+                                                args.check_logits, both).values())
+                     - sum(estimate_prefill_bytes(mc, args.batch_size, 1, dtype_bytes, ep,
+                                                  args.check_logits, both).values()))
+        fixed = sum(parts.values()) - per_token * length
+        longest = int(max(available - fixed, 0) // max(per_token, 1))
+        gib = 2.0**30
+        detail = ", ".join(f"{k.replace('_', ' ')} {v / gib:,.1f}" for k, v in parts.items())
+        if longest < 1:
+            raise PrefillError(
+                f"--config {args.config}: the weights alone need ~{fixed / gib:,.1f} GiB per rank "
+                f"({args.dtype}{', stock + EPS copies' if both else ''}), this "
+                f"{'GPU' if device.type == 'cuda' else 'host'} has ~{available / gib:,.1f} GiB per "
+                "rank; allowed: fewer layers (--layers N), --dtype bf16, --stock-only/--eps-only, "
+                "or more expert-parallel ranks"
+            )
+        raise PrefillError(
+            f"--prompt-lengths {length} with --batch-size {args.batch_size}: a prefill needs at "
+            f"least ~{need / gib:,.1f} GiB per rank (GiB: {detail}), this "
+            f"{'GPU' if device.type == 'cuda' else 'host'} has ~{available / gib:,.1f} GiB per "
+            f"rank; allowed: prompt lengths up to about {longest:,} tokens at this batch size"
+        )
 
 
 def _use_cuda(device: str) -> bool:
@@ -444,7 +701,12 @@ def run(args) -> Dict[str, object]:
         expert_model_parallel_size=ep,
         use_cpu_initialization=device.type == "cpu",
     )
-    eps_config = EPSConfig.from_args(args).replace(enabled=True)
+    eps_config = EPSConfig.from_args(args)
+    if not eps_config.enabled and not args.stock_only and rank == 0:
+        print(f"note: {args.eps_config}: eps.enabled is false, but this tool compares the stock "
+              "model with EPS, so EPS runs anyway (--stock-only runs the stock model alone)",
+              file=sys.stderr, flush=True)
+    eps_config = eps_config.replace(enabled=True)
     modes = ["stock", "eps"]
     if args.stock_only:
         modes = ["stock"]
@@ -462,6 +724,7 @@ def run(args) -> Dict[str, object]:
     results = {length: {} for length in args.prompt_lengths}
     logits = {length: {} for length in args.prompt_lengths}
     expert_backends = {}
+    decisions = {}
     state_dict = None
     build_s = {}
     errors: List[str] = []
@@ -515,6 +778,7 @@ def run(args) -> Dict[str, object]:
                     {b for m in model.modules() for b in getattr(m, "last_expert_backends", [])}
                 )
                 expert_backends[length] = backends
+                decisions[length] = eps_decisions(model)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -541,6 +805,8 @@ def run(args) -> Dict[str, object]:
             entry["speedup"] = results[length]["eps"]["tokens_per_s"] / results[length]["stock"]["tokens_per_s"]
         if length in expert_backends:
             entry["eps_expert_backends"] = expert_backends[length]
+        if length in decisions:
+            entry["eps_decisions"] = decisions[length]
         rows.append(entry)
 
     report = {
@@ -610,7 +876,9 @@ def format_table(report) -> str:
         f"TP {p['tensor_model_parallel_size']}, {p['attention']} attention)"
     ]
     if dev["type"] == "cpu":
-        lines.append("NOTE: CPU timings are noisy and say nothing about GPU throughput.")
+        lines.append("CPU run: it checks that EPS gives the stock model's outputs and shows the plan "
+                     "EPS chose; CPU timings say nothing about GPU speed:")
+        lines.append("  " + GPU_RESULTS_NOTE + ".")
     header = f"{'prompt':>8} {'tok/step':>9} {'stock tok/s':>12} {'eps tok/s':>12} {'speedup':>8} {'logit err':>10} {'ok':>4}"
     lines += [header, "-" * len(header)]
     for row in report["results"]:
@@ -630,15 +898,88 @@ def format_table(report) -> str:
             f"{(f'{speed:.2f}x' if speed else '-'):>8} {(f'{err:.2e}' if err is not None else '-'):>10} "
             f"{('yes' if cmp['agree'] else 'NO') if cmp else '-':>4}"
         )
+    plan = [row for row in report["results"] if row.get("eps_decisions")]
+    if plan:
+        lines.append("EPS plan (what EPS decided in the last timed run; rank 0):")
+        for row in plan:
+            for text in format_decisions(row["eps_decisions"]):
+                lines.append(f"  prompt {row['prompt_length']}: {text}")
     return "\n".join(lines)
 
 
+def eps_decisions(model) -> List[Dict[str, object]]:
+    """Per EPS MoE layer, what its last forward did: chunks, split, expert kernel, transport."""
+    from megatron_eps.moe_layer import EPSMoELayer
+
+    out = []
+    layers = [m for m in model.modules() if isinstance(m, EPSMoELayer)]
+    for index, layer in enumerate(layers):
+        record = getattr(layer.token_dispatcher, "last_record", None)
+        entry: Dict[str, object] = {
+            "moe_layer": index,
+            "layer_number": getattr(layer, "layer_number", None),
+            "pipeline_degree_setting": layer.eps_config.pipeline_degree,
+            "expert_kernels": sorted(set(getattr(layer, "last_expert_backends", []))),
+        }
+        if record is not None:
+            sizes = [int(n) for n in getattr(record, "experts_per_chunk", ()) or ()]
+            entry["num_chunks"] = int(record.num_chunks)
+            entry["experts_per_chunk"] = sizes
+            entry["chunk_split"] = _split_name(sizes)
+            entry["tokens_per_chunk"] = [int(t) for t in record.tokens_per_chunk]
+            entry["transport"] = str(getattr(record, "transport", "") or "nccl")
+        out.append(entry)
+    return out
+
+
+def _split_name(sizes: List[int]) -> str:
+    if len(sizes) <= 1:
+        return "none (one chunk)"
+    if sizes[-1] == 1 and max(sizes[:-1]) > 1:
+        return "tail"
+    return "equal"
+
+
+def format_decisions(decisions: List[Dict[str, object]]) -> List[str]:
+    """One line per run of layers that decided alike."""
+    def describe(d):
+        if "num_chunks" not in d:
+            return "no pipelined forward ran"
+        sizes = "+".join(str(n) for n in d["experts_per_chunk"])
+        return (f"N={d['num_chunks']} chunk(s) of {sizes} local experts, split {d['chunk_split']}, "
+                f"expert kernel {'/'.join(d['expert_kernels']) or '-'}, transport {d['transport']}"
+                f" (pipeline_degree: {d['pipeline_degree_setting']})")
+
+    lines, start = [], 0
+    for i in range(1, len(decisions) + 1):
+        if i == len(decisions) or describe(decisions[i]) != describe(decisions[start]):
+            first, last = decisions[start]["moe_layer"], decisions[i - 1]["moe_layer"]
+            which = f"MoE layer {first}" if first == last else f"MoE layers {first}-{last}"
+            lines.append(f"{which}: {describe(decisions[start])}")
+            start = i
+    return lines
+
+
 def main(argv=None) -> int:
+    quiet_known_noise()
     args = parse_args(argv)
+    if args.validate_only:
+        if _is_main_rank():
+            print(f"megatron-eps-prefill: settings OK ({args.config}, "
+                  f"{os.environ.get('WORLD_SIZE', '1')} rank(s))", flush=True)
+        return 0
     import torch.distributed as dist
+
+    from megatron_eps.config import EPSConfigError
+    from megatron_eps.model_config import ModelConfigError
 
     try:
         report = run(args)
+    except (EPSConfigError, ModelConfigError, PrefillError) as exc:
+        # A check only the running job can make: still one line, from rank 0.
+        if _is_main_rank():
+            print(f"megatron-eps-prefill: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             try:

@@ -15,6 +15,8 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 if [ ! -f "$VENV/.eps-installed" ] || [ "$EPS_ROOT/setup.py" -nt "$VENV/.eps-installed" ]; then
+  echo "megatron-eps: installing into $VENV (torch, megatron-core, PyYAML, pytest, Triton;" \
+       "about a minute on first use)..." >&2
   python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   if [ "${EPS_USE_SYSTEM_TORCH:-0}" != "1" ]; then
     # Pin the CPU build first so that no dependency pulls a multi-GB CUDA build.
@@ -23,6 +25,7 @@ if [ ! -f "$VENV/.eps-installed" ] || [ "$EPS_ROOT/setup.py" -nt "$VENV/.eps-ins
   python -m pip install -q -e "$EPS_ROOT[test]" 2>&1 | grep -v "is ignored" || true
   python -c "import torch, megatron.core, yaml, megatron_eps" 
   touch "$VENV/.eps-installed"
+  echo "megatron-eps: install done" >&2
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set +e

@@ -11,4 +11,8 @@ if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
   NPROC="${NPROC:-2}"
 fi
+# Check every setting once, in one process, before torchrun starts the ranks: a bad value ends
+# with one line naming it, before any process group or benchmark.
+case " $* " in *" -h "*|*" --help "*) exec python examples/run_prefill.py --help ;; esac
+WORLD_SIZE="$NPROC" python examples/run_prefill.py --validate-only "$@" >/dev/null
 exec torchrun --standalone --nproc-per-node "$NPROC" examples/run_prefill.py "$@"

@@ -214,9 +214,17 @@ def shapes_from_args(args) -> List[Tuple[int, int, int]]:
         shapes.append((h, f, n))
     if args.config:
         shapes.append(shape_from_model_yaml(args.config, args.ep))
-    if args.hidden or args.ffn or args.experts:
-        if not (args.hidden and args.ffn and args.experts):
-            raise SystemExit("--hidden, --ffn and --experts go together (local experts per rank)")
+    given = {f"--{k}": getattr(args, k) for k in ("hidden", "ffn", "experts")}
+    if any(v is not None for v in given.values()):
+        for flag, value in given.items():
+            if value is not None and value < 1:
+                raise SystemExit(f"{flag} {value}: allowed values are integers >= 1")
+        missing = [flag for flag, value in given.items() if value is None]
+        if missing:
+            raise SystemExit(
+                f"{', '.join(missing)} missing: --hidden, --ffn and --experts go together "
+                "(local experts per rank)"
+            )
         shapes.append((args.hidden, args.ffn, args.experts))
     if not shapes:
         raise SystemExit("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
@@ -230,8 +238,13 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
     """(hidden, moe ffn, local experts) from a configs/<model>.yaml (model: and parallel: keys)."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise SystemExit(f"--config {path!r}: no such file")
+    from megatron_eps.model_config import ModelConfigError
+    from megatron_eps.prefill import resolve_config
+
+    try:
+        path = resolve_config(path)  # a file, or the name of a shipped config
+    except ModelConfigError as exc:
+        raise SystemExit(str(exc)) from None
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     model = data.get("model", data)
@@ -328,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-eps-calibrate",
         description="Time the expert GEMM backends over a grid of loads and write a cost profile.",
     )
-    parser.add_argument("--config", help="model YAML (configs/<model>.yaml) to take the expert shape from")
+    parser.add_argument("--config", help="model YAML (a file, or the name of a shipped config such as "
+                        "deepseek_v2_lite) to take the expert shape from")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (local experts = experts / ep)")
     parser.add_argument("--hidden", type=int, help="hidden size H")
     parser.add_argument("--ffn", type=int, help="expert ffn hidden size F")
@@ -357,7 +371,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--loads takes integers and --skews numbers, comma-separated") from None
     if min(loads) <= 0 or min(skews) < 0:
         raise SystemExit("--loads must be positive and --skews non-negative")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available here; allowed "
+                         "values here: cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
