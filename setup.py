@@ -6,8 +6,13 @@ setup(
     description="EPS-MoE expert pipeline scheduler for Megatron-Core MoE prefill inference",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["megatron_eps", "megatron_eps.*"]),
-    package_data={"megatron_eps": ["profiles/*.json"]},
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    # The model configs ship inside the package (megatron_eps/configs/*.yaml, from configs/), so
+    # an installed megatron-eps-prefill / megatron-eps-calibrate finds them by name.
+    packages=find_packages(include=["megatron_eps", "megatron_eps.*"]) + ["megatron_eps.configs"],
+    package_dir={"megatron_eps.configs": "configs"},
+    package_data={"megatron_eps": ["profiles/*.json"], "megatron_eps.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "megatron-core>=0.16,<0.20",
