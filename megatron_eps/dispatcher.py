@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -12,9 +13,10 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 
 from megatron_eps import compat
 from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
-from megatron_eps.comm.base import gather_rows, row_probs
+from megatron_eps.comm.base import row_probs
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
+from megatron_eps.permute_kernels import scatter_routed_rows, sum_expert_rows
 from megatron_eps.sm_control import gemm_sm_carveout
 from megatron_eps.schedule import (
     COMBINE,
@@ -95,43 +97,27 @@ def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
     return width // token_bytes
 
 
-def widen_rows(tokens: torch.Tensor, columns: int) -> torch.Tensor:
-    """[T, H + columns]: the token rows with room for the routing weight (the columns are
-    filled per routed row by ``comm.base.gather_rows``)."""
-    if not columns:
-        return tokens
-    num_tokens, hidden = tokens.shape
-    extended = tokens.new_empty((num_tokens, hidden + columns))
-    extended[:, :hidden] = tokens
-    return extended
-
-
 def pack_rows_with_probs(
     tokens: torch.Tensor, sorted_indices: torch.Tensor, permuted_probs: torch.Tensor, columns: int
 ) -> torch.Tensor:
     """[num_rows, H + columns]: each permuted token row with its routing weight appended, so one
     all-to-all per chunk dispatches both (Megatron sends the weights in a second one)."""
-    return gather_rows(widen_rows(tokens, columns), sorted_indices, columns, permuted_probs)
+    packed = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + columns))
+    scatter_routed_rows(tokens, sorted_indices, permuted_probs, packed, columns)
+    return packed
 
 
 def unpermute_sum_per_token(
     combined: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
-    """Sum each token's top-k expert rows, in fp32 and in a fixed order.
+    """Sum each token's top-k expert rows, in fp32 (fp64 for fp64 layers) and in a fixed order.
 
     Used when every token has exactly k rows (``combined`` [T*k, H], ``sorted_indices`` [T*k]
     the token of each row). Megatron's unpermute scatter-adds the rows with atomics in the
     activation dtype, so in bf16 its result depends on the arrival order of the k additions;
-    gathering the k rows of each token and reducing them in fp32 gives one rounding and the
-    same bits on every run, at the same memory traffic.
+    reducing each token's k rows in fp32 gives one rounding and the same bits on every run.
     """
-    if num_tokens == 0:
-        return combined.new_zeros((0, combined.shape[-1]))
-    top_k = combined.shape[0] // num_tokens
-    rows_by_token = torch.argsort(sorted_indices, stable=True)
-    gathered = combined.index_select(0, rows_by_token).view(num_tokens, top_k, -1)
-    accumulate = torch.promote_types(combined.dtype, torch.float32)
-    return gathered.sum(dim=1, dtype=accumulate).to(combined.dtype)
+    return sum_expert_rows(combined, sorted_indices, num_tokens)
 
 
 @dataclass
@@ -271,14 +257,17 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         """
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
-        counts = self.global_token_counts(routing_map)
+        with self._phase("counts"):
+            counts = self.global_token_counts(routing_map)
         transport = self._resolve_transport(tokens.device)
-        choice = choose_num_chunks(counts)
+        with self._phase("choose"):
+            choice = choose_num_chunks(counts)
         if isinstance(choice, (int, np.integer)):
             choice = max(1, min(int(choice), self.num_local_experts))
         sizes = chunk_sizes(self.num_local_experts, choice)
         num_chunks = len(sizes)
-        layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
+        with self._phase("layout"):
+            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
             tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
@@ -297,10 +286,11 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             tokens, probs, routing_map, layout.expert_order, num_rows, gather_tokens=False
         )
         packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
-        transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
-                        tokens.dtype, tokens.device)
-        transport.place_rows(widen_rows(tokens, packed_columns), sorted_indices, permuted_probs,
-                             packed_columns)
+        with self._phase("transport.begin"):
+            transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
+                            tokens.dtype, tokens.device)
+        with self._phase("transport.place_rows"):
+            transport.place_rows(tokens, sorted_indices, permuted_probs, packed_columns)
         shared_output: List[Optional[torch.Tensor]] = [None]
         comm_stream = self._comm_stream(tokens, transport)
 
@@ -339,17 +329,26 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             run_plan(plan, stages, comm_stream, self.profiler_ranges)
         combined = transport.combined_rows()
 
-        if num_rows == tokens.shape[0] * self.config.moe_router_topk:
-            output = unpermute_sum_per_token(combined, sorted_indices, tokens.shape[0])
-        else:  # some tokens route to fewer than top-k experts (padding mask): Megatron's way
-            output = compat.unpermute_tokens(
-                combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
-            )
+        with self._phase("unpermute"):
+            output = self._unpermute(combined, sorted_indices, tokens, routing_map, shared_output[0])
         transport.end()
-        output = output.view(hidden_shape)
-        if shared_output[0] is not None:
-            output = output + shared_output[0]
+        return output.view(hidden_shape)
+
+    def _unpermute(self, combined, sorted_indices, tokens, routing_map, shared_output):
+        if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:
+            return sum_expert_rows(combined, sorted_indices, tokens.shape[0], shared_output)
+        # some tokens route to fewer than top-k experts (padding mask): Megatron's way
+        output = compat.unpermute_tokens(
+            combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
+        )
+        if shared_output is not None:
+            output = output + shared_output.reshape(output.shape)
         return output
+
+    def _phase(self, name: str):
+        if self.profiler_ranges:
+            return torch.profiler.record_function(f"eps.{name}")
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ streams
     def _comm_stream(self, like: torch.Tensor, transport: ExpertTransport):

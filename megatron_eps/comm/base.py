@@ -5,9 +5,10 @@ but for ``ep_rank``), ``W`` = row width (hidden size plus the columns carrying t
 weight) and ``H`` = hidden size:
 
 1. ``begin(layout, counts, width, hidden, dtype, device)`` on the host: size buffers.
-2. ``place_rows(rows, sorted_indices, permuted_probs, prob_columns)`` on the compute stream:
+2. ``place_rows(tokens, sorted_indices, permuted_probs, prob_columns)`` on the compute stream:
    the routed rows in send order (chunk, destination rank, expert), each the token row
-   ``rows[sorted_indices[i]]`` [W] with its weight ``permuted_probs[i]`` in the prob columns.
+   ``tokens[sorted_indices[i]]`` [H] followed by its weight ``permuted_probs[i]`` in
+   ``prob_columns`` extra columns (W = H + prob_columns).
 3. For each chunk g, in the plan's order:
    * ``dispatch(g)`` on the comm stream; returns the ``Completion`` the experts wait on (None:
      the plan records an event on the comm stream).
@@ -58,7 +59,7 @@ class ExpertTransport:
 
     def place_rows(
         self,
-        rows: torch.Tensor,
+        tokens: torch.Tensor,
         sorted_indices: torch.Tensor,
         permuted_probs: torch.Tensor,
         prob_columns: int,
@@ -86,22 +87,6 @@ class ExpertTransport:
     def check_progress(self) -> None:
         """Raise if earlier forwards' cross-rank waits have not completed in time (no-op for
         transports whose waits are collectives with their own timeouts)."""
-
-
-def gather_rows(rows: torch.Tensor, sorted_indices: torch.Tensor, prob_columns: int,
-                permuted_probs: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``rows[sorted_indices]`` with each row's routing weight written into its prob columns.
-
-    rows: [T, W] token rows (W = H + prob_columns); sorted_indices: [M]; permuted_probs: [M].
-    Returns [M, W] (``out`` when given).
-    """
-    if out is None:
-        out = rows.index_select(0, sorted_indices)
-    else:
-        torch.index_select(rows, 0, sorted_indices, out=out)
-    if prob_columns:
-        row_probs(out, rows.shape[1] - prob_columns, permuted_probs.dtype).copy_(permuted_probs)
-    return out
 
 
 def row_probs(packed: torch.Tensor, hidden_size: int, probs_dtype: torch.dtype) -> torch.Tensor:

@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_eps.comm.base import Completion, ExpertTransport, gather_rows
+from megatron_eps.comm.base import Completion, ExpertTransport
+from megatron_eps.permute_kernels import scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
 
 logger = logging.getLogger(__name__)
@@ -126,47 +127,33 @@ class CopyEngineTransport(ExpertTransport):
         self.plan, self.layout = plan, layout
         self.sequence = self.memory.next_sequence()
         dispatch_buffer = self.memory.local(DISPATCH_BUFFER)
-        self._recv = _rows_view(dispatch_buffer, 0, plan.recv_capacity, width, dtype)
-        self._staging = _rows_view(
-            dispatch_buffer, plan.recv_capacity * row_bytes, plan.staging_capacity, width, dtype
+        self._dispatch_rows = _rows_view(
+            dispatch_buffer, 0, plan.recv_capacity + plan.staging_capacity, width, dtype
         )
+        self._recv = self._dispatch_rows[: plan.recv_capacity]
+        self._staging = self._dispatch_rows[plan.recv_capacity :]
         self._return = _rows_view(
             self.memory.local(RETURN_BUFFER), 0, layout.send_offsets[-1], hidden, dtype
         )
         self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
         self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
-        # One host-to-device copy for the three row-index arrays of the permutation.
-        index = np.concatenate((plan.remote_send_rows, plan.local_send_rows, plan.local_recv_rows))
-        index = torch.from_numpy(index)
+        # Each routed row's dispatch-buffer row, built on the device from the few pieces.
+        pieces = torch.from_numpy(np.stack((plan.piece_sizes, plan.buffer_row_offsets())))
         if device.type == "cuda":
-            index = index.pin_memory().to(device, non_blocking=True)
-        n_remote, n_local = len(plan.remote_send_rows), len(plan.local_send_rows)
-        self._remote_rows = index[:n_remote]
-        self._local_rows = index[n_remote : n_remote + n_local]
-        self._local_dest = index[n_remote + n_local :]
+            pieces = pieces.pin_memory().to(device, non_blocking=True)
+        num_rows = layout.send_offsets[-1]
+        self._buffer_rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
+            pieces[1], pieces[0], output_size=num_rows
+        )
 
-    def place_rows(self, rows, sorted_indices, permuted_probs, prob_columns):
+    def place_rows(self, tokens, sorted_indices, permuted_probs, prob_columns):
         if not prob_columns:
             raise ValueError(
                 "copy_engine transport needs the routing weight packed into each row (hidden "
                 "size * element size a multiple of the weight's size); use transport: nccl"
             )
-        n_remote = len(self._remote_rows)
-        gather_rows(
-            rows,
-            sorted_indices.index_select(0, self._remote_rows),
-            prob_columns,
-            permuted_probs.index_select(0, self._remote_rows),
-            out=self._staging[:n_remote],
-        )
-        if len(self._local_rows):
-            local = gather_rows(
-                rows,
-                sorted_indices.index_select(0, self._local_rows),
-                prob_columns,
-                permuted_probs.index_select(0, self._local_rows),
-            )
-            self._recv.index_copy_(0, self._local_dest, local)
+        scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._dispatch_rows,
+                            prob_columns, dst_rows=self._buffer_rows)
 
     def dispatch(self, chunk):
         copies = self.plan.dispatch[chunk]
@@ -206,7 +193,7 @@ class CopyEngineTransport(ExpertTransport):
         return self._return
 
     def end(self):
-        self._recv = self._staging = self._return = None
+        self._recv = self._staging = self._return = self._dispatch_rows = self._buffer_rows = None
         self._outputs = []
 
 

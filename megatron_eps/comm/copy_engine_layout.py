@@ -82,11 +82,37 @@ class CopyEngineLayout:
     staging_capacity: int  # rows of every rank's staging area
     return_capacity: int  # rows of every rank's return buffer
     recv_chunk_offsets: List[int]  # [chunk + 1] first receive-area row of each chunk (this rank)
-    local_send_rows: np.ndarray  # send-order rows of this rank bound for its own experts
-    local_recv_rows: np.ndarray  # ... and their receive-area rows
-    remote_send_rows: np.ndarray  # send-order rows bound for peers, in staging order
+    # This rank's send order as pieces (chunk, destination rank, expert), each a run of rows:
+    piece_sizes: np.ndarray  # rows per piece
+    piece_send_start: np.ndarray  # first send-order row of each piece
+    piece_is_local: np.ndarray  # bool: bound for this rank's own experts
+    # first dispatch-buffer row each piece is placed at by the permutation: its receive-area row
+    # (local pieces) or recv_capacity + its staging row (pieces bound for peers)
+    piece_buffer_row: np.ndarray
     dispatch: List[Dict[int, RowCopies]]  # [chunk][peer] staging row -> peer receive-area row
     combine: List[Dict[int, RowCopies]]  # [chunk][rank] chunk output row -> that rank's return row
+
+    @property
+    def local_send_rows(self) -> np.ndarray:
+        """Send-order rows bound for this rank's own experts."""
+        m = self.piece_is_local
+        return _expand_ranges(self.piece_send_start[m], self.piece_sizes[m])
+
+    @property
+    def local_recv_rows(self) -> np.ndarray:
+        """Their receive-area rows."""
+        m = self.piece_is_local
+        return _expand_ranges(self.piece_buffer_row[m], self.piece_sizes[m])
+
+    @property
+    def remote_send_rows(self) -> np.ndarray:
+        """Send-order rows bound for peers, in staging order."""
+        m = ~self.piece_is_local
+        return _expand_ranges(self.piece_send_start[m], self.piece_sizes[m])
+
+    def buffer_row_offsets(self) -> np.ndarray:
+        """[pieces]: dispatch-buffer row minus send-order row, the same for every row of a piece."""
+        return self.piece_buffer_row - self.piece_send_start
 
     @classmethod
     def build(
@@ -125,16 +151,18 @@ class CopyEngineLayout:
         chunk_offsets = [int(recv_start[me, a, 0]) for a, _ in expert_ranges]
         chunk_offsets.append(int(recv_rows[me]))
 
-        # This rank's own rows (destination me) and its remote rows, in send order.
-        local_starts = send_start[me, me]
-        local_send = _expand_ranges(local_starts, per[me, me])
-        local_recv = _expand_ranges(recv_start[me, :, me], per[me, me])
-        remote_mask = dst_idx != me
-        remote_send = _expand_ranges(starts_send[me][remote_mask], sizes_send[me][remote_mask])
+        # This rank's pieces in send order; own rows go to the receive area, others are staged.
+        is_local = dst_idx == me
         # staging_start[d, l]: first staging row of this rank's rows for (d, l), d != me.
-        staged_sizes = np.where(remote_mask, sizes_send[me], 0)
+        staged_sizes = np.where(is_local, 0, sizes_send[me])
         staging_start = np.zeros((ep_size, num_local), dtype=np.int64)
         staging_start[dst_idx, loc_idx] = np.cumsum(staged_sizes) - staged_sizes
+        recv_capacity = int(recv_rows.max())
+        buffer_row = np.where(
+            is_local,
+            recv_start[me, loc_idx, me],
+            recv_capacity + staging_start[dst_idx, loc_idx],
+        )
 
         dispatch, combine = [], []
         for a, b in expert_ranges:
@@ -160,13 +188,14 @@ class CopyEngineLayout:
         return cls(
             ep_size=ep_size,
             ep_rank=me,
-            recv_capacity=int(recv_rows.max()),
+            recv_capacity=recv_capacity,
             staging_capacity=int((sent_rows - local_rows).max()),
             return_capacity=int(sent_rows.max()),
             recv_chunk_offsets=chunk_offsets,
-            local_send_rows=local_send,
-            local_recv_rows=local_recv,
-            remote_send_rows=remote_send,
+            piece_sizes=sizes_send[me].copy(),
+            piece_send_start=starts_send[me].copy(),
+            piece_is_local=is_local,
+            piece_buffer_row=buffer_row,
             dispatch=dispatch,
             combine=combine,
         )

@@ -14,7 +14,8 @@ from typing import List, Optional
 import torch
 
 from megatron_eps.comm.all_to_all import AllToAll
-from megatron_eps.comm.base import ExpertTransport, gather_rows
+from megatron_eps.comm.base import ExpertTransport
+from megatron_eps.permute_kernels import scatter_routed_rows
 
 
 class NCCLTransport(ExpertTransport):
@@ -39,8 +40,9 @@ class NCCLTransport(ExpertTransport):
         num_rows = layout.send_offsets[-1]
         self._combined = torch.empty((num_rows, hidden), dtype=dtype, device=device)
 
-    def place_rows(self, rows, sorted_indices, permuted_probs, prob_columns):
-        self._send = gather_rows(rows, sorted_indices, prob_columns, permuted_probs)
+    def place_rows(self, tokens, sorted_indices, permuted_probs, prob_columns):
+        self._send = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + prob_columns))
+        scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._send, prob_columns)
         self._send_probs = None if prob_columns else permuted_probs
 
     def _chunk(self, tensor, chunk):

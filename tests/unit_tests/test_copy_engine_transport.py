@@ -13,7 +13,7 @@ import torch
 
 from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
-from megatron_eps.dispatcher import permute_chunk_major, probs_columns, widen_rows
+from megatron_eps.dispatcher import permute_chunk_major, probs_columns
 from megatron_eps.schedule import ChunkLayout, chunk_sizes
 
 HIDDEN = 8
@@ -79,7 +79,7 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
             assert columns
             transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
                                 torch.device("cpu"))
-            transports[r].place_rows(widen_rows(hidden_states[r], columns), si, pp, columns)
+            transports[r].place_rows(hidden_states[r], si, pp, columns)
             layouts.append(layout)
             sorted_idx.append(si)
             permuted_probs.append(pp)

@@ -1,0 +1,152 @@
+"""The two row permutations around the experts, one pass over the rows each (Triton on GPUs).
+
+* ``scatter_routed_rows``: every routed (token, expert) pair's row, the token's hidden state and
+  its routing weight, written to its row of the send (or receive) buffer. Torch needs three
+  passes for it: widen the tokens by the weight columns, gather the rows, write the weights
+  (and, for rows placed straight into a receive area, an extra index_copy).
+* ``sum_expert_rows``: every token's k expert outputs summed in fp32 in a fixed order (one
+  rounding, deterministic), plus the shared experts' output. Torch: gather, reduce, cast, add.
+
+Each has a torch path (CPU, and the reference the GPU tests compare against) with the same
+arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from megatron_eps.triton_launch import CachedLauncher
+
+
+def _triton_ok(*tensors) -> bool:
+    if not all(t.is_cuda for t in tensors if t is not None):
+        return False
+    from megatron_eps.experts.triton_kernels import triton_available
+
+    return triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scatter_rows_kernel(tokens, token_index, dst_rows, probs, out, out_probs,
+                            hidden, token_stride, out_stride, probs_stride,
+                            BLOCK: tl.constexpr, IDENTITY: tl.constexpr, WITH_PROBS: tl.constexpr):
+        i = tl.program_id(0)
+        src = tl.load(token_index + i).to(tl.int64)
+        if IDENTITY:
+            dst = i.to(tl.int64)
+        else:
+            dst = tl.load(dst_rows + i).to(tl.int64)
+        for start in range(0, hidden, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < hidden
+            row = tl.load(tokens + src * token_stride + cols, mask=mask)
+            tl.store(out + dst * out_stride + cols, row, mask=mask)
+        if WITH_PROBS:
+            tl.store(out_probs + dst * probs_stride, tl.load(probs + i))
+
+    @triton.jit
+    def sum_rows_kernel(rows, row_of, shared, out, hidden, rows_stride,
+                        TOPK: tl.constexpr, BLOCK: tl.constexpr, WITH_SHARED: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        for start in range(0, hidden, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < hidden
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in tl.static_range(TOPK):
+                r = tl.load(row_of + t * TOPK + j).to(tl.int64)
+                acc += tl.load(rows + r * rows_stride + cols, mask=mask).to(tl.float32)
+            result = acc.to(out.dtype.element_ty)
+            if WITH_SHARED:
+                s = tl.load(shared + t * hidden + cols, mask=mask)
+                result = (result.to(tl.float32) + s.to(tl.float32)).to(out.dtype.element_ty)
+            tl.store(out + t * hidden + cols, result, mask=mask)
+
+    return CachedLauncher(scatter_rows_kernel), CachedLauncher(sum_rows_kernel)
+
+
+def _block(hidden: int) -> int:
+    return min(2048, 1 << max(4, (hidden - 1).bit_length()))
+
+
+def scatter_routed_rows(
+    tokens: torch.Tensor,
+    token_index: torch.Tensor,
+    probs: torch.Tensor,
+    out: torch.Tensor,
+    prob_columns: int,
+    dst_rows: Optional[torch.Tensor] = None,
+) -> None:
+    """``out[dst_rows[i], :H] = tokens[token_index[i]]``, and the weight ``probs[i]`` in the
+    row's prob columns (bit-exact, in its own dtype) when ``prob_columns`` > 0.
+
+    tokens: [T, H]; token_index, probs: [M]; out: [R, H + prob_columns] (rows contiguous);
+    dst_rows: [M] distinct rows of ``out``, or None for rows 0..M-1.
+    """
+    hidden = tokens.shape[1]
+    num = token_index.numel()
+    if num == 0:
+        return
+    out_probs = None
+    if prob_columns:
+        width = probs.element_size() // out.element_size()
+        out_probs = out[:, hidden : hidden + width].view(probs.dtype)[:, 0]
+    if _triton_ok(tokens, out) and tokens.stride(1) == 1 and out.stride(1) == 1:
+        scatter, _ = _kernels()
+        scatter(
+            (num,),
+            (tokens, token_index, dst_rows if dst_rows is not None else token_index, probs, out,
+             out_probs if out_probs is not None else probs, hidden, tokens.stride(0),
+             out.stride(0), out_probs.stride(0) if out_probs is not None else 0),
+            {"BLOCK": _block(hidden), "IDENTITY": dst_rows is None, "WITH_PROBS": bool(prob_columns)},
+            num_warps=4,
+        )
+        return
+    rows = tokens.index_select(0, token_index)
+    if dst_rows is None:
+        out[:num, :hidden] = rows
+        if out_probs is not None:
+            out_probs[:num] = probs
+    else:
+        out[:, :hidden].index_copy_(0, dst_rows, rows)
+        if out_probs is not None:
+            out_probs.index_copy_(0, dst_rows, probs)
+
+
+def sum_expert_rows(
+    rows: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int,
+    shared: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[T, H]: each token's rows (``sorted_indices`` [T*k]: the token of each row; every token
+    has exactly k) summed in fp32 (fp64 for fp64 rows) in row order, rounded once, plus
+    ``shared`` [T, H] if given (added after the rounding, as the stock layer adds it)."""
+    hidden = rows.shape[1]
+    if num_tokens == 0:
+        out = rows.new_zeros((0, hidden))
+        return out
+    top_k = rows.shape[0] // num_tokens
+    row_of = torch.argsort(sorted_indices, stable=True)
+    if _triton_ok(rows) and rows.stride(1) == 1 and rows.dtype != torch.float64:
+        _, summer = _kernels()
+        out = rows.new_empty((num_tokens, hidden))
+        shared_c = shared.reshape(num_tokens, hidden).contiguous() if shared is not None else None
+        summer(
+            (num_tokens,),
+            (rows, row_of, shared_c if shared_c is not None else out, out, hidden, rows.stride(0)),
+            {"TOPK": top_k, "BLOCK": _block(hidden), "WITH_SHARED": shared is not None},
+            num_warps=4,
+        )
+        return out
+    gathered = rows.index_select(0, row_of).view(num_tokens, top_k, hidden)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)
+    out = gathered.sum(dim=1, dtype=accumulate).to(rows.dtype)
+    if shared is not None:
+        out = out + shared.reshape(num_tokens, hidden)
+    return out
