@@ -194,6 +194,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
     os.makedirs(trace_dir, exist_ok=True)
     for t, layer in eps_layers.items():
         layer.eps_config = layer.eps_config.replace(pipeline_degree="auto")
+        layer.token_dispatcher.profiler_ranges = True
         with torch.no_grad():
             layer(x)
             torch.cuda.synchronize()
@@ -203,6 +204,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
                 layer(x)
                 torch.cuda.synchronize()
         path = os.path.join(trace_dir, f"trace_{name}_{tokens}_{t}_rank{rank}.json")
+        layer.token_dispatcher.profiler_ranges = False
         prof.export_chrome_trace(path)
         stats = overlap_from_trace(path)
         stats["chunks"] = list(layer.token_dispatcher.last_record.experts_per_chunk)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15 on nvidia-h200-x2 (one device call): transports' correctness at EP=2 over real links,
-# then the layer benchmark (EPS per transport vs stock and vs stock + grouped GEMM) with traces.
-#   TESTS=0 skips the tests; BENCH_ARGS adds benchmark flags.
+# Issue 15 on nvidia-h200-x2 (one device call):
+#   1. tests: the transports' equivalence at EP=2 over real links, the permutation kernels
+#   2. calibrate_transport.py: each transport's link and overlap next to a grouped GEMM, written
+#      as a pipeline profile ($OUT/<gpu>.pipeline.json) with a per-transport links section
+#   3. the layer benchmark with that profile: EPS per transport vs stock and stock + grouped GEMM
+#   TESTS=0 skips 1; BENCH_ARGS adds benchmark flags.
 set -uo pipefail
 OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -9,12 +12,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-python3 -c 'import torch, cuda.bindings; print("torch", torch.__version__, "cuda-bindings", cuda.bindings.__version__)'
+SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 if [ "${TESTS:-1}" = "1" ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -x \
-    tests/unit_tests/test_copy_engine_transport.py tests/unit_tests/test_eps_equivalence.py \
-    -k "transport or bf16" 2>&1 | tee "$OUT/x2_pytest.log" | tail -15
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+    tests/unit_tests/test_copy_engine_transport.py tests/unit_tests/test_permute_kernels.py \
+    tests/unit_tests/test_eps_equivalence.py -k "transport or bf16 or kernels" 2>&1 | tee "$OUT/x2_pytest.log" | tail -6
 fi
+PROFILE="$OUT/$SLUG.pipeline.json"
+timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \
+  --out "$OUT/links_x2.json" --base-profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.pipeline.json \
+  --write-profile "$PROFILE" 2>&1 | grep -v -i warn | tail -4
 timeout "${BENCH_TIMEOUT:-330}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
-  --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -25
-ls "$OUT/traces" 2>/dev/null | head
+  --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" --cost-profile "$PROFILE" ${BENCH_ARGS:-} 2>&1 \
+  | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -14

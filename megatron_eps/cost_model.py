@@ -27,6 +27,7 @@ function is deterministic, so every rank picks the same N and the chunked all-to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -632,8 +633,14 @@ def optimal_degree_closed_form(t_comm: float, t_comp: float, chunk_overhead_s: f
 _PROFILE_CACHE: dict = {}
 
 
-def load_pipeline_profile(path: Optional[str], device) -> Optional[PipelineProfile]:
+def load_pipeline_profile(
+    path: Optional[str], device, transport: Optional[str] = None
+) -> Optional[PipelineProfile]:
     """The profile at ``path``, else the one shipped for this GPU (megatron_eps/profiles/).
+
+    With ``transport`` ("nccl", "copy_engine"), the link figures calibrated for that transport
+    (the file's ``links`` section: link_bandwidth_gbps, link_latency_us, overlap_efficiency,
+    chunk_overhead_us) replace the pipeline section's, when the file has them.
 
     A file without the pipeline keys (e.g. a kernel-only cost table) gives None. A file that is
     no valid profile (corrupt JSON, a list, ``{}``, a malformed section) raises EPSConfigError
@@ -656,12 +663,36 @@ def load_pipeline_profile(path: Optional[str], device) -> Optional[PipelineProfi
         _PROFILE_CACHE[path] = (
             PipelineProfile.from_dict(section, source=path) if holds["pipeline"] else None
         )
+        links = data.get("links", {}) if isinstance(data, dict) else {}
+        _LINKS_CACHE[path] = links if isinstance(links, dict) else {}
     if _PROFILE_CACHE[path] is not None and device is not None:
         from megatron_eps.config import warn_if_profile_for_other_device
         from megatron_eps.experts.selector import device_name
 
         warn_if_profile_for_other_device(path, device_name(device))
-    return _PROFILE_CACHE[path]
+    profile = _PROFILE_CACHE[path]
+    link = _LINKS_CACHE[path].get(transport) if transport else None
+    if profile is None or not link:
+        return profile
+    key = (path, transport)
+    if key not in _LINK_PROFILES:
+        known = {f.name for f in fields(PipelineProfile)} - {"source"}
+        unknown = sorted(set(link) - known)
+        if unknown:
+            from megatron_eps.config import EPSConfigError
+
+            raise EPSConfigError(
+                f"eps cost_profile {path!r}: links.{transport} has unknown key(s) "
+                f"{', '.join(unknown)}"
+            )
+        _LINK_PROFILES[key] = dataclasses.replace(
+            profile, source=f"{path} [{transport}]", **{k: float(v) for k, v in link.items()}
+        )
+    return _LINK_PROFILES[key]
+
+
+_LINKS_CACHE: Dict[str, dict] = {}
+_LINK_PROFILES: Dict[tuple, PipelineProfile] = {}
 
 
 def gpu_slug(name: str) -> str:

@@ -214,17 +214,19 @@ class EPSMoELayer(MoELayer):
             self.token_dispatcher.ep_size,
             hidden_states.element_size(),
         )
-        profile = kernel_profile = None
-        if self.eps_config.pipeline_degree == "auto":
-            from megatron_eps.experts.selector import load_cost_profile
-
-            profile = load_pipeline_profile(self.eps_config.cost_profile, hidden_states.device)
-            if profile is not None:
-                kernel_profile = load_cost_profile(
-                    self.eps_config.cost_profile, hidden_states.device
-                )
+        device = hidden_states.device
 
         def choose(counts):
+            # Called after the dispatcher resolved its transport: the link figures are that
+            # transport's (the profile's ``links`` section).
+            profile = kernel_profile = None
+            if self.eps_config.pipeline_degree == "auto":
+                from megatron_eps.experts.selector import load_cost_profile
+
+                transport = getattr(self.token_dispatcher.transport, "name", None)
+                profile = load_pipeline_profile(self.eps_config.cost_profile, device, transport)
+                if profile is not None:
+                    kernel_profile = load_cost_profile(self.eps_config.cost_profile, device)
             return choose_chunking(
                 counts,
                 shape,
