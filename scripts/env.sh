@@ -23,7 +23,7 @@ if [ ! -f "$VENV/.eps-installed" ] || [ "$EPS_ROOT/setup.py" -nt "$VENV/.eps-ins
     python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
   fi
   python -m pip install -q -e "$EPS_ROOT[test]" 2>&1 | grep -v "is ignored" || true
-  python -c "import torch, megatron.core, yaml, megatron_eps" 
+  python -W ignore -c "import torch, megatron.core, yaml, megatron_eps"
   touch "$VENV/.eps-installed"
   echo "megatron-eps: install done" >&2
 fi
