@@ -57,6 +57,8 @@ def main(argv=None):
     ap.add_argument("--sizes-mib", default="8,32,128,256")
     ap.add_argument("--base-profile", default=None)
     ap.add_argument("--write-profile", default=None)
+    ap.add_argument("--min-gain", type=float, default=None,
+                    help="auto's hysteresis in the written profile (default: the base's)")
     args = ap.parse_args(argv)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
@@ -77,10 +79,11 @@ def main(argv=None):
     peers = [r for r in range(world) if r != rank]
     sequence = [0]
 
-    def copy_engine(nbytes):
+    def copy_engine(nbytes, pieces=None):
+        pieces = pieces or args.pieces
         rows = nbytes // row_bytes // len(peers)
-        per = np.full(args.pieces, rows // args.pieces, dtype=np.int64)
-        per[: rows % args.pieces] += 1
+        per = np.full(pieces, rows // pieces, dtype=np.int64)
+        per[: rows % pieces] += 1
         start = np.cumsum(per) - per
         src = buffer[largest: largest + rows * row_bytes].view(rows, row_bytes)
         copies = RowCopies(start, start, per)
@@ -101,7 +104,7 @@ def main(argv=None):
         return (lambda: dist.all_to_all_single(recv, send)), numel * 2 * (world - 1) // world
 
     experts, hidden, ffn2 = 80, 5120, 3072
-    gemm_rows = 32768
+    gemm_rows = 65536
     x = torch.randn(gemm_rows, hidden, device=device, dtype=torch.bfloat16)
     w = torch.randn(experts, ffn2, hidden, device=device, dtype=torch.bfloat16) * 0.02
     offs = torch.cumsum(torch.full((experts,), gemm_rows // experts, device=device), 0).to(torch.int32)
@@ -128,18 +131,30 @@ def main(argv=None):
     result["grouped_gemm_ms"] = t_gemm * 1e3
     for name, make in (("copy_engine", copy_engine), ("nccl", nccl)):
         points = []
-        for nbytes in sizes:
-            run, remote = make(nbytes)
-            points.append((remote, timed(run)))
-        latency, bandwidth = fit_latency_bandwidth(points)
-        run, remote = make(sizes[-2] if len(sizes) > 1 else sizes[0])
+        piece_counts = (8, args.pieces) if name == "copy_engine" else (1,)
+        for pieces in piece_counts:
+            for nbytes in sizes:
+                run, remote = make(nbytes, pieces) if name == "copy_engine" else make(nbytes)
+                points.append((remote, pieces, timed(run)))
+        if name == "copy_engine":
+            # t = latency + pieces * piece_time + bytes / bandwidth
+            a = np.array([[1.0, p, b] for b, p, _ in points])
+            t = np.array([x for _, _, x in points])
+            (latency, piece, per_byte), *_ = np.linalg.lstsq(a, t, rcond=None)
+            latency, piece, bandwidth = max(latency, 0.0), max(piece, 0.0), 1.0 / per_byte
+        else:
+            latency, bandwidth = fit_latency_bandwidth([(b, x) for b, _, x in points])
+            piece = 0.0
+        run, remote = make(sizes[-1])
         t_comm = timed(run)
         t_both = timed(both(run))
+        # The share of the transfer's time hidden under the GEMM (the GEMM is the longer).
         eta = (t_gemm + t_comm - t_both) / min(t_gemm, t_comm)
-        result["points"][name] = [{"remote_bytes": b, "ms": t * 1e3} for b, t in points]
+        result["points"][name] = [{"remote_bytes": b, "pieces": p, "ms": x * 1e3} for b, p, x in points]
         result["links"][name] = {
             "link_latency_us": latency * 1e6,
             "link_bandwidth_gbps": bandwidth / 1e9,
+            "link_piece_us": piece * 1e6,
             "overlap_efficiency": float(min(1.0, max(0.0, eta))),
         }
         result["points"][name + "_overlap"] = {"comm_ms": t_comm * 1e3, "both_ms": t_both * 1e3,
@@ -152,7 +167,8 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         for name, link in result["links"].items():
             o = result["points"][name + "_overlap"]
-            print(f"{name:12} latency {link['link_latency_us']:7.1f} us  bandwidth "
+            print(f"{name:12} latency {link['link_latency_us']:7.1f} us  per piece "
+                  f"{link['link_piece_us']:5.2f} us  bandwidth "
                   f"{link['link_bandwidth_gbps']:6.1f} GB/s  overlap eta {o['eta']:.2f} "
                   f"(GEMM {t_gemm * 1e3:.2f} ms, comm {o['comm_ms']:.2f}, both {o['both_ms']:.2f})")
         if args.write_profile:
@@ -165,6 +181,8 @@ def main(argv=None):
             profile["pipeline"].update(link_bandwidth_gbps=link0["link_bandwidth_gbps"],
                                        link_latency_us=link0["link_latency_us"],
                                        overlap_efficiency=link0["overlap_efficiency"])
+            if args.min_gain is not None:
+                profile["pipeline"]["min_gain"] = args.min_gain
             profile["provenance"] = {
                 "device": result["device"], "torch": result["torch"], "nccl": result["nccl"],
                 "git_commit": result["git_commit"], "command": result["command"],

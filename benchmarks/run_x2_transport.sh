@@ -21,7 +21,12 @@ fi
 PROFILE="$OUT/$SLUG.pipeline.json"
 timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \
   --out "$OUT/links_x2.json" --base-profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.pipeline.json \
-  --write-profile "$PROFILE" 2>&1 | grep -v -i warn | tail -4
+  --write-profile "$PROFILE" --min-gain ${MIN_GAIN:-0.03} 2>&1 | grep -v -i warn | tail -4
 timeout "${BENCH_TIMEOUT:-330}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
   --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" --cost-profile "$PROFILE" ${BENCH_ARGS:-} 2>&1 \
   | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -14
+if [ "${SOAK:-1}" = "1" ]; then
+  timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/soak_multigpu.py \
+    --out "$OUT/soak_x2.json" --steps "${SOAK_STEPS:-1000}" --cost-profile "$PROFILE" --time-limit-s 190 2>&1 \
+    | grep -v -i warn | grep -E "^soak|Error|error" | tail -5
+fi

@@ -115,6 +115,8 @@ class PipelineProfile:
     sm_count: SMs of the GPU; with ``gemm_sm_carveout`` the GEMMs of an overlapped plan get
         ``sm_count - carveout`` of them, so their time is scaled by ``sm_count / (sm_count -
         carveout)``. None: the carve-out is not modeled.
+    link_piece_us: fixed time of each copy a copy-engine transport issues (one per peer and
+        expert of a chunk), on top of ``link_latency_us`` per chunk; 0 for NCCL.
     emulated_remote_fraction: only for the single-GPU link emulator (benchmarks): with
         ep_size 1 the link moves this fraction of every row (7/8 emulates rank 0 of EP=8). None
         (every real deployment): at ep_size 1 nothing crosses a link.
@@ -135,6 +137,7 @@ class PipelineProfile:
     host_base_us: float = 0.0
     min_gain: float = 0.0
     sm_count: Optional[float] = None
+    link_piece_us: float = 0.0
 
     _REQUIRED = ("link_bandwidth_gbps", "link_latency_us", "chunk_overhead_us", "expert_tflops")
 
@@ -148,6 +151,7 @@ class PipelineProfile:
             "chunk_overhead_base_us",
             "host_chunk_us",
             "host_base_us",
+            "link_piece_us",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"pipeline profile {name} must be >= 0, got {getattr(self, name)}")
@@ -234,10 +238,18 @@ def chunk_comm_times(
     """(dispatch, combine) seconds of each chunk; the same on every rank (max over ranks).
 
     ``chunking``: N (equal chunks) or the number of local experts in each chunk."""
-    starts = [s for s, _ in _chunk_ranges(shape, chunking)]
+    ranges = _chunk_ranges(shape, chunking)
+    starts = [s for s, _ in ranges]
     rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
     dispatch = collective_time(rows, shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW, profile)
     combine = collective_time(rows, shape.row_bytes, profile)
+    if profile.link_piece_us:
+        # Copy-engine transports copy one piece per (peer, expert) of the chunk (the combine
+        # also one per expert for this rank's own rows); each costs the copy engine a fixed time.
+        experts = np.array([b - a for a, b in ranges], dtype=np.float64)
+        piece = profile.link_piece_us * 1e-6 * experts
+        dispatch = dispatch + piece * (shape.ep_size - 1)
+        combine = combine + piece * shape.ep_size
     return [float(x) for x in dispatch], [float(x) for x in combine]
 
 

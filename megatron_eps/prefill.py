@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--stock-only", action="store_true", help="run the stock model only")
     mode.add_argument("--eps-only", action="store_true", help="run the EPS model only")
+    g.add_argument("--grouped-baseline", action="store_true",
+                   help="also time the stock model with its experts run as one grouped GEMM "
+                   "(torch._grouped_mm over the same weights, no overlap): what a Megatron user "
+                   "with Transformer Engine's grouped GEMMs gets; EPS is reported against both")
     g.add_argument("--check-logits", choices=("last", "all"), default="last",
                    help="compare last-token logits (what prefill returns) or all positions")
     g.add_argument("--tolerance", type=_positive_float, default=None,
@@ -480,6 +484,21 @@ def init_distributed(args) -> Dict[str, int]:
 
 
 # --------------------------------------------------------------------------- model building
+def swap_in_grouped_experts(model) -> int:
+    """The fair baseline: every stock MoELayer's experts run as one grouped GEMM over the same
+    weights (megatron_eps.testing.baselines). Returns how many layers were changed."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_eps.testing.baselines import GroupedGemmExperts
+
+    changed = 0
+    for module in model.modules():
+        if type(module) is MoELayer:
+            module.experts = GroupedGemmExperts(module.experts, module.config)
+            changed += 1
+    return changed
+
+
 def build_model(mc, config, eps_config=None, state_dict=None):
     """GPTModel from the model config; EPS MoE layers if ``eps_config``; weights from
     ``state_dict`` if given (otherwise the current RNG state decides them)."""
@@ -707,7 +726,7 @@ def run(args) -> Dict[str, object]:
               "model with EPS, so EPS runs anyway (--stock-only runs the stock model alone)",
               file=sys.stderr, flush=True)
     eps_config = eps_config.replace(enabled=True)
-    modes = ["stock", "eps"]
+    modes = ["stock", "grouped", "eps"] if args.grouped_baseline else ["stock", "eps"]
     if args.stock_only:
         modes = ["stock"]
     elif args.eps_only:
@@ -732,6 +751,8 @@ def run(args) -> Dict[str, object]:
         seed_all(args.seed, device)
         t0 = time.perf_counter()
         model = build_model(mc, config, eps_config if mode == "eps" else None, state_dict)
+        if mode == "grouped":
+            swap_in_grouped_experts(model)
         _sync(device)
         build_s[mode] = time.perf_counter() - t0
         if mode == "stock" and "eps" in modes:
@@ -795,7 +816,7 @@ def run(args) -> Dict[str, object]:
         }
         entry.update(results[length])
         complete = all("error" not in results[length].get(m, {"error": 1}) for m in modes)
-        if len(modes) == 2 and complete:
+        if "stock" in modes and "eps" in modes and complete:
             cmp = compare_logits(logits[length]["stock"], logits[length]["eps"], args.dtype)
             cmp["tolerance"] = args.tolerance
             cmp["metric"] = "max_abs_diff_scaled" if args.dtype == "fp32" else "rel_l2_err"
@@ -803,6 +824,11 @@ def run(args) -> Dict[str, object]:
             all_ok &= cmp["agree"]
             entry["logits"] = cmp
             entry["speedup"] = results[length]["eps"]["tokens_per_s"] / results[length]["stock"]["tokens_per_s"]
+            if "grouped" in modes:
+                entry["speedup_vs_grouped"] = (results[length]["eps"]["tokens_per_s"]
+                                               / results[length]["grouped"]["tokens_per_s"])
+                entry["logits_grouped_vs_stock"] = compare_logits(
+                    logits[length]["stock"], logits[length]["grouped"], args.dtype)
         if length in expert_backends:
             entry["eps_expert_backends"] = expert_backends[length]
         if length in decisions:
@@ -850,7 +876,7 @@ def run(args) -> Dict[str, object]:
         "modes": modes,
         "build_s": build_s,
         "results": rows,
-        "logits_agree": all_ok if len(modes) == 2 else None,
+        "logits_agree": all_ok if "stock" in modes and "eps" in modes else None,
         "errors": errors,
     }
     if is_main and args.save_logits:
@@ -890,6 +916,10 @@ def format_table(report) -> str:
                                      if "error" in row.get(m, {})))
             continue
         speed = row.get("speedup")
+        if "speedup_vs_grouped" in row:
+            grouped = row["grouped"]["tokens_per_s"]
+            lines.append(f"{'':>8} {'':>9} grouped-experts baseline {grouped:,.0f} tok/s: "
+                         f"EPS {row['speedup_vs_grouped']:.2f}x of it")
         cmp = row.get("logits")
         err = cmp[cmp["metric"]] if cmp else None
         lines.append(

@@ -178,9 +178,9 @@ class CopyEngineTransport(ExpertTransport):
             # from reusing it before they ran.
             outputs.record_stream(torch.cuda.current_stream())
         copies = self.plan.combine[chunk]
-        self.memory.copy_rows(
-            outputs, [(rank, RETURN_BUFFER, copies[rank]) for rank in range(self.plan.ep_size)]
-        )
+        # Peers' rows first: they cross the link; this rank's own rows are a local copy.
+        ranks = self._peers + [self.plan.ep_rank]
+        self.memory.copy_rows(outputs, [(rank, RETURN_BUFFER, copies[rank]) for rank in ranks])
         self._outputs[chunk] = None
         if chunk != self.layout.num_chunks - 1:
             return None

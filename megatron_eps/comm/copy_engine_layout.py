@@ -43,6 +43,12 @@ class RowCopies:
         return int(self.num_rows.sum())
 
     @classmethod
+    def nonempty(cls, src_rows, dst_rows, num_rows) -> "RowCopies":
+        """The copies with at least one row."""
+        keep = num_rows > 0
+        return cls(src_rows[keep], dst_rows[keep], num_rows[keep])
+
+    @classmethod
     def merged(cls, src_rows, dst_rows, num_rows) -> "RowCopies":
         """Drop empty copies and fuse copies that continue each other in both buffers."""
         src_rows, dst_rows, num_rows = (np.asarray(a, dtype=np.int64) for a in (src_rows, dst_rows, num_rows))
@@ -130,9 +136,12 @@ class CopyEngineLayout:
         per = counts.reshape(ep_size, ep_size, num_local)  # [src, dst, local expert]
 
         # send_start[s, d, l]: first send-order row of rank s's rows for expert l of rank d.
-        order = [(d, l) for a, b in expert_ranges for d in range(ep_size) for l in range(a, b)]
-        dst_idx = np.array([d for d, _ in order], dtype=np.int64)
-        loc_idx = np.array([l for _, l in order], dtype=np.int64)
+        dst_idx = np.concatenate(
+            [np.repeat(np.arange(ep_size), b - a) for a, b in expert_ranges]
+        ).astype(np.int64)
+        loc_idx = np.concatenate(
+            [np.tile(np.arange(a, b), ep_size) for a, b in expert_ranges]
+        ).astype(np.int64)
         sizes_send = per[:, dst_idx, loc_idx]  # [src, piece] in send order
         starts_send = np.cumsum(sizes_send, axis=1) - sizes_send
         send_start = np.zeros((ep_size, ep_size, num_local), dtype=np.int64)
@@ -167,20 +176,19 @@ class CopyEngineLayout:
         dispatch, combine = [], []
         for a, b in expert_ranges:
             chunk_dispatch, chunk_combine = {}, {}
-            experts = np.arange(a, b)
             chunk_base = int(recv_start[me, a, 0])
             for peer in range(ep_size):
                 if peer != me:
-                    chunk_dispatch[peer] = RowCopies.merged(
-                        staging_start[peer, experts],
-                        recv_start[peer, experts, me],
-                        per[me, peer, experts],
+                    chunk_dispatch[peer] = RowCopies.nonempty(
+                        staging_start[peer, a:b],
+                        recv_start[peer, a:b, me],
+                        per[me, peer, a:b],
                     )
                 # Outputs of my experts for rows that `peer` sent, back to its return buffer.
-                chunk_combine[peer] = RowCopies.merged(
-                    recv_start[me, experts, peer] - chunk_base,
-                    send_start[peer, me, experts],
-                    per[peer, me, experts],
+                chunk_combine[peer] = RowCopies.nonempty(
+                    recv_start[me, a:b, peer] - chunk_base,
+                    send_start[peer, me, a:b],
+                    per[peer, me, a:b],
                 )
             dispatch.append(chunk_dispatch)
             combine.append(chunk_combine)
