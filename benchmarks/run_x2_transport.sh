@@ -16,17 +16,25 @@ SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; p
 if [ "${TESTS:-1}" = "1" ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
     tests/unit_tests/test_copy_engine_transport.py tests/unit_tests/test_permute_kernels.py \
-    tests/unit_tests/test_eps_equivalence.py -k "transport or bf16 or kernels" 2>&1 | tee "$OUT/x2_pytest.log" | tail -6
+    tests/unit_tests/test_eps_equivalence.py -k "${TEST_K:-transport or bf16 or kernels}" 2>&1 | tee "$OUT/x2_pytest.log" | tail -6
 fi
 PROFILE="$OUT/$SLUG.pipeline.json"
-timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \
+[ "${CALIBRATE:-1}" = "1" ] && timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \
   --out "$OUT/links_x2.json" --base-profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.pipeline.json \
   --write-profile "$PROFILE" --min-gain ${MIN_GAIN:-0.03} 2>&1 | grep -v -i warn | tail -4
+# The benchmark and the soak use the profile auto finds by itself (shipped for this GPU), unless
+# BENCH_PROFILE names one (e.g. the one just written).
+PROFILE_ARG=""; [ -n "${BENCH_PROFILE:-}" ] && PROFILE_ARG="--cost-profile $BENCH_PROFILE"
 timeout "${BENCH_TIMEOUT:-330}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
-  --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" --cost-profile "$PROFILE" ${BENCH_ARGS:-} 2>&1 \
+  --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" $PROFILE_ARG ${BENCH_ARGS:-} 2>&1 \
   | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -14
 if [ "${SOAK:-1}" = "1" ]; then
   timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/soak_multigpu.py \
-    --out "$OUT/soak_x2.json" --steps "${SOAK_STEPS:-1000}" --cost-profile "$PROFILE" --time-limit-s 190 2>&1 \
+    --out "$OUT/soak_x2.json" --steps "${SOAK_STEPS:-1000}" $PROFILE_ARG --time-limit-s 190 2>&1 \
     | grep -v -i warn | grep -E "^soak|Error|error" | tail -5
+fi
+if [ "${PREFILL:-1}" = "1" ]; then
+  OUT="$OUT" NPROC="$NGPU" TIMEOUT="${PREFILL_TIMEOUT:-200}" LAYERS="${LAYERS:-4}" PROMPTS="${PROMPTS:-4096,16384,32768}" REPEATS=3 WARMUP=1 \
+    EXTRA_ARGS="--grouped-baseline --eps-transport copy_engine ${PREFILL_ARGS:-}" JSON="$OUT/prefill_x2.json" \
+    bash benchmarks/gpu_prefill.sh 2>&1 | grep -v -i warn | tail -12
 fi
