@@ -25,7 +25,7 @@ PROFILE="$OUT/$SLUG.pipeline.json"
 # The benchmark and the soak use the profile auto finds by itself (shipped for this GPU), unless
 # BENCH_PROFILE names one (e.g. the one just written).
 PROFILE_ARG=""; [ -n "${BENCH_PROFILE:-}" ] && PROFILE_ARG="--cost-profile $BENCH_PROFILE"
-timeout "${BENCH_TIMEOUT:-330}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
+[ "${BENCH:-1}" = "1" ] && timeout "${BENCH_TIMEOUT:-330}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
   --out "$OUT/layer_x2.json" --trace-dir "$OUT/traces" $PROFILE_ARG ${BENCH_ARGS:-} 2>&1 \
   | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -14
 if [ "${SOAK:-1}" = "1" ]; then
