@@ -1,4 +1,9 @@
-"""A stand-in for a multi-GPU link on one GPU, for benchmarks only (never for correctness).
+"""A stand-in for a multi-GPU link on one GPU, for unit tests of the plan only.
+
+It uses neither SMs nor link bandwidth the way a real link does, so on two H200s its predicted
+gains (1.3x) did not hold (1.0x over NCCL): performance claims about overlap come from a real
+multi-GPU link (benchmarks/bench_layer_multigpu.py), never from this emulator. It wraps as
+``NCCLTransport(EmulatedLinkAllToAll(...))`` (``dispatcher.use_transport``).
 
 ``EmulatedLinkAllToAll`` does the local data movement an all-to-all of one rank would do
 (``output`` rows from ``input`` rows: with ep_size 1 the splits are a single block, so it is a

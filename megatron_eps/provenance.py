@@ -10,8 +10,12 @@ COMMIT_ENV_VARS = ("MEGATRON_EPS_GIT_COMMIT", "EPS_GIT_COMMIT")
 
 
 def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
-    """``git rev-parse HEAD`` of the checkout, else the commit named by MEGATRON_EPS_GIT_COMMIT
-    (the GPU machine gets a copy of the tree without .git, so runs there pass it in)."""
+    """The commit named by MEGATRON_EPS_GIT_COMMIT if set (the GPU machine gets a copy of the
+    tree whose .git, if any, is not the one the run was made from), else ``git rev-parse HEAD``
+    of the checkout."""
+    for name in COMMIT_ENV_VARS:
+        if os.environ.get(name) and os.environ[name] != "unknown":
+            return os.environ[name]
     repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         return subprocess.check_output(
@@ -19,7 +23,4 @@ def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
             timeout=10,
         ).strip()
     except Exception:  # noqa: BLE001 - not a git checkout
-        for name in COMMIT_ENV_VARS:
-            if os.environ.get(name):
-                return os.environ[name]
         return None

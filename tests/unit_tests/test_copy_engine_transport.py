@@ -153,3 +153,27 @@ def test_explicit_copy_engine_where_it_cannot_work_is_one_clear_error(monkeypatc
     selection.check_transport_setting("copy_engine", None, 1)  # nothing travels at EP 1
     selection.check_transport_setting("auto", None, 2)  # auto falls back instead
     assert "CUDA" in selection.copy_engine_blocker(None)
+
+
+def _agree(transport):
+    import torch.distributed as dist
+
+    from megatron_eps.comm.selection import agree_on_copy_engine
+    from megatron_eps.config import EPSConfigError
+
+    try:
+        return ("usable", agree_on_copy_engine(dist.group.WORLD, torch.device("cpu"), transport))
+    except EPSConfigError as exc:
+        return ("error", str(exc))
+
+
+def test_ranks_agree_on_the_transport_before_using_it():
+    """On CPU ranks no rank can use the copy engines: auto falls back to nccl on every rank;
+    an explicit copy_engine is one clear error on every rank (nobody is left in a collective)."""
+    from megatron_eps.testing import run_distributed
+
+    auto = run_distributed(_agree, 2, "auto")
+    assert auto == [("usable", False), ("usable", False)]
+    explicit = run_distributed(_agree, 2, "copy_engine")
+    assert all(kind == "error" and "transport='copy_engine'" in msg and "nccl" in msg
+               for kind, msg in explicit), explicit

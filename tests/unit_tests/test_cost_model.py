@@ -3,6 +3,7 @@ clamping, profiles, and the same N on every rank of a gloo group with skewed loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -32,6 +33,7 @@ from megatron_eps.schedule import chunk_sizes
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 
 DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)
+DSV2_EP2 = LayerShape(5120, 1536, 8, 2, 6, shared_ffn_hidden_size=3072)
 
 
 def balanced_counts(shape: LayerShape, tokens_per_rank: int) -> np.ndarray:
@@ -506,3 +508,36 @@ def test_dispatch_ahead_avoids_the_shared_expert_stall():
             walked = simulate_plan(dd, xx[0], cc, s, dispatch_ahead=a)
             pred = predict(counts, DSV2, p, n, dispatch_ahead=a)
             assert pred.t_pipelined == pytest.approx(walked + p.chunk_overhead_us * 1e-6 * (n - 1))
+
+
+def test_profile_links_section_gives_each_transport_its_link(tmp_path):
+    import json as _json
+
+    from megatron_eps.cost_model import chunk_comm_times
+
+    base = dict(link_bandwidth_gbps=300.0, link_latency_us=50.0, chunk_overhead_us=90.0,
+                expert_tflops=600.0)
+    path = tmp_path / "h200.pipeline.json"
+    path.write_text(_json.dumps({"pipeline": base, "links": {
+        "copy_engine": {"link_bandwidth_gbps": 400.0, "link_latency_us": 100.0,
+                        "link_piece_us": 4.0, "overlap_efficiency": 0.7}}}))
+    plain = load_pipeline_profile(str(path), "cpu")
+    nccl = load_pipeline_profile(str(path), "cpu", "nccl")  # no links entry: the pipeline's
+    ce = load_pipeline_profile(str(path), "cpu", "copy_engine")
+    assert plain == nccl and plain.link_bandwidth_gbps == 300.0 and plain.link_piece_us == 0.0
+    assert (ce.link_bandwidth_gbps, ce.link_latency_us, ce.link_piece_us, ce.overlap_efficiency) == (
+        400.0, 100.0, 4.0, 0.7)
+    assert ce.chunk_overhead_us == 90.0  # not overridden
+    # Per-piece time: each chunk's dispatch pays link_piece_us per (peer, expert of the chunk).
+    counts = np.full((2, 16), 100)
+    no_pieces = dataclasses.replace(ce, link_piece_us=0.0)
+    for chunking in (1, 2, 4):
+        d_with, c_with = chunk_comm_times(counts, DSV2_EP2, ce, chunking)
+        d_without, c_without = chunk_comm_times(counts, DSV2_EP2, no_pieces, chunking)
+        experts = 8 // chunking
+        assert np.allclose(np.subtract(d_with, d_without), 4e-6 * experts * 1)
+        assert np.allclose(np.subtract(c_with, c_without), 4e-6 * experts * 2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(_json.dumps({"pipeline": base, "links": {"copy_engine": {"typo_us": 1}}}))
+    with pytest.raises(ValueError, match="links.copy_engine.*typo_us"):
+        load_pipeline_profile(str(bad), "cpu", "copy_engine")
