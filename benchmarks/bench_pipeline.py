@@ -127,7 +127,7 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
 
     ``degree``: N (``split`` "equal" or "tail") or "auto". With ``profile_path`` the layer chooses
     the chunks with cost_model.choose_chunking under that (emulated-link) profile, exactly as
-    EPSMoELayer._choose_num_chunks does, but without routing the file through
+    EPSMoELayer.chunking_policy does, but without routing the file through
     eps_config.cost_profile (which the expert-kernel selector reads too). "auto" keeps the
     default enable threshold (min_tokens_to_pipeline) and chunk_split="auto", as a user gets
     them; fixed degrees pipeline at every load.
@@ -140,19 +140,25 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
     eps.eps_config.min_tokens_to_pipeline = defaults.min_tokens_to_pipeline if degree == "auto" else 0
     eps.eps_config.chunk_split = defaults.chunk_split if degree == "auto" else split
     eps.eps_config.gemm_sm_carveout = carveout
-    eps.__dict__.pop("_choose_num_chunks", None)
+    eps.__dict__.pop("chunking_policy", None)
     if profile_path is not None:
         if profile_path not in _PROFILES:
             _PROFILES[profile_path] = PipelineProfile.from_json(profile_path)
         prof = _PROFILES[profile_path]
 
-        def choose_num_chunks(hidden_states):
-            shape = LayerShape.from_megatron(eps.config, eps.num_local_experts, eps.token_dispatcher.ep_size,
-                                             hidden_states.element_size())
-            return lambda counts: choose_chunking(counts, shape, eps.eps_config, prof,
-                                                  dispatch_ahead=eps.token_dispatcher.dispatch_ahead)
+        class EmulatedLinkChunking:
+            """The layer's chunking under the emulated-link profile."""
 
-        eps._choose_num_chunks = choose_num_chunks
+            def __init__(self, hidden_states):
+                self.shape = LayerShape.from_megatron(eps.config, eps.num_local_experts,
+                                                      eps.token_dispatcher.ep_size,
+                                                      hidden_states.element_size())
+
+            def choose(self, counts, transport=None):
+                return choose_chunking(counts, self.shape, eps.eps_config, prof,
+                                       dispatch_ahead=eps.token_dispatcher.dispatch_ahead)
+
+        eps.chunking_policy = EmulatedLinkChunking
     eps.token_dispatcher.all_to_all = link
     eps.token_dispatcher.overlap = overlap
     eps.token_dispatcher.dispatch_ahead = dispatch_ahead

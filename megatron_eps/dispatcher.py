@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,18 +24,10 @@ from megatron_eps.schedule import (
     EXPERTS,
     SHARED,
     ChunkLayout,
-    Chunking,
     build_plan,
     chunk_sizes,
     run_plan,
 )
-
-# (tokens [M, H] grouped by expert, tokens_per_expert, probs [M], first local expert) -> [M, H]
-ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, int], torch.Tensor]
-# (global counts [ep_size, num_experts]) -> number of chunks N (equal chunks), or the number of
-# local experts in each chunk
-ChunkCountFn = Callable[[np.ndarray], Chunking]
-
 
 def permute_chunk_major(
     tokens: torch.Tensor,
@@ -232,10 +224,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         hidden_states: torch.Tensor,
         probs: torch.Tensor,
         routing_map: torch.Tensor,
-        run_experts: ExpertsFn,
-        choose_num_chunks: ChunkCountFn,
+        experts,
+        chunking,
         shared_experts: Optional[Callable[[], torch.Tensor]] = None,
-        prepare_experts: Optional[Callable[[ChunkLayout], None]] = None,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
 
@@ -243,14 +234,15 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             hidden_states: [S, B, H] layer input.
             probs: [T, E] routing probabilities (T = S * B), as the router returns them.
             routing_map: [T, E] bool, as the router returns it.
-            run_experts: computes one chunk's experts (see ExpertsFn).
-            choose_num_chunks: maps the global count matrix to N (equal chunks) or to the
-                local experts of each chunk; it must be a pure function of that matrix (and
-                of state every rank shares) so that every EP rank picks the same chunks.
+            experts: the expert policy (``policies.ExpertRunner``): ``prepare(layout)`` once,
+                then ``run(tokens [M, H] grouped by expert, tokens_per_expert, probs [M],
+                first local expert)`` -> [M, H] per chunk.
+            chunking: the chunking policy (``policies.ChunkingPolicy``): ``choose(counts,
+                transport name)`` -> N (equal chunks) or the local experts of each chunk; a pure
+                function of the count matrix and of state every rank shares, so that every EP
+                rank picks the same chunks.
             shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
                 issued while the first dispatch is in flight.
-            prepare_experts: optional hook given the chunk layout before any chunk runs (the
-                layer uses it to stage every chunk's expert offsets in one host-to-device copy).
 
         Returns:
             [S, B, H] output (routed experts combined, plus shared experts).
@@ -261,7 +253,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             counts = self.global_token_counts(routing_map)
         transport = self._resolve_transport(tokens.device)
         with self._phase("choose"):
-            choice = choose_num_chunks(counts)
+            choice = chunking.choose(counts, transport.name if transport.moves_rows else None)
         if isinstance(choice, (int, np.integer)):
             choice = max(1, min(int(choice), self.num_local_experts))
         sizes = chunk_sizes(self.num_local_experts, choice)
@@ -275,8 +267,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             experts_per_chunk=sizes,
         )
 
-        if prepare_experts is not None:
-            prepare_experts(layout)
+        experts.prepare(layout)
         self.last_record.transport = transport.name if transport.moves_rows else "local"
         # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
         # the copy engines, land in their final rows).
@@ -297,7 +288,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         def dispatch(chunk):
             return transport.dispatch(chunk)
 
-        def experts(chunk):
+        def run_experts(chunk):
             x = transport.received(chunk)
             if isinstance(x, tuple):
                 x, p = x
@@ -307,7 +298,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             else:
                 p = None
             first_expert = layout.expert_ranges[chunk][0]
-            transport.hand_back(chunk, run_experts(x, layout.tokens_per_expert[chunk], p, first_expert))
+            transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
 
         def combine(chunk):
             return transport.combine(chunk)
@@ -320,7 +311,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             with_shared_experts=shared_experts is not None,
             dispatch_ahead=self.dispatch_ahead,
         )
-        stages = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine, SHARED: shared}
+        stages = {DISPATCH: dispatch, EXPERTS: run_experts, COMBINE: combine, SHARED: shared}
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
         # engines, which need no SM: nothing to leave).

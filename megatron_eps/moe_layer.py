@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Optional
 
@@ -11,9 +10,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_eps import compat
 from megatron_eps.config import EPSConfig, EPSConfigError
-from megatron_eps.cost_model import LayerShape, choose_chunking, load_pipeline_profile
+from megatron_eps.cost_model import LayerShape
 from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
-from megatron_eps.experts.base import LocalExperts, get_backend
+from megatron_eps.experts.base import LocalExperts
+from megatron_eps.policies import ChunkingPolicy, ExpertRunner
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,11 @@ class EPSMoELayer(MoELayer):
         )
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
-        # Plain attribute (not a submodule): it only views self.experts.
-        self.__dict__["_eps_local_experts"] = LocalExperts(self.experts, self.config)
+        # Plain attributes (not submodules): they only view self.experts.
+        local_experts = LocalExperts(self.experts, self.config)
+        self.__dict__["_eps_local_experts"] = local_experts
+        self.__dict__["_eps_expert_runner"] = ExpertRunner(local_experts, eps_config)
         self._warned_fallback = False
-        self._resolved_backends = {}
-        self.last_expert_backends = []
 
     # ------------------------------------------------------------------ forward
     def route(self, hidden_states, padding_mask=None):
@@ -194,82 +194,34 @@ class EPSMoELayer(MoELayer):
         shared = None
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
-        self.last_expert_backends = []
-        self.__dict__["_eps_local_experts"].begin_forward()
+        runner = self.__dict__["_eps_expert_runner"]
+        runner.begin_forward(self.eps_config)
         output = self.token_dispatcher.pipelined_forward(
             hidden_states,
             probs,
             routing_map,
-            run_experts=self._run_experts,
-            choose_num_chunks=self._choose_num_chunks(hidden_states),
+            experts=runner,
+            chunking=self.chunking_policy(hidden_states),
             shared_experts=shared,
-            prepare_experts=self._prepare_experts,
         )
         return output, None
 
-    def _choose_num_chunks(self, hidden_states):
+    @property
+    def last_expert_backends(self):
+        """The expert backend of each chunk of the last pipelined forward."""
+        return self.__dict__["_eps_expert_runner"].backends_used
+
+    @property
+    def expert_runner(self) -> ExpertRunner:
+        return self.__dict__["_eps_expert_runner"]
+
+    def chunking_policy(self, hidden_states) -> ChunkingPolicy:
+        """This forward's chunking policy (from the current settings)."""
         shape = LayerShape.from_megatron(
             self.config,
             self.num_local_experts,
             self.token_dispatcher.ep_size,
             hidden_states.element_size(),
         )
-        device = hidden_states.device
-
-        def choose(counts):
-            # Called after the dispatcher resolved its transport: the link figures are that
-            # transport's (the profile's ``links`` section).
-            profile = kernel_profile = None
-            if self.eps_config.pipeline_degree == "auto":
-                from megatron_eps.experts.selector import load_cost_profile
-
-                transport = getattr(self.token_dispatcher.transport, "name", None)
-                profile = load_pipeline_profile(self.eps_config.cost_profile, device, transport)
-                if profile is not None:
-                    kernel_profile = load_cost_profile(self.eps_config.cost_profile, device)
-            return choose_chunking(
-                counts,
-                shape,
-                self.eps_config,
-                profile,
-                kernel_profile=kernel_profile,
-                dispatch_ahead=self.token_dispatcher.dispatch_ahead,
-            )
-
-        return choose
-
-    def _prepare_experts(self, layout):
-        """Before the first chunk: stage every chunk's expert row offsets in one copy."""
-        from megatron_eps.experts.gemm_common import stage_int32_batch
-
-        offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
-        stage_int32_batch(offsets, self.__dict__["_eps_local_experts"].module_device())
-
-    def _resolve_backend(self, tokens, tokens_per_expert):
-        from megatron_eps.experts.selector import choose_backend, load_cost_profile
-
-        kernel = self.eps_config.expert_kernel
-        key = (kernel, tokens.device, tokens.dtype)
-        if kernel != "auto" and key in self._resolved_backends:
-            return self._resolved_backends[key]  # an explicit choice never depends on the load
-        name = choose_backend(
-            kernel,
-            self.__dict__["_eps_local_experts"],
-            tokens_per_expert,
-            tokens.device,
-            tokens.dtype,
-            profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
-        )
-        if kernel != "auto":
-            self._resolved_backends[key] = name
-        return name
-
-    def _run_experts(self, tokens, tokens_per_expert, probs, first_expert):
-        name = self._resolve_backend(tokens, tokens_per_expert)
-        self.last_expert_backends.append(name)
-        backend = get_backend(name)
-        if not (backend.accepts_strided_rows or tokens.is_contiguous()):
-            tokens = tokens.contiguous()
-        return backend.forward(
-            self.__dict__["_eps_local_experts"], tokens, tokens_per_expert, probs, first_expert
-        )
+        return ChunkingPolicy(shape, self.eps_config, hidden_states.device,
+                              self.token_dispatcher.dispatch_ahead)

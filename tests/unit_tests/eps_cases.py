@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_eps import EPSConfig
 from megatron_eps.moe_layer import route_allowing_empty
+from megatron_eps.policies import FixedChunking
 from megatron_eps.schedule import chunk_sizes
 from megatron_eps.testing import Utils
 from megatron_eps.testing.models import build_moe_pair, moe_config
@@ -213,13 +214,17 @@ def run_dispatcher_roundtrip(world_expected: int):
             routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
             probs = routing_map.float() / topk
 
-            def scale_by_prob(tokens, tokens_per_expert, row_probs, first_expert):
-                assert tokens.shape[0] == sum(tokens_per_expert)
-                return tokens * row_probs.unsqueeze(-1).to(tokens.dtype)
+            class ScaleByProb:
+                def prepare(self, layout):
+                    pass
+
+                def run(self, tokens, tokens_per_expert, row_probs, first_expert):
+                    assert tokens.shape[0] == sum(tokens_per_expert)
+                    return tokens * row_probs.unsqueeze(-1).to(tokens.dtype)
 
             for degree in (1, 2, 3, experts // world):
                 y = dispatcher.pipelined_forward(
-                    x, probs, routing_map, scale_by_prob, lambda counts, d=degree: d
+                    x, probs, routing_map, ScaleByProb(), FixedChunking(degree)
                 )
                 out.append(
                     ("pipelined", experts, topk, degree,

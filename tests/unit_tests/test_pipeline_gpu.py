@@ -252,13 +252,13 @@ def test_gemm_sm_carveout_is_restored(parallel):
     stock, eps = _pair(torch.float32, 2, gemm_sm_carveout=16)
     eps.token_dispatcher.all_to_all = _emulator()
     seen = []
-    original = eps._run_experts
+    original = eps.expert_runner.run
 
     def spy(*args, **kwargs):
         seen.append(current_gemm_carveout())
         return original(*args, **kwargs)
 
-    eps._run_experts = spy
+    eps.expert_runner.run = spy
     x = torch.randn(256, 1, HIDDEN, device="cuda")
     with torch.no_grad():
         expected, _ = stock(x)

@@ -1,0 +1,109 @@
+"""The two policies a layer hands its pipeline: how to chunk, and how to run a chunk's experts.
+
+The pipeline (``dispatcher.pipelined_forward``) receives them as objects with a small interface
+and never reaches back into the layer:
+
+* ``ChunkingPolicy.choose(counts, transport)`` -> the local experts of each chunk (or N),
+  a pure function of the all-gathered count matrix and state every rank shares;
+* ``ExpertRunner.prepare(layout)`` once per forward, then ``ExpertRunner.run(tokens,
+  tokens_per_expert, probs, first_expert)`` per chunk -> the chunk's expert outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_eps.config import EPSConfig
+from megatron_eps.cost_model import LayerShape, choose_chunking, load_pipeline_profile
+from megatron_eps.experts.base import LocalExperts, get_backend
+
+
+class ChunkingPolicy:
+    """``EPSConfig.pipeline_degree`` / ``chunk_split`` for one layer shape, through the cost model.
+
+    With ``pipeline_degree: auto`` the profile (the configured one, else the one shipped for the
+    device) is read with the link figures of the transport the forward runs on.
+    """
+
+    def __init__(self, shape: LayerShape, eps_config: EPSConfig, device: torch.device,
+                 dispatch_ahead: Optional[int] = None):
+        self.shape, self.eps_config, self.device = shape, eps_config, device
+        self.dispatch_ahead = dispatch_ahead
+
+    def choose(self, counts: np.ndarray, transport: Optional[str] = None):
+        profile = kernel_profile = None
+        if self.eps_config.pipeline_degree == "auto":
+            from megatron_eps.experts.selector import load_cost_profile
+
+            profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
+            if profile is not None:
+                kernel_profile = load_cost_profile(self.eps_config.cost_profile, self.device)
+        return choose_chunking(
+            counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
+            dispatch_ahead=self.dispatch_ahead,
+        )
+
+
+class FixedChunking:
+    """Always the same chunking (N, or the experts of each chunk): tests and benchmarks."""
+
+    def __init__(self, chunking):
+        self.chunking = chunking
+
+    def choose(self, counts, transport=None):
+        return self.chunking
+
+
+class ExpertRunner:
+    """Runs a chunk's local experts with the backend ``expert_kernel`` and the load call for.
+
+    An explicit kernel is resolved once per (device, dtype); ``auto`` asks the selector per
+    chunk. ``backends_used`` lists the backend of every chunk since ``begin_forward``.
+    """
+
+    def __init__(self, local_experts: LocalExperts, eps_config: EPSConfig):
+        self.local_experts = local_experts
+        self.eps_config = eps_config
+        self.backends_used: List[str] = []
+        self._resolved = {}
+
+    def begin_forward(self, eps_config: EPSConfig) -> None:
+        if eps_config is not self.eps_config:
+            self.eps_config = eps_config
+            self._resolved.clear()
+        self.backends_used = []
+        self.local_experts.begin_forward()
+
+    def prepare(self, layout) -> None:
+        """Before the first chunk: stage every chunk's expert row offsets in one copy."""
+        from megatron_eps.experts.gemm_common import stage_int32_batch
+
+        offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
+        stage_int32_batch(offsets, self.local_experts.module_device())
+
+    def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> str:
+        from megatron_eps.experts.selector import choose_backend, load_cost_profile
+
+        kernel = self.eps_config.expert_kernel
+        key = (kernel, tokens.device, tokens.dtype)
+        if kernel != "auto" and key in self._resolved:
+            return self._resolved[key]  # an explicit choice never depends on the load
+        name = choose_backend(
+            kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
+            profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
+        )
+        if kernel != "auto":
+            self._resolved[key] = name
+        return name
+
+    def run(self, tokens, tokens_per_expert, probs, first_expert) -> torch.Tensor:
+        name = self.resolve(tokens, tokens_per_expert)
+        self.backends_used.append(name)
+        backend = get_backend(name)
+        if not (backend.accepts_strided_rows or tokens.is_contiguous()):
+            tokens = tokens.contiguous()
+        return backend.forward(self.local_experts, tokens, tokens_per_expert, probs, first_expert)
