@@ -26,6 +26,8 @@ setup(
         "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'"],
         "triton": ["triton>=3.3"],
         "te": ["transformer_engine[pytorch]"],
+        # the copy-engine transport (transport: copy_engine / auto on one NVLink node)
+        "copy-engine": ["cuda-bindings>=12.8"],
     },
     entry_points={
         "console_scripts": [

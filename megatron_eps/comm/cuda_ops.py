@@ -84,22 +84,20 @@ def batch_copies_in_use() -> bool:
 
 
 def stream_write_u32(stream: int, address: int, value: int) -> None:
+    """After the stream's earlier work (and a memory fence): ``*address = value``."""
     driver, _ = _modules()
-    _check(
-        driver.cuStreamWriteValue32(
-            driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF,
-            driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT,
-        ),
-        "cuStreamWriteValue32",
-    )
+    _stream_value_op(driver.cuStreamWriteValue32, stream, address, value,
+                     driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
 
 
 def stream_wait_geq_u32(stream: int, address: int, value: int) -> None:
+    """The stream's later work waits until ``*address >= value``."""
     driver, _ = _modules()
-    _check(
-        driver.cuStreamWaitValue32(
-            driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF,
-            driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ,
-        ),
-        "cuStreamWaitValue32",
-    )
+    _stream_value_op(driver.cuStreamWaitValue32, stream, address, value,
+                     driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+
+
+def _stream_value_op(op, stream: int, address: int, value: int, flags) -> None:
+    driver, _ = _modules()
+    _check(op(driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF, flags),
+           op.__name__)
