@@ -288,6 +288,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def transformer_config_for(mc, args, tp: int, ep: int, on_cpu: bool):
+    """The model's TransformerConfig for these parallel sizes (the prompt must split over TP)."""
+    if tp > 1:
+        for length in args.prompt_lengths:
+            if (args.batch_size * length) % tp:
+                raise PrefillError(
+                    f"--prompt-lengths {length} x --batch-size {args.batch_size} must be divisible "
+                    f"by --tensor-model-parallel-size {tp} (sequence-parallel MoE)"
+                )
+    return mc.transformer_config(
+        dtype=DTYPES[args.dtype],
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        use_cpu_initialization=on_cpu,
+    )
+
+
 def validate_setup(args) -> Dict[str, object]:
     """Every check that needs no process group: raises EPSConfigError / ModelConfigError /
     PrefillError naming the setting. Returns what it built (model config, parallel sizes)."""
@@ -302,20 +319,8 @@ def validate_setup(args) -> Dict[str, object]:
     eps = EPSConfig.from_args(args)
     par = mc.resolve_parallel(world, args.tensor_model_parallel_size, args.expert_model_parallel_size)
     tp, ep = par["tensor_model_parallel_size"], par["expert_model_parallel_size"]
-    if tp > 1:
-        for length in args.prompt_lengths:
-            if (args.batch_size * length) % tp:
-                raise PrefillError(
-                    f"--prompt-lengths {length} x --batch-size {args.batch_size} must be divisible "
-                    f"by --tensor-model-parallel-size {tp} (sequence-parallel MoE)"
-                )
     dtype = DTYPES[args.dtype]
-    config = mc.transformer_config(
-        dtype=dtype,
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=ep,
-        use_cpu_initialization=not use_cuda,
-    )
+    config = transformer_config_for(mc, args, tp, ep, on_cpu=not use_cuda)
     if not args.stock_only:
         eps_run = eps.replace(enabled=True)
         check_megatron_config(config, eps_run, ep)
@@ -706,20 +711,7 @@ def run(args) -> Dict[str, object]:
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    if tp > 1:
-        for length in args.prompt_lengths:
-            if (args.batch_size * length) % tp:
-                raise PrefillError(
-                    f"--prompt-lengths {length} x --batch-size {args.batch_size} must be divisible "
-                    f"by --tensor-model-parallel-size {tp} (sequence-parallel MoE)"
-                )
-    dtype = DTYPES[args.dtype]
-    config = mc.transformer_config(
-        dtype=dtype,
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=ep,
-        use_cpu_initialization=device.type == "cpu",
-    )
+    config = transformer_config_for(mc, args, tp, ep, on_cpu=device.type == "cpu")
     eps_config = EPSConfig.from_args(args)
     if not eps_config.enabled and not args.stock_only and rank == 0:
         print(f"note: {args.eps_config}: eps.enabled is false, but this tool compares the stock "
