@@ -28,8 +28,6 @@ if not (SUPPORTED_RANGE[0] <= MCORE_VERSION < SUPPORTED_RANGE[1]):
         "Install a supported release (pip install 'megatron-core>=0.16,<0.20')."
     )
 
-# 0.18 moved module specs from ModuleSpec(module=MoELayer) to functools.partial(MoELayer, ...).
-SPECS_ARE_PARTIALS = MCORE_VERSION >= Version("0.18.0")
 
 
 def unpermute_tokens(

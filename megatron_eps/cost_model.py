@@ -28,6 +28,7 @@ function is deterministic, so every rank picks the same N and the chunked all-to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,9 +39,7 @@ import numpy as np
 
 from megatron_eps.config import EPSConfig
 
-# Collectives per chunk in dispatcher.pipelined_forward: dispatch (each row carries its routing
-# weight in PACKED_PROBS_BYTES_PER_ROW extra bytes, see dispatcher.probs_columns) and combine.
-COLLECTIVES_PER_CHUNK = 2
+# Bytes each dispatched row carries for its routing weight (dispatcher.probs_columns).
 PACKED_PROBS_BYTES_PER_ROW = 16
 
 
@@ -355,43 +354,39 @@ def simulate_plan(
     """Makespan of ``schedule.build_plan(N)`` on two in-order streams with the plan's events.
 
     Each step starts when its stream is free and its awaited event has been recorded; the
-    compute stream finally waits for the last combine (as ``run_plan`` does). This walks the
-    plan itself; ``_simulate`` is the same recurrence on plain floats.
+    compute stream finally waits for the last combine (as ``run_plan`` does). It walks the plan
+    itself (compiled once per N to integer steps), so a change of the schedule is made once.
     """
-    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, SHARED, build_plan
-
-    n = len(experts)
-    durations = {DISPATCH: dispatch, EXPERTS: experts, COMBINE: combine}
-    free = {"comm": 0.0, "compute": 0.0}
-    events: Dict[str, float] = {"tokens_ready": 0.0}
-    for step in build_plan(n, with_shared_experts=shared > 0, dispatch_ahead=dispatch_ahead):
-        start = free[step.stream]
-        if step.wait is not None:
-            start = max(start, events[step.wait])
-        duration = shared if step.stage == SHARED else durations[step.stage][step.chunk]
-        free[step.stream] = start + duration
-        if step.record is not None:
-            events[step.record] = free[step.stream]
-    return max(free.values())
+    steps, num_events = _compiled_plan(len(experts), shared > 0, dispatch_ahead)
+    durations = (dispatch, experts, combine)
+    free = [0.0, 0.0]  # compute, comm
+    events = [0.0] * num_events
+    for on_comm, wait, record, stage, chunk in steps:
+        start = free[on_comm]
+        if wait >= 0 and events[wait] > start:
+            start = events[wait]
+        end = start + (shared if stage < 0 else durations[stage][chunk])
+        free[on_comm] = end
+        if record >= 0:
+            events[record] = end
+    return max(free)
 
 
-def _simulate(dispatch, experts, combine, shared: float, dispatch_ahead: Optional[int] = None) -> float:
-    """simulate_plan's recurrence on plain floats (fast: used for every N of every forward)."""
-    n = len(experts)
-    dispatched = [0.0] * n
-    comm = dispatch[0]
-    dispatched[0] = comm
-    compute = shared
-    issued = 1
-    for i in range(n):
-        last = n - 1 if dispatch_ahead is None else min(n - 1, i + dispatch_ahead)
-        while issued <= last:
-            comm += dispatch[issued]
-            dispatched[issued] = comm
-            issued += 1
-        compute = max(compute, dispatched[i]) + experts[i]
-        comm = max(comm, compute) + combine[i]
-    return max(comm, compute)
+@functools.lru_cache(maxsize=512)
+def _compiled_plan(num_chunks: int, with_shared: bool, dispatch_ahead: Optional[int]):
+    """build_plan's steps as (on comm stream, awaited event, recorded event, stage, chunk)
+    integers (events numbered, -1: none; stage: 0 dispatch, 1 experts, 2 combine, -1 shared)."""
+    from megatron_eps.schedule import COMBINE, COMM, DISPATCH, EXPERTS, SHARED, build_plan
+
+    stage_index = {DISPATCH: 0, EXPERTS: 1, COMBINE: 2, SHARED: -1}
+    names = {"tokens_ready": 0}
+    steps = []
+    for step in build_plan(num_chunks, with_shared_experts=with_shared,
+                           dispatch_ahead=dispatch_ahead):
+        wait = names[step.wait] if step.wait is not None else -1
+        record = names.setdefault(step.record, len(names)) if step.record is not None else -1
+        steps.append((int(step.stream == COMM), wait, record, stage_index[step.stage], step.chunk))
+    return tuple(steps), len(names)
 
 
 def pipelined_time(n: int, t_comm: float, t_comp: float, overhead_s: float) -> float:
@@ -462,7 +457,7 @@ def predict(
     slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
     s = float(shared.max(initial=0.0))
     serial = t_comm + float(sum(slowest)) + s
-    ideal = _simulate(dispatch, slowest, combine, s, dispatch_ahead)
+    ideal = simulate_plan(dispatch, slowest, combine, s, dispatch_ahead)
     gpu = serial - (serial - ideal) * profile.overlap_efficiency + overhead
     # The host bound counts the layer's fixed host time; the GPU side leaves the same fixed
     # work (router, permutation) out, which only errs towards fewer chunks when host-bound.

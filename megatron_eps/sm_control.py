@@ -6,10 +6,9 @@ Both knobs are optional (EPSConfig.comm_num_ctas, EPSConfig.gemm_sm_carveout) an
   reads its settings when a communicator is created, so this must happen **before**
   ``torch.distributed.init_process_group`` / ``new_group`` (NCCL creates communicators lazily
   on the first collective of a group, but it reads the environment of the process, and
-  torch passes per-group options only at group creation). Two ways:
-  ``apply_comm_cta_cap(n)`` sets ``NCCL_MAX_CTAS`` and ``NCCL_MAX_NCHANNELS`` in the environment
-  (every communicator of the process), and ``nccl_process_group_options(n)`` returns
-  ``ProcessGroupNCCL.Options`` with ``config.max_ctas`` for one group (pass as ``pg_options``).
+  torch passes per-group options only at group creation): ``apply_comm_cta_cap(n)`` sets
+  ``NCCL_MAX_CTAS`` and ``NCCL_MAX_NCHANNELS`` in the environment (every communicator of the
+  process).
 * ``gemm_sm_carveout`` holds SMs back from cuBLAS/cuBLASLt GEMMs through
   ``torch._C._set_sm_carveout_experimental`` while the pipeline runs, and restores the previous
   value afterwards. It affects cuBLAS(Lt) GEMMs only: CUTLASS kernels such as
@@ -57,25 +56,6 @@ def apply_comm_cta_cap(num_ctas: Optional[int], override: bool = False) -> bool:
             continue
         os.environ[name] = str(int(num_ctas))
     return applied
-
-
-def nccl_process_group_options(num_ctas: Optional[int]):
-    """ProcessGroupNCCL.Options with the CTA cap for one group, or None (CPU, no cap, old torch)."""
-    if num_ctas is None or not torch.cuda.is_available():
-        return None
-    import torch.distributed as dist
-
-    options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
-    if options_cls is None:
-        return None
-    options = options_cls()
-    config = getattr(options, "config", None)
-    if config is None or not hasattr(config, "max_ctas"):
-        return None
-    config.max_ctas = int(num_ctas)
-    if hasattr(config, "min_ctas"):
-        config.min_ctas = min(int(getattr(config, "min_ctas", 1) or 1), int(num_ctas))
-    return options
 
 
 def carveout_supported() -> bool:

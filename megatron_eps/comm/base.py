@@ -84,10 +84,6 @@ class ExpertTransport:
     def end(self) -> None:
         """Drop the forward's references (called after ``combined_rows`` was consumed)."""
 
-    def check_progress(self) -> None:
-        """Raise if earlier forwards' cross-rank waits have not completed in time (no-op for
-        transports whose waits are collectives with their own timeouts)."""
-
 
 def row_probs(packed: torch.Tensor, hidden_size: int, probs_dtype: torch.dtype) -> torch.Tensor:
     """The routing weight of every packed row (a strided view into ``packed``)."""

@@ -300,7 +300,9 @@ class SymmetricPeerMemory(PeerMemory):
 
     def ensure(self, dispatch_bytes, return_bytes):
         wanted = {DISPATCH_BUFFER: dispatch_bytes, RETURN_BUFFER: return_bytes}
-        grow = {k: v for k, v in wanted.items() if v > self._capacity[k]}
+        # A first forward with no rows at all still gets (small) buffers to view.
+        grow = {k: max(v, 1) for k, v in wanted.items()
+                if v > self._capacity[k] or k not in self._buffers}
         if not grow:
             return
         # Peers may still copy into the old buffers from the last forward's stream work.

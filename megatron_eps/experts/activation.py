@@ -103,16 +103,8 @@ class ActivationSpec:
         return self.apply_torch(fc1_out, probs)
 
 
-_FUSED_ACTIVATION = {"enabled": True}
-
-
-def set_fused_activation(enabled: bool) -> None:
-    """Switch the fused Triton activation off (tests compare both paths; debugging)."""
-    _FUSED_ACTIVATION["enabled"] = bool(enabled)
-
-
 def fused_activation_enabled(fc1_out: torch.Tensor, spec: ActivationSpec) -> bool:
-    if not (_FUSED_ACTIVATION["enabled"] and fc1_out.is_cuda and spec.fused_code is not None):
+    if not (fc1_out.is_cuda and spec.fused_code is not None):
         return False
     from megatron_eps.experts.triton_kernels import triton_available
 

@@ -63,9 +63,11 @@ def device_name(device: Union[str, torch.device]) -> str:
 
 
 def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (the shipped profile's file name;
-    the same slug as cost_model.gpu_slug, whose <slug>.pipeline.json sits beside it)."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profiles' file name
+    (``<slug>.json`` kernel tables beside ``<slug>.pipeline.json``)."""
+    from megatron_eps.cost_model import gpu_slug
+
+    return gpu_slug(name)
 
 
 def shipped_profile_path(device) -> str:

@@ -169,6 +169,3 @@ def install_cpu_shims(force: bool = False) -> bool:
             module.get_default_causal_mask = get_default_causal_mask
     return True
 
-
-def shims_active() -> bool:
-    return _INSTALLED

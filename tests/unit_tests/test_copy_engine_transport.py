@@ -47,6 +47,7 @@ CASES = [
     (4, 5, [40, 33, 2, 0], 3, 5, "one hot expert"),
     (2, 8, [64, 64], 4, 1, "one chunk"),
     (1, 6, [30], 2, 3, "one rank"),
+    (2, 3, [0, 0], 2, 2, "no tokens anywhere"),
 ]
 
 
