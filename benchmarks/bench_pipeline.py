@@ -627,7 +627,7 @@ def main(argv=None):
     import megatron.core
 
     from megatron_eps.cost_model import gpu_slug
-    from megatron_eps.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
+    from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     models = [m for m in args.models.split(",") if m]
     token_list = [int(t) for t in args.tokens.split(",") if t]

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 15 on nvidia-h200-x2 (one device call):
-#   1. tests: the transports' equivalence at EP=2 over real links, the permutation kernels
-#   2. calibrate_transport.py: each transport's link and overlap next to a grouped GEMM, written
-#      as a pipeline profile ($OUT/<gpu>.pipeline.json) with a per-transport links section
-#   3. the layer benchmark with that profile: EPS per transport vs stock and stock + grouped GEMM
-#   TESTS=0 skips 1; BENCH_ARGS adds benchmark flags.
+# Issue 15 on nvidia-h200-x2 (one device call; every step can be switched off):
+#   1. TESTS:     GPU tests by marker (gpu, multigpu: both transports' equivalence at EP=2,
+#                 the permutation kernels) and the bf16 equivalence grid over NCCL
+#   2. CALIBRATE: calibrate_transport.py: each transport's link and overlap beside a grouped
+#                 GEMM, written as $OUT/<gpu>.pipeline.json with a per-transport links section
+#   3. BENCH:     the layer benchmark: EPS per transport vs stock and stock + grouped GEMM, traces
+#   4. SOAK:      1,000 forwards with random loads (no hang, no leak, outputs equal stock)
+#   5. PREFILL:   DSV2-Lite prefill at EP = #GPUs, stock vs stock + grouped vs EPS
+# BENCH_ARGS / PREFILL_ARGS add flags; BENCH_PROFILE names a profile (default: the shipped one).
 set -uo pipefail
 OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,9 +17,12 @@ export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 if [ "${TESTS:-1}" = "1" ]; then
+  # Tests needing GPUs by marker (gpu, multigpu), plus the multi-rank bf16 equivalence grid.
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
     tests/unit_tests/test_copy_engine_transport.py tests/unit_tests/test_permute_kernels.py \
-    tests/unit_tests/test_eps_equivalence.py -k "${TEST_K:-transport or bf16 or kernels}" 2>&1 | tee "$OUT/x2_pytest.log" | tail -6
+    tests/unit_tests/test_eps_equivalence.py -m "${TEST_MARK:-multigpu or gpu}" 2>&1 | tee "$OUT/x2_pytest.log" | tail -6
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/unit_tests/test_eps_equivalence.py \
+    -k "${TEST_K:-bf16}" 2>&1 | tee -a "$OUT/x2_pytest.log" | tail -3
 fi
 PROFILE="$OUT/$SLUG.pipeline.json"
 [ "${CALIBRATE:-1}" = "1" ] && timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \

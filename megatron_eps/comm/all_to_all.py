@@ -1,7 +1,7 @@
 """The variable-size all-to-all under ``NCCLTransport``, behind a small interface so a benchmark can swap it.
 
 ``ProcessGroupAllToAll`` is the real thing (torch.distributed: NCCL on GPUs, gloo on CPU).
-``megatron_eps.link_emulator.EmulatedLinkAllToAll`` stands in for a multi-GPU link on one GPU,
+``megatron_eps.bench.link_emulator.EmulatedLinkAllToAll`` stands in for a multi-GPU link on one GPU,
 for benchmarks only.
 """
 

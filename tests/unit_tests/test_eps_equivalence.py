@@ -93,6 +93,7 @@ def test_eps_equals_stock_with_gemm_backends(kernel, world):
     _check(results, dtype)
 
 
+@pytest.mark.multigpu
 @pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
 def test_eps_equals_stock_on_each_transport(transport):
     """Both transports over a real EP=2 group (GPUs): the whole grid, bf16, and the transport

@@ -7,7 +7,9 @@ from megatron_eps.permute_kernels import scatter_routed_rows, sum_expert_rows
 
 
 def _devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gpu = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+    return ["cpu", gpu]
 
 
 @pytest.mark.parametrize("device", _devices())

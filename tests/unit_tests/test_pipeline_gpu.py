@@ -8,7 +8,8 @@ import contextlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 HIDDEN, FFN, SHARED = 256, 128, 192
 
@@ -51,7 +52,7 @@ def _pair(dtype, degree, experts=8, topk=2, shared=True, hidden=HIDDEN, ffn=FFN,
 
 
 def _emulator(bandwidth_gbps=2.0, latency_us=5.0, fraction=0.875):
-    from megatron_eps.link_emulator import EmulatedLinkAllToAll
+    from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll
 
     return EmulatedLinkAllToAll(bandwidth_gbps, latency_us, fraction)
 
@@ -128,7 +129,7 @@ def test_memory_reuse_across_streams_is_safe(parallel):
 
 @pytest.mark.parametrize("spin", ["timer", "sleep"])
 def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel, spin):
-    from megatron_eps.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
+    from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     cycles = calibrate_sleep_cycles_per_ms()
     assert 2e5 < cycles < 5e6  # a GPU clock between 0.2 and 5 GHz
@@ -170,7 +171,7 @@ def test_link_emulator_occupies_the_stream_for_the_modeled_time(parallel, spin):
 def test_timer_link_keeps_its_time_beside_gemms_that_leave_it_sms(parallel):
     """The emulated link must not stretch under a GEMM load (the SM-clock based _sleep does)
     when the GEMMs leave it SMs, as the pipeline's carve-out does."""
-    from megatron_eps.link_emulator import EmulatedLinkAllToAll
+    from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll
     from megatron_eps.sm_control import carveout_supported, gemm_sm_carveout
 
     if not carveout_supported():

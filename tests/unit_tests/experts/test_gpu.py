@@ -12,7 +12,7 @@ from megatron_eps.experts.weights import ExpertWeights, StackedExperts
 from .conftest import build_sequential_experts, count_cases, random_call, requires_cuda, requires_te
 
 BF16_TOL = 1e-2
-pytestmark = requires_cuda
+pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
 def _poisoned_forward(backend, experts, x, counts, probs, first):
