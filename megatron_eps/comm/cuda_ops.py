@@ -100,4 +100,4 @@ def stream_wait_geq_u32(stream: int, address: int, value: int) -> None:
 def _stream_value_op(op, stream: int, address: int, value: int, flags) -> None:
     driver, _ = _modules()
     _check(op(driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF, flags),
-           op.__name__)
+           getattr(op, "__name__", "stream memory operation"))
