@@ -1,53 +1,39 @@
-"""``--eps-*`` command-line arguments, usable as Megatron-LM's ``extra_args_provider``."""
+"""``--eps-*`` command-line arguments, usable as Megatron-LM's ``extra_args_provider``.
+
+Generated from ``EPSConfig``'s fields (``config.settings()``): their flags, help texts, allowed
+values and checks, so a new setting is one edit in config.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_eps.config import CHUNK_SPLITS, EXPERT_KERNELS, TRANSPORTS
+from megatron_eps.config import EPSConfigError, Setting, check_setting, cli_fields, flag_of, settings
 
 # argparse dest -> EPSConfig field. Flags left at None do not override the YAML file.
-ARG_TO_FIELD = {
-    "eps_pipeline_degree": "pipeline_degree",
-    "eps_expert_kernel": "expert_kernel",
-    "eps_min_tokens_to_pipeline": "min_tokens_to_pipeline",
-    "eps_cost_profile": "cost_profile",
-    "eps_max_pipeline_degree": "max_pipeline_degree",
-    "eps_chunk_split": "chunk_split",
-    "eps_comm_num_ctas": "comm_num_ctas",
-    "eps_gemm_sm_carveout": "gemm_sm_carveout",
-    "eps_transport": "transport",
-}
+ARG_TO_FIELD = cli_fields()
 
 
-def _pipeline_degree(text: str):
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--eps-pipeline-degree {text!r}: allowed values are an integer >= 1 or 'auto'"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"--eps-pipeline-degree {text!r}: allowed values are an integer >= 1 or 'auto'"
-        )
-    return value
+def _parser_for(name: str, setting: Setting):
+    """Text -> the setting's value, or argparse's error naming the flag and the allowed values."""
+    flag = flag_of(name)
 
-
-def _int_at_least(minimum: int, flag: str):
-    def parse(text: str) -> int:
+    def parse(text: str):
+        value = text
+        if setting.kind in ("int>=0", "int>=1"):
+            try:
+                value = int(text)
+            except ValueError:
+                value = text
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"{flag} {text!r}: allowed values are integers >= {minimum}"
-            )
-        return value
+            return check_setting(name, value)
+        except EPSConfigError:
+            allowed = Setting.ALLOWED.get(setting.kind)
+            if allowed is None:
+                raise argparse.ArgumentTypeError(f"{flag} {text!r}: not allowed") from None
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: allowed values are {allowed}") from None
 
+    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 
@@ -58,12 +44,8 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     your own parser. Read the result with ``EPSConfig.from_args(args)``.
     """
     group = parser.add_argument_group("megatron-eps", "EPS-MoE expert pipeline scheduler")
-    group.add_argument(
-        "--eps-moe",
-        action="store_true",
-        default=False,
-        help="Run MoE layers with the EPS pipelined dispatcher (EPSMoELayer).",
-    )
+    group.add_argument(flag_of("enabled"), action="store_true", default=False,
+                       help=settings()["enabled"].help)
     group.add_argument(
         "--eps-config",
         type=str,
@@ -72,73 +54,14 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="YAML file with EPS settings (top level or an 'eps:' section). Explicit --eps-* "
         "flags override it.",
     )
-    group.add_argument(
-        "--eps-pipeline-degree",
-        type=_pipeline_degree,
-        default=None,
-        metavar="N|auto",
-        help="Chunks per MoE layer: an integer >= 1 or 'auto' (cost model). Default: auto.",
-    )
-    group.add_argument(
-        "--eps-expert-kernel",
-        type=str,
-        choices=EXPERT_KERNELS,
-        default=None,
-        help="Expert GEMM backend. Default: auto (from the cost table).",
-    )
-    group.add_argument(
-        "--eps-min-tokens-to-pipeline",
-        type=_int_at_least(0, "--eps-min-tokens-to-pipeline"),
-        default=None,
-        metavar="T",
-        help="Run unpipelined below this many tokens per rank (mean over the EP group). "
-        "Default: 2048.",
-    )
-    group.add_argument(
-        "--eps-cost-profile",
-        type=str,
-        default=None,
-        metavar="PATH",
-        help="JSON cost profile from megatron-eps-calibrate. Default: the shipped profile for "
-        "this GPU, if any.",
-    )
-    group.add_argument(
-        "--eps-max-pipeline-degree",
-        type=_int_at_least(1, "--eps-max-pipeline-degree"),
-        default=None,
-        metavar="N",
-        help="Upper bound for --eps-pipeline-degree auto. Default: 16.",
-    )
-    group.add_argument(
-        "--eps-comm-num-ctas",
-        type=_int_at_least(1, "--eps-comm-num-ctas"),
-        default=None,
-        metavar="C",
-        help="Cap on the CTAs NCCL uses for the all-to-alls. Default: NCCL's choice.",
-    )
-    group.add_argument(
-        "--eps-gemm-sm-carveout",
-        type=_int_at_least(0, "--eps-gemm-sm-carveout"),
-        default=None,
-        metavar="S",
-        help="SMs held back from the GEMMs while chunks overlap with the all-to-alls, so the "
-        "communication kernels find free SMs. Default: 0.",
-    )
-    group.add_argument(
-        "--eps-chunk-split",
-        type=str,
-        choices=CHUNK_SPLITS,
-        default=None,
-        help="Experts per chunk: equal (the paper), tail (last chunk one expert), or auto (the "
-        "cost model picks per forward). Default: auto.",
-    )
-    group.add_argument(
-        "--eps-transport",
-        type=str,
-        choices=TRANSPORTS,
-        default=None,
-        help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
-        "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
-        "or auto (copy_engine where it works, else nccl). Default: auto.",
-    )
+    for name in cli_fields().values():
+        setting = settings()[name]
+        options = dict(default=None, help=setting.help)
+        if setting.kind == "choice":
+            options.update(type=str, choices=setting.choices)
+        elif setting.kind == "path":
+            options.update(type=str, metavar=setting.metavar)
+        else:
+            options.update(type=_parser_for(name, setting), metavar=setting.metavar)
+        group.add_argument(flag_of(name), **options)
     return parser

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 EXPERT_KERNELS = ("auto", "grouped", "dense", "triton", "te", "megatron")
 """Allowed ``expert_kernel`` values.
@@ -45,6 +45,79 @@ auto        -- copy_engine where it can work, else nccl (logged once)
 """
 
 
+@dataclass(frozen=True)
+class Setting:
+    """How one EPSConfig field is checked and offered on the command line.
+
+    kind: "bool", "choice" (one of ``choices``), "degree" (an int >= 1 or "auto"), "int>=0",
+    "int>=1" (None allowed when the default is None), "path" (a file).
+    """
+
+    kind: str
+    help: str
+    choices: tuple = ()
+    metavar: Optional[str] = None
+    flag: Optional[str] = None
+
+    ALLOWED = {
+        "degree": "an integer >= 1 or 'auto'",
+        "int>=0": "integers >= 0",
+        "int>=1": "integers >= 1",
+    }
+
+
+def _setting(default, kind: str, **meta):
+    return dataclasses.field(default=default, metadata={"eps": Setting(kind, **meta)})
+
+
+@functools.lru_cache(maxsize=None)
+def settings() -> Dict[str, Setting]:
+    """EPSConfig's fields and how each is checked and offered (the one list of settings)."""
+    return {f.name: f.metadata["eps"] for f in fields(EPSConfig)}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of setting ``name`` (``--eps-<name>`` unless it says otherwise)."""
+    return settings()[name].flag or "--eps-" + name.replace("_", "-")
+
+
+def check_setting(name: str, value):
+    """``value`` checked (and normalised) for setting ``name``; EPSConfigError naming both
+    and the allowed values otherwise."""
+    setting = settings()[name]
+    kind = setting.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise EPSConfigError(f"eps {name} must be true or false, got {value!r}")
+        return value
+    if kind == "choice":
+        if value not in setting.choices:
+            raise EPSConfigError(
+                f"eps {name}={value!r} is not allowed; allowed values: {', '.join(setting.choices)}"
+            )
+        return value
+    if kind == "degree":
+        return _parse_pipeline_degree(value)
+    if kind in ("int>=0", "int>=1"):
+        if value is None and _DEFAULTS[name] is None:
+            return None
+        return (_non_negative_int if kind == "int>=0" else _positive_int)(name, value)
+    if kind == "path":
+        if value is None:
+            return None
+        if not isinstance(value, (str, os.PathLike)):
+            raise EPSConfigError(f"eps {name} must be a file path or null, got {value!r}")
+        value = os.fspath(value)
+        if not os.path.isfile(value):
+            raise EPSConfigError(
+                f"eps {name}={value!r}: no such file "
+                "(write one with megatron-eps-calibrate, or leave it unset)"
+            )
+        check_cost_profile_file(value)
+        return value
+    raise AssertionError(f"unknown setting kind {kind!r}")
+
+
 class EPSConfigError(ValueError):
     """A megatron-eps setting has a value that is not allowed. The message names both."""
 
@@ -73,16 +146,40 @@ class EPSConfig:
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
     """
 
-    enabled: bool = True
-    pipeline_degree: Union[int, str] = "auto"
-    expert_kernel: str = "auto"
-    min_tokens_to_pipeline: int = 2048
-    cost_profile: Optional[str] = None
-    chunk_split: str = "auto"
-    max_pipeline_degree: int = 16
-    comm_num_ctas: Optional[int] = None
-    gemm_sm_carveout: Optional[int] = None
-    transport: str = "auto"
+    enabled: bool = _setting(True, "bool", flag="--eps-moe",
+                             help="Run MoE layers with the EPS pipelined dispatcher (EPSMoELayer).")
+    pipeline_degree: Union[int, str] = _setting(
+        "auto", "degree", metavar="N|auto",
+        help="Chunks per MoE layer: an integer >= 1 or 'auto' (cost model). Default: auto.")
+    expert_kernel: str = _setting(
+        "auto", "choice", choices=EXPERT_KERNELS,
+        help="Expert GEMM backend. Default: auto (from the cost table).")
+    min_tokens_to_pipeline: int = _setting(
+        2048, "int>=0", metavar="T",
+        help="Run unpipelined below this many tokens per rank (mean over the EP group). "
+        "Default: 2048.")
+    cost_profile: Optional[str] = _setting(
+        None, "path", metavar="PATH",
+        help="JSON cost profile from megatron-eps-calibrate. Default: the shipped profile for "
+        "this GPU, if any.")
+    chunk_split: str = _setting(
+        "auto", "choice", choices=CHUNK_SPLITS,
+        help="Experts per chunk: equal (the paper), tail (last chunk one expert), or auto (the "
+        "cost model picks per forward). Default: auto.")
+    max_pipeline_degree: int = _setting(
+        16, "int>=1", metavar="N", help="Upper bound for --eps-pipeline-degree auto. Default: 16.")
+    comm_num_ctas: Optional[int] = _setting(
+        None, "int>=1", metavar="C",
+        help="Cap on the CTAs NCCL uses for the all-to-alls. Default: NCCL's choice.")
+    gemm_sm_carveout: Optional[int] = _setting(
+        None, "int>=0", metavar="S",
+        help="SMs held back from the GEMMs while chunks overlap with the all-to-alls, so the "
+        "communication kernels find free SMs. Default: 0.")
+    transport: str = _setting(
+        "auto", "choice", choices=TRANSPORTS,
+        help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
+        "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
+        "or auto (copy_engine where it works, else nccl). Default: auto.")
 
     def __post_init__(self):
         self.validate()
@@ -105,45 +202,8 @@ class EPSConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "EPSConfig":
         """Raise EPSConfigError naming the setting and the allowed values if anything is off."""
-        if not isinstance(self.enabled, bool):
-            raise EPSConfigError(f"eps enabled must be true or false, got {self.enabled!r}")
-        _set = functools.partial(object.__setattr__, self)
-        _set("pipeline_degree", _parse_pipeline_degree(self.pipeline_degree))
-        if self.expert_kernel not in EXPERT_KERNELS:
-            raise EPSConfigError(
-                f"eps expert_kernel={self.expert_kernel!r} is not allowed; "
-                f"allowed values: {', '.join(EXPERT_KERNELS)}"
-            )
-        _set("min_tokens_to_pipeline", _non_negative_int(
-            "min_tokens_to_pipeline", self.min_tokens_to_pipeline
-        ))
-        if self.chunk_split not in CHUNK_SPLITS:
-            raise EPSConfigError(
-                f"eps chunk_split={self.chunk_split!r} is not allowed; "
-                f"allowed values: {', '.join(CHUNK_SPLITS)}"
-            )
-        _set("max_pipeline_degree", _positive_int("max_pipeline_degree", self.max_pipeline_degree))
-        if self.transport not in TRANSPORTS:
-            raise EPSConfigError(
-                f"eps transport={self.transport!r} is not allowed; "
-                f"allowed values: {', '.join(TRANSPORTS)}"
-            )
-        if self.comm_num_ctas is not None:
-            _set("comm_num_ctas", _positive_int("comm_num_ctas", self.comm_num_ctas))
-        if self.gemm_sm_carveout is not None:
-            _set("gemm_sm_carveout", _non_negative_int("gemm_sm_carveout", self.gemm_sm_carveout))
-        if self.cost_profile is not None:
-            if not isinstance(self.cost_profile, (str, os.PathLike)):
-                raise EPSConfigError(
-                    f"eps cost_profile must be a file path or null, got {self.cost_profile!r}"
-                )
-            _set("cost_profile", os.fspath(self.cost_profile))
-            if not os.path.isfile(self.cost_profile):
-                raise EPSConfigError(
-                    f"eps cost_profile={self.cost_profile!r}: no such file "
-                    "(write one with megatron-eps-calibrate, or leave it unset)"
-                )
-            check_cost_profile_file(self.cost_profile)
+        for name in self.field_names():
+            object.__setattr__(self, name, check_setting(name, getattr(self, name)))
         return self
 
     def digest(self) -> str:
@@ -248,10 +308,8 @@ class EPSConfig:
         ``args.eps_config_flag`` (default ``--eps-config``) names the option that gave the file
         in error messages (the prefill tool reads the model config's ``eps:`` section).
         """
-        from megatron_eps.arguments import ARG_TO_FIELD
-
         overrides = {}
-        for arg_name, field_name in ARG_TO_FIELD.items():
+        for arg_name, field_name in cli_fields().items():
             value = getattr(args, arg_name, None)
             if value is not None:
                 overrides[field_name] = value
@@ -441,3 +499,12 @@ def warn_if_profile_for_other_device(path: Optional[str], device_name: str, log=
             path, " / ".join(repr(d) for d in devices), device_name,
         )
     return True
+
+
+def cli_fields() -> Dict[str, str]:
+    """argparse dest -> EPSConfig field for the ``--eps-*`` value flags (``enabled`` is the
+    ``--eps-moe`` switch). Flags left at None do not override the YAML file."""
+    return {flag_of(name)[2:].replace("-", "_"): name for name in settings() if name != "enabled"}
+
+
+_DEFAULTS = {f.name: f.default for f in fields(EPSConfig)}

@@ -197,3 +197,26 @@ def test_cost_profile_for_another_device_warns_once(caplog):
     assert len(warnings) == 2, warnings
     assert all("NVIDIA H100 80GB HBM3" in w and "'cpu'" in w for w in warnings)
     assert not tables.covers("cpu", __import__("torch").bfloat16)
+
+
+def test_every_setting_has_a_flag_from_the_dataclass():
+    """The flags are generated from EPSConfig: each field has one, with its help text, and a
+    value given by flag equals the same value given in Python."""
+    from megatron_eps.config import flag_of, settings
+
+    parser = add_eps_args(argparse.ArgumentParser())
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for name, setting in settings().items():
+        assert flag_of(name) in flags, name
+        assert flags[flag_of(name)].help == setting.help
+    values = {"pipeline_degree": "3", "expert_kernel": "dense", "min_tokens_to_pipeline": "7",
+              "chunk_split": "tail", "max_pipeline_degree": "5", "comm_num_ctas": "4",
+              "gemm_sm_carveout": "8", "transport": "nccl"}
+    argv = ["--eps-moe"] + [x for k, v in values.items() for x in (flag_of(k), v)]
+    from_flags = EPSConfig.from_args(parser.parse_args(argv))
+    assert from_flags == EPSConfig(pipeline_degree=3, expert_kernel="dense",
+                                   min_tokens_to_pipeline=7, chunk_split="tail",
+                                   max_pipeline_degree=5, comm_num_ctas=4, gemm_sm_carveout=8,
+                                   transport="nccl")
+    # every field except the switch and the profile path was exercised
+    assert set(values) == set(settings()) - {"enabled", "cost_profile"}
