@@ -59,6 +59,10 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         options = dict(default=None, help=setting.help)
         if setting.kind == "choice":
             options.update(type=str, choices=setting.choices)
+        elif setting.kind == "kernel":
+            from megatron_eps.experts.base import kernel_names
+
+            options.update(type=str, choices=kernel_names())
         elif setting.kind == "path":
             options.update(type=str, metavar=setting.metavar)
         else:

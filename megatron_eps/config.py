@@ -10,16 +10,24 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
-EXPERT_KERNELS = ("auto", "grouped", "dense", "triton", "te", "megatron")
-"""Allowed ``expert_kernel`` values.
+# Allowed ``expert_kernel`` values: "auto" (pick per load from the cost table,
+# megatron_eps.experts.selector) and every registered expert backend
+# (megatron_eps.experts.base.kernel_names, the one list): grouped (torch._grouped_mm), triton
+# (our Triton grouped GEMM), dense (one cuBLAS GEMM per expert), te (Transformer Engine
+# GroupedLinear, where it imports), megatron (the layer's own experts module).
+# ``EXPERT_KERNELS`` (module attribute) reads them from the registry.
 
-auto     -- pick per load from the cost table (megatron_eps.experts.selector)
-grouped  -- torch._grouped_mm (CUTLASS grouped GEMM)
-dense    -- one cuBLAS GEMM per expert
-triton   -- megatron-eps' own Triton grouped GEMM
-te       -- Transformer Engine GroupedLinear (only when transformer_engine imports)
-megatron -- call the layer's own Megatron experts module (SequentialMLP / TEGroupedMLP)
-"""
+
+def __getattr__(name):
+    if name == "EXPERT_KERNELS":
+        return _kernel_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _kernel_names() -> tuple:
+    from megatron_eps.experts.base import kernel_names
+
+    return kernel_names()
 
 CHUNK_SPLITS = ("auto", "equal", "tail")
 """Allowed ``chunk_split`` values. Chunks are always groups of local experts (the paper's
@@ -49,7 +57,8 @@ auto        -- copy_engine where it can work, else nccl (logged once)
 class Setting:
     """How one EPSConfig field is checked and offered on the command line.
 
-    kind: "bool", "choice" (one of ``choices``), "degree" (an int >= 1 or "auto"), "int>=0",
+    kind: "bool", "choice" (one of ``choices``), "kernel" (an expert kernel: "auto" or a
+    registered backend), "degree" (an int >= 1 or "auto"), "int>=0",
     "int>=1" (None allowed when the default is None), "path" (a file).
     """
 
@@ -90,10 +99,11 @@ def check_setting(name: str, value):
         if not isinstance(value, bool):
             raise EPSConfigError(f"eps {name} must be true or false, got {value!r}")
         return value
-    if kind == "choice":
-        if value not in setting.choices:
+    if kind in ("choice", "kernel"):
+        choices = setting.choices if kind == "choice" else _kernel_names()
+        if value not in choices:
             raise EPSConfigError(
-                f"eps {name}={value!r} is not allowed; allowed values: {', '.join(setting.choices)}"
+                f"eps {name}={value!r} is not allowed; allowed values: {', '.join(choices)}"
             )
         return value
     if kind == "degree":
@@ -131,7 +141,7 @@ class EPSConfig:
         pipeline_degree: number of chunks N the routed tokens of a layer are split into, an
             int >= 1, or ``"auto"`` to choose N per forward from the cost model. N is clamped to
             the number of local experts (a chunk is a group of local experts).
-        expert_kernel: expert GEMM backend, one of EXPERT_KERNELS.
+        expert_kernel: expert GEMM backend: "auto" or a registered backend (EXPERT_KERNELS).
         min_tokens_to_pipeline: below this many tokens per rank (mean over the expert-parallel
             group, so every rank agrees) the layer runs unpipelined (N = 1).
         cost_profile: path of a JSON cost profile written by ``megatron-eps-calibrate``, or None
@@ -152,7 +162,7 @@ class EPSConfig:
         "auto", "degree", metavar="N|auto",
         help="Chunks per MoE layer: an integer >= 1 or 'auto' (cost model). Default: auto.")
     expert_kernel: str = _setting(
-        "auto", "choice", choices=EXPERT_KERNELS,
+        "auto", "kernel",
         help="Expert GEMM backend. Default: auto (from the cost table).")
     min_tokens_to_pipeline: int = _setting(
         2048, "int>=0", metavar="T",

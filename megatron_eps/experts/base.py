@@ -32,6 +32,10 @@ class ExpertBackend(ABC):
     # True when ``hidden`` may have a row stride larger than its width (rows that carry extra
     # columns, as the dispatcher's packed rows do); others get a contiguous copy.
     accepts_strided_rows: bool = False
+    # Without a cost profile (and to break near-ties with one) GPUs prefer the backend with the
+    # lowest rank; None: never a default. ``cpu_default``: the choice on CPUs.
+    gpu_default_rank: Optional[int] = None
+    cpu_default: bool = False
 
     @classmethod
     def unavailable_reason(
@@ -103,6 +107,27 @@ def register_backend(cls: Type[ExpertBackend]) -> Type[ExpertBackend]:
 def registered_backends() -> List[str]:
     _import_builtin_backends()
     return sorted(_REGISTRY)
+
+
+def kernel_names() -> tuple:
+    """The allowed ``expert_kernel`` values: "auto" and every registered backend (the one list;
+    a backend becomes selectable by ``register_backend`` alone)."""
+    _import_builtin_backends()
+    ranked = sorted(_REGISTRY.values(), key=lambda c: (c.gpu_default_rank is None,
+                                                        c.gpu_default_rank or 0, c.name))
+    return ("auto",) + tuple(c.name for c in ranked)
+
+
+def gpu_default_order() -> tuple:
+    """Registered backends a GPU may default to, most preferred first."""
+    _import_builtin_backends()
+    ranked = [c for c in _REGISTRY.values() if c.gpu_default_rank is not None]
+    return tuple(c.name for c in sorted(ranked, key=lambda c: c.gpu_default_rank))
+
+
+def cpu_default() -> Optional[str]:
+    _import_builtin_backends()
+    return next((c.name for c in _REGISTRY.values() if c.cpu_default), None)
 
 
 def get_backend(name: str) -> ExpertBackend:

@@ -39,6 +39,8 @@ def dense_expert_forward(call: ExpertCall) -> torch.Tensor:
 @register_backend
 class DenseExpertsBackend(GemmExpertBackend):
     name = "dense"
+    gpu_default_rank = 2
+    cpu_default = True
     accepts_strided_rows = True
 
     def compute(self, call, local_experts, first_expert):

@@ -49,6 +49,7 @@ def grouped_expert_forward(call: ExpertCall) -> torch.Tensor:
 @register_backend
 class GroupedExpertsBackend(GemmExpertBackend):
     name = "grouped"
+    gpu_default_rank = 0
     accepts_strided_rows = True
 
     @classmethod

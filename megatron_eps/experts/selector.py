@@ -45,11 +45,10 @@ from megatron_eps.experts import base
 PROFILE_FORMAT = "megatron-eps-cost-profile"
 PROFILE_VERSION = 1
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
-GPU_DEFAULT_ORDER = ("grouped", "triton", "dense")
-# Predictions closer than this are treated as a tie, broken by the default order: a backend
-# that is predicted faster by a hair is not worth the risk of the prediction being noise.
+# Predictions closer than this are treated as a tie, broken by the default order (the
+# backends' gpu_default_rank): a backend predicted faster by a hair is not worth the risk of
+# the prediction being noise.
 SELECTION_MARGIN = 0.03
-CPU_DEFAULT = "dense"
 MAX_SKEW = 4.0
 
 
@@ -309,25 +308,23 @@ def _available(local_experts, device, dtype) -> List[str]:
 
 def default_backend(device, candidates: Sequence[str]) -> str:
     """The documented choice when no cost profile covers the device."""
-    if torch.device(device).type == "cpu" and CPU_DEFAULT in candidates:
-        return CPU_DEFAULT
-    for name in GPU_DEFAULT_ORDER:
+    if torch.device(device).type == "cpu" and base.cpu_default() in candidates:
+        return base.cpu_default()
+    for name in base.gpu_default_order():
         if name in candidates:
             return name
     return candidates[0] if candidates else "megatron"
 
 
 def _preference_order(device, candidates: Sequence[str]) -> List[str]:
-    """Candidates in tie-break order: the default backend first, then GPU_DEFAULT_ORDER."""
+    """Candidates in tie-break order: the default backend first, then the GPU default order."""
     first = default_backend(device, candidates)
-    rest = [n for n in GPU_DEFAULT_ORDER if n in candidates and n != first]
+    rest = [n for n in base.gpu_default_order() if n in candidates and n != first]
     return [first] + rest + [n for n in candidates if n != first and n not in rest]
 
 
 def _allowed_values() -> List[str]:
-    from megatron_eps.config import EXPERT_KERNELS
-
-    return list(EXPERT_KERNELS)
+    return list(base.kernel_names())
 
 
 def choose_backend(

@@ -55,6 +55,7 @@ def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
 @register_backend
 class TritonExpertsBackend(GemmExpertBackend):
     name = "triton"
+    gpu_default_rank = 1
 
     @classmethod
     def unavailable_reason(cls, local_experts, device, dtype):

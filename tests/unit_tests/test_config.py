@@ -220,3 +220,28 @@ def test_every_setting_has_a_flag_from_the_dataclass():
                                    transport="nccl")
     # every field except the switch and the profile path was exercised
     assert set(values) == set(settings()) - {"enabled", "cost_profile"}
+
+
+def test_registering_a_backend_is_all_it_takes_to_select_it():
+    import argparse as _argparse
+
+    from megatron_eps.experts import base
+
+    with pytest.raises(EPSConfigError, match="expert_kernel"):
+        EPSConfig(expert_kernel="mine")
+
+    @base.register_backend
+    class MineBackend(base.ExpertBackend):
+        name = "mine"
+
+        def forward(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
+            return hidden
+
+    try:
+        assert EPSConfig(expert_kernel="mine").expert_kernel == "mine"
+        args = add_eps_args(_argparse.ArgumentParser()).parse_args(["--eps-expert-kernel", "mine"])
+        assert EPSConfig.from_args(args).expert_kernel == "mine"
+        assert "mine" in __import__("megatron_eps").EXPERT_KERNELS
+    finally:
+        base._REGISTRY.pop("mine", None)
+        base._INSTANCES.pop("mine", None)
