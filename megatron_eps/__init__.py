@@ -9,7 +9,7 @@ Public API:
 """
 
 from megatron_eps.arguments import add_eps_args
-from megatron_eps.config import EXPERT_KERNELS, EPSConfig, EPSConfigError
+from megatron_eps.config import EPSConfig, EPSConfigError
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,10 @@ def __getattr__(name):
         from megatron_eps.moe_layer import EPSMoELayer
 
         return EPSMoELayer
+    if name == "EXPERT_KERNELS":  # read from the backend registry each time
+        from megatron_eps import config
+
+        return config.EXPERT_KERNELS
     if name == "apply_eps":
         from megatron_eps.spec import apply_eps
 
