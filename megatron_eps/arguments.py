@@ -63,7 +63,7 @@ def add_eps_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             from megatron_eps.experts.base import kernel_names
 
             options.update(type=str, choices=kernel_names())
-        elif setting.kind == "path":
+        elif setting.kind in ("path", "outpath"):
             options.update(type=str, metavar=setting.metavar)
         else:
             options.update(type=_parser_for(name, setting), metavar=setting.metavar)

@@ -67,6 +67,8 @@ class Setting:
     choices: tuple = ()
     metavar: Optional[str] = None
     flag: Optional[str] = None
+    # True when ranks may differ in it (nothing that all ranks must agree on depends on it)
+    per_rank: bool = False
 
     ALLOWED = {
         "degree": "an integer >= 1 or 'auto'",
@@ -112,6 +114,15 @@ def check_setting(name: str, value):
         if value is None and _DEFAULTS[name] is None:
             return None
         return (_non_negative_int if kind == "int>=0" else _positive_int)(name, value)
+    if kind == "outpath":
+        if value is None:
+            return None
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise EPSConfigError(f"eps {name} must be a file path or null, got {value!r}")
+        value = os.fspath(value)
+        if os.path.isdir(value):
+            raise EPSConfigError(f"eps {name}={value!r} is a directory; allowed: a file path")
+        return value
     if kind == "path":
         if value is None:
             return None
@@ -153,6 +164,9 @@ class EPSConfig:
         gemm_sm_carveout: SMs held back from the GEMMs (cuBLAS, torch._grouped_mm, our Triton
             kernel) while chunks overlap with communication, so the all-to-all kernels find
             free SMs (None: 0).
+        kernel_autotune: self-calibration of ``expert_kernel: auto`` where no cost table covers
+            the GPU: auto (on CUDA devices), on, off.
+        kernel_cache: file of the self-calibration decisions (None: the default location).
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
     """
 
@@ -185,6 +199,15 @@ class EPSConfig:
         None, "int>=0", metavar="S",
         help="SMs held back from the GEMMs while chunks overlap with the all-to-alls, so the "
         "communication kernels find free SMs. Default: 0.")
+    kernel_autotune: str = _setting(
+        "auto", "choice", choices=("auto", "on", "off"),
+        help="Self-calibration of expert_kernel auto where no cost table covers the GPU: time "
+        "the backends on the first real load of each (shape, load bucket) and keep the fastest "
+        "(auto: on CUDA devices; on; off: the fixed default order). Default: auto.")
+    kernel_cache: Optional[str] = _setting(
+        None, "outpath", metavar="PATH", per_rank=True,
+        help="File of the self-calibration decisions. Default: $MEGATRON_EPS_KERNEL_CACHE, "
+        "else ~/.cache/megatron_eps/kernels-<gpu>.json.")
     transport: str = _setting(
         "auto", "choice", choices=TRANSPORTS,
         help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
@@ -224,8 +247,9 @@ class EPSConfig:
         ).hexdigest()
 
     def comparable_dict(self) -> dict:
-        """to_dict() with cost_profile replaced by a hash of the file's bytes."""
-        values = self.to_dict()
+        """to_dict() without the settings each rank may hold for itself (``Setting.per_rank``),
+        with cost_profile replaced by a hash of the file's bytes."""
+        values = {k: v for k, v in self.to_dict().items() if not settings()[k].per_rank}
         if self.cost_profile is not None:
             try:
                 with open(self.cost_profile, "rb") as f:

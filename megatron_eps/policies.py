@@ -85,13 +85,18 @@ class ExpertRunner:
         offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
         stage_int32_batch(offsets, self.local_experts.module_device())
 
-    def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> str:
+    def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:
+        """The backend for this call, or None when this load is to be calibrated first."""
         from megatron_eps.experts.selector import choose_backend, load_cost_profile
 
         kernel = self.eps_config.expert_kernel
         key = (kernel, tokens.device, tokens.dtype)
         if kernel != "auto" and key in self._resolved:
             return self._resolved[key]  # an explicit choice never depends on the load
+        if kernel == "auto" and self._calibrates(tokens):
+            decided = self._tuner(tokens.device).decision(self._tune_key(tokens, tokens_per_expert))
+            if decided is not None or self._candidates(tokens):
+                return decided
         name = choose_backend(
             kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
             profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
@@ -102,8 +107,46 @@ class ExpertRunner:
 
     def run(self, tokens, tokens_per_expert, probs, first_expert) -> torch.Tensor:
         name = self.resolve(tokens, tokens_per_expert)
+        if name is None:
+            name, out = self._tuner(tokens.device).tune(
+                self._tune_key(tokens, tokens_per_expert), self._candidates(tokens),
+                lambda n: self._run_backend(n, tokens, tokens_per_expert, probs, first_expert),
+            )
+            self.backends_used.append(name)
+            return out
         self.backends_used.append(name)
+        return self._run_backend(name, tokens, tokens_per_expert, probs, first_expert)
+
+    def _run_backend(self, name, tokens, tokens_per_expert, probs, first_expert):
         backend = get_backend(name)
         if not (backend.accepts_strided_rows or tokens.is_contiguous()):
             tokens = tokens.contiguous()
         return backend.forward(self.local_experts, tokens, tokens_per_expert, probs, first_expert)
+
+    # ------------------------------------------------------------------ self-calibration
+    # Tests set a timer (e.g. a fake one) to calibrate anywhere; otherwise CUDA events.
+    timer = None
+
+    def _calibrates(self, tokens) -> bool:
+        mode = self.eps_config.kernel_autotune
+        if mode == "off":
+            return False
+        return mode == "on" or tokens.is_cuda or self.timer is not None
+
+    def _candidates(self, tokens):
+        from megatron_eps.experts.selector import calibration_candidates, load_cost_profile
+
+        profile = load_cost_profile(self.eps_config.cost_profile, tokens.device)
+        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile)
+
+    def _tuner(self, device):
+        from megatron_eps.experts.autotune import autotuner_for
+
+        return autotuner_for(device, self.eps_config.kernel_cache, self.timer)
+
+    def _tune_key(self, tokens, tokens_per_expert) -> str:
+        from megatron_eps.experts.autotune import KernelAutotuner
+
+        w = self.local_experts.weights()
+        shape = (w.hidden_size, w.ffn_hidden_size, len(tokens_per_expert))
+        return KernelAutotuner.key(shape, tokens.dtype, tokens_per_expert)

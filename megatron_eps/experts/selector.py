@@ -327,6 +327,17 @@ def _allowed_values() -> List[str]:
     return list(base.kernel_names())
 
 
+def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=None) -> List[str]:
+    """The GEMM backends to time on a real load when no cost table covers ``device`` and
+    ``dtype`` (self-calibration), or [] when the tables cover it or there is nothing to pick."""
+    if profile is None:
+        profile = load_cost_profile(None, device)
+    if profile is not None and profile.covers(device, dtype):
+        return []
+    gemm = [name for name in _available(local_experts, device, dtype) if name != "megatron"]
+    return gemm if len(gemm) > 1 else []
+
+
 def choose_backend(
     requested: str,
     local_experts,

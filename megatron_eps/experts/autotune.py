@@ -1,0 +1,200 @@
+"""Self-calibration of the expert-kernel choice at first use.
+
+Where no cost table covers the GPU (an H200 with only H100 tables, a new GPU), ``expert_kernel:
+auto`` would fall back to a fixed order, which loses up to 28% on shapes and loads the order
+does not suit. Instead, the first time a layer meets a (GPU, expert shape, dtype, load bucket),
+``KernelAutotuner`` runs each candidate backend on that real load, keeps the fastest, and
+persists the decision:
+
+* a load bucket is the mean rows per expert to half an octave and the skew (max / mean) in
+  three classes, coarse enough that a prefill run meets few buckets;
+* the cache file (``kernel_cache`` setting, else ``$MEGATRON_EPS_KERNEL_CACHE``, else
+  ``~/.cache/megatron_eps/kernels-<gpu>.json``) is keyed by the GPU name and the torch, Triton
+  and megatron-eps versions; a corrupt or foreign file gives one warning and a fresh start;
+* the choice is per rank and needs no agreement: the pipeline degree is chosen from the shipped
+  tables and the count matrix only, never from these timings, so every rank still picks the
+  same chunks.
+
+Each candidate runs twice on the first meeting of a bucket (the first run compiles and warms
+up, the second is timed with CUDA events): that is the overhead, once per bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron-eps-kernel-cache"
+VERSION = 1
+CACHE_ENV = "MEGATRON_EPS_KERNEL_CACHE"
+
+# (seconds, output) of running ``fn`` once after a warm-up call; ``label`` names the backend
+Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
+
+
+def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
+    fn()  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, out
+
+
+def wall_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
+    fn()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def load_bucket(tokens_per_expert: Sequence[int]) -> Tuple[int, int]:
+    """(mean rows per expert in half octaves, skew class 0: max/mean < 1.5, 1: < 3, 2: more)."""
+    counts = [int(c) for c in tokens_per_expert]
+    total = sum(counts)
+    if total == 0:
+        return (-1, 0)
+    mean = total / len(counts)
+    skew = max(counts) / mean
+    return (round(math.log2(mean) * 2), 0 if skew < 1.5 else 1 if skew < 3 else 2)
+
+
+def default_cache_path(device_name: str) -> str:
+    from megatron_eps.cost_model import gpu_slug
+
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    root = os.path.join(os.path.expanduser("~"), ".cache", "megatron_eps")
+    return os.path.join(root, f"kernels-{gpu_slug(device_name)}.json")
+
+
+def current_versions() -> Dict[str, str]:
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "none"
+    from megatron_eps import __version__
+
+    versions["megatron_eps"] = __version__
+    return versions
+
+
+class KernelAutotuner:
+    """Decisions per (shape, dtype, load bucket) for one GPU, kept in a JSON file."""
+
+    def __init__(self, path: str, device_name: str, timer: Timer,
+                 versions: Optional[Dict[str, str]] = None):
+        self.path, self.device_name, self.timer = path, device_name, timer
+        self.versions = versions if versions is not None else current_versions()
+        self.decisions: Dict[str, dict] = {}
+        self.timed_calls = 0
+        self._load()
+
+    # ------------------------------------------------------------------ the file
+    def _header(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "device": self.device_name,
+                "versions": self.versions}
+
+    def _load(self) -> None:
+        if not os.path.isfile(self.path):
+            return
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            logger.warning("megatron-eps: kernel cache %s is unreadable (%s); calibrating afresh",
+                           self.path, exc)
+            return
+        header = self._header()
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in header.items()):
+            logger.warning(
+                "megatron-eps: kernel cache %s is for another GPU or other versions (%s); "
+                "calibrating afresh", self.path,
+                {k: data.get(k) for k in header} if isinstance(data, dict) else type(data).__name__)
+            return
+        decisions = data.get("decisions", {})
+        if isinstance(decisions, dict):
+            self.decisions = {k: v for k, v in decisions.items()
+                              if isinstance(v, dict) and isinstance(v.get("winner"), str)}
+
+    def _save(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            merged = dict(self.decisions)
+            if os.path.isfile(self.path):  # keep what other processes wrote meanwhile
+                try:
+                    with open(self.path) as f:
+                        other = json.load(f)
+                    if isinstance(other, dict) and all(other.get(k) == v for k, v in self._header().items()):
+                        merged = {**other.get("decisions", {}), **merged}
+                except (OSError, ValueError):
+                    pass
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**self._header(), "decisions": merged}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("megatron-eps: cannot write kernel cache %s (%s); keeping decisions "
+                           "in memory", self.path, exc)
+
+    # ------------------------------------------------------------------ decisions
+    @staticmethod
+    def key(shape: Sequence[int], dtype: torch.dtype, tokens_per_expert: Sequence[int]) -> str:
+        load, skew = load_bucket(tokens_per_expert)
+        return f"{'x'.join(map(str, shape))}/{str(dtype).replace('torch.', '')}/{load}/{skew}"
+
+    def decision(self, key: str) -> Optional[str]:
+        entry = self.decisions.get(key)
+        return entry["winner"] if entry else None
+
+    def tune(self, key: str, candidates: Sequence[str],
+             run: Callable[[str], torch.Tensor]) -> Tuple[str, torch.Tensor]:
+        """Time ``run(name)`` for every candidate; keep and persist the fastest. Returns the
+        winner and its output (every candidate computes the same result)."""
+        times, outputs = {}, {}
+        for name in candidates:
+            try:
+                seconds, out = self.timer(lambda name=name: run(name), name)
+            except Exception as exc:  # noqa: BLE001 - a backend that fails is not a candidate
+                logger.warning("megatron-eps: expert kernel %s failed while calibrating (%s)",
+                               name, exc)
+                continue
+            self.timed_calls += 1
+            times[name], outputs[name] = seconds, out
+        if not times:
+            raise RuntimeError(f"no expert kernel of {list(candidates)} ran for {key}")
+        winner = min(times, key=times.get)
+        self.decisions[key] = {"winner": winner,
+                               "times_us": {n: round(t * 1e6, 2) for n, t in times.items()}}
+        self._save()
+        return winner, outputs[winner]
+
+
+_TUNERS: Dict[Tuple[str, str], KernelAutotuner] = {}
+
+
+def autotuner_for(device: torch.device, path: Optional[str], timer: Optional[Timer] = None):
+    """The process's autotuner for ``device`` and cache ``path`` (None: the default path)."""
+    from megatron_eps.experts.selector import device_name
+
+    name = device_name(device)
+    path = path or default_cache_path(name)
+    key = (name, os.path.abspath(path))
+    if key not in _TUNERS:
+        _TUNERS[key] = KernelAutotuner(path, name, timer or (cuda_timer if device.type == "cuda" else wall_timer))
+    elif timer is not None:
+        _TUNERS[key].timer = timer
+    return _TUNERS[key]
