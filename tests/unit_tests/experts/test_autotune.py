@@ -148,3 +148,35 @@ def _rank_with_own_cache(folder, profile):
                 "rel_err": ((out - ref).norm() / ref.norm()).item()}
     finally:
         Utils.destroy_model_parallel()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibration_on_the_gpu_times_real_backends(tmp_path):
+    results = run_distributed(_calibrating_gpu_rank, 1, str(tmp_path / "cache.json"))
+    decisions, rel = results[0]
+    assert decisions and all(d["winner"] in d["times_us"] for d in decisions.values())
+    assert all(len(d["times_us"]) >= 2 for d in decisions.values())
+    assert rel <= 1e-2
+
+
+def _calibrating_gpu_rank(cache):
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    try:
+        config = moe_config(num_experts=8, topk=2, hidden_size=256, ffn_hidden_size=128,
+                            dtype=torch.bfloat16)
+        stock, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
+                                                      pipeline_degree=2, min_tokens_to_pipeline=0))
+        x = torch.randn(512, 1, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eps(x)
+            out, _ = eps(x)
+            ref, _ = stock(x)
+        rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        return json.load(open(cache))["decisions"], rel
+    finally:
+        Utils.destroy_model_parallel()
