@@ -162,6 +162,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
         # all of them before the first combine.
         self.dispatch_ahead: Optional[int] = None
+        # Issue the shared experts before the dispatches (schedule.build_plan; host order only).
+        self.shared_first = False
         self.last_record: Optional[PipelineRecord] = None
 
     # ------------------------------------------------------------------ transport
@@ -310,6 +312,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             num_chunks,
             with_shared_experts=shared_experts is not None,
             dispatch_ahead=self.dispatch_ahead,
+            shared_first=self.shared_first,
         )
         stages = {DISPATCH: dispatch, EXPERTS: run_experts, COMBINE: combine, SHARED: shared}
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a

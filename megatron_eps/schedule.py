@@ -50,7 +50,8 @@ class Step:
 
 
 def build_plan(
-    num_chunks: int, with_shared_experts: bool = False, dispatch_ahead: Optional[int] = None
+    num_chunks: int, with_shared_experts: bool = False, dispatch_ahead: Optional[int] = None,
+    shared_first: bool = False,
 ) -> List[Step]:
     """The ordered steps of one pipelined MoE forward (see the module docstring).
 
@@ -60,12 +61,21 @@ def build_plan(
     waits for its GEMMs (e.g. behind the shared experts) also holds back the next dispatch;
     dispatches depend on nothing, so issuing them all first leaves the link idle only when it
     waits for the last GEMMs (measured and modeled in docs/pipeline.md).
+
+    ``shared_first``: issue the shared experts before any dispatch. The streams see the same
+    events either way; only the host's issue order changes. When the host is slower than the
+    GPU, the compute stream then starts on the shared experts at once, and the dispatches are
+    issued while it works (the first dispatches of a copy-engine trace on two H200s started
+    before the shared experts were issued and went unhidden; docs/transports.md).
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     if dispatch_ahead is not None and dispatch_ahead < 1:
         raise ValueError(f"dispatch_ahead must be >= 1 or None, got {dispatch_ahead}")
-    plan = [Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]")]
+    plan = []
+    if with_shared_experts and shared_first:
+        plan.append(Step(SHARED, 0, COMPUTE, None, None))
+    plan.append(Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]"))
     issued = 1
     if dispatch_ahead is None:
         # Host issue order matters when the host is the bottleneck: queue every dispatch
@@ -73,7 +83,7 @@ def build_plan(
         while issued < num_chunks:
             plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
             issued += 1
-    if with_shared_experts:
+    if with_shared_experts and not shared_first:
         plan.append(Step(SHARED, 0, COMPUTE, None, None))
     for i in range(num_chunks):
         last = num_chunks - 1 if dispatch_ahead is None else min(num_chunks - 1, i + dispatch_ahead)

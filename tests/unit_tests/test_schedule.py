@@ -154,3 +154,43 @@ def test_run_plan_without_streams_follows_plan_order():
 def test_build_plan_rejects_zero():
     with pytest.raises(ValueError):
         build_plan(0)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("ahead", [None, 1])
+def test_shared_first_changes_only_the_host_order(chunks, ahead):
+    default = build_plan(chunks, with_shared_experts=True, dispatch_ahead=ahead)
+    first = build_plan(chunks, with_shared_experts=True, dispatch_ahead=ahead, shared_first=True)
+    assert first[0].stage == SHARED and default[0].stage == DISPATCH
+    assert sorted(map(str, first)) == sorted(map(str, default))  # same steps, same events
+    # per stream, the order is the same: only the interleaving between the streams moves
+    for stream in (COMM, COMPUTE):
+        assert [str(s) for s in first if s.stream == stream] == [
+            str(s) for s in default if s.stream == stream]
+    assert build_plan(chunks, shared_first=True) == build_plan(chunks)  # no shared experts
+
+
+def _shared_first_layer(world):
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        config = moe_config(num_experts=4 * world, topk=2, shared_expert_size=24, ep_size=world)
+        stock, eps = build_moe_pair(config, EPSConfig(pipeline_degree=3, min_tokens_to_pipeline=0))
+        eps.token_dispatcher.shared_first = True
+        x = torch.randn(21, 2, 32, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            ref, _ = stock(x)
+            out, _ = eps(x)
+        return (ref - out).abs().max().item(), eps.token_dispatcher.last_record.num_chunks
+    finally:
+        Utils.destroy_model_parallel()
+
+
+def test_shared_first_gives_the_stock_output():
+    from megatron_eps.testing import run_distributed
+
+    for err, chunks in run_distributed(_shared_first_layer, 2, 2):
+        assert err <= 1e-5 and chunks == 3
