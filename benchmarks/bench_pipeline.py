@@ -252,6 +252,9 @@ def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fra
     data = {"pipeline": profile.to_dict(), "provenance": provenance}
     if fraction is None:
         data["pipeline"].pop("emulated_remote_fraction")
+        if os.path.isfile(path):  # the GPU's one profile file: keep its experts and links
+            with open(path) as f:
+                data = dict(json.load(f), **data)
     else:
         # A benchmark profile is passed as eps_config.cost_profile, which the expert-kernel
         # selector reads too: carry its format (the shipped kernel tables, if any) as well.
@@ -610,7 +613,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON results")
     ap.add_argument("--trace", default=None, help="Chrome trace of one layer (a PNG timeline beside it)")
     ap.add_argument("--trace-point", default="dsv2,4096,160", help="model,tokens,GB/s of the trace")
-    ap.add_argument("--write-profile", default=None, help="write the device's <slug>.pipeline.json here")
+    ap.add_argument("--write-profile", default=None,
+                    help="write the pipeline section of the device's <slug>.json here (merged into "
+                    "an existing file)")
     ap.add_argument("--profile-bandwidth", type=float, default=450.0,
                     help="link bandwidth recorded in the written profile (an assumption, see docs)")
     ap.add_argument("--commit", default=os.environ.get("EPS_GIT_COMMIT", "unknown"))
@@ -726,7 +731,7 @@ def main(argv=None):
             profiles[(model, bw)] = path
     if args.write_profile:
         if os.path.isdir(args.write_profile):
-            args.write_profile = os.path.join(args.write_profile, f"{gpu_slug(device_name)}.pipeline.json")
+            args.write_profile = os.path.join(args.write_profile, f"{gpu_slug(device_name)}.json")
         write_profile(
             args.write_profile, bandwidth=args.profile_bandwidth, latency=args.latency_us, k_us=k_us, b_us=0.0,
             tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us, sm_count=result["sm_count"] or None,

@@ -1,7 +1,7 @@
 """Calibrate the all-to-all link of an expert-parallel group: latency and bandwidth.
 
     torchrun --nproc-per-node 8 benchmarks/calibrate_link.py --out link.json \
-        [--merge-into megatron_eps/profiles/<gpu>.pipeline.json]
+        [--merge-into megatron_eps/profiles/<gpu>.json]
 
 Times ``all_to_all_single`` (NCCL on GPUs, gloo on CPU) for message sizes from 64 KiB to
 256 MiB per rank, with warm-up and CUDA-event medians, then fits

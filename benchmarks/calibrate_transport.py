@@ -1,7 +1,7 @@
 """Calibrate each transport's link on a real multi-GPU node, next to real GEMMs.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/calibrate_transport.py \\
-        --out links.json [--base-profile P --write-profile OUT.pipeline.json]
+        --out links.json [--base-profile P --write-profile OUT.json]
 
 Per transport (copy_engine: the transport's own batched copy-engine copies into the peer's
 symmetric buffer, one piece per local expert, then its flag; nccl: all_to_all_single):

@@ -5,7 +5,7 @@
 #   bench_pipeline.json       all points, calibration, targets (benchmarks/bench_pipeline.py)
 #   bench.log                 its console output (table at the end)
 #   trace_dsv2.json / .png    Chrome trace and two-stream timeline of one layer
-#   <gpu slug>.pipeline.json  the calibrated pipeline profile for megatron_eps/profiles/
+#   <gpu slug>.json           the calibrated pipeline section for megatron_eps/profiles/
 # EPS_GIT_COMMIT: the commit of the tree (the device copy is not a git repository).
 set -uo pipefail
 OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"

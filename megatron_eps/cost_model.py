@@ -708,14 +708,13 @@ def gpu_slug(name: str) -> str:
 
 
 def shipped_profile_path(device) -> Optional[str]:
-    """megatron_eps/profiles/<gpu name slug>.pipeline.json for a CUDA device, if it exists.
-
-    (``<slug>.json`` beside it holds the expert-kernel cost tables.)
+    """megatron_eps/profiles/<gpu name slug>.json for a CUDA device, if it exists: the one
+    profile file per GPU, with ``experts`` (kernel tables), ``pipeline`` and ``links`` sections.
     """
     import torch
 
     if device is None or torch.device(device).type != "cuda":
         return None
     slug = gpu_slug(torch.cuda.get_device_name(device))
-    path = os.path.join(os.path.dirname(__file__), "profiles", f"{slug}.pipeline.json")
+    path = os.path.join(os.path.dirname(__file__), "profiles", f"{slug}.json")
     return path if os.path.isfile(path) else None

@@ -62,8 +62,8 @@ def device_name(device: Union[str, torch.device]) -> str:
 
 
 def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profiles' file name
-    (``<slug>.json`` kernel tables beside ``<slug>.pipeline.json``)."""
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profile's file name
+    (``<slug>.json``, with ``experts``, ``pipeline`` and ``links`` sections)."""
     from megatron_eps.cost_model import gpu_slug
 
     return gpu_slug(name)
@@ -231,7 +231,8 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
             _PROFILE_CACHE[key] = CostProfile.from_file(path)
         else:
             shipped = shipped_profile_path(device)
-            _PROFILE_CACHE[key] = CostProfile.from_file(shipped) if os.path.isfile(shipped) else None
+            _PROFILE_CACHE[key] = (CostProfile.from_file(shipped) if os.path.isfile(shipped)
+                                   and has_kernel_tables(shipped) else None)
     return _PROFILE_CACHE[key]
 
 

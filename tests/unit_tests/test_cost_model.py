@@ -371,12 +371,14 @@ def test_profile_json_round_trip(tmp_path):
     path.write_text(json.dumps({"pipeline": p.to_dict(), "provenance": {"x": 1}}))
     loaded = load_pipeline_profile(str(path), "cpu")
     assert loaded.to_dict() == p.to_dict()
-    # Kernel tables only (the shipped H100 ones): no pipeline constants in it.
+    # Kernel tables only (the shipped H100 ones, alone): no pipeline constants in it.
     import megatron_eps
 
-    kernel_only = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles",
-                               "nvidia_h100_80gb_hbm3.json")
-    assert load_pipeline_profile(kernel_only, "cpu") is None
+    shipped = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles",
+                           "nvidia_h100_80gb_hbm3.json")
+    kernel_only = tmp_path / "kernel_only.json"
+    kernel_only.write_text(json.dumps(json.load(open(shipped))["experts"]))
+    assert load_pipeline_profile(str(kernel_only), "cpu") is None
     # Something that is no profile at all is an error naming the setting.
     not_a_profile = tmp_path / "kernels.json"
     not_a_profile.write_text(json.dumps({"grouped": {"tflops": 600}}))
@@ -396,12 +398,17 @@ def test_shipped_profiles_parse():
     import megatron_eps
 
     root = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles")
-    for path in glob.glob(os.path.join(root, "*.pipeline.json")):
+    paths = glob.glob(os.path.join(root, "*.json"))
+    assert {os.path.basename(p) for p in paths} >= {"nvidia_h100_80gb_hbm3.json", "nvidia_h200.json"}
+    for path in paths:  # one profile per GPU: experts and/or pipeline (+ links) sections
         p = PipelineProfile.from_json(path)
         assert p.chunk_overhead_us >= 0 and p.expert_tflops > 0 and p.link_bandwidth_gbps > 0
         assert p.emulated_remote_fraction is None  # a shipped profile describes a real link
         with open(path) as f:
-            assert "provenance" in json.load(f)
+            data = json.load(f)
+        assert "provenance" in data and "pipeline" in data
+        for transport in data.get("links", {}):
+            assert load_pipeline_profile(path, "cpu", transport).link_bandwidth_gbps > 0
 
 
 # ----------------------------------------------------------------------------- ranks agree
