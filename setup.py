@@ -32,7 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-eps-calibrate=megatron_eps.experts.calibrate:main",
-            "megatron-eps-prefill=megatron_eps.prefill:main",
+            "megatron-eps-prefill=megatron_eps.inference.prefill:main",
         ]
     },
 )

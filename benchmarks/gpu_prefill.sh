@@ -48,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python - <<EOF
 import torch, megatron_eps
 from megatron_eps import compat
-from megatron_eps.model_config import load_model_config
+from megatron_eps.inference.model_config import load_model_config
 print(f"torch {torch.__version__} (cuda {torch.version.cuda}), megatron-core {compat.MCORE_VERSION}, "
       f"megatron-eps {megatron_eps.__version__}, commit $COMMIT")
 assert torch.cuda.is_available() or "$REQUIRE_CUDA" == "0", "no CUDA device"

@@ -1,4 +1,4 @@
-"""Prefill throughput, stock Megatron-Core MoE vs EPS-MoE (thin wrapper of megatron_eps.prefill).
+"""Prefill throughput, stock Megatron-Core MoE vs EPS-MoE (thin wrapper of megatron_eps.inference.prefill).
 
     torchrun --nproc-per-node 2 examples/run_prefill.py --config configs/tiny.yaml
     python examples/run_prefill.py --help
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_eps.prefill import main  # noqa: E402
+from megatron_eps.inference.prefill import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

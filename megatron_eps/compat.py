@@ -99,7 +99,7 @@ def local_moe_spec(num_experts: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference path (added for megatron_eps.prefill, issue 5: model configs + inference).
+# Inference path (added for megatron_eps.inference.prefill, issue 5: model configs + inference).
 # 0.16: GPTInferenceWrapper(model, InferenceWrapperConfig, inference_context); the context keeps
 #       materialize_only_last_token_logits as an attribute.
 # 0.19: GPTInferenceWrapper(model, inference_context) (the wrapper config is deprecated and
@@ -157,7 +157,7 @@ def make_gpt_inference_wrapper(model, inference_context, *, hidden_size: int, pa
 
 
 # ---------------------------------------------------------------------------------------------
-# MLA without Transformer Engine (added for megatron_eps.model_config, issue 5).
+# MLA without Transformer Engine (added for megatron_eps.inference.model_config, issue 5).
 # 0.16.x: multi_latent_attention.py sets HAVE_TE = True whenever megatron.core.extensions.
 # transformer_engine imports, which it does without TE (TELinear is then a MagicMock
 # placeholder, not a class), and

@@ -238,8 +238,8 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
     """(hidden, moe ffn, local experts) from a configs/<model>.yaml (model: and parallel: keys)."""
     import yaml
 
-    from megatron_eps.model_config import ModelConfigError
-    from megatron_eps.prefill import resolve_config
+    from megatron_eps.inference.model_config import ModelConfigError
+    from megatron_eps.inference.prefill import resolve_config
 
     try:
         path = resolve_config(path)  # a file, or the name of a shipped config

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from megatron_eps.config import EPSConfig, EPSConfigError
-from megatron_eps.model_config import (
+from megatron_eps.inference.model_config import (
     ModelConfigError,
     load_model_config,
     model_config_from_dict,
@@ -207,7 +207,7 @@ def test_resolve_parallel():
 def test_layer_spec_uses_sdpa_and_moe_where_expected(name):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_eps.sdpa_attention import SDPAttention
+    from megatron_eps.inference.sdpa_attention import SDPAttention
 
     mc = load_model_config(cfg_path(name), num_layers=min(3, load_model_config(cfg_path(name)).num_layers))
     spec = mc.layer_spec(mc.transformer_config())
@@ -258,7 +258,7 @@ def build_models_and_count(names_and_attention):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_eps.prefill import seed_all
+    from megatron_eps.inference.prefill import seed_all
 
     parallel_state.initialize_model_parallel()
     out = {}

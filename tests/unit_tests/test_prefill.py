@@ -139,7 +139,7 @@ def test_mla_bf16_single_process(tmp_path):
 
 
 def test_compare_logits_detects_disagreement():
-    from megatron_eps.prefill import compare_logits, logits_agree
+    from megatron_eps.inference.prefill import compare_logits, logits_agree
 
     torch.manual_seed(0)
     ref = torch.randn(2, 1, 50) * 3
@@ -172,7 +172,7 @@ def test_compare_logits_detects_disagreement():
     ],
 )
 def test_cli_errors_name_the_flag(argv, message, capsys):
-    from megatron_eps.prefill import parse_args
+    from megatron_eps.inference.prefill import parse_args
 
     with pytest.raises(SystemExit) as exc:
         parse_args(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *argv])
@@ -181,7 +181,7 @@ def test_cli_errors_name_the_flag(argv, message, capsys):
 
 
 def test_cli_defaults_on_cpu():
-    from megatron_eps.prefill import parse_args
+    from megatron_eps.inference.prefill import parse_args
 
     args = parse_args(["--device", "cpu", "--eps-pipeline-degree", "3"])
     assert args.config.endswith("configs/tiny.yaml")
@@ -211,7 +211,7 @@ def _naive_attention(q, k, v, scale, causal_offset):
 def test_sdpa_attention_matches_naive_mla_and_gqa():
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_eps.sdpa_attention import SDPAttention
+    from megatron_eps.inference.sdpa_attention import SDPAttention
 
     torch.manual_seed(0)
     # MLA-like: 4 heads, q/k dim 24, v dim 16, softmax_scale given.
@@ -240,7 +240,7 @@ def test_sdpa_attention_matches_naive_mla_and_gqa():
 def test_sdpa_attention_refuses_unsupported_settings():
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_eps.sdpa_attention import SDPAttention
+    from megatron_eps.inference.sdpa_attention import SDPAttention
 
     cfg = SimpleNamespace(context_parallel_size=2, num_attention_heads=4, num_query_groups=4,
                           kv_channels=16, window_size=None, softmax_type="vanilla")

@@ -215,8 +215,8 @@ def _positive_float(text: str) -> float:
 def shipped_configs_dir() -> Optional[str]:
     """The model configs shipped with megatron-eps: megatron_eps/configs/ in an installed wheel,
     configs/ in a source checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # megatron_eps/
+    for candidate in (os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")):
         if os.path.isdir(candidate) and any(f.endswith(".yaml") for f in os.listdir(candidate)):
             return candidate
     return None
@@ -232,7 +232,7 @@ def shipped_config_names() -> List[str]:
 def resolve_config(name: str, flag: str = "--config") -> str:
     """A model config path from a path or the name of a shipped config (``deepseek_v2_lite``,
     ``deepseek_v2_lite.yaml`` or ``configs/deepseek_v2_lite.yaml``, from any directory)."""
-    from megatron_eps.model_config import ModelConfigError
+    from megatron_eps.inference.model_config import ModelConfigError
 
     if os.path.isfile(name):
         return name
@@ -261,7 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     use_cuda = _use_cuda(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; allowed values here: auto, cpu")
-    from megatron_eps.model_config import ModelConfigError
+    from megatron_eps.inference.model_config import ModelConfigError
 
     try:
         args.config = resolve_config(args.config or DEFAULT_CONFIG)
@@ -310,7 +310,7 @@ def validate_setup(args) -> Dict[str, object]:
     """Every check that needs no process group: raises EPSConfigError / ModelConfigError /
     PrefillError naming the setting. Returns what it built (model config, parallel sizes)."""
     from megatron_eps.config import EPSConfig
-    from megatron_eps.model_config import load_model_config
+    from megatron_eps.inference.model_config import load_model_config
     from megatron_eps.moe_layer import check_megatron_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -691,7 +691,7 @@ def run(args) -> Dict[str, object]:
     from megatron.core import parallel_state
 
     from megatron_eps.config import EPSConfig
-    from megatron_eps.model_config import load_model_config
+    from megatron_eps.inference.model_config import load_model_config
 
     from megatron_eps.sm_control import apply_comm_cta_cap
 
@@ -994,7 +994,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_eps.config import EPSConfigError
-    from megatron_eps.model_config import ModelConfigError
+    from megatron_eps.inference.model_config import ModelConfigError
 
     try:
         report = run(args)

@@ -20,7 +20,7 @@ Typical use::
     model = mc.build_gpt_model(config, spec)
 
 Attention: ``core_attention: sdpa`` (default) swaps Megatron's local DotProductAttention for
-``megatron_eps.sdpa_attention.SDPAttention`` (torch SDPA). It is required for MLA without
+``megatron_eps.inference.sdpa_attention.SDPAttention`` (torch SDPA). It is required for MLA without
 Transformer Engine (DotProductAttention rejects MLA's k_channels/v_channels arguments) and for
 long prompts (DotProductAttention materialises the s x s score matrix). ``local`` keeps
 Megatron's DotProductAttention (GQA/MHA only).
@@ -343,7 +343,7 @@ class ModelConfig:
             config, use_transformer_engine=False, normalization=config.normalization, pp_rank=0
         )
         if self.core_attention == "sdpa":
-            from megatron_eps.sdpa_attention import SDPAttention
+            from megatron_eps.inference.sdpa_attention import SDPAttention
 
             spec = replace_core_attention(spec, SDPAttention)
         if config.sequence_parallel:
