@@ -31,7 +31,6 @@ for tests of the arithmetic.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -31,7 +31,6 @@ Choice (``choose_backend``)
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import weakref
