@@ -183,12 +183,11 @@ def main(argv=None):
                                        overlap_efficiency=link0["overlap_efficiency"])
             if args.min_gain is not None:
                 profile["pipeline"]["min_gain"] = args.min_gain
-            profile["provenance"] = {
-                "device": result["device"], "torch": result["torch"], "nccl": result["nccl"],
-                "git_commit": result["git_commit"], "command": result["command"],
-                "links": "measured here, per transport (calibrate_transport.py)",
-                "compute_and_host": f"from {args.base_profile} (not re-measured on this GPU)",
-            }
+            profile["provenance"] = dict(
+                {k: result[k] for k in ("device", "torch", "nccl", "git_commit", "command")},
+                links="measured here, per transport (calibrate_transport.py)",
+                compute_and_host=f"from {args.base_profile} (not re-measured on this GPU)",
+            )
             with open(args.write_profile, "w") as f:
                 json.dump(profile, f, indent=2)
     dist.barrier()
