@@ -190,7 +190,7 @@ def measure_expert_tflops(eps, model, tokens):
     rows = sum(tpe)
     x = torch.randn(rows, m["hidden"], device=DEVICE, dtype=torch.bfloat16)
     probs = torch.rand(rows, device=DEVICE, dtype=torch.float32)
-    local = eps.__dict__["_eps_local_experts"]
+    local = eps.expert_runner.local_experts
     name = eps.eps_config.expert_kernel
     backend = get_backend(name)
     ms, _ = time_ms(lambda: backend.forward(local, x, tpe, probs, 0))

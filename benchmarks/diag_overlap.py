@@ -126,7 +126,7 @@ def main():
     def _():
         from megatron_eps.experts.base import get_backend
 
-        local = eps.__dict__["_eps_local_experts"]
+        local = eps.expert_runner.local_experts
         rows = 1024 * 6
         x = torch.randn(rows, H, device=dev, dtype=torch.bfloat16)
         p = torch.rand(rows, device=dev)

@@ -16,7 +16,7 @@ from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
-from megatron_eps.permute_kernels import scatter_routed_rows, sum_expert_rows
+from megatron_eps.permute_kernels import sum_expert_rows
 from megatron_eps.sm_control import gemm_sm_carveout
 from megatron_eps.schedule import (
     COMBINE,
@@ -87,29 +87,6 @@ def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
     if width % token_bytes or prob_bytes % token_bytes or hidden_bytes % prob_bytes:
         return 0
     return width // token_bytes
-
-
-def pack_rows_with_probs(
-    tokens: torch.Tensor, sorted_indices: torch.Tensor, permuted_probs: torch.Tensor, columns: int
-) -> torch.Tensor:
-    """[num_rows, H + columns]: each permuted token row with its routing weight appended, so one
-    all-to-all per chunk dispatches both (Megatron sends the weights in a second one)."""
-    packed = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + columns))
-    scatter_routed_rows(tokens, sorted_indices, permuted_probs, packed, columns)
-    return packed
-
-
-def unpermute_sum_per_token(
-    combined: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int
-) -> torch.Tensor:
-    """Sum each token's top-k expert rows, in fp32 (fp64 for fp64 layers) and in a fixed order.
-
-    Used when every token has exactly k rows (``combined`` [T*k, H], ``sorted_indices`` [T*k]
-    the token of each row). Megatron's unpermute scatter-adds the rows with atomics in the
-    activation dtype, so in bf16 its result depends on the arrival order of the k additions;
-    reducing each token's k rows in fp32 gives one rounding and the same bits on every run.
-    """
-    return sum_expert_rows(combined, sorted_indices, num_tokens)
 
 
 @dataclass
@@ -267,10 +244,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
             global_counts=counts,
             experts_per_chunk=sizes,
+            transport=transport.name if transport.moves_rows else "local",
         )
 
         experts.prepare(layout)
-        self.last_record.transport = transport.name if transport.moves_rows else "local"
         # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
         # the copy engines, land in their final rows).
         num_rows = layout.send_offsets[-1]
@@ -291,14 +268,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             return transport.dispatch(chunk)
 
         def run_experts(chunk):
-            x = transport.received(chunk)
-            if isinstance(x, tuple):
-                x, p = x
-            elif packed_columns:
+            x, p = transport.received(chunk)
+            if packed_columns:
                 p = row_probs(x, hidden_size, probs.dtype).contiguous()
                 x = x[:, :hidden_size]
-            else:
-                p = None
             first_expert = layout.expert_ranges[chunk][0]
             transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
 

@@ -166,10 +166,10 @@ class EPSMoELayer(MoELayer):
         )
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
-        # Plain attributes (not submodules): they only view self.experts.
-        local_experts = LocalExperts(self.experts, self.config)
-        self.__dict__["_eps_local_experts"] = local_experts
-        self.__dict__["_eps_expert_runner"] = ExpertRunner(local_experts, eps_config)
+        # A plain attribute (not a submodule): it only views self.experts.
+        self.__dict__["_eps_expert_runner"] = ExpertRunner(
+            LocalExperts(self.experts, self.config), eps_config
+        )
         self._warned_fallback = False
 
     # ------------------------------------------------------------------ forward

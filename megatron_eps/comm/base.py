@@ -12,11 +12,12 @@ weight) and ``H`` = hidden size:
 3. For each chunk g, in the plan's order:
    * ``dispatch(g)`` on the comm stream; returns the ``Completion`` the experts wait on (None:
      the plan records an event on the comm stream).
-   * ``received(g)`` on the compute stream after that wait: [rows of g, W], expert-major
+   * ``received(g)`` on the compute stream after that wait: ([rows of g, W], None) expert-major
      (experts of the chunk in order, each expert's rows by source rank, then token), which is
      the order Megatron's stock dispatcher hands its experts.
    * ``hand_back(g, outputs)`` on the compute stream: the experts' [rows of g, H] outputs in
-     the order of ``received(g)``.
+     the order of ``received(g)``. (A transport that sends the weights apart returns
+     ([rows, H], [rows]) from ``received``.)
    * ``combine(g)`` on the comm stream; returns the ``Completion`` the final wait uses.
 4. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
    rank routed, H] in send order, each row the output of the expert it was sent to.
@@ -24,7 +25,7 @@ weight) and ``H`` = hidden size:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class ExpertTransport:
     def dispatch(self, chunk: int) -> Optional[Completion]:
         raise NotImplementedError
 
-    def received(self, chunk: int) -> torch.Tensor:
+    def received(self, chunk: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
     def hand_back(self, chunk: int, outputs: torch.Tensor) -> None:

@@ -165,7 +165,7 @@ class CopyEngineTransport(ExpertTransport):
 
     def received(self, chunk):
         offsets = self.plan.recv_chunk_offsets
-        return self._recv[offsets[chunk] : offsets[chunk + 1]]
+        return self._recv[offsets[chunk] : offsets[chunk + 1]], None
 
     def hand_back(self, chunk, outputs):
         self._outputs[chunk] = outputs.contiguous()

@@ -48,31 +48,6 @@ class RowCopies:
         keep = num_rows > 0
         return cls(src_rows[keep], dst_rows[keep], num_rows[keep])
 
-    @classmethod
-    def merged(cls, src_rows, dst_rows, num_rows) -> "RowCopies":
-        """Drop empty copies and fuse copies that continue each other in both buffers."""
-        src_rows, dst_rows, num_rows = (np.asarray(a, dtype=np.int64) for a in (src_rows, dst_rows, num_rows))
-        keep = num_rows > 0
-        src_rows, dst_rows, num_rows = src_rows[keep], dst_rows[keep], num_rows[keep]
-        if len(num_rows) > 1:
-            continues = (src_rows[1:] == src_rows[:-1] + num_rows[:-1]) & (
-                dst_rows[1:] == dst_rows[:-1] + num_rows[:-1]
-            )
-            starts = np.flatnonzero(np.concatenate(([True], ~continues)))
-            sums = np.add.reduceat(num_rows, starts)
-            src_rows, dst_rows, num_rows = src_rows[starts], dst_rows[starts], sums
-        return cls(src_rows, dst_rows, num_rows)
-
-
-def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])``."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - np.cumsum(lengths) + lengths, lengths)
-    return offsets + np.arange(total, dtype=np.int64)
-
 
 @dataclass
 class CopyEngineLayout:
@@ -97,24 +72,6 @@ class CopyEngineLayout:
     piece_buffer_row: np.ndarray
     dispatch: List[Dict[int, RowCopies]]  # [chunk][peer] staging row -> peer receive-area row
     combine: List[Dict[int, RowCopies]]  # [chunk][rank] chunk output row -> that rank's return row
-
-    @property
-    def local_send_rows(self) -> np.ndarray:
-        """Send-order rows bound for this rank's own experts."""
-        m = self.piece_is_local
-        return _expand_ranges(self.piece_send_start[m], self.piece_sizes[m])
-
-    @property
-    def local_recv_rows(self) -> np.ndarray:
-        """Their receive-area rows."""
-        m = self.piece_is_local
-        return _expand_ranges(self.piece_buffer_row[m], self.piece_sizes[m])
-
-    @property
-    def remote_send_rows(self) -> np.ndarray:
-        """Send-order rows bound for peers, in staging order."""
-        m = ~self.piece_is_local
-        return _expand_ranges(self.piece_send_start[m], self.piece_sizes[m])
 
     def buffer_row_offsets(self) -> np.ndarray:
         """[pieces]: dispatch-buffer row minus send-order row, the same for every row of a piece."""

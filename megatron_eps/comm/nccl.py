@@ -68,7 +68,7 @@ class NCCLTransport(ExpertTransport):
         return None
 
     def received(self, chunk):
-        """[rows, W] (or, without packed prob columns, a ([rows, H], [rows]) pair)."""
+        """([rows, W], None), or without packed prob columns ([rows, H], [rows])."""
         x, p = self._received[chunk]
         self._received[chunk] = None
         if x.is_cuda and self.moves_rows:
@@ -81,7 +81,7 @@ class NCCLTransport(ExpertTransport):
         if regroup is not None:
             x = regroup_rows(x, *regroup)
             p = regroup_rows(p, *regroup) if p is not None else None
-        return x if p is None else (x, p)
+        return x, p
 
     def hand_back(self, chunk, outputs):
         regroup = self.layout.expert_major_to_rank_major(chunk)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
-from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
+from megatron_eps.comm.copy_engine_layout import CopyEngineLayout
 from megatron_eps.dispatcher import permute_chunk_major, probs_columns
 from megatron_eps.schedule import ChunkLayout, chunk_sizes
 
@@ -88,7 +88,8 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
             completions = [transports[r].dispatch(chunk) for r in range(ep)]
             for r in range(ep):
                 completions[r].wait(None)
-                received = transports[r].received(chunk)
+                received, no_probs = transports[r].received(chunk)
+                assert no_probs is None  # the weights ride in the rows
                 a, b = layouts[r].expert_ranges[chunk]
                 want_rows, want_probs = [], []
                 for l in range(a, b):  # expert-major, then source rank, then token
@@ -119,20 +120,13 @@ def test_rank_own_rows_are_never_copied():
     for rank in range(2):
         plan = CopyEngineLayout.build(counts, rank, [(0, 2), (2, 4)])
         assert all(rank not in chunk for chunk in plan.dispatch)  # no dispatch copy to itself
-        assert len(plan.local_send_rows) == counts[rank, rank * 4:(rank + 1) * 4].sum()
+        local_rows = plan.piece_sizes[plan.piece_is_local].sum()
+        assert local_rows == counts[rank, rank * 4:(rank + 1) * 4].sum()
         assert plan.recv_capacity == max(counts[:, r * 4:(r + 1) * 4].sum() for r in range(2))
         assert plan.return_capacity == counts.sum(axis=1).max()
         # every remote row is staged exactly once
         staged = sum(c.total_rows for chunk in plan.dispatch for c in chunk.values())
-        assert staged == len(plan.remote_send_rows) == counts[rank].sum() - len(plan.local_send_rows)
-
-
-def test_row_copies_merge_adjacent_and_drop_empty():
-    copies = RowCopies.merged([0, 3, 5, 9, 12], [10, 13, 15, 40, 50], [3, 2, 0, 3, 1])
-    assert copies.src_rows.tolist() == [0, 9, 12]
-    assert copies.dst_rows.tolist() == [10, 40, 50]
-    assert copies.num_rows.tolist() == [5, 3, 1]
-    assert len(RowCopies.merged([], [], [])) == 0
+        assert staged == plan.piece_sizes[~plan.piece_is_local].sum() == counts[rank].sum() - local_rows
 
 
 def test_missing_signal_is_detected():

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from megatron_eps.dispatcher import pack_rows_with_probs, probs_columns, row_probs
+from megatron_eps.comm.base import row_probs
+from megatron_eps.dispatcher import probs_columns
+from megatron_eps.permute_kernels import scatter_routed_rows
 
 
 @pytest.mark.parametrize(
@@ -27,7 +29,8 @@ def test_pack_and_read_back(token_dtype, prob_dtype, hidden, columns):
     gen = torch.Generator().manual_seed(0)
     sorted_indices = torch.randint(0, 9, (13,), generator=gen)
     permuted_probs = torch.rand(13, dtype=prob_dtype, generator=gen)
-    packed = pack_rows_with_probs(tokens, sorted_indices, permuted_probs, columns)
+    packed = tokens.new_empty((13, hidden + columns))
+    scatter_routed_rows(tokens, sorted_indices, permuted_probs, packed, columns)
     assert packed.shape == (13, hidden + columns)
     assert torch.equal(packed[:, :hidden], tokens[sorted_indices])
     assert torch.equal(row_probs(packed, hidden, prob_dtype), permuted_probs)  # bit-exact
