@@ -1,7 +1,7 @@
 """A stand-in for a multi-GPU link on one GPU, for unit tests of the plan only.
 
 It uses neither SMs nor link bandwidth the way a real link does, so on two H200s its predicted
-gains (1.3x) did not hold (1.0x over NCCL): performance claims about overlap come from a real
+gains did not hold (docs/transports.md): performance claims about overlap come from a real
 multi-GPU link (benchmarks/bench_layer_multigpu.py), never from this emulator. It wraps as
 ``NCCLTransport(EmulatedLinkAllToAll(...))`` (``dispatcher.use_transport``).
 

@@ -2,7 +2,8 @@
 
 * ``memcpy_batch``: many device-to-device copies in one ``cudaMemcpyBatchAsync`` call, hinted
   to overlap with compute (so the driver keeps them on the copy engines). Issuing one
-  ``cudaMemcpyAsync`` per (peer, expert) from Python is host-bound (measured: 160 copies 2.7 ms).
+  ``cudaMemcpyAsync`` per (peer, expert) from Python costs host time per call, and there are
+  ``experts x peers`` copies per direction and forward.
   Falls back to one ``cudaMemcpyAsync`` per copy where the batched call is missing.
 * ``stream_write_u32`` / ``stream_wait_geq_u32``: stream memory operations (no kernel, no SM).
 """

@@ -326,6 +326,11 @@ def validate_setup(args) -> Dict[str, object]:
         eps_run = eps.replace(enabled=True)
         check_megatron_config(config, eps_run, ep)
         _check_expert_kernel(eps_run, mc, device, dtype)
+        from megatron_eps.comm.selection import check_transport_setting
+
+        # The facts this process has (device, libraries); the node and peer checks follow at
+        # layer construction, still before any collective of the layer.
+        check_transport_setting(eps_run.transport, None, ep)
         from megatron_eps.config import warn_if_profile_for_other_device
         from megatron_eps.experts.selector import device_name
 

@@ -103,10 +103,13 @@ def _bad_setting_cases(tmp_path):
         "seven_experts": (["--config", _tiny_with(tmp_path, "num_moe_experts: 8", "num_moe_experts: 7", "seven.yaml")],
                           "does not divide num_moe_experts=7"),
         "argparse": (["--prompt-lengths", "2k"], "expected comma-separated integers"),
+        "copy_engine_on_cpu": (["--eps-transport", "copy_engine"],
+                               "transport='copy_engine' cannot work here"),
     }
 
 
-CASES = ["allgather", "capacity", "triton_on_cpu", "corrupt_profile", "seven_experts", "argparse"]
+CASES = ["allgather", "capacity", "triton_on_cpu", "corrupt_profile", "seven_experts", "argparse",
+         "copy_engine_on_cpu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU cases (triton on CPU, gloo ranks)")
