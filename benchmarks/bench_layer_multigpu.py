@@ -85,9 +85,6 @@ def main(argv=None):
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--trace-points", default="dsv2:8192,dsv2:16384,dsv2:32768")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU/gloo logic check)")
-    ap.add_argument("--shared-first", action="store_true",
-                    help="also time EPS auto with the shared experts issued before the dispatches "
-                    "(schedule.build_plan shared_first) as '<transport>:auto-sf'")
     args = ap.parse_args(argv)
 
     from megatron_eps import EPSConfig
@@ -134,8 +131,6 @@ def main(argv=None):
             for t, layer in eps_layers.items():
                 for degree in degrees + ["auto"]:
                     variants[f"{t}:{degree}"] = (layer, degree)
-                if args.shared_first:
-                    variants[f"{t}:auto-sf"] = (layer, "auto-sf")
             samples = {k: [] for k in variants}
             errors, auto_n, used = {}, {}, {}
 
@@ -143,8 +138,6 @@ def main(argv=None):
                 v = variants[key]
                 if isinstance(v, tuple):
                     layer, degree = v
-                    layer.token_dispatcher.shared_first = degree == "auto-sf"
-                    degree = "auto" if degree == "auto-sf" else degree
                     layer.eps_config = layer.eps_config.replace(pipeline_degree=degree)
                     fn = layer
                 else:
@@ -200,7 +193,6 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
     out = {}
     os.makedirs(trace_dir, exist_ok=True)
     for t, layer in eps_layers.items():
-        layer.token_dispatcher.shared_first = False
         layer.eps_config = layer.eps_config.replace(pipeline_degree="auto")
         layer.token_dispatcher.profiler_ranges = True
         with torch.no_grad():

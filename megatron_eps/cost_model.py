@@ -353,19 +353,22 @@ def simulate_plan(
 ) -> float:
     """Makespan of ``schedule.build_plan(N)`` on two in-order streams with the plan's events.
 
-    Each step starts when its stream is free and its awaited event has been recorded; the
-    compute stream finally waits for the last combine (as ``run_plan`` does). It walks the plan
-    itself (compiled once per N to integer steps), so a change of the schedule is made once.
+    The compute stream starts with the shared experts (``shared`` seconds; they are issued
+    before the plan, see ``schedule``); the placement of the rows is fixed work the model
+    leaves out. Each step starts when its stream is free and its awaited event has been
+    recorded; the compute stream finally waits for the last combine (as ``run_plan`` does). It
+    walks the plan itself (compiled once per N to integer steps), so a change of the schedule
+    is made once.
     """
-    steps, num_events = _compiled_plan(len(experts), shared > 0, dispatch_ahead)
-    durations = (dispatch, experts, combine)
-    free = [0.0, 0.0]  # compute, comm
+    steps, num_events = _compiled_plan(len(experts), dispatch_ahead)
+    durations = ((), dispatch, experts, combine)
+    free = [shared, 0.0]  # compute, comm
     events = [0.0] * num_events
     for on_comm, wait, record, stage, chunk in steps:
         start = free[on_comm]
         if wait >= 0 and events[wait] > start:
             start = events[wait]
-        end = start + (shared if stage < 0 else durations[stage][chunk])
+        end = start + (durations[stage][chunk] if stage else 0.0)
         free[on_comm] = end
         if record >= 0:
             events[record] = end
@@ -373,16 +376,15 @@ def simulate_plan(
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled_plan(num_chunks: int, with_shared: bool, dispatch_ahead: Optional[int]):
+def _compiled_plan(num_chunks: int, dispatch_ahead: Optional[int]):
     """build_plan's steps as (on comm stream, awaited event, recorded event, stage, chunk)
-    integers (events numbered, -1: none; stage: 0 dispatch, 1 experts, 2 combine, -1 shared)."""
-    from megatron_eps.schedule import COMBINE, COMM, DISPATCH, EXPERTS, SHARED, build_plan
+    integers (events numbered, -1: none; stage: 0 placement, 1 dispatch, 2 experts, 3 combine)."""
+    from megatron_eps.schedule import COMBINE, COMM, DISPATCH, EXPERTS, PLACE, build_plan
 
-    stage_index = {DISPATCH: 0, EXPERTS: 1, COMBINE: 2, SHARED: -1}
-    names = {"tokens_ready": 0}
+    stage_index = {PLACE: 0, DISPATCH: 1, EXPERTS: 2, COMBINE: 3}
+    names = {"routed": 0}
     steps = []
-    for step in build_plan(num_chunks, with_shared_experts=with_shared,
-                           dispatch_ahead=dispatch_ahead):
+    for step in build_plan(num_chunks, dispatch_ahead=dispatch_ahead):
         wait = names[step.wait] if step.wait is not None else -1
         record = names.setdefault(step.record, len(names)) if step.record is not None else -1
         steps.append((int(step.stream == COMM), wait, record, stage_index[step.stage], step.chunk))

@@ -22,7 +22,7 @@ from megatron_eps.schedule import (
     COMBINE,
     DISPATCH,
     EXPERTS,
-    SHARED,
+    PLACE,
     ChunkLayout,
     build_plan,
     chunk_sizes,
@@ -139,8 +139,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
         # all of them before the first combine.
         self.dispatch_ahead: Optional[int] = None
-        # Issue the shared experts before the dispatches (schedule.build_plan; host order only).
-        self.shared_first = False
         self.last_record: Optional[PipelineRecord] = None
 
     # ------------------------------------------------------------------ transport
@@ -175,12 +173,20 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     # ------------------------------------------------------------------ public entry
     def global_token_counts(self, routing_map: torch.Tensor) -> np.ndarray:
-        """counts[src_rank, expert] for the whole EP group: one all-gather, one host copy.
+        """counts[src_rank, expert] for the whole EP group (``start_token_counts``, then waits)."""
+        return self.start_token_counts(routing_map)[0]()
 
-        This is the only host synchronization of the pipelined forward (stock Megatron also
-        needs one to size its all-to-alls). On GPUs the host polls for it with a deadline
+    def start_token_counts(self, routing_map: torch.Tensor):
+        """Issue the count all-gather; returns (wait, routed).
+
+        ``wait()`` -> counts[src_rank, expert] for the whole EP group, the host's copy. It is
+        the only host synchronization of the pipelined forward (stock Megatron also needs one
+        to size its all-to-alls). On GPUs the host polls for it with a deadline
         (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
         as the previous forward's waits for peers, so a lost peer ends in a clear error.
+        ``routed``: the CUDA event after the all-gather and its copy to the host (None on CPU);
+        work issued on the compute stream after this call (the shared experts) runs while the
+        host waits and plans.
         """
         local = routing_map.sum(dim=0).to(torch.int64)
         if self.ep_size > 1:
@@ -190,13 +196,19 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
         else:
             gathered = local
-        if gathered.is_cuda:
-            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-            host.copy_(gathered, non_blocking=True)
-            wait_for_event(torch.cuda.current_stream().record_event(), wait_timeout_s(),
+        shape = (self.ep_size, self.num_experts)
+        if not gathered.is_cuda:
+            return (lambda: gathered.numpy().reshape(shape)), None
+        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host.copy_(gathered, non_blocking=True)
+        routed = torch.cuda.current_stream().record_event()
+
+        def wait() -> np.ndarray:
+            wait_for_event(routed, wait_timeout_s(),
                            "the expert-parallel token counts (all-gather over the EP group)")
-            gathered = host
-        return gathered.cpu().numpy().reshape(self.ep_size, self.num_experts)
+            return host.numpy().reshape(shape)
+
+        return wait, routed
 
     def pipelined_forward(
         self,
@@ -221,7 +233,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 function of the count matrix and of state every rank shares, so that every EP
                 rank picks the same chunks.
             shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
-                issued while the first dispatch is in flight.
+                issued before the host waits for the count matrix, so the GPU computes it while
+                the host plans the chunks (schedule's module docstring).
 
         Returns:
             [S, B, H] output (routed experts combined, plus shared experts).
@@ -229,7 +242,13 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
         with self._phase("counts"):
-            counts = self.global_token_counts(routing_map)
+            wait_for_counts, routed = self.start_token_counts(routing_map)
+        shared_output = None
+        if shared_experts is not None:
+            with self._phase("shared_experts"):
+                shared_output = shared_experts()
+        with self._phase("counts.wait"):
+            counts = wait_for_counts()
         transport = self._resolve_transport(tokens.device)
         with self._phase("choose"):
             choice = chunking.choose(counts, transport.name if transport.moves_rows else None)
@@ -247,25 +266,29 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             transport=transport.name if transport.moves_rows else "local",
         )
 
-        experts.prepare(layout)
-        # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
-        # the copy engines, land in their final rows).
-        num_rows = layout.send_offsets[-1]
+        with self._phase("experts.prepare"):
+            experts.prepare(layout)
         hidden_size = tokens.shape[-1]
-        _, permuted_probs, sorted_indices = permute_chunk_major(
-            tokens, probs, routing_map, layout.expert_order, num_rows, gather_tokens=False
-        )
         packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("transport.begin"):
             transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
                             tokens.dtype, tokens.device)
-        with self._phase("transport.place_rows"):
-            transport.place_rows(tokens, sorted_indices, permuted_probs, packed_columns)
-        shared_output: List[Optional[torch.Tensor]] = [None]
         comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
+        token_of_row: List[Optional[torch.Tensor]] = [None]
 
-        def dispatch(chunk):
-            return transport.dispatch(chunk)
+        def place_rows(_chunk):
+            # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
+            # the copy engines, land in their final rows).
+            _, permuted_probs, sorted_indices = permute_chunk_major(
+                tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
+                gather_tokens=False,
+            )
+            if compute_stream is not None:
+                # Made on the comm stream, read by the final sum on the compute stream.
+                sorted_indices.record_stream(compute_stream)
+            transport.place_rows(tokens, sorted_indices, permuted_probs, packed_columns)
+            token_of_row[0] = sorted_indices
 
         def run_experts(chunk):
             x, p = transport.received(chunk)
@@ -275,29 +298,19 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             first_expert = layout.expert_ranges[chunk][0]
             transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
 
-        def combine(chunk):
-            return transport.combine(chunk)
-
-        def shared(_chunk):
-            shared_output[0] = shared_experts()
-
-        plan = build_plan(
-            num_chunks,
-            with_shared_experts=shared_experts is not None,
-            dispatch_ahead=self.dispatch_ahead,
-            shared_first=self.shared_first,
-        )
-        stages = {DISPATCH: dispatch, EXPERTS: run_experts, COMBINE: combine, SHARED: shared}
+        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead)
+        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
+                  COMBINE: transport.combine}
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
         # engines, which need no SM: nothing to leave).
         overlapping = comm_stream is not None and num_chunks > 1 and transport.name == "nccl"
         with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
-            run_plan(plan, stages, comm_stream, self.profiler_ranges)
+            run_plan(plan, stages, comm_stream, self.profiler_ranges, routed=routed)
         combined = transport.combined_rows()
 
         with self._phase("unpermute"):
-            output = self._unpermute(combined, sorted_indices, tokens, routing_map, shared_output[0])
+            output = self._unpermute(combined, token_of_row[0], tokens, routing_map, shared_output)
         transport.end()
         return output.view(hidden_shape)
 

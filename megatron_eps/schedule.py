@@ -1,22 +1,31 @@
 """The EPS pipeline as a plan: which stage of which chunk runs on which stream, after which event.
 
-For N chunks the plan is (D = dispatch all-to-all, X = expert GEMMs, C = combine all-to-all):
+One forward, for N chunks (P = the routed rows placed in the send buffers, D = dispatch,
+X = expert GEMMs, C = combine, S = shared experts, R = router and count all-gather,
+U = the final sum of each token's expert outputs):
 
-    comm stream:     D0  D1        C0  D2        C1  D3   ...   C(N-1)
-    compute stream:  S       X0            X1            X2 ...
-                     (S = shared experts, while D0 is in flight)
+    host:            R  issue S  wait for the counts  plan  issue P D0 X0 ...
+    compute stream:  R  S ...........................  X0        X1        X2 ...  U
+    comm stream:                                   P  D0  D1  D2  C0        C1  ...
 
-(That is ``dispatch_ahead=1``; the default, ``dispatch_ahead=None``, issues D0 .. D(N-1)
-before S and C0, so a combine that waits for its GEMMs never holds back a dispatch; same
-events.)
+The shared experts depend only on the layer's input, so they are issued before the host
+blocks on the count matrix: the GPU computes them while the host plans the chunks (the host
+work before the first dispatch, about 1 ms per layer, left the GPUs idle otherwise; trace in
+docs/transports.md). The placement P therefore runs on the comm stream, beside S, so that the
+first dispatch does not wait for S. The plan below (``build_plan``) is what follows the host's
+planning:
 
-    D(i)  waits  tokens_ready (the permuted tokens exist)         records dispatched[i]
-    X(i)  waits  dispatched[i]                                    records computed[i]
-    C(i)  waits  computed[i]                                      records combined[i]
+    P     waits  routed (router output and counts, on the compute stream)  records tokens_ready
+    D(i)  waits  tokens_ready                                              records dispatched[i]
+    X(i)  waits  dispatched[i]                                             records computed[i]
+    C(i)  waits  computed[i]                                               records combined[i]
     the compute stream finally waits combined[N-1] (the comm stream runs in issue order).
 
-So while X(i) runs, the comm stream carries C(i-1) and D(i+1): the paper's overlap. On CPU
-(no streams) the same steps run one after another in the same order.
+With ``dispatch_ahead=1`` the comm stream interleaves D0 D1 C0 D2 C1 ...; the default
+(``dispatch_ahead=None``) issues D0 .. D(N-1) before C0, so a combine that waits for its GEMMs
+never holds back a dispatch; the events are the same. While X(i) runs, the comm stream carries
+C(i-1) and D(i+1): the paper's overlap. On CPU (no streams) the same steps run one after
+another in the same order.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+PLACE = "place_rows"
 DISPATCH = "dispatch"
 EXPERTS = "experts"
 COMBINE = "combine"
-SHARED = "shared_experts"
 
 COMM = "comm"
 COMPUTE = "compute"
@@ -49,42 +58,25 @@ class Step:
         return f"{self.stream:>7}: {self.stage}[{self.chunk}]{waits}"
 
 
-def build_plan(
-    num_chunks: int, with_shared_experts: bool = False, dispatch_ahead: Optional[int] = None,
-    shared_first: bool = False,
-) -> List[Step]:
-    """The ordered steps of one pipelined MoE forward (see the module docstring).
+def build_plan(num_chunks: int, dispatch_ahead: Optional[int] = None) -> List[Step]:
+    """The ordered steps of one pipelined MoE forward after the host's planning (module docstring).
 
-    ``dispatch_ahead``: how many dispatches the comm stream runs ahead of the experts. 1 is the
-    plan drawn above (D(i+1) before X(i), then C(i)); None (default) issues every dispatch
-    before the first combine. The comm stream runs in issue order, so with 1 a combine that
-    waits for its GEMMs (e.g. behind the shared experts) also holds back the next dispatch;
-    dispatches depend on nothing, so issuing them all first leaves the link idle only when it
-    waits for the last GEMMs (measured and modeled in docs/pipeline.md).
-
-    ``shared_first``: issue the shared experts before any dispatch. The streams see the same
-    events either way; only the host's issue order changes. When the host is slower than the
-    GPU, the compute stream then starts on the shared experts at once, and the dispatches are
-    issued while it works (the first dispatches of a copy-engine trace on two H200s started
-    before the shared experts were issued and went unhidden; docs/transports.md).
+    ``dispatch_ahead``: how many dispatches the comm stream runs ahead of the experts. 1
+    interleaves D(i+1) before X(i), then C(i); None (default) issues every dispatch before the
+    first combine. The comm stream runs in issue order, so with 1 a combine that waits for its
+    GEMMs also holds back the next dispatch; dispatches depend on nothing, so issuing them all
+    first leaves the link idle only when it waits for the last GEMMs (measured and modeled in
+    docs/pipeline.md).
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     if dispatch_ahead is not None and dispatch_ahead < 1:
         raise ValueError(f"dispatch_ahead must be >= 1 or None, got {dispatch_ahead}")
-    plan = []
-    if with_shared_experts and shared_first:
-        plan.append(Step(SHARED, 0, COMPUTE, None, None))
-    plan.append(Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]"))
+    plan = [
+        Step(PLACE, 0, COMM, "routed", "tokens_ready"),
+        Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]"),
+    ]
     issued = 1
-    if dispatch_ahead is None:
-        # Host issue order matters when the host is the bottleneck: queue every dispatch
-        # before spending host time on the shared experts.
-        while issued < num_chunks:
-            plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
-            issued += 1
-    if with_shared_experts and not shared_first:
-        plan.append(Step(SHARED, 0, COMPUTE, None, None))
     for i in range(num_chunks):
         last = num_chunks - 1 if dispatch_ahead is None else min(num_chunks - 1, i + dispatch_ahead)
         while issued <= last:
@@ -100,6 +92,7 @@ def run_plan(
     stages: Dict[str, Callable[[int], object]],
     comm_stream: Optional["torch.cuda.Stream"],
     profiler_ranges: bool = False,
+    routed=None,
 ) -> None:
     """Execute ``plan``. ``stages[name](chunk)`` issues that stage's work on the current stream.
 
@@ -108,13 +101,17 @@ def run_plan(
     stream after it. With ``comm_stream`` None everything runs on the current stream in plan
     order (CPU, or a GPU run with overlap switched off). Otherwise COMM steps are issued under
     ``comm_stream`` and steps are ordered only by the plan's events: no device-wide sync.
+    ``routed``: the event after the router's output on the compute stream (None: recorded
+    now, on the current stream).
     """
     if comm_stream is None:
         for step in plan:
             _issue(step, stages, profiler_ranges)
         return
     compute_stream = torch.cuda.current_stream()
-    events: Dict[str, object] = {"tokens_ready": compute_stream.record_event()}
+    events: Dict[str, object] = {
+        "routed": routed if routed is not None else compute_stream.record_event()
+    }
     streams = {COMM: comm_stream, COMPUTE: compute_stream}
     last_comm = None
     for step in plan:

@@ -137,14 +137,6 @@ class CopyEngineTransport(ExpertTransport):
         )
         self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
         self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
-        # Each routed row's dispatch-buffer row, built on the device from the few pieces.
-        pieces = torch.from_numpy(np.stack((plan.piece_sizes, plan.buffer_row_offsets())))
-        if device.type == "cuda":
-            pieces = pieces.pin_memory().to(device, non_blocking=True)
-        num_rows = layout.send_offsets[-1]
-        self._buffer_rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
-            pieces[1], pieces[0], output_size=num_rows
-        )
 
     def place_rows(self, tokens, sorted_indices, permuted_probs, prob_columns):
         if not prob_columns:
@@ -152,8 +144,17 @@ class CopyEngineTransport(ExpertTransport):
                 "copy_engine transport needs the routing weight packed into each row (hidden "
                 "size * element size a multiple of the weight's size); use transport: nccl"
             )
+        # Each routed row's dispatch-buffer row, built on the device from the few pieces.
+        plan, device = self.plan, tokens.device
+        pieces = torch.from_numpy(np.stack((plan.piece_sizes, plan.buffer_row_offsets())))
+        if device.type == "cuda":
+            pieces = pieces.pin_memory().to(device, non_blocking=True)
+        num_rows = sorted_indices.numel()
+        buffer_rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
+            pieces[1], pieces[0], output_size=num_rows
+        )
         scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._dispatch_rows,
-                            prob_columns, dst_rows=self._buffer_rows)
+                            prob_columns, dst_rows=buffer_rows)
 
     def dispatch(self, chunk):
         copies = self.plan.dispatch[chunk]
@@ -193,7 +194,7 @@ class CopyEngineTransport(ExpertTransport):
         return self._return
 
     def end(self):
-        self._recv = self._staging = self._return = self._dispatch_rows = self._buffer_rows = None
+        self._recv = self._staging = self._return = self._dispatch_rows = None
         self._outputs = []
 
 

@@ -481,15 +481,15 @@ def test_every_rank_picks_the_same_degree(world, tmp_path):
 
 # ----------------------------------------------------------------------------- dispatch ahead
 def test_plan_dispatch_ahead_orders():
-    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, build_plan
+    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
     interleaved = [(s.stage, s.chunk) for s in build_plan(3, dispatch_ahead=1)]
     assert interleaved == [
-        (DISPATCH, 0), (DISPATCH, 1), (EXPERTS, 0), (COMBINE, 0),
+        (PLACE, 0), (DISPATCH, 0), (DISPATCH, 1), (EXPERTS, 0), (COMBINE, 0),
         (DISPATCH, 2), (EXPERTS, 1), (COMBINE, 1), (EXPERTS, 2), (COMBINE, 2),
     ]
     ahead = [(s.stage, s.chunk) for s in build_plan(3)]
-    assert ahead[:3] == [(DISPATCH, 0), (DISPATCH, 1), (DISPATCH, 2)]
+    assert ahead[:4] == [(PLACE, 0), (DISPATCH, 0), (DISPATCH, 1), (DISPATCH, 2)]
     assert sorted(ahead) == sorted(interleaved)
     with pytest.raises(ValueError):
         build_plan(3, dispatch_ahead=0)

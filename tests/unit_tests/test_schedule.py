@@ -11,7 +11,8 @@ from megatron_eps.schedule import (
     COMPUTE,
     DISPATCH,
     EXPERTS,
-    SHARED,
+    PLACE,
+    Step,
     ChunkLayout,
     build_plan,
     chunk_sizes,
@@ -130,23 +131,24 @@ def test_layout_rejects_wrong_shape():
 
 @pytest.mark.parametrize("chunks", [1, 2, 5])
 def test_plan_orders_dispatch_before_experts_before_combine(chunks):
-    plan = build_plan(chunks, with_shared_experts=True)
+    plan = build_plan(chunks)
     position = {(s.stage, s.chunk): i for i, s in enumerate(plan)}
+    assert plan[0] == Step(PLACE, 0, COMM, "routed", "tokens_ready")
     for i in range(chunks):
         assert position[(DISPATCH, i)] < position[(EXPERTS, i)] < position[(COMBINE, i)]
         if i + 1 < chunks:
             # The next dispatch is issued before this chunk's experts: it overlaps them.
             assert position[(DISPATCH, i + 1)] < position[(EXPERTS, i)]
-    assert position[(DISPATCH, 0)] < position[(SHARED, 0)] < position[(EXPERTS, 0)]
     for step in plan:
-        assert step.stream == (COMM if step.stage in (DISPATCH, COMBINE) else COMPUTE)
+        assert step.stream == (COMPUTE if step.stage == EXPERTS else COMM)
     assert len(plan) == 3 * chunks + 1
 
 
 def test_run_plan_without_streams_follows_plan_order():
     plan = build_plan(3)
     seen = []
-    stages = {name: (lambda c, name=name: seen.append((name, c))) for name in (DISPATCH, EXPERTS, COMBINE)}
+    stages = {name: (lambda c, name=name: seen.append((name, c)))
+              for name in (PLACE, DISPATCH, EXPERTS, COMBINE)}
     run_plan(plan, stages, comm_stream=None)
     assert seen == [(s.stage, s.chunk) for s in plan]
 
@@ -156,21 +158,7 @@ def test_build_plan_rejects_zero():
         build_plan(0)
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
-@pytest.mark.parametrize("ahead", [None, 1])
-def test_shared_first_changes_only_the_host_order(chunks, ahead):
-    default = build_plan(chunks, with_shared_experts=True, dispatch_ahead=ahead)
-    first = build_plan(chunks, with_shared_experts=True, dispatch_ahead=ahead, shared_first=True)
-    assert first[0].stage == SHARED and default[0].stage == DISPATCH
-    assert sorted(map(str, first)) == sorted(map(str, default))  # same steps, same events
-    # per stream, the order is the same: only the interleaving between the streams moves
-    for stream in (COMM, COMPUTE):
-        assert [str(s) for s in first if s.stream == stream] == [
-            str(s) for s in default if s.stream == stream]
-    assert build_plan(chunks, shared_first=True) == build_plan(chunks)  # no shared experts
-
-
-def _shared_first_layer(world):
+def _shared_experts_layer(world):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
     from megatron_eps.testing.models import build_moe_pair, moe_config
@@ -179,7 +167,6 @@ def _shared_first_layer(world):
     try:
         config = moe_config(num_experts=4 * world, topk=2, shared_expert_size=24, ep_size=world)
         stock, eps = build_moe_pair(config, EPSConfig(pipeline_degree=3, min_tokens_to_pipeline=0))
-        eps.token_dispatcher.shared_first = True
         x = torch.randn(21, 2, 32, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             ref, _ = stock(x)
@@ -189,8 +176,8 @@ def _shared_first_layer(world):
         Utils.destroy_model_parallel()
 
 
-def test_shared_first_gives_the_stock_output():
+def test_shared_experts_issued_before_the_plan_give_the_stock_output():
     from megatron_eps.testing import run_distributed
 
-    for err, chunks in run_distributed(_shared_first_layer, 2, 2):
+    for err, chunks in run_distributed(_shared_experts_layer, 2, 2):
         assert err <= 1e-5 and chunks == 3
