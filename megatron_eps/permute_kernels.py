@@ -120,6 +120,13 @@ def scatter_routed_rows(
             out_probs.index_copy_(0, dst_rows, probs)
 
 
+def copy_rows(src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor,
+              dst_rows: torch.Tensor) -> None:
+    """``dst[dst_rows[i]] = src[src_rows[i]]`` in one pass (src, dst: [*, H] with unit column
+    stride; src_rows, dst_rows: [M] int64, distinct destination rows)."""
+    scatter_routed_rows(src, src_rows, src_rows, dst, 0, dst_rows=dst_rows)
+
+
 def sum_expert_rows(
     rows: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int,
     shared: Optional[torch.Tensor] = None,

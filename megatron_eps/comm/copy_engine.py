@@ -16,8 +16,11 @@ How (``copy_engine_layout`` has the row arithmetic):
   every peer's flag for chunk g reached the sequence number; the rows are a view of the
   receive area.
 * combine(g): the outputs of this rank's experts are copied to their source ranks' return
-  buffers (to this rank's own return buffer for its own rows); after the last chunk a flag
-  per peer tells it its rows are back.
+  buffers; after the last chunk a flag per peer tells it its rows are back. The outputs for
+  this rank's own rows are moved by one row-copy kernel on the compute stream (``hand_back``):
+  as copy-engine copies, one per expert, they were many small copies that queued on the comm
+  stream ahead of the next chunk's transfer to the peers (a trace on two H200s:
+  docs/transports.md).
 
 Buffers are sized from the all-gathered count matrix (the same numbers on every rank), grown
 geometrically and reused across forwards and layers. The count all-gather that starts every
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 
 from megatron_eps.comm.base import Completion, ExpertTransport
-from megatron_eps.permute_kernels import scatter_routed_rows
+from megatron_eps.permute_kernels import copy_rows, scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
 
 logger = logging.getLogger(__name__)
@@ -145,14 +148,7 @@ class CopyEngineTransport(ExpertTransport):
                 "size * element size a multiple of the weight's size); use transport: nccl"
             )
         # Each routed row's dispatch-buffer row, built on the device from the few pieces.
-        plan, device = self.plan, tokens.device
-        pieces = torch.from_numpy(np.stack((plan.piece_sizes, plan.buffer_row_offsets())))
-        if device.type == "cuda":
-            pieces = pieces.pin_memory().to(device, non_blocking=True)
-        num_rows = sorted_indices.numel()
-        buffer_rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
-            pieces[1], pieces[0], output_size=num_rows
-        )
+        buffer_rows, = rows_of_runs(self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row)
         scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._dispatch_rows,
                             prob_columns, dst_rows=buffer_rows)
 
@@ -170,7 +166,12 @@ class CopyEngineTransport(ExpertTransport):
         return self._recv[offsets[chunk] : offsets[chunk + 1]], None
 
     def hand_back(self, chunk, outputs):
-        self._outputs[chunk] = outputs.contiguous()
+        outputs = outputs.contiguous()
+        own = self.plan.combine[chunk][self.plan.ep_rank]
+        if len(own):
+            src, dst = rows_of_runs(own.num_rows, outputs.device, own.src_rows, own.dst_rows)
+            copy_rows(outputs, src, self._return, dst)
+        self._outputs[chunk] = outputs
 
     def combine(self, chunk):
         outputs = self._outputs[chunk]
@@ -179,9 +180,9 @@ class CopyEngineTransport(ExpertTransport):
             # from reusing it before they ran.
             outputs.record_stream(torch.cuda.current_stream())
         copies = self.plan.combine[chunk]
-        # Peers' rows first: they cross the link; this rank's own rows are a local copy.
-        ranks = self._peers + [self.plan.ep_rank]
-        self.memory.copy_rows(outputs, [(rank, RETURN_BUFFER, copies[rank]) for rank in ranks])
+        self.memory.copy_rows(
+            outputs, [(peer, RETURN_BUFFER, copies[peer]) for peer in self._peers]
+        )
         self._outputs[chunk] = None
         if chunk != self.layout.num_chunks - 1:
             return None
@@ -196,6 +197,24 @@ class CopyEngineTransport(ExpertTransport):
     def end(self):
         self._recv = self._staging = self._return = self._dispatch_rows = None
         self._outputs = []
+
+
+def rows_of_runs(sizes: np.ndarray, device: torch.device, *starts: np.ndarray):
+    """For runs of ``sizes[i]`` consecutive rows, one [sum(sizes)] int64 device tensor per
+    array in ``starts``: the rows of every run, run after run, the run i from ``starts[i]``.
+
+    Built on the device from the few runs (one small non-blocking copy, no host sync).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    first_of_run = np.cumsum(sizes) - sizes
+    host = torch.from_numpy(np.stack([sizes] + [np.asarray(s) - first_of_run for s in starts]))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    runs = host.to(device, non_blocking=True)
+    total = int(sizes.sum())
+    position = torch.arange(total, device=device)
+    return tuple(position + torch.repeat_interleave(runs[i + 1], runs[0], output_size=total)
+                 for i in range(len(starts)))
 
 
 # ------------------------------------------------------------------------ simulated (tests)

@@ -73,10 +73,6 @@ class CopyEngineLayout:
     dispatch: List[Dict[int, RowCopies]]  # [chunk][peer] staging row -> peer receive-area row
     combine: List[Dict[int, RowCopies]]  # [chunk][rank] chunk output row -> that rank's return row
 
-    def buffer_row_offsets(self) -> np.ndarray:
-        """[pieces]: dispatch-buffer row minus send-order row, the same for every row of a piece."""
-        return self.piece_buffer_row - self.piece_send_start
-
     @classmethod
     def build(
         cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]]
