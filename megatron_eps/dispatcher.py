@@ -275,20 +275,21 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                             tokens.dtype, tokens.device)
         comm_stream = self._comm_stream(tokens, transport)
         compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        token_of_row: List[Optional[torch.Tensor]] = [None]
+        permuted: List[Optional[torch.Tensor]] = [None, None]  # sorted_indices, probs
 
-        def place_rows(_chunk):
-            # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice (or, on
-            # the copy engines, land in their final rows).
-            _, permuted_probs, sorted_indices = permute_chunk_major(
-                tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
-                gather_tokens=False,
-            )
-            if compute_stream is not None:
-                # Made on the comm stream, read by the final sum on the compute stream.
-                sorted_indices.record_stream(compute_stream)
-            transport.place_rows(tokens, sorted_indices, permuted_probs, packed_columns)
-            token_of_row[0] = sorted_indices
+        def place_rows(chunk):
+            if chunk == 0:
+                # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice
+                # (or, on the copy engines, land in their final rows).
+                _, permuted_probs, sorted_indices = permute_chunk_major(
+                    tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
+                    gather_tokens=False,
+                )
+                if compute_stream is not None:
+                    # Made on the comm stream, read by the final sum on the compute stream.
+                    sorted_indices.record_stream(compute_stream)
+                permuted[:] = [sorted_indices, permuted_probs]
+            transport.place_rows(chunk, tokens, permuted[0], permuted[1], packed_columns)
 
         def run_experts(chunk):
             x, p = transport.received(chunk)
@@ -310,7 +311,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         combined = transport.combined_rows()
 
         with self._phase("unpermute"):
-            output = self._unpermute(combined, token_of_row[0], tokens, routing_map, shared_output)
+            output = self._unpermute(combined, permuted[0], tokens, routing_map, shared_output)
         transport.end()
         return output.view(hidden_shape)
 

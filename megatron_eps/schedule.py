@@ -4,19 +4,20 @@ One forward, for N chunks (P = the routed rows placed in the send buffers, D = d
 X = expert GEMMs, C = combine, S = shared experts, R = router and count all-gather,
 U = the final sum of each token's expert outputs):
 
-    host:            R  issue S  wait for the counts  plan  issue P D0 X0 ...
-    compute stream:  R  S ...........................  X0        X1        X2 ...  U
-    comm stream:                                   P  D0  D1  D2  C0        C1  ...
+    host:            R  issue S  wait for the counts  plan  issue P0 D0 P1 D1 ... X0 ...
+    compute stream:  R  S .............................  X0          X1          ...  U
+    comm stream:                                  P0 D0 P1 D1 P2 D2  C0          C1  ...
 
 The shared experts depend only on the layer's input, so they are issued before the host
 blocks on the count matrix: the GPU computes them while the host plans the chunks (the host
 work before the first dispatch, about 1 ms per layer, left the GPUs idle otherwise; trace in
-docs/transports.md). The placement P therefore runs on the comm stream, beside S, so that the
-first dispatch does not wait for S. The plan below (``build_plan``) is what follows the host's
-planning:
+docs/transports.md). The placement therefore runs on the comm stream, beside S, so that the
+first dispatch does not wait for S, and chunk by chunk (P(i) places chunk i's rows), so that
+the first dispatch waits for one chunk's rows only. The plan below (``build_plan``) is what
+follows the host's planning:
 
-    P     waits  routed (router output and counts, on the compute stream)  records tokens_ready
-    D(i)  waits  tokens_ready                                              records dispatched[i]
+    P0    waits  routed (router output and counts, on the compute stream)
+    D(i)  follows P(i) on the comm stream                                  records dispatched[i]
     X(i)  waits  dispatched[i]                                             records computed[i]
     C(i)  waits  computed[i]                                               records combined[i]
     the compute stream finally waits combined[N-1] (the comm stream runs in issue order).
@@ -73,13 +74,14 @@ def build_plan(num_chunks: int, dispatch_ahead: Optional[int] = None) -> List[St
     if dispatch_ahead is not None and dispatch_ahead < 1:
         raise ValueError(f"dispatch_ahead must be >= 1 or None, got {dispatch_ahead}")
     plan = [
-        Step(PLACE, 0, COMM, "routed", "tokens_ready"),
-        Step(DISPATCH, 0, COMM, "tokens_ready", "dispatched[0]"),
+        Step(PLACE, 0, COMM, "routed", None),
+        Step(DISPATCH, 0, COMM, None, "dispatched[0]"),
     ]
     issued = 1
     for i in range(num_chunks):
         last = num_chunks - 1 if dispatch_ahead is None else min(num_chunks - 1, i + dispatch_ahead)
         while issued <= last:
+            plan.append(Step(PLACE, issued, COMM, None, None))
             plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
             issued += 1
         plan.append(Step(EXPERTS, i, COMPUTE, f"dispatched[{i}]", f"computed[{i}]"))

@@ -5,11 +5,13 @@ but for ``ep_rank``), ``W`` = row width (hidden size plus the columns carrying t
 weight) and ``H`` = hidden size:
 
 1. ``begin(layout, counts, width, hidden, dtype, device)`` on the host: size buffers.
-2. ``place_rows(tokens, sorted_indices, permuted_probs, prob_columns)`` on the compute stream:
-   the routed rows in send order (chunk, destination rank, expert), each the token row
-   ``tokens[sorted_indices[i]]`` [H] followed by its weight ``permuted_probs[i]`` in
-   ``prob_columns`` extra columns (W = H + prob_columns).
-3. For each chunk g, in the plan's order:
+2. For each chunk g, in the plan's order:
+   * ``place_rows(g, tokens, sorted_indices, permuted_probs, prob_columns)`` on the comm
+     stream, before ``dispatch(g)``: chunk g's routed rows, send rows ``L.send_offsets[g]`` to
+     ``L.send_offsets[g + 1]`` of the send order (chunk, destination rank, expert), each the
+     token row ``tokens[sorted_indices[i]]`` [H] followed by its weight ``permuted_probs[i]``
+     in ``prob_columns`` extra columns (W = H + prob_columns). ``sorted_indices`` and
+     ``permuted_probs`` [all routed rows] are the same tensors for every chunk.
    * ``dispatch(g)`` on the comm stream; returns the ``Completion`` the experts wait on (None:
      the plan records an event on the comm stream).
    * ``received(g)`` on the compute stream after that wait: ([rows of g, W], None) expert-major
@@ -19,7 +21,7 @@ weight) and ``H`` = hidden size:
      the order of ``received(g)``. (A transport that sends the weights apart returns
      ([rows, H], [rows]) from ``received``.)
    * ``combine(g)`` on the comm stream; returns the ``Completion`` the final wait uses.
-4. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
+3. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
    rank routed, H] in send order, each row the output of the expert it was sent to.
 """
 
@@ -60,6 +62,7 @@ class ExpertTransport:
 
     def place_rows(
         self,
+        chunk: int,
         tokens: torch.Tensor,
         sorted_indices: torch.Tensor,
         permuted_probs: torch.Tensor,

@@ -141,16 +141,20 @@ class CopyEngineTransport(ExpertTransport):
         self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
         self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
 
-    def place_rows(self, tokens, sorted_indices, permuted_probs, prob_columns):
+    def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
         if not prob_columns:
             raise ValueError(
                 "copy_engine transport needs the routing weight packed into each row (hidden "
                 "size * element size a multiple of the weight's size); use transport: nccl"
             )
-        # Each routed row's dispatch-buffer row, built on the device from the few pieces.
-        buffer_rows, = rows_of_runs(self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row)
-        scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._dispatch_rows,
-                            prob_columns, dst_rows=buffer_rows)
+        if chunk == 0:
+            # Each routed row's dispatch-buffer row, built on the device from the few pieces.
+            self._buffer_rows, = rows_of_runs(
+                self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
+            )
+        rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
+        scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows],
+                            self._dispatch_rows, prob_columns, dst_rows=self._buffer_rows[rows])
 
     def dispatch(self, chunk):
         copies = self.plan.dispatch[chunk]
@@ -195,7 +199,7 @@ class CopyEngineTransport(ExpertTransport):
         return self._return
 
     def end(self):
-        self._recv = self._staging = self._return = self._dispatch_rows = None
+        self._recv = self._staging = self._return = self._dispatch_rows = self._buffer_rows = None
         self._outputs = []
 
 

@@ -40,10 +40,13 @@ class NCCLTransport(ExpertTransport):
         num_rows = layout.send_offsets[-1]
         self._combined = torch.empty((num_rows, hidden), dtype=dtype, device=device)
 
-    def place_rows(self, tokens, sorted_indices, permuted_probs, prob_columns):
-        self._send = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + prob_columns))
-        scatter_routed_rows(tokens, sorted_indices, permuted_probs, self._send, prob_columns)
-        self._send_probs = None if prob_columns else permuted_probs
+    def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
+        if chunk == 0:
+            self._send = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + prob_columns))
+            self._send_probs = None if prob_columns else permuted_probs
+        rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
+        scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows], self._send[rows],
+                            prob_columns)
 
     def _chunk(self, tensor, chunk):
         offsets = self.layout.send_offsets

@@ -80,11 +80,13 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
             assert columns
             transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
                                 torch.device("cpu"))
-            transports[r].place_rows(hidden_states[r], si, pp, columns)
             layouts.append(layout)
             sorted_idx.append(si)
             permuted_probs.append(pp)
         for chunk in range(len(sizes)):
+            for r in range(ep):
+                transports[r].place_rows(chunk, hidden_states[r], sorted_idx[r],
+                                         permuted_probs[r], columns)
             completions = [transports[r].dispatch(chunk) for r in range(ep)]
             for r in range(ep):
                 completions[r].wait(None)

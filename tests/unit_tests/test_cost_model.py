@@ -485,11 +485,12 @@ def test_plan_dispatch_ahead_orders():
 
     interleaved = [(s.stage, s.chunk) for s in build_plan(3, dispatch_ahead=1)]
     assert interleaved == [
-        (PLACE, 0), (DISPATCH, 0), (DISPATCH, 1), (EXPERTS, 0), (COMBINE, 0),
-        (DISPATCH, 2), (EXPERTS, 1), (COMBINE, 1), (EXPERTS, 2), (COMBINE, 2),
+        (PLACE, 0), (DISPATCH, 0), (PLACE, 1), (DISPATCH, 1), (EXPERTS, 0), (COMBINE, 0),
+        (PLACE, 2), (DISPATCH, 2), (EXPERTS, 1), (COMBINE, 1), (EXPERTS, 2), (COMBINE, 2),
     ]
     ahead = [(s.stage, s.chunk) for s in build_plan(3)]
-    assert ahead[:4] == [(PLACE, 0), (DISPATCH, 0), (DISPATCH, 1), (DISPATCH, 2)]
+    assert ahead[:6] == [(PLACE, 0), (DISPATCH, 0), (PLACE, 1), (DISPATCH, 1), (PLACE, 2),
+                         (DISPATCH, 2)]
     assert sorted(ahead) == sorted(interleaved)
     with pytest.raises(ValueError):
         build_plan(3, dispatch_ahead=0)

@@ -133,15 +133,17 @@ def test_layout_rejects_wrong_shape():
 def test_plan_orders_dispatch_before_experts_before_combine(chunks):
     plan = build_plan(chunks)
     position = {(s.stage, s.chunk): i for i, s in enumerate(plan)}
-    assert plan[0] == Step(PLACE, 0, COMM, "routed", "tokens_ready")
+    assert plan[0] == Step(PLACE, 0, COMM, "routed", None)
     for i in range(chunks):
+        # a chunk's rows are placed right before its dispatch, on the same stream
+        assert position[(PLACE, i)] + 1 == position[(DISPATCH, i)]
         assert position[(DISPATCH, i)] < position[(EXPERTS, i)] < position[(COMBINE, i)]
         if i + 1 < chunks:
             # The next dispatch is issued before this chunk's experts: it overlaps them.
             assert position[(DISPATCH, i + 1)] < position[(EXPERTS, i)]
     for step in plan:
         assert step.stream == (COMPUTE if step.stage == EXPERTS else COMM)
-    assert len(plan) == 3 * chunks + 1
+    assert len(plan) == 4 * chunks
 
 
 def test_run_plan_without_streams_follows_plan_order():
