@@ -997,8 +997,21 @@ def format_decisions(decisions: List[Dict[str, object]]) -> List[str]:
     return lines
 
 
+def _stacks_on_termination() -> None:
+    """On SIGTERM (a timeout, or torchrun stopping the ranks after one failed), print every
+    thread's Python stack before exiting, so a stopped run shows where each rank was."""
+    import faulthandler
+    import signal
+
+    try:
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    except (AttributeError, ValueError, RuntimeError):
+        pass  # not the main thread, or a platform without it
+
+
 def main(argv=None) -> int:
     quiet_known_noise()
+    _stacks_on_termination()
     args = parse_args(argv)
     if args.validate_only:
         if _is_main_rank():

@@ -142,6 +142,54 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
     return results
 
 
+def run_layer_stack(world_expected: int, dtype_name: str, transport: str = "auto"):
+    """Three EPS layers in a row (as in a model: one transport memory and one comm stream shared
+    by the layers, each with shared experts and its own N), several forwards whose sizes grow
+    the buffers, shrink and leave the last rank without tokens; vs the same stock stack.
+    Returns [(forward, rel_err, transport)]."""
+    world = dist.get_world_size()
+    assert world == world_expected, (world, world_expected)
+    rank = dist.get_rank()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        stock_layers, eps_layers = [], []
+        for depth, degree in enumerate((3, 1, 2)):
+            config = moe_config(num_experts=4 * world, topk=2, hidden_size=HIDDEN,
+                                ffn_hidden_size=FFN, shared_expert_size=SHARED_FFN,
+                                ep_size=world, dtype=dtype)
+            stock, eps = build_moe_pair(
+                config, EPSConfig(pipeline_degree=degree, min_tokens_to_pipeline=0,
+                                  transport=transport), seed=11 + depth)
+            stock.route = types.MethodType(route_allowing_empty, stock)
+            stock_layers.append(stock)
+            eps_layers.append(eps)
+
+        def run(layers, x):
+            for layer in layers:
+                out, _ = layer(x)
+                x = torch.tanh(out) + x  # something between the layers, as attention would be
+            return x
+
+        results = []
+        for forward, seq in enumerate((5, 40, 3, 64, 0)):
+            if seq == 0 and rank != world - 1:
+                seq = 7
+            gen = torch.Generator().manual_seed(100 * forward + rank)
+            x = torch.randn(seq, 2, HIDDEN, generator=gen).to(dtype=dtype, device=_device())
+            with torch.no_grad():
+                expected, actual = run(stock_layers, x), run(eps_layers, x)
+            results.append({
+                "forward": forward,
+                "rel_err": relative_error(expected, actual) if expected.numel() else 0.0,
+                "finite": bool(torch.isfinite(actual.float()).all()),
+                "transport": eps_layers[0].token_dispatcher.last_record.transport,
+            })
+        return results
+    finally:
+        Utils.destroy_model_parallel()
+
+
 def run_auto_degree_agreement(world_expected: int):
     """pipeline_degree='auto' with a profile: every rank must pick the same N although the
     ranks hold very different loads (one rank with none)."""

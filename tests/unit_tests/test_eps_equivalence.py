@@ -105,3 +105,28 @@ def test_eps_equals_stock_on_each_transport(transport):
     _check(results, "bf16")
     used = {r["transport"] for rank in results for r in rank}
     assert used == {transport}, used
+
+
+def _check_stack(results, dtype):
+    limit = 1e-5 if dtype == "fp32" else 2e-2
+    for rank_results in results:
+        for r in rank_results:
+            assert r["finite"] and r["rel_err"] <= limit, r
+
+
+def test_layer_stack_equals_stock():
+    """Layers in a row share the transport's memory and streams; sizes grow and shrink."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU: test_layer_stack_on_each_transport")
+    _check_stack(run_distributed(eps_cases.run_layer_stack, 2, 2, "fp32"), "fp32")
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
+def test_layer_stack_on_each_transport(transport):
+    if not torch.cuda.is_available():
+        pytest.skip("the transports differ on GPUs only (CPU ranks use gloo's all-to-all)")
+    skip_unless_ranks_fit(2)
+    results = run_distributed(eps_cases.run_layer_stack, 2, 2, "bf16", transport)
+    _check_stack(results, "bf16")
+    assert {r["transport"] for rank in results for r in rank} == {transport}
