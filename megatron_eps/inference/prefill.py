@@ -42,8 +42,8 @@ DEFAULT_CONFIG = "configs/tiny.yaml"
 # Where the speed figures come from (the CPU run only checks outputs and shows EPS's plan).
 GPU_RESULTS_NOTE = (
     "speed figures come from the committed GPU results (README 'Results', benchmarks/results/; "
-    "e.g. one DeepSeek-V2 MoE layer on two H200s at 8K / 16K / 32K tokens per rank: 1.04x / "
-    "1.09x / 1.26x the stock layer with grouped-GEMM experts, 3.0x / 2.5x / 1.8x stock)"
+    "e.g. one DeepSeek-V2 MoE layer on two H200s at 8K / 16K / 32K tokens per rank: 1.12x / "
+    "1.30x / 1.31x the stock layer with grouped-GEMM experts, 2.0x / 1.7x / 1.5x stock)"
 )
 # Logit agreement, stock vs EPS. fp32: max |diff| <= 1e-4 * max(1, max |stock|).
 # bf16/fp16: ||diff|| / ||stock|| <= 1e-2.
