@@ -308,6 +308,13 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         overlapping = comm_stream is not None and num_chunks > 1 and transport.name == "nccl"
         with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
             run_plan(plan, stages, comm_stream, self.profiler_ranges, routed=routed)
+        if comm_stream is not None and transport.waits_without_timeout:
+            from megatron_eps.comm.watchdog import peer_wait_watchdog
+
+            peer_wait_watchdog(wait_timeout_s()).watch(
+                compute_stream.record_event(),
+                f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
+            )
         combined = transport.combined_rows()
 
         with self._phase("unpermute"):

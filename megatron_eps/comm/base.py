@@ -48,6 +48,9 @@ class ExpertTransport:
     # False when no row crosses a rank (EP size 1, no emulated link): dispatch and combine
     # are slices of local buffers and the pipeline has nothing to overlap.
     moves_rows = True
+    # True when the streams wait for peers in ways nothing times out (stream memory
+    # operations): the pipeline then hands each forward's end to the watchdog.
+    waits_without_timeout = False
 
     def begin(
         self,

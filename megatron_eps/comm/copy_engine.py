@@ -111,6 +111,7 @@ def _rows_view(buffer: torch.Tensor, byte_offset: int, rows: int, width: int, dt
 class CopyEngineTransport(ExpertTransport):
     name = "copy_engine"
     moves_rows = True
+    waits_without_timeout = True
 
     def __init__(self, memory: PeerMemory):
         self.memory = memory
