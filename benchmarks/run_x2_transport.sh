@@ -42,9 +42,9 @@ if [ "${SOAK:-1}" = "1" ]; then
     | grep -v -i warn | grep -E "^soak|Error|error" | tail -5
 fi
 if [ "${PREFILL:-1}" = "1" ]; then
-  # A rank that waits for its peer longer than this raises PeerTimeoutError (instead of the
-  # run ending at the timeout with no word of where it was).
-  MEGATRON_EPS_WAIT_TIMEOUT_S="${WAIT_TIMEOUT_S:-120}" OUT="$OUT" NPROC="$NGPU" TIMEOUT="${PREFILL_TIMEOUT:-400}" LAYERS="${LAYERS:-4}" PROMPTS="${PROMPTS:-4096,16384,32768}" REPEATS="${PREFILL_REPEATS:-3}" WARMUP=1 \
+  # A rank that waits for its peer longer than this raises PeerTimeoutError, and a run stopped
+  # at its time limit prints each rank's stacks (instead of ending with no word of where).
+  MEGATRON_EPS_WAIT_TIMEOUT_S="${WAIT_TIMEOUT_S:-120}" MEGATRON_EPS_STACKS_ON_SIGTERM=1 OUT="$OUT" NPROC="$NGPU" TIMEOUT="${PREFILL_TIMEOUT:-400}" LAYERS="${LAYERS:-4}" PROMPTS="${PROMPTS:-4096,16384,32768}" REPEATS="${PREFILL_REPEATS:-3}" WARMUP=1 \
     EXTRA_ARGS="--grouped-baseline --eps-transport copy_engine ${PREFILL_ARGS:-}" JSON="$OUT/prefill_x2.json" \
     bash benchmarks/gpu_prefill.sh 2>&1 | grep -v -i warn > "$OUT/prefill_x2.log"; tail -14 "$OUT/prefill_x2.log"
 fi

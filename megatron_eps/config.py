@@ -143,6 +143,21 @@ class EPSConfigError(ValueError):
     """A megatron-eps setting has a value that is not allowed. The message names both."""
 
 
+def read_yaml_file(path, flag: str, error: type) -> Any:
+    """The parsed YAML file at ``path``; a missing or malformed file raises ``error`` naming
+    ``flag``, the option the path came from."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise error(f"{flag} {path!r}: no such file")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise error(f"{flag} {path!r} is not valid YAML: {exc}") from exc
+
+
 @dataclass
 class EPSConfig:
     """Settings of the EPS-MoE expert pipeline scheduler.
@@ -298,16 +313,8 @@ class EPSConfig:
         win over the file; the file's own values are checked too, even where a flag overrides
         them. ``flag`` is the option that named the file, for error messages.
         """
-        import yaml
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise EPSConfigError(f"{flag} {path!r}: no such file")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
-                raise EPSConfigError(f"{flag} {path!r} is not valid YAML: {exc}") from exc
+        data = read_yaml_file(path, flag, EPSConfigError)
         if data is None:
             data = {}
         if not isinstance(data, Mapping):

@@ -20,7 +20,7 @@ Model (all times in seconds; see docs/pipeline.md for the derivation):
 * The paper's enable condition (Sec. 4) drops N whose chunking inflates the pieces:
   ``N S(m/N) / S(m) <= 1 + eps0`` (comm) and ``sum_g G(chunk g) / G(all) <= 1 + eps1`` (GEMM).
 
-Every input to ``choose_pipeline_degree`` is data every rank of the expert-parallel group holds
+Every input to ``choose_chunking`` is data every rank of the expert-parallel group holds
 (the all-gathered count matrix, the layer's shape, the config, the profile file), and the
 function is deterministic, so every rank picks the same N and the chunked all-to-alls match.
 """
@@ -615,20 +615,6 @@ _DECISION_CACHE_SIZE = 1024
 def _load_summary(counts: np.ndarray) -> bytes:
     """The count matrix to within a factor 2^(1/8) per entry (the cache key of choose_chunking)."""
     return np.rint(np.log2(1.0 + counts) * 8.0).astype(np.int16).tobytes() + str(counts.shape).encode()
-
-
-def choose_pipeline_degree(
-    counts: np.ndarray,
-    shape: LayerShape,
-    eps_config: EPSConfig,
-    profile: Optional[PipelineProfile] = None,
-    kernel_profile=None,
-    dispatch_ahead: Optional[int] = None,
-) -> int:
-    """N for this forward with equal chunks (the paper's choice); see ``choose_chunking``."""
-    return len(
-        choose_chunking(counts, shape, eps_config, profile, kernel_profile, dispatch_ahead, "equal")
-    )
 
 
 def optimal_degree_closed_form(t_comm: float, t_comp: float, chunk_overhead_s: float) -> float:

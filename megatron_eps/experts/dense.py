@@ -16,18 +16,16 @@ from megatron_eps.experts.gemm_common import ExpertCall, GemmExpertBackend
 
 
 def dense_expert_forward(call: ExpertCall) -> torch.Tensor:
+    """One torch.mm per expert and projection (a call with at least one row)."""
     hidden, counts = call.hidden, call.counts
-    rows, hidden_size = hidden.shape
-    out = hidden.new_empty(rows, hidden_size)
-    if rows == 0:
-        return out
-    fc1_out = hidden.new_empty(rows, call.fc1.shape[1])
+    fc1_out = hidden.new_empty(hidden.shape[0], call.fc1.shape[1])
     start = 0
     for expert, count in enumerate(counts):
         if count:
             torch.mm(hidden[start : start + count], call.fc1[expert].t(), out=fc1_out[start : start + count])
         start += count
     h = call.weights.activation.apply(fc1_out, call.probs)
+    out = hidden.new_empty(hidden.shape)
     start = 0
     for expert, count in enumerate(counts):
         if count:

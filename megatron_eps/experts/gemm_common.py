@@ -84,10 +84,12 @@ class GemmExpertBackend(ExpertBackend):
         call = prepare_call(
             local_experts.weights(), hidden, tokens_per_expert, probs, first_expert, self.name
         )
+        if call.hidden.shape[0] == 0:
+            return call.hidden.new_empty(call.hidden.shape)
         return self.compute(call, local_experts, first_expert)
 
     def compute(self, call: ExpertCall, local_experts, first_expert: int) -> torch.Tensor:
-        """[M, H] output of ``call`` (experts first_expert .. first_expert + n - 1)."""
+        """[M, H] output of ``call`` (experts first_expert .. first_expert + n - 1; M > 0)."""
         raise NotImplementedError
 
 

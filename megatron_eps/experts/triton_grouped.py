@@ -17,14 +17,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
-    hidden, counts = call.hidden, call.counts
-    rows, hidden_size = hidden.shape
-    out = hidden.new_empty(rows, hidden_size)
-    if rows == 0:
-        return out
-    spec = call.weights.activation
-    if hidden.stride(1) != 1:
-        hidden = hidden.contiguous()
+    """Our grouped GEMM kernel, activation fused into the first (a call with at least one row)."""
+    counts, spec = call.counts, call.weights.activation
+    hidden = call.hidden if call.hidden.stride(1) == 1 else call.hidden.contiguous()
+    hidden_size = hidden.shape[1]
+    out = hidden.new_empty(hidden.shape)
     ffn = call.fc2.shape[2]
     cfg1, cfg2 = tk.choose_configs(counts, hidden_size, ffn, spec.gated)
     tiles1, n1 = tk.build_tile_table(counts, cfg1.block_m, hidden.device)

@@ -109,6 +109,15 @@ def _suggest(key: str, allowed) -> str:
     return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
+def _reject_unknown_keys(section: Mapping, allowed, what: str, path: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ModelConfigError(
+            f"{path}: unknown {what} key(s) {', '.join(map(repr, unknown))}"
+            f"{_suggest(unknown[0], allowed)}; allowed keys: {', '.join(allowed)}"
+        )
+
+
 def _transformer_config_classes():
     from megatron.core.transformer.transformer_config import (
         MLATransformerConfig,
@@ -443,17 +452,10 @@ def load_model_config(
     path: Union[str, os.PathLike], num_layers: Optional[int] = None
 ) -> ModelConfig:
     """Read and validate a model config YAML file; ``num_layers`` overrides ``model.num_layers``."""
-    import yaml
+    from megatron_eps.config import EPSConfigError, read_yaml_file
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelConfigError(f"--config {path!r}: no such file")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise ModelConfigError(f"--config {path!r} is not valid YAML: {exc}") from exc
-    from megatron_eps.config import EPSConfigError
+    data = read_yaml_file(path, "--config", ModelConfigError)
 
     try:
         mc = model_config_from_dict(data, path)
@@ -468,12 +470,7 @@ def load_model_config(
 def model_config_from_dict(data: Any, path: str = "<dict>") -> ModelConfig:
     if not isinstance(data, Mapping):
         raise ModelConfigError(f"{path}: expected a mapping at top level")
-    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise ModelConfigError(
-            f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}"
-            f"{_suggest(unknown[0], TOP_LEVEL_KEYS)}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}"
-        )
+    _reject_unknown_keys(data, TOP_LEVEL_KEYS, "top-level", path)
     model = data.get("model")
     if not isinstance(model, Mapping):
         raise ModelConfigError(f"{path}: a 'model:' section (mapping) is required")
@@ -564,12 +561,7 @@ def model_config_from_dict(data: Any, path: str = "<dict>") -> ModelConfig:
     parallel = data.get("parallel") or {}
     if not isinstance(parallel, Mapping):
         raise ModelConfigError(f"{path}: 'parallel' must be a mapping")
-    unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
-    if unknown:
-        raise ModelConfigError(
-            f"{path}: unknown parallel key(s) {', '.join(map(repr, unknown))}"
-            f"{_suggest(unknown[0], PARALLEL_KEYS)}; allowed keys: {', '.join(PARALLEL_KEYS)}"
-        )
+    _reject_unknown_keys(parallel, PARALLEL_KEYS, "parallel", path)
     for key, value in parallel.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ModelConfigError(

@@ -998,10 +998,14 @@ def format_decisions(decisions: List[Dict[str, object]]) -> List[str]:
 
 
 def _stacks_on_termination() -> None:
-    """On SIGTERM (a timeout, or torchrun stopping the ranks after one failed), print every
-    thread's Python stack before exiting, so a stopped run shows where each rank was."""
+    """With ``MEGATRON_EPS_STACKS_ON_SIGTERM=1``: on SIGTERM (a timeout, or torchrun stopping
+    the ranks after one failed), print every thread's Python stack before exiting, so a run
+    stopped from outside shows where each rank was."""
     import faulthandler
     import signal
+
+    if os.environ.get("MEGATRON_EPS_STACKS_ON_SIGTERM") != "1":
+        return
 
     try:
         faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)

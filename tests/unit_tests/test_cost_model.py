@@ -19,7 +19,6 @@ from megatron_eps.cost_model import (
     candidate_chunkings,
     chunk_compute_times,
     choose_chunking,
-    choose_pipeline_degree,
     enable_condition,
     load_pipeline_profile,
     optimal_degree_closed_form,
@@ -61,6 +60,11 @@ def profile(**kw) -> PipelineProfile:
     values = dict(link_bandwidth_gbps=160.0, link_latency_us=0.0, chunk_overhead_us=15.0, expert_tflops=600.0)
     values.update(kw)
     return PipelineProfile(**values)
+
+
+def equal_degree(counts, shape, eps_config, profile):
+    """N that choose_chunking picks with equal chunks only (the paper's choice)."""
+    return len(choose_chunking(counts, shape, eps_config, profile, split="equal"))
 
 
 AUTO = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, max_pipeline_degree=64)
@@ -129,7 +133,7 @@ def test_host_issue_time_bounds_the_layer():
     for n in (1, 4, 10):
         assert predict(counts, DSV2, host, n).t_pipelined >= 600e-6 * n
         assert predict(counts, DSV2, host, n).t_pipelined >= predict(counts, DSV2, gpu_only, n).t_pipelined
-    assert choose_pipeline_degree(counts, DSV2, AUTO, host) < choose_pipeline_degree(counts, DSV2, AUTO, gpu_only)
+    assert equal_degree(counts, DSV2, AUTO, host) < equal_degree(counts, DSV2, AUTO, gpu_only)
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -176,12 +180,12 @@ def test_ep1_link_is_free_unless_emulated():
     counts = balanced_counts(shape, 8192)
     real = profile(link_bandwidth_gbps=1.0)
     assert chunk_comm_times(counts, shape, real, 4)[0] == [0.0] * 4
-    assert choose_pipeline_degree(counts, shape, AUTO, real) == 1  # nothing to hide
+    assert equal_degree(counts, shape, AUTO, real) == 1  # nothing to hide
     emulated = profile(emulated_remote_fraction=7 / 8)
     d, c = chunk_comm_times(counts, shape, emulated, 1)
     rows = counts.sum() * 7 / 8
     assert c[0] == pytest.approx(rows * 5120 * 2 / 160e9)
-    assert choose_pipeline_degree(counts, shape, AUTO, emulated) > 1
+    assert equal_degree(counts, shape, AUTO, emulated) > 1
 
 
 # ----------------------------------------------------------------------------- choosing N
@@ -195,17 +199,17 @@ def test_auto_degree_follows_sqrt_c_over_k(k_us, tokens):
     t_comm, t_comp = predict_times(counts, shape, p)
     assert t_comp > t_comm  # compute-bound: the model is the closed form exactly
     n_star = optimal_degree_closed_form(t_comm, t_comp, k_us * 1e-6)
-    n = choose_pipeline_degree(counts, shape, AUTO, p)
+    n = equal_degree(counts, shape, AUTO, p)
     assert 1 < n < 64
     assert abs(n - n_star) <= 1.0, (n, n_star)
 
 
 def test_auto_degree_monotonic_in_overhead_and_load():
     counts = balanced_counts(DSV2, 8192)
-    ns = [choose_pipeline_degree(counts, DSV2, AUTO, profile(chunk_overhead_us=k)) for k in (2, 10, 50, 400)]
+    ns = [equal_degree(counts, DSV2, AUTO, profile(chunk_overhead_us=k)) for k in (2, 10, 50, 400)]
     assert ns == sorted(ns, reverse=True) and ns[0] > ns[-1]
     p = profile()
-    loads = [choose_pipeline_degree(balanced_counts(DSV2, t), DSV2, AUTO, p) for t in (1024, 4096, 16384)]
+    loads = [equal_degree(balanced_counts(DSV2, t), DSV2, AUTO, p) for t in (1024, 4096, 16384)]
     assert loads == sorted(loads) and loads[0] < loads[-1]
 
 
@@ -213,7 +217,7 @@ def test_auto_is_the_best_enabled_prediction():
     p = profile(link_latency_us=25.0, memory_bandwidth_gbps=2500.0)
     for seed, tokens in enumerate([[64] * 8, [512] * 8, [4096, 0, 100, 9000, 7, 2000, 4096, 1]]):
         counts = random_counts(DSV2, tokens, seed=seed, zipf=1.2)
-        n = choose_pipeline_degree(counts, DSV2, AUTO, p)
+        n = equal_degree(counts, DSV2, AUTO, p)
         preds = [predict(counts, DSV2, p, m) for m in range(1, 21)]
         chosen = preds[n - 1]
         assert chosen.t_pipelined <= preds[0].t_pipelined
@@ -240,10 +244,10 @@ def test_candidates_are_the_fewest_chunks_per_largest_chunk():
 def test_choice_is_deterministic_and_input_type_independent():
     counts = random_counts(DSV2, [3000, 100, 0, 8000, 50, 4096, 4096, 10], seed=1, zipf=1.0)
     p = profile(link_latency_us=10.0)
-    first = choose_pipeline_degree(counts, DSV2, AUTO, p)
-    assert all(choose_pipeline_degree(counts.copy(), DSV2, AUTO, p) == first for _ in range(5))
-    assert choose_pipeline_degree(counts.astype(np.int32), DSV2, AUTO, p) == first
-    assert choose_pipeline_degree(counts.tolist(), DSV2, AUTO, p) == first
+    first = equal_degree(counts, DSV2, AUTO, p)
+    assert all(equal_degree(counts.copy(), DSV2, AUTO, p) == first for _ in range(5))
+    assert equal_degree(counts.astype(np.int32), DSV2, AUTO, p) == first
+    assert equal_degree(counts.tolist(), DSV2, AUTO, p) == first
 
 
 def test_tail_split_shortens_the_drain_and_auto_takes_it():
@@ -258,9 +262,9 @@ def test_tail_split_shortens_the_drain_and_auto_takes_it():
     chosen = choose_chunking(counts, DSV2, AUTO, p)
     assert chosen[-1] == 1 and len(set(chosen)) > 1
     assert predict(counts, DSV2, p, chosen).t_pipelined == pytest.approx(min(tail.values()), rel=1e-3)
-    # split="equal" (and choose_pipeline_degree) stay on the paper's equal chunks.
+    # split="equal" (and equal_degree) stay on the paper's equal chunks.
     assert choose_chunking(counts, DSV2, AUTO, p, split="equal") == chunk_sizes(20, n_eq)
-    assert choose_pipeline_degree(counts, DSV2, AUTO, p) == n_eq
+    assert equal_degree(counts, DSV2, AUTO, p) == n_eq
     assert choose_chunking(counts, DSV2, AUTO.replace(chunk_split="tail"), p)[-1] == 1
     # A fixed degree: equal unless the config asks for the tail split.
     fixed = AUTO.replace(pipeline_degree=5)
@@ -327,23 +331,23 @@ def test_threshold_returns_one():
     counts = balanced_counts(DSV2, 1600)  # exactly 1600 tokens per rank
     p = profile(chunk_overhead_us=0.1)
     cfg = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=1601)
-    assert choose_pipeline_degree(counts, DSV2, cfg, p) == 1
-    assert choose_pipeline_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 1
+    assert equal_degree(counts, DSV2, cfg, p) == 1
+    assert equal_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 1
     cfg = cfg.replace(min_tokens_to_pipeline=1600)  # the mean is exactly 1600: not below
-    assert choose_pipeline_degree(counts, DSV2, cfg, p) > 1
-    assert choose_pipeline_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 4
+    assert equal_degree(counts, DSV2, cfg, p) > 1
+    assert equal_degree(counts, DSV2, cfg.replace(pipeline_degree=4), p) == 4
 
 
 def test_clamping_and_missing_profile():
     shape = LayerShape(1024, 512, 4, 2, 2)
     counts = balanced_counts(shape, 100000)
     explicit = EPSConfig(pipeline_degree=100, min_tokens_to_pipeline=0)
-    assert choose_pipeline_degree(counts, shape, explicit, None) == 4
+    assert equal_degree(counts, shape, explicit, None) == 4
     cheap = profile(link_bandwidth_gbps=1.0, chunk_overhead_us=0.0)
-    assert choose_pipeline_degree(counts, shape, AUTO, cheap) <= 4
+    assert equal_degree(counts, shape, AUTO, cheap) <= 4
     capped = AUTO.replace(max_pipeline_degree=2)
-    assert choose_pipeline_degree(balanced_counts(DSV2, 65536), DSV2, capped, cheap) == 2
-    assert choose_pipeline_degree(counts, shape, AUTO, None) == 1  # no calibrated model: no guess
+    assert equal_degree(balanced_counts(DSV2, 65536), DSV2, capped, cheap) == 2
+    assert equal_degree(counts, shape, AUTO, None) == 1  # no calibrated model: no guess
 
 
 def test_enable_condition():
@@ -352,7 +356,7 @@ def test_enable_condition():
     # A latency comparable to the byte time: 8 chunks multiply it by 8, far over 1 + eps0.
     slow_start = profile(link_latency_us=2000.0, chunk_overhead_us=0.0)
     assert not enable_condition(counts, DSV2, slow_start, 8)
-    assert choose_pipeline_degree(counts, DSV2, AUTO, slow_start) <= 2
+    assert equal_degree(counts, DSV2, AUTO, slow_start) <= 2
     lenient = profile(link_latency_us=2000.0, chunk_overhead_us=0.0, comm_inflation_eps=100.0)
     assert enable_condition(counts, DSV2, lenient, 8)
 
