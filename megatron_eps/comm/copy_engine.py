@@ -140,6 +140,7 @@ class CopyEngineTransport(ExpertTransport):
             self.memory.local(RETURN_BUFFER), 0, layout.send_offsets[-1], hidden, dtype
         )
         self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
+        self._placed: List[Optional[object]] = [None] * layout.num_chunks
         self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
 
     def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
@@ -156,6 +157,10 @@ class CopyEngineTransport(ExpertTransport):
         rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
         scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows],
                             self._dispatch_rows, prob_columns, dst_rows=self._buffer_rows[rows])
+        if tokens.is_cuda:
+            # The chunk's own rows land in the receive area here, on this stream: the experts
+            # wait for this as well as for the peers' flags.
+            self._placed[chunk] = torch.cuda.current_stream().record_event()
 
     def dispatch(self, chunk):
         copies = self.plan.dispatch[chunk]
@@ -164,7 +169,7 @@ class CopyEngineTransport(ExpertTransport):
         )
         for peer in self._peers:
             self.memory.signal(peer, chunk, self.sequence)
-        return _FlagWait(self.memory, chunk, self.sequence, self._peers)
+        return _FlagWait(self.memory, chunk, self.sequence, self._peers, self._placed[chunk])
 
     def received(self, chunk):
         offsets = self.plan.recv_chunk_offsets
@@ -202,6 +207,7 @@ class CopyEngineTransport(ExpertTransport):
     def end(self):
         self._recv = self._staging = self._return = self._dispatch_rows = self._buffer_rows = None
         self._outputs = []
+        self._placed = []
 
 
 def rows_of_runs(sizes: np.ndarray, device: torch.device, *starts: np.ndarray):
