@@ -10,7 +10,7 @@ U = the final sum of each token's expert outputs):
 
 The shared experts depend only on the layer's input, so they are issued before the host
 blocks on the count matrix: the GPU computes them while the host plans the chunks (the host
-work before the first dispatch, about 1 ms per layer, left the GPUs idle otherwise; trace in
+work before the first dispatch left the GPUs idle ~2.5 ms per layer in a profiled trace; see
 docs/transports.md). The placement therefore runs on the comm stream, beside S, so that the
 first dispatch does not wait for S, and chunk by chunk (P(i) places chunk i's rows), so that
 the first dispatch waits for one chunk's rows only. The plan below (``build_plan``) is what
