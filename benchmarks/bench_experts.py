@@ -4,7 +4,14 @@ For each shape x mean tokens/expert x skew: the median time of every available b
 expert computation (fc1 + SwiGLU + probs + fc2), the backend the selector picks from the cost
 profile (``--profile``), and the oracle (fastest measured). Reports the selector's
 chosen/oracle efficiency (oracle time / chosen time), Triton vs torch._grouped_mm, and TFLOP/s
-against a dense bf16 GEMM ceiling measured in the same run. ``--stock`` also times Megatron's
+against a dense bf16 GEMM ceiling measured in the same run.
+
+Three selections are scored on the same timings:
+  ``profile``   the cost tables alone (``kernel_autotune: off``);
+  ``autotune``  what a layer does with ``kernel_autotune: auto``: where the tables do not cover
+                the shape, the first call of each load bucket times the candidates
+                (experts/autotune.py, a fresh cache per run) and later calls reuse the winner;
+  ``default``   no profile at all (the documented fixed order). ``--stock`` also times Megatron's
 stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank (top-6).
 
     python benchmarks/bench_experts.py --profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.json \
@@ -12,7 +19,9 @@ stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank
 
 Shapes (local experts per rank): DeepSeek-V2 at EP=8 (H5120 F1536 n20), DeepSeek-V2-Lite at
 EP=1 (H2048 F1408 n64), Mixtral 8x7B at EP=2 (H4096 F14336 n4), and H3072 F1024 n32, a shape
-no shipped profile calibrates (tests the selector's shape interpolation).
+no shipped profile calibrates (tests the selector's shape interpolation); three more that no
+table was built from: Qwen3-30B-A3B at EP=2 (H2048 F768 n64), H4096 F1536 n16 (a
+Qwen2-57B-like width) and DeepSeek-V3 at EP=8 (H7168 F2048 n32).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eps.experts import calibrate as cal  # noqa: E402
+from megatron_eps.experts.autotune import TIMED_RUNS  # noqa: E402
 from megatron_eps.experts import selector  # noqa: E402
 from megatron_eps.experts.base import get_backend  # noqa: E402
 from megatron_eps.experts.reference import relative_error  # noqa: E402
@@ -38,10 +49,14 @@ SHAPES = {
     "dsv2_lite": (2048, 1408, 64),
     "mixtral_ep2": (4096, 14336, 4),
     "uncalibrated_h3072": (3072, 1024, 32),
+    "qwen3_30b_ep2": (2048, 768, 64),
+    "h4096_f1536_n16": (4096, 1536, 16),
+    "dsv3_ep8": (7168, 2048, 32),
     "tiny_cpu": (128, 64, 8),  # smoke runs on CPU only
 }
 # Mostly off the calibration grid (powers of two) so the selector has to interpolate.
 LOADS = (8, 24, 96, 384, 1536, 4096, 8192)
+SELECTIONS = ("profile", "autotune", "default")
 SKEWS = (0.0, 0.5, 1.0, 1.5)
 
 
@@ -65,7 +80,38 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def run_grid(args, device, dtype, profile):
+class AutotuneSelection:
+    """``expert_kernel: auto`` with ``kernel_autotune: auto``, as ExpertRunner runs it: the
+    tables where they cover the shape, else one calibration per load bucket (fresh cache)."""
+
+    def __init__(self, device, profile, cache_dir):
+        from megatron_eps.experts.autotune import KernelAutotuner, cuda_timer, wall_timer
+
+        self.profile = profile
+        self.tuner = KernelAutotuner(
+            os.path.join(cache_dir, "kernels.json"), selector.device_name(device),
+            cuda_timer if device.type == "cuda" else wall_timer)
+        self.buckets = {}
+
+    def choose(self, experts, counts, x, probs, device, dtype, shape):
+        from megatron_eps.experts.autotune import KernelAutotuner
+
+        candidates = selector.calibration_candidates(experts, device, dtype, self.profile)
+        if not candidates:
+            return selector.choose_backend("auto", experts, counts, device, dtype, self.profile)
+        key = KernelAutotuner.key(shape, dtype, counts)
+        decided = self.tuner.decision(key)
+        if decided is None:
+            before = (self.tuner.timed_calls, self.tuner.tuning_seconds)
+            with torch.no_grad():
+                decided, _ = self.tuner.tune(key, candidates, lambda name: get_backend(name).forward(
+                    experts, x, counts, probs, 0))
+            self.buckets[key] = {"timed_candidates": self.tuner.timed_calls - before[0],
+                                 "seconds": self.tuner.tuning_seconds - before[1]}
+        return decided
+
+
+def run_grid(args, device, dtype, profile, autotune):
     rows_out = []
     for shape_name in args.shapes:
         hidden, ffn, n = SHAPES[shape_name]
@@ -73,19 +119,29 @@ def run_grid(args, device, dtype, profile):
         names = cal.measurable_backends(experts, device, dtype)
         max_rows = max(int(round(n * m)) for m in args.loads)
         inputs = cal.make_inputs(max_rows, hidden, dtype, device, sets=3 if device.type == "cuda" else 1, seed=1)
+        covered = not selector.calibration_candidates(experts, device, dtype, profile)
         for mean in args.loads:
             for skew in args.skews:
                 counts = cal.make_counts(n, mean, skew, seed=1)
                 rows = sum(counts)
+                x, p = inputs[0]
+                chosen_by = {
+                    "autotune": autotune.choose(experts, counts, x[:rows], p[:rows], device, dtype, (hidden, ffn, n)),
+                    "profile": selector.choose_backend("auto", experts, counts, device, dtype, profile),
+                    "default": selector.default_backend(device, names),
+                }
                 seconds = cal.measure_point(experts, names, counts, inputs, device, args.target_ms / 1e3)
-                chosen = selector.choose_backend("auto", experts, counts, device, dtype, profile)
+                chosen = chosen_by["profile"]
                 oracle = min(seconds, key=seconds.get)
                 flops = 6.0 * rows * hidden * ffn
                 record = {
                     "shape": shape_name, "hidden": hidden, "ffn": ffn, "experts": n,
+                    "covered_by_tables": covered,
                     "tokens_per_expert": mean, "skew": skew, "rows": rows, "max_tokens": max(counts),
                     "seconds": seconds, "chosen": chosen, "oracle": oracle,
                     "chosen_over_oracle": seconds[oracle] / seconds[chosen] if chosen in seconds else None,
+                    "chosen_by": chosen_by,
+                    "efficiency": {k: seconds[oracle] / seconds[c] for k, c in chosen_by.items() if c in seconds},
                     "tflops": {b: flops / t / 1e12 for b, t in seconds.items()},
                 }
                 if profile is not None and chosen in profile.backends:
@@ -105,11 +161,12 @@ def run_grid(args, device, dtype, profile):
 
 def format_row(r):
     times = " ".join(f"{b}={t * 1e3:8.3f}" for b, t in sorted(r["seconds"].items()))
-    eff = r["chosen_over_oracle"]
+    effs = " ".join(f"{k[:4]} {r['chosen_by'][k]:>7} {r['efficiency'].get(k, float('nan')):.2f}"
+                    for k in SELECTIONS)
     tri = r.get("triton_speedup_vs_grouped")
     return (
         f"{r['shape']:>18} load {r['tokens_per_expert']:5d} skew {r['skew']:.1f} max {r['max_tokens']:6d} | "
-        f"{times} ms | chosen {r['chosen']:>7} oracle {r['oracle']:>7} eff {eff if eff is None else round(eff, 3)} | "
+        f"{times} ms | oracle {r['oracle']:>7} | {effs} | "
         f"tri/grp {'-' if tri is None else f'{tri:.2f}'} | best {max(r['tflops'].values()):6.1f} TF/s"
     )
 
@@ -124,6 +181,15 @@ def summarize(rows, ceiling):
         e = [r["chosen_over_oracle"] for r in rows if r["shape"] == shape and r["chosen_over_oracle"] is not None]
         per_shape[shape] = {"geomean": geomean(e), "worst": min(e) if e else None}
     summary["selector_per_shape"] = per_shape
+    summary["selections"] = {}
+    for name in SELECTIONS:
+        e = [r["efficiency"][name] for r in rows if name in r["efficiency"]]
+        per = {}
+        for shape in sorted({r["shape"] for r in rows}):
+            es = [r["efficiency"][name] for r in rows if r["shape"] == shape and name in r["efficiency"]]
+            per[shape] = {"geomean": round(geomean(es), 4), "worst": round(min(es), 4) if es else None}
+        summary["selections"][name] = {"geomean": round(geomean(e), 4), "worst": round(min(e), 4) if e else None,
+                                       "per_shape": per}
     hot = [r["triton_speedup_vs_grouped"] for r in rows
            if "triton_speedup_vs_grouped" in r and r["skew"] >= 1.0 and r["tokens_per_expert"] >= 256]
     rest = [r["triton_speedup_vs_grouped"] for r in rows
@@ -207,7 +273,8 @@ def stock_comparison(device, dtype, target_s, profile):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=None, help="cost profile for the selector (default: shipped one)")
+    parser.add_argument("--profile", default=None,
+                        help="cost profile for the selector (default: shipped one; 'none': no profile)")
     parser.add_argument("--out", default=None, help="JSON results path")
     parser.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "tiny_cpu"))
     parser.add_argument("--loads", default=",".join(map(str, LOADS)))
@@ -226,14 +293,23 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    profile = selector.load_cost_profile(args.profile, device)
+    profile = None if args.profile == "none" else selector.load_cost_profile(args.profile, device)
     started = time.time()
     cal.warm_gpu(device, seconds=2.0)
     ceiling = dense_ceiling(device, dtype)
     print(f"device {selector.device_name(device)}; dense {dtype} GEMM ceiling {ceiling:.1f} TF/s; "
           f"profile {profile.path if profile else None}", flush=True)
-    rows = run_grid(args, device, dtype, profile)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        autotune = AutotuneSelection(device, profile, cache_dir)
+        rows = run_grid(args, device, dtype, profile, autotune)
     summary = summarize(rows, ceiling)
+    summary["self_calibration"] = {
+        "buckets": len(autotune.buckets),
+        "timed_candidates_per_bucket": sorted({b["timed_candidates"] for b in autotune.buckets.values()}),
+        "runs_per_candidate": 1 + TIMED_RUNS,
+        "seconds_total": round(sum(b["seconds"] for b in autotune.buckets.values()), 3),
+        "per_bucket": autotune.buckets,
+    }
     stock = stock_comparison(device, dtype, args.target_ms / 1e3, profile) if args.stock else None
     result = {
         "benchmark": "bench_experts",

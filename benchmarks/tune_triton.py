@@ -37,6 +37,15 @@ CANDIDATES = {
     "tma_m64_n128x2_w4_s4": (G(64, 128, 64, 8, 4, 4, tma=True), G(64, 256, 64, 8, 8, 3, tma=True)),
     "tma_m128_n64x2_w8_s4_grid": (G(128, 64, 64, 8, 8, 4, persistent=False, tma=True),
                                   G(128, 128, 64, 8, 8, 4, persistent=False, tma=True)),
+    # Weight-bound loads (a few rows per expert): more weight bytes in flight per SM.
+    "tma_m64_n64x2_w4_s4_c2": (G(64, 64, 64, 8, 4, 4, tma=True, ctas_per_sm=2),
+                               G(64, 128, 64, 8, 4, 4, tma=True, ctas_per_sm=2)),
+    "tma_m64_n64x2_w4_s6": (G(64, 64, 64, 8, 4, 6, tma=True), G(64, 128, 64, 8, 4, 6, tma=True)),
+    "tma_m64_n64x2_k128_w4_s3": (G(64, 64, 128, 8, 4, 3, tma=True), G(64, 128, 128, 8, 4, 3, tma=True)),
+    "tma_m64_n32x2_w4_s6_c2": (G(64, 32, 64, 8, 4, 6, tma=True, ctas_per_sm=2),
+                               G(64, 64, 64, 8, 4, 6, tma=True, ctas_per_sm=2)),
+    "tma_m64_n64x2_w4_s4_grid": (G(64, 64, 64, 8, 4, 4, persistent=False, tma=True),
+                                 G(64, 128, 64, 8, 4, 4, persistent=False, tma=True)),
 }
 
 
@@ -58,7 +67,8 @@ def kernel_facts():
         except Exception as exc:  # noqa: BLE001
             facts[flavour] = str(exc)
     return facts
-SHAPES = {"dsv2_ep8": (5120, 1536, 20), "dsv2_lite": (2048, 1408, 64), "mixtral_ep2": (4096, 14336, 4)}
+SHAPES = {"dsv2_ep8": (5120, 1536, 20), "dsv2_lite": (2048, 1408, 64), "mixtral_ep2": (4096, 14336, 4),
+          "qwen3_30b_ep2": (2048, 768, 64), "h4096_f1536_n16": (4096, 1536, 16), "dsv3_ep8": (7168, 2048, 32)}
 
 
 def main():
@@ -67,6 +77,7 @@ def main():
     parser.add_argument("--loads", default="16,256,1024,4096")
     parser.add_argument("--skews", default="0,1.0")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--shapes", default="dsv2_ep8,dsv2_lite,mixtral_ep2", help=", ".join(SHAPES))
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16
@@ -76,14 +87,15 @@ def main():
     results = []
     cal.warm_gpu(device, seconds=2.0)
     facts_seen = set()
-    for shape_name, (hidden, ffn, n) in SHAPES.items():
+    for shape_name in args.shapes.split(","):
+        hidden, ffn, n = SHAPES[shape_name]
         experts = cal.synthetic_experts(hidden, ffn, n, dtype, device, seed=2)
         inputs = cal.make_inputs(n * max(loads), hidden, dtype, device, sets=3, seed=2)
         for mean in loads:
             for skew in skews:
                 counts = cal.make_counts(n, mean, skew, seed=2)
                 rows = sum(counts)
-                base = cal.measure_point(experts, ["grouped", "triton"], counts, inputs, device, 0.03)
+                base = cal.measure_point(experts, ["grouped", "dense", "triton"], counts, inputs, device, 0.03)
                 per_cfg = {}
                 errors = {}
                 for name in names:
@@ -115,10 +127,12 @@ def main():
                 best = min((k for k in per_cfg if per_cfg[k]), key=per_cfg.get)
                 flops = 6.0 * rows * hidden * ffn
                 rec = {"shape": shape_name, "load": mean, "skew": skew, "max": max(counts),
-                       "grouped": base["grouped"], "triton_default": base["triton"], "configs": per_cfg,
+                       "grouped": base["grouped"], "dense": base["dense"], "triton_default": base["triton"],
+                       "configs": per_cfg,
                        "best": best, "errors": errors}
                 results.append(rec)
                 print(f"{shape_name:>11} load {mean:5d} skew {skew:.1f} grouped {base['grouped']*1e3:7.3f} "
+                      f"dense {base['dense']*1e3:7.3f} "
                       f"({flops/base['grouped']/1e12:5.0f} TF/s) triton-default {base['triton']*1e3:7.3f} "
                       f"best {best} {per_cfg[best]*1e3:7.3f} ({flops/per_cfg[best]/1e12:5.0f} TF/s) "
                       f"x{base['grouped']/per_cfg[best]:.2f} | "

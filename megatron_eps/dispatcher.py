@@ -267,7 +267,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
 
         with self._phase("experts.prepare"):
-            experts.prepare(layout)
+            experts.prepare(layout, beside_copy=num_chunks > 1 and transport.moves_rows)
         hidden_size = tokens.shape[-1]
         packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("transport.begin"):

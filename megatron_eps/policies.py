@@ -70,18 +70,23 @@ class ExpertRunner:
         self.eps_config = eps_config
         self.backends_used: List[str] = []
         self._resolved = {}
+        self._beside_copy = False
 
     def begin_forward(self, eps_config: EPSConfig) -> None:
         if eps_config is not self.eps_config:
             self.eps_config = eps_config
             self._resolved.clear()
         self.backends_used = []
+        self._beside_copy = False
         self.local_experts.begin_forward()
 
-    def prepare(self, layout) -> None:
-        """Before the first chunk: stage every chunk's expert row offsets in one copy."""
+    def prepare(self, layout, beside_copy: bool = False) -> None:
+        """Before the first chunk: stage every chunk's expert row offsets in one copy.
+        ``beside_copy``: this forward's chunks run beside transfers (pipelined over a link), so
+        ``auto`` chooses and calibrates for that condition."""
         from megatron_eps.experts.gemm_common import stage_int32_batch
 
+        self._beside_copy = beside_copy
         offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
         stage_int32_batch(offsets, self.local_experts.module_device())
 
@@ -100,6 +105,7 @@ class ExpertRunner:
         name = choose_backend(
             kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
             profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
+            beside_copy=self._beside_copy,
         )
         if kernel != "auto":
             self._resolved[key] = name
@@ -149,4 +155,4 @@ class ExpertRunner:
 
         w = self.local_experts.weights()
         shape = (w.hidden_size, w.ffn_hidden_size, len(tokens_per_expert))
-        return KernelAutotuner.key(shape, tokens.dtype, tokens_per_expert)
+        return KernelAutotuner.key(shape, tokens.dtype, tokens_per_expert, self._beside_copy)

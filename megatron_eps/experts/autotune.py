@@ -11,12 +11,16 @@ persists the decision:
 * the cache file (``kernel_cache`` setting, else ``$MEGATRON_EPS_KERNEL_CACHE``, else
   ``~/.cache/megatron_eps/kernels-<gpu>.json``) is keyed by the GPU name and the torch, Triton
   and megatron-eps versions; a corrupt or foreign file gives one warning and a fresh start;
+* a call that runs beside a transfer (a chunk of a pipelined forward) is its own bucket: there
+  the GEMMs share memory bandwidth (and SMs, with a carve-out) with the copies, so its timing
+  is taken under that condition, in the pipeline itself;
 * the choice is per rank and needs no agreement: the pipeline degree is chosen from the shipped
   tables and the count matrix only, never from these timings, so every rank still picks the
   same chunks.
 
-Each candidate runs twice on the first meeting of a bucket (the first run compiles and warms
-up, the second is timed with CUDA events): that is the overhead, once per bucket.
+Each candidate runs ``1 + TIMED_RUNS`` times on the first meeting of a bucket (the first run
+compiles and warms up; the fastest of the timed runs counts, so one preempted run does not
+decide): that is the overhead, once per bucket and GPU (the file keeps it for later runs).
 """
 
 from __future__ import annotations
@@ -36,25 +40,32 @@ FORMAT = "megatron-eps-kernel-cache"
 VERSION = 1
 CACHE_ENV = "MEGATRON_EPS_KERNEL_CACHE"
 
-# (seconds, output) of running ``fn`` once after a warm-up call; ``label`` names the backend
+TIMED_RUNS = 3
+
+# (seconds, output) of running ``fn`` after a warm-up call; ``label`` names the backend
 Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
 
 
 def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
     fn()  # compile and warm up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    out = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3, out
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(TIMED_RUNS)]
+    for start, end in events:
+        start.record()
+        out = fn()
+        end.record()
+    events[-1][1].synchronize()
+    return min(start.elapsed_time(end) for start, end in events) / 1e3, out
 
 
 def wall_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
     fn()
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+    best = float("inf")
+    for _ in range(TIMED_RUNS):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def load_bucket(tokens_per_expert: Sequence[int]) -> Tuple[int, int]:
@@ -99,7 +110,8 @@ class KernelAutotuner:
         self.path, self.device_name, self.timer = path, device_name, timer
         self.versions = versions if versions is not None else current_versions()
         self.decisions: Dict[str, dict] = {}
-        self.timed_calls = 0
+        self.timed_calls = 0  # candidates timed (each 1 + TIMED_RUNS runs)
+        self.tuning_seconds = 0.0  # host time spent calibrating, compilation included
         self._load()
 
     # ------------------------------------------------------------------ the file
@@ -152,9 +164,11 @@ class KernelAutotuner:
 
     # ------------------------------------------------------------------ decisions
     @staticmethod
-    def key(shape: Sequence[int], dtype: torch.dtype, tokens_per_expert: Sequence[int]) -> str:
+    def key(shape: Sequence[int], dtype: torch.dtype, tokens_per_expert: Sequence[int],
+            beside_copy: bool = False) -> str:
         load, skew = load_bucket(tokens_per_expert)
-        return f"{'x'.join(map(str, shape))}/{str(dtype).replace('torch.', '')}/{load}/{skew}"
+        condition = "/beside_copy" if beside_copy else ""
+        return f"{'x'.join(map(str, shape))}/{str(dtype).replace('torch.', '')}/{load}/{skew}{condition}"
 
     def decision(self, key: str) -> Optional[str]:
         entry = self.decisions.get(key)
@@ -165,6 +179,7 @@ class KernelAutotuner:
         """Time ``run(name)`` for every candidate; keep and persist the fastest. Returns the
         winner and its output (every candidate computes the same result)."""
         times, outputs = {}, {}
+        started = time.perf_counter()
         for name in candidates:
             try:
                 seconds, out = self.timer(lambda name=name: run(name), name)
@@ -174,6 +189,7 @@ class KernelAutotuner:
                 continue
             self.timed_calls += 1
             times[name], outputs[name] = seconds, out
+        self.tuning_seconds += time.perf_counter() - started
         if not times:
             raise RuntimeError(f"no expert kernel of {list(candidates)} ran for {key}")
         winner = min(times, key=times.get)

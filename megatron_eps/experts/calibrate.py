@@ -164,6 +164,60 @@ def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[s
     return seconds
 
 
+class CopyBeside:
+    """Copy-engine copies on a side stream that keep running while a timed call runs.
+
+    A pipelined chunk's GEMMs run while the transport copies rows to and from the peers;
+    those copies use no SMs but take memory bandwidth. On one GPU the nearest stand-in is a
+    device-to-device ``copy_`` of the same bytes (cudaMemcpyAsync), issued so that it lasts
+    longer than the timed call. ``copy_seconds`` (alone) and ``copy_seconds_beside_gemm``
+    (beside a persistent GEMM) tell whether the copy is SM-free here: an SM-based copy would
+    slow down severalfold beside the GEMM.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device):
+        nbytes = max(int(nbytes), 8 << 20)
+        self.src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.stream = torch.cuda.Stream(device)
+        self.device = device
+        self.copy_seconds = time_call(lambda i: self.dst.copy_(self.src), device, target_s=0.01)
+
+    def issue(self, seconds: float) -> None:
+        """Enqueue enough copies on the side stream to last ``seconds`` (one at least)."""
+        copies = max(1, int(seconds / self.copy_seconds) + 1)
+        with torch.cuda.stream(self.stream):
+            for _ in range(copies):
+                self.dst.copy_(self.src)
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+
+
+def measure_point_beside_copy(experts, backends, counts, inputs, device, target_s,
+                              alone: Dict[str, float]) -> Dict[str, float]:
+    """Median seconds of each backend on one load while copies of the call's input bytes run
+    on another stream (``alone``: the same backends' times without them)."""
+    from megatron_eps.experts.base import get_backend
+
+    rows = sum(counts)
+    hidden = inputs[0][0].shape[1]
+    beside = CopyBeside(rows * hidden * inputs[0][0].element_size(), device)
+    seconds = {}
+    with torch.no_grad():
+        for name in backends:
+            backend = get_backend(name)
+
+            def run(i, backend=backend, expected=2.0 * alone[name]):
+                beside.issue(expected)
+                x, p = inputs[i % len(inputs)]
+                return backend.forward(experts, x[:rows], counts, p[:rows], 0)
+
+            seconds[name] = time_call(run, device, target_s=target_s)
+            beside.drain()
+    return seconds
+
+
 # ---------------------------------------------------------------------------- environment
 def versions() -> Dict[str, Optional[str]]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -277,9 +331,13 @@ def calibrate(
     max_rows: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    beside_copy: bool = False,
 ) -> dict:
+    """The kernel tables (the profile's ``experts`` section) of ``shapes`` on ``device``;
+    ``beside_copy`` also times every point beside a copy-engine copy (CUDA only)."""
     from tqdm import tqdm
 
+    beside_copy = beside_copy and device.type == "cuda"
     warm_gpu(device)
     shape_records = []
     total_points = len(shapes) * len(loads) * len(skews)
@@ -300,16 +358,18 @@ def calibrate(
                     bar.update(1)
                     continue
                 seconds = measure_point(experts, names, counts, inputs, device, target_s)
-                records.append(
-                    {
-                        "tokens_per_expert": mean,
-                        "skew": skew,
-                        "rows": sum(counts),
-                        "max_tokens": max(counts),
-                        "counts": counts,
-                        "seconds": seconds,
-                    }
-                )
+                record = {
+                    "tokens_per_expert": mean,
+                    "skew": skew,
+                    "rows": sum(counts),
+                    "max_tokens": max(counts),
+                    "counts": counts,
+                    "seconds": seconds,
+                }
+                if beside_copy:
+                    record["seconds_beside_copy"] = measure_point_beside_copy(
+                        experts, names, counts, inputs, device, target_s, seconds)
+                records.append(record)
                 bar.update(1)
         shape_records.append(
             {"hidden": hidden, "ffn": ffn, "experts": n, "gated": True, "activation": "swiglu",
@@ -332,8 +392,38 @@ def calibrate(
         "timing": {"method": "cuda events per call, median" if device.type == "cuda" else "host clock, median",
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
+        "beside_copy": copy_engine_check(device) if beside_copy else None,
         "shapes": shape_records,
     }
+
+
+def copy_engine_check(device: torch.device) -> dict:
+    """How the beside-copy stand-in behaves here: a 256 MB device copy alone and beside a
+    persistent GEMM that holds every SM, and the GEMM alone and beside the copy."""
+    beside = CopyBeside(256 << 20, device)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    gemm = time_call(lambda i: torch.mm(a, a), device, target_s=0.05)
+    reps = max(1, int(gemm / beside.copy_seconds))
+
+    def gemm_beside_copies(i):
+        beside.issue(2.0 * gemm)
+        return torch.mm(a, a)
+
+    with_copy = time_call(gemm_beside_copies, device, target_s=0.05)
+    beside.drain()
+    # GEMMs enqueued first, so every copy runs while a GEMM holds the SMs.
+    for _ in range(int(2 * reps * beside.copy_seconds / gemm) + 2):
+        torch.mm(a, a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(beside.stream):
+        start.record()
+        for _ in range(reps):
+            beside.dst.copy_(beside.src)
+        end.record()
+    torch.cuda.synchronize(device)
+    return {"copy_bytes": beside.src.numel(), "copy_seconds": beside.copy_seconds,
+            "copy_seconds_beside_gemm": start.elapsed_time(end) / 1e3 / reps,
+            "gemm_seconds": gemm, "gemm_seconds_beside_copy": with_copy}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rows", type=int, default=None, help="skip loads with more rows than this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--beside-copy", action="store_true",
+                        help="also time every load beside a copy-engine copy (the condition of a "
+                        "pipelined chunk; CUDA only): the seconds_beside_copy tables")
     return parser
 
 
@@ -397,6 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_rows=args.max_rows,
         seed=args.seed,
         progress=not args.no_progress,
+        beside_copy=args.beside_copy,
     )
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)

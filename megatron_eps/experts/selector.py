@@ -17,6 +17,13 @@ Prediction (``predict_time``)
     shapes are blended by inverse squared distance in (log n, log H, log F); an exact shape
     match uses its own table only.
 
+Beside a transfer (``beside_copy``)
+    A profile may also hold, per load, each backend's time while a copy-engine copy of the
+    call's rows runs on another stream (``seconds_beside_copy``, ``megatron-eps-calibrate
+    --beside-copy``): GEMMs then share memory bandwidth, and where the pipeline carves SMs out,
+    fewer SMs. A pipelined forward (its chunks run beside dispatch and combine) chooses from
+    those tables where they exist, from the plain ones otherwise.
+
 Choice (``choose_backend``)
     An explicit backend name is checked for availability (a clear error names the setting
     ``expert_kernel`` and the values available here). ``auto`` takes the backend with the least
@@ -136,15 +143,21 @@ class CostProfile:
         self.data = data
         self.device_name: str = data["device"]["name"]
         self.dtype: str = data.get("dtype", "bfloat16")
-        # (backend, H, F, n) -> _ShapeTable
-        self.tables: Dict[Tuple[str, int, int, int], _ShapeTable] = {}
-        for shape in data["shapes"]:
+        # (backend, H, F, n) -> _ShapeTable, alone and beside a copy-engine copy
+        self.tables = self._tables(data["shapes"], "seconds")
+        self.tables_beside_copy = self._tables(data["shapes"], "seconds_beside_copy")
+        self.backends = sorted({k[0] for k in self.tables})
+
+    @staticmethod
+    def _tables(shapes, field: str) -> Dict[Tuple[str, int, int, int], _ShapeTable]:
+        tables = {}
+        for shape in shapes:
             key = (int(shape["hidden"]), int(shape["ffn"]), int(shape["experts"]))
-            backends = sorted({b for load in shape["loads"] for b in load["seconds"]})
-            for backend in backends:
+            measured = [load for load in shape["loads"] if isinstance(load.get(field), dict)]
+            for backend in sorted({b for load in measured for b in load[field]}):
                 grid: Dict[Tuple[float, float], float] = {}
-                for load in shape["loads"]:
-                    t = load["seconds"].get(backend)
+                for load in measured:
+                    t = load[field].get(backend)
                     if t is not None and t > 0 and math.isfinite(t):
                         grid[(float(load["skew"]), float(load["tokens_per_expert"]))] = float(t)
                 skews = sorted({s for s, _ in grid})
@@ -152,8 +165,8 @@ class CostProfile:
                 if not skews or not loads:
                     continue
                 seconds = np.array([[_nearest(grid, s, m) for m in loads] for s in skews])
-                self.tables[(backend,) + key] = _ShapeTable(loads, skews, seconds)
-        self.backends = sorted({k[0] for k in self.tables})
+                tables[(backend,) + key] = _ShapeTable(loads, skews, seconds)
+        return tables
 
     @classmethod
     def from_file(cls, path: str) -> "CostProfile":
@@ -166,8 +179,18 @@ class CostProfile:
         """Measured on this device's kind of GPU (or CPU) and in this dtype."""
         return self.device_name == device_name(device) and self.dtype == _dtype_name(dtype)
 
-    def shapes(self, backend: str) -> List[Tuple[int, int, int]]:
-        return [k[1:] for k in self.tables if k[0] == backend]
+    def covers_shape(self, hidden: int, ffn: int) -> bool:
+        """Some table was measured with this expert width (hidden, ffn); any expert count."""
+        return any(k[1:3] == (hidden, ffn) for k in self.tables)
+
+    def shapes(self, backend: str, beside_copy: bool = False) -> List[Tuple[int, int, int]]:
+        return [k[1:] for k in self.tables_for(backend, beside_copy) if k[0] == backend]
+
+    def tables_for(self, backend: str, beside_copy: bool):
+        """The beside-copy tables where they measured ``backend``, else the plain ones."""
+        if beside_copy and any(k[0] == backend for k in self.tables_beside_copy):
+            return self.tables_beside_copy
+        return self.tables
 
 
 def _read_json(path: str) -> dict:
@@ -242,7 +265,8 @@ def clear_caches() -> None:
 
 
 # ---------------------------------------------------------------------------- prediction
-def predict_time(profile: CostProfile, backend: Optional[str], shape, tokens_per_expert) -> float:
+def predict_time(profile: CostProfile, backend: Optional[str], shape, tokens_per_expert,
+                 beside_copy: bool = False) -> float:
     """Predicted seconds of one expert computation (fc1 + activation + fc2).
 
     backend: a backend name, or None for the fastest backend the profile measured (what
@@ -251,6 +275,8 @@ def predict_time(profile: CostProfile, backend: Optional[str], shape, tokens_per
         ``ffn_hidden_size`` attributes (e.g. cost_model.LayerShape). The number of experts of
         the call is always len(tokens_per_expert): a pipeline chunk covers fewer experts than
         the layer has, so a third element / ``num_local_experts`` is not used.
+    beside_copy: the call runs beside a transfer (a pipelined chunk): the beside-copy tables
+        where the profile has them.
     """
     if hasattr(shape, "hidden_size"):
         hidden, ffn = int(shape.hidden_size), int(shape.ffn_hidden_size)
@@ -262,12 +288,14 @@ def predict_time(profile: CostProfile, backend: Optional[str], shape, tokens_per
         return 0.0
     n = len(counts)
     if backend is None:
-        return min(_predict(profile, name, hidden, ffn, n, mean, skew) for name in profile.backends)
-    return _predict(profile, backend, hidden, ffn, n, mean, skew)
+        return min(_predict(profile, name, hidden, ffn, n, mean, skew, beside_copy)
+                   for name in profile.backends)
+    return _predict(profile, backend, hidden, ffn, n, mean, skew, beside_copy)
 
 
-def _predict(profile, backend, hidden, ffn, n, mean, skew) -> float:
-    shapes = profile.shapes(backend)
+def _predict(profile, backend, hidden, ffn, n, mean, skew, beside_copy=False) -> float:
+    tables = profile.tables_for(backend, beside_copy)
+    shapes = profile.shapes(backend, beside_copy)
     if not shapes:
         raise ValueError(
             f"cost profile {profile.path or ''} has no measurements of expert_kernel={backend!r}; "
@@ -276,7 +304,7 @@ def _predict(profile, backend, hidden, ffn, n, mean, skew) -> float:
     work = float(n) * hidden * ffn
     weighted_log, total_weight = 0.0, 0.0
     for h_r, f_r, n_r in shapes:
-        log_t = math.log(profile.tables[(backend, h_r, f_r, n_r)].predict(mean, skew))
+        log_t = math.log(tables[(backend, h_r, f_r, n_r)].predict(mean, skew))
         log_t += math.log(work / (float(n_r) * h_r * f_r))
         distance = (
             abs(math.log(n / n_r)) + abs(math.log(hidden / h_r)) + abs(math.log(ffn / f_r))
@@ -328,12 +356,19 @@ def _allowed_values() -> List[str]:
 
 
 def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=None) -> List[str]:
-    """The GEMM backends to time on a real load when no cost table covers ``device`` and
-    ``dtype`` (self-calibration), or [] when the tables cover it or there is nothing to pick."""
+    """The GEMM backends to time on a real load (self-calibration), or [] when the cost tables
+    cover this call or there is nothing to pick.
+
+    The tables cover a call when they were measured on this kind of device, in this dtype and
+    with this expert width (hidden, ffn): interpolating across widths lost up to 28% on the
+    H200 (research notes, section 4), while the expert count only scales the work.
+    """
     if profile is None:
         profile = load_cost_profile(None, device)
     if profile is not None and profile.covers(device, dtype):
-        return []
+        weights = local_experts.weights()
+        if profile.covers_shape(weights.hidden_size, weights.ffn_hidden_size):
+            return []
     gemm = [name for name in _available(local_experts, device, dtype) if name != "megatron"]
     return gemm if len(gemm) > 1 else []
 
@@ -345,8 +380,10 @@ def choose_backend(
     device,
     dtype: torch.dtype,
     profile: Optional[CostProfile] = None,
+    beside_copy: bool = False,
 ) -> str:
-    """The backend name to run this call with (see the module docstring)."""
+    """The backend name to run this call with (see the module docstring); ``beside_copy``: the
+    call runs beside a transfer (a chunk of a pipelined forward)."""
     allowed = _allowed_values()
     if requested not in allowed and requested not in base.registered_backends():
         raise ValueError(
@@ -383,10 +420,12 @@ def choose_backend(
         return default_backend(device, candidates)
     # Decisions are cached on a fine grid of the load summary (1/8 octave of load, 0.05 skew):
     # the choice is then a dict lookup on the hot path.
-    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20))
+    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20),
+           beside_copy)
     choice = _DECISIONS.get(key)
     if choice is None:
-        times = {name: _predict(profile, name, hidden, ffn, n, mean, skew) for name in candidates}
+        times = {name: _predict(profile, name, hidden, ffn, n, mean, skew, beside_copy)
+                 for name in candidates}
         fastest = min(times.values())
         preference = _preference_order(device, candidates)
         choice = next(name for name in preference if times[name] <= fastest * (1 + SELECTION_MARGIN))

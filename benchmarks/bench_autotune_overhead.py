@@ -1,0 +1,144 @@
+"""What self-calibration costs a prefill: the first forward of a stack of EPS MoE layers with
+``kernel_autotune`` on (a fresh decision cache) and off, each in a fresh process (GPU).
+
+A Qwen3-30B-A3B-like layer (H2048, 128 experts of F768, top-8; a width no shipped kernel table
+covers, so ``auto`` calibrates) is stacked ``--layers`` times (27 by default, the depth of
+DeepSeek-V2-Lite) at ``--tokens`` tokens (8K). Each mode runs in its own process, so the first
+forward pays what a real first forward pays (CUDA and cuBLAS start-up, Triton compilation or
+loading). Modes:
+
+  cold         kernel_autotune on, empty decision cache and empty Triton cache: a first run ever
+  off          kernel_autotune off: the tables alone
+  warm_triton  kernel_autotune on, empty decision cache, Triton kernels already compiled
+  cached       kernel_autotune on, the decisions the previous mode wrote: nothing is timed
+
+Prints a table and writes JSON (``--out``): per mode the first and the steady forward, the
+autotuner's timed candidates and seconds, and the share of the first forward spent calibrating.
+
+    python benchmarks/bench_autotune_overhead.py --out overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODES = ("cold", "off", "warm_triton", "cached")  # run in this order: "cold" needs an empty Triton cache
+
+
+def run_one(args) -> dict:
+    """One process: build the stack, time three forwards, report the autotuner's work."""
+    import torch
+
+    from megatron_eps import compat
+    from megatron_eps.config import EPSConfig
+    from megatron_eps.experts.autotune import autotuner_for
+    from megatron_eps.moe_layer import EPSMoELayer
+    from megatron_eps.testing.distributed import Utils, free_port
+    from megatron_eps.testing.models import moe_config
+
+    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("MASTER_PORT", str(free_port()))):
+        os.environ.setdefault(key, value)
+    Utils.initialize_model_parallel(1, 1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16
+    config = moe_config(num_experts=args.experts, topk=args.topk, hidden_size=args.hidden,
+                        ffn_hidden_size=args.ffn, dtype=dtype)
+    eps_config = EPSConfig(kernel_autotune="off" if args.mode == "off" else "on",
+                           kernel_cache=args.kernel_cache)
+    submodules = compat.moe_submodules_from_spec(compat.local_moe_spec(args.experts))
+    Utils.set_seed(1)
+    layers = [EPSMoELayer(config, submodules=submodules, eps_config=eps_config).to(device).eval()
+              for _ in range(args.layers)]
+    gen = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.tokens, 1, args.hidden, device=device, generator=gen).to(dtype) * 0.5
+
+    def forward():
+        h = x
+        with torch.no_grad():
+            for layer in layers:
+                h = h + layer(h)[0]
+        torch.cuda.synchronize(device)
+
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - t0)
+    tuner = autotuner_for(device, args.kernel_cache)
+    backends = sorted({b for layer in layers for b in layer.expert_runner.backends_used})
+    return {"mode": args.mode, "first_s": times[0], "steady_s": min(times[1:]),
+            "timed_candidates": tuner.timed_calls, "tuning_s": tuner.tuning_seconds,
+            "buckets": sorted(tuner.decisions), "backends_last_forward": backends}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=27)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--git-commit", default=None)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--kernel-cache", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return None
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_autotune_overhead.py times GPU first forwards; no CUDA device here")
+    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.provenance import git_commit
+
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        cache = os.path.join(root, "kernels.json")
+        triton_cache = os.path.join(root, "triton")
+        shape_args = [f"--{k}={getattr(args, k)}" for k in ("layers", "tokens", "hidden", "ffn", "experts", "topk")]
+        for mode in MODES:
+            if mode in ("cold", "warm_triton") and os.path.exists(cache):
+                os.remove(cache)
+            env = dict(os.environ, TRITON_CACHE_DIR=triton_cache)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--mode", mode, "--kernel-cache", cache] + shape_args,
+                env=env, capture_output=True, text=True, timeout=600)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"mode {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            record = json.loads(line[len("RESULT "):])
+            record["share_of_first_forward"] = record["tuning_s"] / record["first_s"]
+            results.append(record)
+            print(f"{mode:>12}: first forward {record['first_s'] * 1e3:8.1f} ms, steady {record['steady_s'] * 1e3:7.1f} ms, "
+                  f"timed candidates {record['timed_candidates']:3d} in {len(record['buckets'])} bucket(s), "
+                  f"calibrating {record['tuning_s'] * 1e3:7.1f} ms = {100 * record['share_of_first_forward']:.1f}% "
+                  f"of the first forward; backends {record['backends_last_forward']}", flush=True)
+    device = torch.device("cuda", 0)
+    result = {"benchmark": "bench_autotune_overhead", "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+              "git_commit": args.git_commit or git_commit(), "device": cal.device_info(device),
+              "versions": cal.versions(), "shape": {k: getattr(args, k) for k in ("layers", "tokens", "hidden", "ffn", "experts", "topk")},
+              "modes": results}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
