@@ -116,6 +116,9 @@ class PipelineProfile:
         carveout)``. None: the carve-out is not modeled.
     link_piece_us: fixed time of each copy a copy-engine transport issues (one per peer and
         expert of a chunk), on top of ``link_latency_us`` per chunk; 0 for NCCL.
+    use_kernel_tables: time the expert GEMMs with the profile's kernel tables (its ``experts``
+        section) where it has them; false: with ``expert_tflops`` and ``memory_bandwidth_gbps``,
+        for constants that were fitted against that roofline.
     emulated_remote_fraction: only for the single-GPU link emulator (benchmarks): with
         ep_size 1 the link moves this fraction of every row (7/8 emulates rank 0 of EP=8). None
         (every real deployment): at ep_size 1 nothing crosses a link.
@@ -137,6 +140,7 @@ class PipelineProfile:
     min_gain: float = 0.0
     sm_count: Optional[float] = None
     link_piece_us: float = 0.0
+    use_kernel_tables: bool = True
 
     _REQUIRED = ("link_bandwidth_gbps", "link_latency_us", "chunk_overhead_us", "expert_tflops")
 
@@ -170,7 +174,10 @@ class PipelineProfile:
         known = {f.name for f in fields(cls)} - {"source"}
         values = {k: section[k] for k in known if k in section and section[k] is not None}
         for k, v in list(values.items()):
-            values[k] = float(v)
+            values[k] = v if k == "use_kernel_tables" else float(v)
+        if not isinstance(values.get("use_kernel_tables", True), bool):
+            raise ValueError(f"eps cost_profile {source!r}: use_kernel_tables must be true or false, "
+                             f"got {values['use_kernel_tables']!r}")
         return cls(source=source, **values)
 
     @classmethod

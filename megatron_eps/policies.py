@@ -40,7 +40,7 @@ class ChunkingPolicy:
             from megatron_eps.experts.selector import load_cost_profile
 
             profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
-            if profile is not None:
+            if profile is not None and profile.use_kernel_tables:
                 kernel_profile = load_cost_profile(self.eps_config.cost_profile, self.device)
         return choose_chunking(
             counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,

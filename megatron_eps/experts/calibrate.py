@@ -165,51 +165,53 @@ def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[s
 
 
 class CopyBeside:
-    """Copy-engine copies on a side stream that keep running while a timed call runs.
+    """A copy-engine copy on a side stream that runs while a timed call runs.
 
     A pipelined chunk's GEMMs run while the transport copies rows to and from the peers;
     those copies use no SMs but take memory bandwidth. On one GPU the nearest stand-in is a
-    device-to-device ``copy_`` of the same bytes (cudaMemcpyAsync), issued so that it lasts
-    longer than the timed call. ``copy_seconds`` (alone) and ``copy_seconds_beside_gemm``
-    (beside a persistent GEMM) tell whether the copy is SM-free here: an SM-based copy would
-    slow down severalfold beside the GEMM.
+    device-to-device ``copy_`` (cudaMemcpyAsync). It moves about 2 TB/s of HBM traffic (read
+    plus write) where an NVLink transfer of two H200s moves about 0.7 TB/s (0.35 out, 0.35
+    in), so it is a pessimistic stand-in: it ranks the backends by how much they suffer from
+    a busy memory system. One copy is issued per timed call, sized to outlast it, so the host
+    issues one call and no more.
     """
 
-    def __init__(self, nbytes: int, device: torch.device):
-        nbytes = max(int(nbytes), 8 << 20)
-        self.src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.dst = torch.empty_like(self.src)
-        self.stream = torch.cuda.Stream(device)
+    def __init__(self, device: torch.device, max_bytes: int = 4 << 30):
         self.device = device
-        self.copy_seconds = time_call(lambda i: self.dst.copy_(self.src), device, target_s=0.01)
+        self.buffer = torch.empty(2 * max_bytes, dtype=torch.uint8, device=device)
+        probe = 64 << 20
+        self.bytes_per_second = probe / time_call(
+            lambda i: self.buffer[probe:2 * probe].copy_(self.buffer[:probe]), device, target_s=0.01)
+        self.stream = torch.cuda.Stream(device)
+
+    def copy_seconds(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_second
 
     def issue(self, seconds: float) -> None:
-        """Enqueue enough copies on the side stream to last ``seconds`` (one at least)."""
-        copies = max(1, int(seconds / self.copy_seconds) + 1)
+        """Enqueue on the side stream one copy that lasts about ``seconds`` (or the largest one)."""
+        half = self.buffer.numel() // 2
+        nbytes = min(half, max(1 << 20, int(seconds * self.bytes_per_second)))
         with torch.cuda.stream(self.stream):
-            for _ in range(copies):
-                self.dst.copy_(self.src)
+            self.buffer[half:half + nbytes].copy_(self.buffer[:nbytes])
 
     def drain(self) -> None:
         self.stream.synchronize()
 
 
 def measure_point_beside_copy(experts, backends, counts, inputs, device, target_s,
-                              alone: Dict[str, float]) -> Dict[str, float]:
-    """Median seconds of each backend on one load while copies of the call's input bytes run
-    on another stream (``alone``: the same backends' times without them)."""
+                              alone: Dict[str, float], beside: "CopyBeside") -> Dict[str, float]:
+    """Median seconds of each backend on one load while a copy that outlasts the call runs on
+    another stream (``alone``: the same backends' times without it)."""
     from megatron_eps.experts.base import get_backend
 
     rows = sum(counts)
-    hidden = inputs[0][0].shape[1]
-    beside = CopyBeside(rows * hidden * inputs[0][0].element_size(), device)
     seconds = {}
     with torch.no_grad():
         for name in backends:
             backend = get_backend(name)
 
-            def run(i, backend=backend, expected=2.0 * alone[name]):
-                beside.issue(expected)
+            def run(i, backend=backend, lasting=1.5 * alone[name]):
+                beside.issue(lasting)
                 x, p = inputs[i % len(inputs)]
                 return backend.forward(experts, x[:rows], counts, p[:rows], 0)
 
@@ -337,7 +339,7 @@ def calibrate(
     ``beside_copy`` also times every point beside a copy-engine copy (CUDA only)."""
     from tqdm import tqdm
 
-    beside_copy = beside_copy and device.type == "cuda"
+    beside = CopyBeside(device) if beside_copy and device.type == "cuda" else None
     warm_gpu(device)
     shape_records = []
     total_points = len(shapes) * len(loads) * len(skews)
@@ -366,9 +368,9 @@ def calibrate(
                     "counts": counts,
                     "seconds": seconds,
                 }
-                if beside_copy:
+                if beside is not None:
                     record["seconds_beside_copy"] = measure_point_beside_copy(
-                        experts, names, counts, inputs, device, target_s, seconds)
+                        experts, names, counts, inputs, device, target_s, seconds, beside)
                 records.append(record)
                 bar.update(1)
         shape_records.append(
@@ -392,37 +394,37 @@ def calibrate(
         "timing": {"method": "cuda events per call, median" if device.type == "cuda" else "host clock, median",
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
-        "beside_copy": copy_engine_check(device) if beside_copy else None,
+        "beside_copy": copy_engine_check(beside) if beside is not None else None,
         "shapes": shape_records,
     }
 
 
-def copy_engine_check(device: torch.device) -> dict:
-    """How the beside-copy stand-in behaves here: a 256 MB device copy alone and beside a
-    persistent GEMM that holds every SM, and the GEMM alone and beside the copy."""
-    beside = CopyBeside(256 << 20, device)
+def copy_engine_check(beside: CopyBeside) -> dict:
+    """How the beside-copy stand-in behaves here: its bandwidth, a persistent GEMM that holds
+    every SM alone and beside it, and the copy's bandwidth beside that GEMM (an SM-based copy
+    would wait for the GEMM's SMs and crawl)."""
+    device = beside.device
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     gemm = time_call(lambda i: torch.mm(a, a), device, target_s=0.05)
-    reps = max(1, int(gemm / beside.copy_seconds))
 
-    def gemm_beside_copies(i):
-        beside.issue(2.0 * gemm)
+    def gemm_beside_copy(i):
+        beside.issue(1.5 * gemm)
         return torch.mm(a, a)
 
-    with_copy = time_call(gemm_beside_copies, device, target_s=0.05)
+    with_copy = time_call(gemm_beside_copy, device, target_s=0.05)
     beside.drain()
-    # GEMMs enqueued first, so every copy runs while a GEMM holds the SMs.
-    for _ in range(int(2 * reps * beside.copy_seconds / gemm) + 2):
+    for _ in range(4):  # GEMMs enqueued first: the copy runs while they hold the SMs
         torch.mm(a, a)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    half = beside.buffer.numel() // 2
+    nbytes = min(half, int(2 * gemm * beside.bytes_per_second))
     with torch.cuda.stream(beside.stream):
         start.record()
-        for _ in range(reps):
-            beside.dst.copy_(beside.src)
+        beside.buffer[half:half + nbytes].copy_(beside.buffer[:nbytes])
         end.record()
     torch.cuda.synchronize(device)
-    return {"copy_bytes": beside.src.numel(), "copy_seconds": beside.copy_seconds,
-            "copy_seconds_beside_gemm": start.elapsed_time(end) / 1e3 / reps,
+    return {"copy_gb_per_s": beside.bytes_per_second / 1e9,
+            "copy_gb_per_s_beside_gemm": nbytes / (start.elapsed_time(end) / 1e3) / 1e9,
             "gemm_seconds": gemm, "gemm_seconds_beside_copy": with_copy}
 
 

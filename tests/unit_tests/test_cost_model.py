@@ -553,3 +553,13 @@ def test_profile_links_section_gives_each_transport_its_link(tmp_path):
     bad.write_text(_json.dumps({"pipeline": base, "links": {"copy_engine": {"typo_us": 1}}}))
     with pytest.raises(ValueError, match="links.copy_engine.*typo_us"):
         load_pipeline_profile(str(bad), "cpu", "copy_engine")
+
+
+def test_profiles_fitted_against_the_roofline_keep_it():
+    from megatron_eps.cost_model import PipelineProfile
+
+    base = {"link_bandwidth_gbps": 100, "link_latency_us": 10, "chunk_overhead_us": 50, "expert_tflops": 400}
+    assert PipelineProfile.from_dict(base).use_kernel_tables is True
+    assert PipelineProfile.from_dict({**base, "use_kernel_tables": False}).use_kernel_tables is False
+    with pytest.raises(ValueError, match="use_kernel_tables"):
+        PipelineProfile.from_dict({**base, "use_kernel_tables": "no"})

@@ -29,6 +29,18 @@ def test_buckets_are_coarse():
     assert load_bucket([0, 0]) == (-1, 0)
 
 
+def test_a_call_beside_a_transfer_is_its_own_bucket(tmp_path):
+    counts = [10, 12, 9, 11]
+    alone = KernelAutotuner.key((64, 32, 4), torch.bfloat16, counts)
+    beside = KernelAutotuner.key((64, 32, 4), torch.bfloat16, counts, beside_copy=True)
+    assert alone != beside
+    tuner = KernelAutotuner(str(tmp_path / "k.json"), "GPU A",
+                            _fake_timer({"dense": lambda: 2.0, "grouped": lambda: 1.0}))
+    tuner.tune(alone, ["dense", "grouped"], lambda name: torch.zeros(1))
+    assert tuner.decision(alone) == "grouped" and tuner.decision(beside) is None
+    assert tuner.tuning_seconds > 0
+
+
 def test_cache_round_trip_and_keying(tmp_path):
     path = str(tmp_path / "k.json")
     tuner = KernelAutotuner(path, "GPU A", _fake_timer({"dense": lambda: 2.0, "grouped": lambda: 1.0}))

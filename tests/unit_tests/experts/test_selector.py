@@ -204,3 +204,39 @@ def test_shipped_h100_profile_is_valid_and_sensible():
     # (measured ~5 ms) while the grouped kernels stream the weights once (~0.45 ms).
     low = selector.predict_time(profile, "dense", (2048, 1408), [16] * 64)
     assert low > 4 * selector.predict_time(profile, "grouped", (2048, 1408), [16] * 64)
+
+
+def _with_beside_copy(profile_data, times_beside):
+    """The same profile with a seconds_beside_copy table from times_beside(backend, load, skew)."""
+    data = json.loads(json.dumps(profile_data))
+    for load in data["shapes"][0]["loads"]:
+        load["seconds_beside_copy"] = {
+            b: times_beside(b, load["tokens_per_expert"], load["skew"]) for b in ("dense", "grouped")}
+    return selector.CostProfile(data)
+
+
+def test_a_pipelined_call_chooses_from_the_beside_copy_tables(experts):
+    alone = synthetic_profile(crossing_times)
+    # Beside a copy, dense suffers 10x: grouped wins everywhere.
+    profile = _with_beside_copy(alone.data, lambda b, m, s: crossing_times(b, m, s) * (10 if b == "dense" else 1))
+    cpu = torch.device("cpu")
+    low = [8] * N
+    assert selector.choose_backend("auto", experts, low, cpu, torch.float32, profile) == "dense"
+    assert selector.choose_backend("auto", experts, low, cpu, torch.float32, profile, beside_copy=True) == "grouped"
+    assert selector.predict_time(profile, "dense", (HIDDEN, FFN), low, beside_copy=True) == pytest.approx(
+        10 * selector.predict_time(profile, "dense", (HIDDEN, FFN), low))
+    # A profile without beside-copy tables answers a pipelined call from the plain ones.
+    assert selector.choose_backend("auto", experts, low, cpu, torch.float32, alone, beside_copy=True) == "dense"
+
+
+def test_calibration_where_the_tables_lack_the_expert_width(experts):
+    cpu = torch.device("cpu")
+    covering = synthetic_profile(crossing_times)  # HIDDEN x FFN, 8 experts
+    fewer_experts = synthetic_profile(crossing_times, shape=(HIDDEN, FFN, 2 * N))
+    other_width = synthetic_profile(crossing_times, shape=(HIDDEN, 2 * FFN, N))
+    other_gpu = synthetic_profile(crossing_times, device_name="NVIDIA Z100")
+    assert selector.calibration_candidates(experts, cpu, torch.float32, covering) == []
+    assert selector.calibration_candidates(experts, cpu, torch.float32, fewer_experts) == []
+    for profile in (other_width, other_gpu):
+        candidates = selector.calibration_candidates(experts, cpu, torch.float32, profile)
+        assert {"dense", "grouped"} <= set(candidates)
