@@ -9,8 +9,9 @@ against a dense bf16 GEMM ceiling measured in the same run.
 Three selections are scored on the same timings:
   ``profile``   the cost tables alone (``kernel_autotune: off``);
   ``autotune``  what a layer does with ``kernel_autotune: auto``: where the tables do not cover
-                the shape, the first call of each load bucket times the candidates
-                (experts/autotune.py, a fresh cache per run) and later calls reuse the winner;
+                the shape or cannot tell the best backends apart, the first call of each load
+                bucket times the candidates (experts/autotune.py, a fresh cache per run) and
+                later calls reuse the winner;
   ``default``   no profile at all (the documented fixed order). ``--stock`` also times Megatron's
 stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank (top-6).
 
@@ -96,7 +97,7 @@ class AutotuneSelection:
     def choose(self, experts, counts, x, probs, device, dtype, shape):
         from megatron_eps.experts.autotune import KernelAutotuner
 
-        candidates = selector.calibration_candidates(experts, device, dtype, self.profile)
+        candidates = selector.calibration_candidates(experts, device, dtype, self.profile, counts)
         if not candidates:
             return selector.choose_backend("auto", experts, counts, device, dtype, self.profile)
         key = KernelAutotuner.key(shape, dtype, counts)
@@ -119,7 +120,7 @@ def run_grid(args, device, dtype, profile, autotune):
         names = cal.measurable_backends(experts, device, dtype)
         max_rows = max(int(round(n * m)) for m in args.loads)
         inputs = cal.make_inputs(max_rows, hidden, dtype, device, sets=3 if device.type == "cuda" else 1, seed=1)
-        covered = not selector.calibration_candidates(experts, device, dtype, profile)
+        covered = profile is not None and profile.covers(device, dtype) and profile.covers_shape(hidden, ffn)
         for mean in args.loads:
             for skew in args.skews:
                 counts = cal.make_counts(n, mean, skew, seed=1)

@@ -100,7 +100,7 @@ class ExpertRunner:
             return self._resolved[key]  # an explicit choice never depends on the load
         if kernel == "auto" and self._calibrates(tokens):
             decided = self._tuner(tokens.device).decision(self._tune_key(tokens, tokens_per_expert))
-            if decided is not None or self._candidates(tokens):
+            if decided is not None or self._candidates(tokens, tokens_per_expert):
                 return decided
         name = choose_backend(
             kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
@@ -115,7 +115,7 @@ class ExpertRunner:
         name = self.resolve(tokens, tokens_per_expert)
         if name is None:
             name, out = self._tuner(tokens.device).tune(
-                self._tune_key(tokens, tokens_per_expert), self._candidates(tokens),
+                self._tune_key(tokens, tokens_per_expert), self._candidates(tokens, tokens_per_expert),
                 lambda n: self._run_backend(n, tokens, tokens_per_expert, probs, first_expert),
             )
             self.backends_used.append(name)
@@ -139,11 +139,12 @@ class ExpertRunner:
             return False
         return mode == "on" or tokens.is_cuda or self.timer is not None
 
-    def _candidates(self, tokens):
+    def _candidates(self, tokens, tokens_per_expert):
         from megatron_eps.experts.selector import calibration_candidates, load_cost_profile
 
         profile = load_cost_profile(self.eps_config.cost_profile, tokens.device)
-        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile)
+        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile,
+                                      tokens_per_expert, self._beside_copy)
 
     def _tuner(self, device):
         from megatron_eps.experts.autotune import autotuner_for

@@ -55,6 +55,9 @@ PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # backends' gpu_default_rank): a backend predicted faster by a hair is not worth the risk of
 # the prediction being noise.
 SELECTION_MARGIN = 0.03
+# Where the tables' best two backends are predicted closer than this, the tables cannot tell
+# them apart (their interpolation error is larger): self-calibration times those on the real load.
+UNSURE_MARGIN = 0.10
 MAX_SKEW = 4.0
 
 
@@ -165,6 +168,9 @@ class CostProfile:
                 if not skews or not loads:
                     continue
                 seconds = np.array([[_nearest(grid, s, m) for m in loads] for s in skews])
+                # More rows never take less time: a point slower than a larger load was a
+                # disturbed measurement (host jitter hits launch-bound backends), not the kernel.
+                seconds = np.minimum.accumulate(seconds[:, ::-1], axis=1)[:, ::-1]
                 tables[(backend,) + key] = _ShapeTable(loads, skews, seconds)
         return tables
 
@@ -261,7 +267,7 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
 def clear_caches() -> None:
     _PROFILE_CACHE.clear()
     _AVAILABLE.clear()
-    _DECISIONS.clear()
+    _PREDICTIONS.clear()
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -319,7 +325,6 @@ def _predict(profile, backend, hidden, ffn, n, mean, skew, beside_copy=False) ->
 
 # ---------------------------------------------------------------------------- choice
 _AVAILABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_DECISIONS: Dict[tuple, str] = {}
 
 
 def _available(local_experts, device, dtype) -> List[str]:
@@ -355,22 +360,58 @@ def _allowed_values() -> List[str]:
     return list(base.kernel_names())
 
 
-def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=None) -> List[str]:
-    """The GEMM backends to time on a real load (self-calibration), or [] when the cost tables
-    cover this call or there is nothing to pick.
+def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=None,
+                           tokens_per_expert: Optional[Sequence[int]] = None,
+                           beside_copy: bool = False) -> List[str]:
+    """The GEMM backends to time on this real load (self-calibration), or [] when the cost
+    tables decide it or there is nothing to pick.
 
-    The tables cover a call when they were measured on this kind of device, in this dtype and
-    with this expert width (hidden, ffn): interpolating across widths lost up to 28% on the
-    H200 (research notes, section 4), while the expert count only scales the work.
+    The tables decide a call when they were measured on this kind of device, in this dtype and
+    with this expert width (hidden, ffn), and (given the call's ``tokens_per_expert``) when
+    they predict one backend faster than the others by more than ``UNSURE_MARGIN``.
+    Interpolating across widths lost up to 28% on the H200 (research notes, section 4); where
+    two backends are predicted within a few percent, the interpolation error decides. Then
+    only the backends within the margin of the fastest are timed.
     """
     if profile is None:
         profile = load_cost_profile(None, device)
-    if profile is not None and profile.covers(device, dtype):
-        weights = local_experts.weights()
-        if profile.covers_shape(weights.hidden_size, weights.ffn_hidden_size):
-            return []
     gemm = [name for name in _available(local_experts, device, dtype) if name != "megatron"]
-    return gemm if len(gemm) > 1 else []
+    if len(gemm) < 2:
+        return []
+    if profile is None or not profile.covers(device, dtype):
+        return gemm
+    weights = local_experts.weights()
+    if not profile.covers_shape(weights.hidden_size, weights.ffn_hidden_size):
+        return gemm
+    measured = [name for name in gemm if name in profile.backends]
+    if tokens_per_expert is None or len(measured) < 2:
+        return []
+    times = _predicted_times(profile, measured, weights, tokens_per_expert, beside_copy)
+    if not times:
+        return []
+    fastest = min(times.values())
+    close = [name for name in measured if times[name] <= fastest * (1 + UNSURE_MARGIN)]
+    return close if len(close) > 1 else []
+
+
+_PREDICTIONS: Dict[tuple, Dict[str, float]] = {}
+
+
+def _predicted_times(profile, candidates, weights, tokens_per_expert, beside_copy) -> Dict[str, float]:
+    """Predicted seconds per candidate, cached on a fine grid of the load summary (1/8 octave
+    of load, 0.05 skew) so that the hot path is a dict lookup. {} for an empty call."""
+    hidden, ffn, n = weights.hidden_size, weights.ffn_hidden_size, len(tokens_per_expert)
+    mean, skew = load_summary(tokens_per_expert)
+    if mean == 0:
+        return {}
+    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20),
+           beside_copy)
+    times = _PREDICTIONS.get(key)
+    if times is None:
+        times = {name: _predict(profile, name, hidden, ffn, n, mean, skew, beside_copy)
+                 for name in candidates}
+        _PREDICTIONS[key] = times
+    return times
 
 
 def choose_backend(
@@ -413,21 +454,9 @@ def choose_backend(
     candidates = [name for name in gemm if name in profile.backends]
     if not candidates:
         return default_backend(device, gemm)
-    weights = local_experts.weights()
-    hidden, ffn, n = weights.hidden_size, weights.ffn_hidden_size, len(tokens_per_expert)
-    mean, skew = load_summary(tokens_per_expert)
-    if mean == 0:
+    times = _predicted_times(profile, candidates, local_experts.weights(), tokens_per_expert, beside_copy)
+    if not times:
         return default_backend(device, candidates)
-    # Decisions are cached on a fine grid of the load summary (1/8 octave of load, 0.05 skew):
-    # the choice is then a dict lookup on the hot path.
-    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20),
-           beside_copy)
-    choice = _DECISIONS.get(key)
-    if choice is None:
-        times = {name: _predict(profile, name, hidden, ffn, n, mean, skew, beside_copy)
-                 for name in candidates}
-        fastest = min(times.values())
-        preference = _preference_order(device, candidates)
-        choice = next(name for name in preference if times[name] <= fastest * (1 + SELECTION_MARGIN))
-        _DECISIONS[key] = choice
-    return choice
+    fastest = min(times.values())
+    preference = _preference_order(device, candidates)
+    return next(name for name in preference if times[name] <= fastest * (1 + SELECTION_MARGIN))

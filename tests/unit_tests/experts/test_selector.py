@@ -240,3 +240,26 @@ def test_calibration_where_the_tables_lack_the_expert_width(experts):
     for profile in (other_width, other_gpu):
         candidates = selector.calibration_candidates(experts, cpu, torch.float32, profile)
         assert {"dense", "grouped"} <= set(candidates)
+
+
+def test_calibration_where_the_tables_cannot_tell_the_best_apart(experts):
+    cpu = torch.device("cpu")
+    # dense 1e-4*m vs grouped 4e-4*sqrt(m): equal at m = 16, 2x apart at m = 64 and m = 4.
+    profile = synthetic_profile(lambda b, m, s: crossing_times(b, m, 0.0))
+    assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == [
+        "dense", "grouped"]
+    assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [64] * N) == []
+    assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [4] * N) == []
+
+
+def test_a_disturbed_low_load_point_does_not_decide(experts):
+    # grouped was measured 10x too slow at the smallest load (a stalled host): the table takes
+    # the larger load's time there, since more rows never take less time.
+    def times(backend, load, skew):
+        if backend == "grouped":
+            return 1e-3 * (10 if load == LOADS[0] else 1)
+        return 2e-3
+    profile = synthetic_profile(times)
+    cpu = torch.device("cpu")
+    assert selector.predict_time(profile, "grouped", (HIDDEN, FFN), [LOADS[0]] * N) == pytest.approx(1e-3)
+    assert selector.choose_backend("auto", experts, [LOADS[0]] * N, cpu, torch.float32, profile) == "grouped"
