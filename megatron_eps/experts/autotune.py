@@ -6,8 +6,8 @@ does not suit. Instead, the first time a layer meets a (GPU, expert shape, dtype
 ``KernelAutotuner`` runs each candidate backend on that real load, keeps the fastest, and
 persists the decision:
 
-* a load bucket is the mean rows per expert to half an octave and the skew (max / mean) in
-  three classes, coarse enough that a prefill run meets few buckets;
+* a load bucket is the mean rows per expert to half an octave and the skew (max / mean) to an
+  octave, coarse enough that a prefill run meets few buckets;
 * the cache file (``kernel_cache`` setting, else ``$MEGATRON_EPS_KERNEL_CACHE``, else
   ``~/.cache/megatron_eps/kernels-<gpu>.json``) is keyed by the GPU name and the torch, Triton
   and megatron-eps versions; a corrupt or foreign file gives one warning and a fresh start;
@@ -37,7 +37,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron-eps-kernel-cache"
-VERSION = 1
+VERSION = 2
 CACHE_ENV = "MEGATRON_EPS_KERNEL_CACHE"
 
 TIMED_RUNS = 3
@@ -69,14 +69,16 @@ def wall_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, 
 
 
 def load_bucket(tokens_per_expert: Sequence[int]) -> Tuple[int, int]:
-    """(mean rows per expert in half octaves, skew class 0: max/mean < 1.5, 1: < 3, 2: more)."""
+    """(mean rows per expert in half octaves, max/mean rows in octaves). With 64 experts,
+    Zipf skews 0 / 0.5 / 1 / 1.5 fall in skew classes 0 / 2 / 4 / 5: coarser classes let one
+    skew's winner decide for another where the backends rank differently."""
     counts = [int(c) for c in tokens_per_expert]
     total = sum(counts)
     if total == 0:
         return (-1, 0)
     mean = total / len(counts)
     skew = max(counts) / mean
-    return (round(math.log2(mean) * 2), 0 if skew < 1.5 else 1 if skew < 3 else 2)
+    return (round(math.log2(mean) * 2), round(math.log2(skew)))
 
 
 def default_cache_path(device_name: str) -> str:
