@@ -58,6 +58,9 @@ SELECTION_MARGIN = 0.03
 # Where the tables' best two backends are predicted closer than this, the tables cannot tell
 # them apart (their interpolation error is larger): self-calibration times those on the real load.
 UNSURE_MARGIN = 0.10
+# Across expert widths the tables' interpolation lost at most 28% on the H200: a backend they
+# predict this much slower than the fastest is not worth timing on a width they lack.
+OUT_OF_REACH = 1.5
 MAX_SKEW = 4.0
 
 
@@ -369,9 +372,11 @@ def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=No
     The tables decide a call when they were measured on this kind of device, in this dtype and
     with this expert width (hidden, ffn), and (given the call's ``tokens_per_expert``) when
     they predict one backend faster than the others by more than ``UNSURE_MARGIN``.
-    Interpolating across widths lost up to 28% on the H200 (research notes, section 4); where
-    two backends are predicted within a few percent, the interpolation error decides. Then
-    only the backends within the margin of the fastest are timed.
+    Interpolating across widths lost up to 28% on the H200 (research notes, section 4), so on
+    a width the tables lack every backend they do not predict ``OUT_OF_REACH`` times slower
+    than the fastest is timed; where two backends are predicted within a few percent, the
+    interpolation error decides, and only the backends within the margin of the fastest are
+    timed.
     """
     if profile is None:
         profile = load_cost_profile(None, device)
@@ -381,15 +386,17 @@ def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=No
     if profile is None or not profile.covers(device, dtype):
         return gemm
     weights = local_experts.weights()
-    if not profile.covers_shape(weights.hidden_size, weights.ffn_hidden_size):
-        return gemm
     measured = [name for name in gemm if name in profile.backends]
-    if tokens_per_expert is None or len(measured) < 2:
+    times = (_predicted_times(profile, measured, weights, tokens_per_expert, beside_copy)
+             if tokens_per_expert is not None and len(measured) > 1 else {})
+    fastest = min(times.values()) if times else None
+    if not profile.covers_shape(weights.hidden_size, weights.ffn_hidden_size):
+        if fastest is None:
+            return gemm
+        reachable = [name for name in gemm if times.get(name, 0.0) <= fastest * OUT_OF_REACH]
+        return reachable if len(reachable) > 1 else []
+    if fastest is None:
         return []
-    times = _predicted_times(profile, measured, weights, tokens_per_expert, beside_copy)
-    if not times:
-        return []
-    fastest = min(times.values())
     close = [name for name in measured if times[name] <= fastest * (1 + UNSURE_MARGIN)]
     return close if len(close) > 1 else []
 

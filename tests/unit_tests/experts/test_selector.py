@@ -263,3 +263,14 @@ def test_a_disturbed_low_load_point_does_not_decide(experts):
     cpu = torch.device("cpu")
     assert selector.predict_time(profile, "grouped", (HIDDEN, FFN), [LOADS[0]] * N) == pytest.approx(1e-3)
     assert selector.choose_backend("auto", experts, [LOADS[0]] * N, cpu, torch.float32, profile) == "grouped"
+
+
+def test_on_a_width_the_tables_lack_only_backends_within_reach_are_timed(experts):
+    cpu = torch.device("cpu")
+    # Measured at twice the width: dense 1e-4*m, grouped 4e-4*sqrt(m) (scaled alike).
+    profile = synthetic_profile(lambda b, m, s: crossing_times(b, m, 0.0), shape=(HIDDEN, 2 * FFN, N))
+    assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == [
+        "dense", "grouped"]
+    assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [512] * N) == []
+    # Without the call's load, every backend is a candidate.
+    assert {"dense", "grouped"} <= set(selector.calibration_candidates(experts, cpu, torch.float32, profile))
