@@ -42,6 +42,8 @@ class ChunkingPolicy:
             profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
             if profile is not None and profile.use_kernel_tables:
                 kernel_profile = load_cost_profile(self.eps_config.cost_profile, self.device)
+                if kernel_profile is not None and kernel_profile.borrowed_for:
+                    kernel_profile = None  # another GPU's times: they rank, they do not time
         return choose_chunking(
             counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
             dispatch_ahead=self.dispatch_ahead,

@@ -28,8 +28,10 @@ Choice (``choose_backend``)
     An explicit backend name is checked for availability (a clear error names the setting
     ``expert_kernel`` and the values available here). ``auto`` takes the backend with the least
     predicted time among the available GEMM backends that the profile has measured, using the
-    profile given, else the one shipped for this GPU. Without a profile that covers the device
-    (same device name and dtype), the documented default is deterministic:
+    profile given, else the one shipped for this GPU, else (a GPU with no profile of its own)
+    the tables of the nearest known GPU (same compute capability, nearest SM count), which rank
+    the backends while self-calibration times the close ones. Without a profile that covers
+    the device (same device name and dtype), the documented default is deterministic:
     ``dense`` on CPU (where it is the per-expert math), ``grouped`` on GPUs (the most robust
     backend in our H100 measurements), else ``triton``, else ``dense``; ``megatron`` only when
     no GEMM backend can run these experts (unsupported module or config).
@@ -38,6 +40,8 @@ Choice (``choose_backend``)
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import math
 import os
 import weakref
@@ -83,6 +87,37 @@ def device_slug(name: str) -> str:
 
 def shipped_profile_path(device) -> str:
     return os.path.join(PROFILES_DIR, device_slug(device_name(device)) + ".json")
+
+
+def nearest_profile_path(capability: Tuple[int, int], sm_count: int,
+                         profiles_dir: str = PROFILES_DIR) -> Optional[str]:
+    """The shipped profile with kernel tables of the GPU most like one with this compute
+    capability and SM count (same capability first, then the nearest SM count), or None."""
+    best = None
+    for name in sorted(os.listdir(profiles_dir)) if os.path.isdir(profiles_dir) else []:
+        path = os.path.join(profiles_dir, name)
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(path) as f:
+                experts = json.load(f).get("experts")
+            device = experts["device"]
+            score = (tuple(device["capability"]) != tuple(capability),
+                     abs(math.log(float(device["sm_count"]) / max(sm_count, 1))))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue  # not a profile with kernel tables and device facts
+        if best is None or score < best[0]:
+            best = (score, path)
+    return best[1] if best else None
+
+
+def nearest_shipped_profile(device) -> Optional[str]:
+    """For a CUDA device with no profile of its own: the nearest known GPU's (None on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return nearest_profile_path((props.major, props.minor), props.multi_processor_count)
 
 
 # ---------------------------------------------------------------------------- load summary
@@ -148,6 +183,9 @@ class CostProfile:
         self.path = path
         self.data = data
         self.device_name: str = data["device"]["name"]
+        # Set when these tables stand in for a GPU that has none (the nearest known one): they
+        # rank the backends there, and self-calibration times the ones within reach.
+        self.borrowed_for: Optional[str] = None
         self.dtype: str = data.get("dtype", "bfloat16")
         # (backend, H, F, n) -> _ShapeTable, alone and beside a copy-engine copy
         self.tables = self._tables(data["shapes"], "seconds")
@@ -185,12 +223,14 @@ class CostProfile:
         return cls(data, path)
 
     def covers(self, device, dtype: torch.dtype) -> bool:
-        """Measured on this device's kind of GPU (or CPU) and in this dtype."""
-        return self.device_name == device_name(device) and self.dtype == _dtype_name(dtype)
+        """Measured on this device's kind of GPU (or CPU), or standing in for it, in this dtype."""
+        return (device_name(device) in (self.device_name, self.borrowed_for)
+                and self.dtype == _dtype_name(dtype))
 
     def covers_shape(self, hidden: int, ffn: int) -> bool:
-        """Some table was measured with this expert width (hidden, ffn); any expert count."""
-        return any(k[1:3] == (hidden, ffn) for k in self.tables)
+        """Some table was measured with this expert width (hidden, ffn), any expert count, on
+        this very GPU (borrowed tables never decide a call alone)."""
+        return self.borrowed_for is None and any(k[1:3] == (hidden, ffn) for k in self.tables)
 
     def shapes(self, backend: str, beside_copy: bool = False) -> List[Tuple[int, int, int]]:
         return [k[1:] for k in self.tables_for(backend, beside_copy) if k[0] == backend]
@@ -262,9 +302,23 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
             _PROFILE_CACHE[key] = CostProfile.from_file(path)
         else:
             shipped = shipped_profile_path(device)
-            _PROFILE_CACHE[key] = (CostProfile.from_file(shipped) if os.path.isfile(shipped)
-                                   and has_kernel_tables(shipped) else None)
+            if os.path.isfile(shipped) and has_kernel_tables(shipped):
+                _PROFILE_CACHE[key] = CostProfile.from_file(shipped)
+            else:
+                _PROFILE_CACHE[key] = _borrowed_profile(device, name)
     return _PROFILE_CACHE[key]
+
+
+def _borrowed_profile(device, name: str) -> Optional[CostProfile]:
+    nearest = nearest_shipped_profile(device)
+    if nearest is None:
+        return None
+    profile = CostProfile.from_file(nearest)
+    profile.borrowed_for = name
+    logging.getLogger(__name__).info(
+        "megatron-eps: no kernel tables for %s; ranking the expert kernels with %s's (%s) and "
+        "timing the close ones on first use", name, profile.device_name, nearest)
+    return profile
 
 
 def clear_caches() -> None:

@@ -274,3 +274,31 @@ def test_on_a_width_the_tables_lack_only_backends_within_reach_are_timed(experts
     assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [512] * N) == []
     # Without the call's load, every backend is a candidate.
     assert {"dense", "grouped"} <= set(selector.calibration_candidates(experts, cpu, torch.float32, profile))
+
+
+def test_a_gpu_without_tables_borrows_the_nearest_known_gpus(tmp_path, experts):
+    def write(name, capability, sm_count, tables=True):
+        data = synthetic_profile(crossing_times, device_name=name).data
+        data["device"].update(capability=list(capability), sm_count=sm_count)
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump({"experts": data} if tables else {"pipeline": {}}, f)
+
+    write("hopper_small", (9, 0), 114)
+    write("hopper_big", (9, 0), 132)
+    write("ampere", (8, 0), 108)
+    write("pipeline_only", (9, 0), 120, tables=False)
+    (tmp_path / "notes.txt").write_text("not a profile")
+    nearest = selector.nearest_profile_path
+    assert nearest((9, 0), 140, str(tmp_path)).endswith("hopper_big.json")
+    assert nearest((9, 0), 100, str(tmp_path)).endswith("hopper_small.json")
+    assert nearest((8, 0), 132, str(tmp_path)).endswith("ampere.json")  # capability first
+    assert nearest((10, 0), 148, str(tmp_path)).endswith("hopper_big.json")
+    assert nearest((9, 0), 132, str(tmp_path / "missing")) is None
+    # Borrowed tables rank the backends but never decide a call alone.
+    profile = selector.CostProfile.from_file(nearest((9, 0), 140, str(tmp_path)))
+    profile.borrowed_for = "cpu"
+    cpu = torch.device("cpu")
+    assert profile.covers(cpu, torch.float32) and not profile.covers_shape(HIDDEN, FFN)
+    assert selector.choose_backend("auto", experts, [8] * N, cpu, torch.float32, profile) == "dense"
+    assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == [
+        "dense", "grouped"]
