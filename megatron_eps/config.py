@@ -53,6 +53,18 @@ auto        -- copy_engine where it can work, else nccl (logged once)
 """
 
 
+DISPATCH_DEDUPS = ("off", "on", "auto")
+"""Allowed ``dispatch_dedup`` values: how many copies of a token a chunk's dispatch sends.
+
+off  -- one row per (token, expert), as Megatron's alltoall dispatcher (the default: the time
+        saved on a real link has not been measured yet)
+on   -- one row per (token, destination rank, chunk) carrying the token's expert indices and
+        weights; the expert rank expands it and sends back one pre-reduced row (nccl transport;
+        elsewhere the forward keeps one row per pair)
+auto -- on when the forward's layout moves at least 10% fewer remote bytes that way
+"""
+
+
 @dataclass(frozen=True)
 class Setting:
     """How one EPSConfig field is checked and offered on the command line.
@@ -183,6 +195,8 @@ class EPSConfig:
             the GPU: auto (on CUDA devices), on, off.
         kernel_cache: file of the self-calibration decisions (None: the default location).
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
+        dispatch_dedup: one row per (token, expert) or per (token, rank, chunk), one of
+            DISPATCH_DEDUPS.
     """
 
     enabled: bool = _setting(True, "bool", flag="--eps-moe",
@@ -228,6 +242,11 @@ class EPSConfig:
         help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
         "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
         "or auto (copy_engine where it works, else nccl). Default: auto.")
+    dispatch_dedup: str = _setting(
+        "off", "choice", choices=DISPATCH_DEDUPS,
+        help="Send each token once per destination rank and chunk and pre-reduce its expert "
+        "outputs there (on), one row per (token, expert) as stock Megatron (off), or on when it "
+        "saves at least a tenth of the remote bytes (auto). Default: off.")
 
     def __post_init__(self):
         self.validate()

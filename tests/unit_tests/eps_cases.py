@@ -75,7 +75,7 @@ def equivalence_cases(world: int):
 
 
 def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int,
-                    transport: str = "auto"):
+                    transport: str = "auto", dispatch_dedup: str = "off"):
     """Compare stock and EPS outputs for the case grid; return [(case, error, N, record)]."""
     world = dist.get_world_size()
     assert world == world_expected, (world, world_expected)
@@ -101,6 +101,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                 expert_kernel=expert_kernel,
                 chunk_split=split,
                 transport=transport,
+                dispatch_dedup=dispatch_dedup,
             )
             stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
             if routing == "hot":
@@ -135,6 +136,9 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                     "routed_rows_total": int(record.global_counts.sum()),
                     "finite": bool(torch.isfinite(actual.float()).all()),
                     "transport": record.transport,
+                    "dedup": record.dedup,
+                    "bytes_sent": record.bytes_sent.to_dict(),
+                    "pair_bytes_sent": record.pair_bytes_sent.to_dict(),
                 }
             )
     finally:
