@@ -347,11 +347,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return output.view(hidden_shape)
 
     # ------------------------------------------------------------------ deduplicated scheme
-    # The returned partial sums travel in the model's dtype: on the equivalence grid (bf16)
-    # they keep the error vs a float64 reference below stock's, at half fp32's combine bytes
-    # (benchmarks/dedup_bytes.py measures both). Tests and benchmarks may set torch.float32.
-    dedup_partials_dtype: Optional[torch.dtype] = None
-
     @staticmethod
     def _pair_row_bytes(tokens, probs, packed_columns) -> Tuple[int, int]:
         """(dispatch, combine) bytes of one row of the per-(token, expert) scheme."""
@@ -374,9 +369,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         judging the saving too small: decided from gathered numbers, so the same everywhere)."""
         if range_counts is None:
             return None
+        combine_dtype = torch.float32 if self.eps_config.dedup_combine_dtype == "fp32" else None
         dedup = DedupChunkLayout.from_pairs(layout, counts, range_counts,
-                                            self.config.moe_router_topk,
-                                            self.dedup_partials_dtype)
+                                            self.config.moe_router_topk, combine_dtype)
         if not dedup_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
             return None
         if self.eps_config.dispatch_dedup == "auto" and not dedup.saves_remote_bytes(
