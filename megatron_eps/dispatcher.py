@@ -15,7 +15,7 @@ from megatron_eps import compat
 from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
 from megatron_eps.comm import dedup_rows
-from megatron_eps.comm.dedup_layout import DedupChunkLayout
+from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
 from megatron_eps.permute_kernels import sum_expert_rows
@@ -196,10 +196,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
         """
-        local = routing_map.sum(dim=0).to(torch.int64)
-        if with_range_counts:
-            ranges = dedup_rows.range_unique_counts(routing_map, self.ep_size)
-            local = torch.cat([local, ranges.reshape(-1)])
+        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts)
         if self.ep_size > 1:
             gathered = torch.empty(
                 self.ep_size * local.numel(), dtype=local.dtype, device=local.device
@@ -225,10 +222,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return gathered.reshape(self.ep_size, self.num_experts)
 
     def _split_gathered(self, gathered: np.ndarray):
-        local = self.num_local_experts
-        per_rank = gathered.reshape(self.ep_size, -1)
-        ranges = per_rank[:, self.num_experts:].reshape(self.ep_size, self.ep_size, local, local + 1)
-        return np.ascontiguousarray(per_rank[:, : self.num_experts]), ranges
+        return dedup_rows.split_statistics(gathered, self.ep_size, self.num_experts)
 
     def pipelined_forward(
         self,
@@ -287,8 +281,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("layout"):
             layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
-            pair_row_bytes = self._pair_row_bytes(tokens, probs, packed_columns)
-            dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_row_bytes)
+            pair_bytes = pair_row_bytes(tokens, probs, packed_columns)
+            dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_bytes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
             tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
@@ -297,8 +291,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             transport=transport.name if transport.moves_rows else "local",
             dedup=dedup is not None,
             bytes_sent=(dedup or layout).bytes_sent(
-                *(self._dedup_row_bytes(dedup, tokens, probs) if dedup else pair_row_bytes)),
-            pair_bytes_sent=layout.bytes_sent(*pair_row_bytes),
+                *(dedup_row_bytes(dedup, tokens, probs) if dedup else pair_bytes)),
+            pair_bytes_sent=layout.bytes_sent(*pair_bytes),
         )
 
         with self._phase("experts.prepare"):
@@ -347,23 +341,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return output.view(hidden_shape)
 
     # ------------------------------------------------------------------ deduplicated scheme
-    @staticmethod
-    def _pair_row_bytes(tokens, probs, packed_columns) -> Tuple[int, int]:
-        """(dispatch, combine) bytes of one row of the per-(token, expert) scheme."""
-        hidden_bytes = tokens.shape[-1] * tokens.element_size()
-        weight_bytes = packed_columns * tokens.element_size() if packed_columns else probs.element_size()
-        return hidden_bytes + weight_bytes, hidden_bytes
-
-    def _dedup_row_bytes(self, dedup: DedupChunkLayout, tokens, probs) -> Tuple[int, int]:
-        """(dispatch, combine) bytes of one row of the deduplicated scheme."""
-        hidden = tokens.shape[-1]
-        columns = dedup_rows.meta_columns(hidden, tokens.dtype, probs.dtype, dedup.slots)
-        combine_dtype = dedup.combine_dtype or tokens.dtype
-        return ((hidden + columns) * tokens.element_size(),
-                hidden * torch.empty((), dtype=combine_dtype).element_size())
-
     def _dedup_layout(self, layout, counts, range_counts, tokens, probs,
-                      pair_row_bytes) -> Optional[DedupChunkLayout]:
+                      pair_bytes) -> Optional[DedupChunkLayout]:
         """The deduplicated layout of this forward's chunks, or None to send one row per pair
         (setting off, a transport without it, rows whose weights cannot be packed, or ``auto``
         judging the saving too small: decided from gathered numbers, so the same everywhere)."""
@@ -375,7 +354,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if not dedup_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
             return None
         if self.eps_config.dispatch_dedup == "auto" and not dedup.saves_remote_bytes(
-            *self._dedup_row_bytes(dedup, tokens, probs), *pair_row_bytes
+            *dedup_row_bytes(dedup, tokens, probs), *pair_bytes
         ):
             return None
         return dedup

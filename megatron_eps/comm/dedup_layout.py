@@ -93,3 +93,23 @@ class DedupChunkLayout(ChunkLayout):
         dedup = unique * (dispatch_row_bytes + combine_row_bytes)
         per_pair = pairs * (pair_dispatch_row_bytes + pair_combine_row_bytes)
         return per_pair > 0 and dedup <= (1.0 - min_saving) * per_pair
+
+
+def pair_row_bytes(tokens: torch.Tensor, probs: torch.Tensor, packed_columns: int):
+    """(dispatch, combine) bytes of one row of the per-(token, expert) scheme: the hidden state
+    and its weight (packed in ``packed_columns`` columns, or sent apart), and the output."""
+    hidden_bytes = tokens.shape[-1] * tokens.element_size()
+    weight_bytes = packed_columns * tokens.element_size() if packed_columns else probs.element_size()
+    return hidden_bytes + weight_bytes, hidden_bytes
+
+
+def dedup_row_bytes(layout: DedupChunkLayout, tokens: torch.Tensor, probs: torch.Tensor):
+    """(dispatch, combine) bytes of one row of the deduplicated scheme: the hidden state with
+    its packed expert indices and weights, and the partial sum in ``layout.combine_dtype``."""
+    from megatron_eps.comm.dedup_rows import meta_columns
+
+    hidden = tokens.shape[-1]
+    columns = meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
+    combine_dtype = layout.combine_dtype or tokens.dtype
+    return ((hidden + columns) * tokens.element_size(),
+            hidden * torch.empty((), dtype=combine_dtype).element_size())

@@ -48,6 +48,24 @@ def range_unique_counts(routing_map: torch.Tensor, ep_size: int) -> torch.Tensor
     return table
 
 
+def routing_statistics(routing_map: torch.Tensor, ep_size: int,
+                       with_range_counts: bool) -> torch.Tensor:
+    """The vector each rank contributes to the forward's one all-gather: its [E] token counts
+    per expert, followed (``with_range_counts``) by its flattened ``range_unique_counts``."""
+    counts = routing_map.sum(dim=0).to(torch.int64)
+    if not with_range_counts:
+        return counts
+    return torch.cat([counts, range_unique_counts(routing_map, ep_size).reshape(-1)])
+
+
+def split_statistics(gathered, ep_size: int, num_experts: int):
+    """(counts [ep, E], range_counts [src, dst, L, L + 1]) from the gathered vectors (numpy)."""
+    local = num_experts // ep_size
+    per_rank = gathered.reshape(ep_size, -1)
+    ranges = per_rank[:, num_experts:].reshape(ep_size, ep_size, local, local + 1)
+    return per_rank[:, :num_experts].copy(), ranges
+
+
 def meta_columns(hidden: int, token_dtype: torch.dtype, probs_dtype: torch.dtype,
                  slots: int) -> int:
     """Columns (of the token dtype) behind the hidden state that carry ``slots`` int32 expert
