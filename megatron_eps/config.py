@@ -65,15 +65,16 @@ auto -- on when the forward's layout moves at least 10% fewer remote bytes that 
 """
 
 
-DEDUP_COMBINE_DTYPES = ("fp32", "model")
+DEDUP_COMBINE_DTYPES = ("model", "fp32")
 """Allowed ``dedup_combine_dtype`` values: the dtype the pre-reduced sums of the deduplicated
-combine travel in (they are always accumulated in fp32).
+combine travel in (they are always accumulated in fp32, and the source sums them in fp32).
 
-fp32  -- one rounding, at the source's final sum: the error vs a float64 reference equals the
-         per-pair scheme's (measured on the CPU equivalence grid); twice the combine bytes of bf16
-model -- the activations' dtype (bf16): half the combine bytes, one more rounding per partial
-         sum (on the CPU grid in bf16 the error vs float64 grew by 0.2%, in a few cases above
-         stock's)
+model -- the activations' dtype (bf16): each partial sum is rounded once more; on the CPU
+         equivalence grid in bf16 the error vs a float64 reference grew by 0.1-0.2% over stock's
+         (whose CPU sum rounds once). The default: with fp32 sums the combine moves twice the
+         bytes, and at EP=8 the deduplicated scheme then sends more than one row per pair
+fp32  -- one rounding, at the source's final sum: the error vs float64 equals the per-pair
+         scheme's on that grid
 """
 
 
@@ -262,10 +263,10 @@ class EPSConfig:
         "outputs there (on), one row per (token, expert) as stock Megatron (off), or on when it "
         "saves at least a tenth of the remote bytes (auto). Default: off.")
     dedup_combine_dtype: str = _setting(
-        "fp32", "choice", choices=DEDUP_COMBINE_DTYPES,
-        help="Dtype the deduplicated combine's partial sums travel in: fp32 (error as the "
-        "per-pair scheme) or model (the activations' dtype: half the combine bytes, one more "
-        "rounding). Default: fp32.")
+        "model", "choice", choices=DEDUP_COMBINE_DTYPES,
+        help="Dtype the deduplicated combine's partial sums travel in: model (the activations' "
+        "dtype: one more rounding) or fp32 (error as the per-pair scheme, twice the combine "
+        "bytes). Default: model.")
 
     def __post_init__(self):
         self.validate()

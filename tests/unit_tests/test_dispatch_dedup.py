@@ -145,10 +145,10 @@ def test_more_chunks_save_less():
 
 def test_dispatch_dedup_setting_is_checked():
     assert EPSConfig().dispatch_dedup == "off"
-    assert EPSConfig().dedup_combine_dtype == "fp32"
+    assert EPSConfig().dedup_combine_dtype == "model"
     with pytest.raises(EPSConfigError, match="dispatch_dedup.*off, on, auto"):
         EPSConfig(dispatch_dedup="yes")
-    with pytest.raises(EPSConfigError, match="dedup_combine_dtype.*fp32, model"):
+    with pytest.raises(EPSConfigError, match="dedup_combine_dtype.*model, fp32"):
         EPSConfig(dedup_combine_dtype="bf16")
 
 
