@@ -8,7 +8,8 @@ routing at EP=2 and EP=8: each rank routes its tokens, the ranks all-gather the 
 unique-token counts of every range of local experts (as the dispatcher does), and each rank's
 layout counts its bytes (``ChunkLayout.bytes_sent``). Reported per chunking: unchunked (N=1,
 where deduplication is whole), a few fixed N, and the chunking ``pipeline_degree: auto`` picks
-with the shipped H200 profile's NCCL link; partial sums in fp32 and in bf16.
+with the shipped H200 profile's NCCL link, timing the deduplicated rows (auto) or the pairs
+(auto_pp); partial sums in fp32 and in bf16.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def rank_bytes(tokens: int, seed: int):
     profile = load_pipeline_profile(PROFILE, None, "nccl")
     auto = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, dispatch_dedup="on")
     chunkings = {"N=1": (local,), "N=2": 2, "N=4": 4,
-                 "auto": choose_chunking(counts, shape, auto, profile, range_counts=ranges)}
+                 "auto": choose_chunking(counts, shape, auto, profile, range_counts=ranges),
+                 "auto_pp": choose_chunking(counts, shape, auto.replace(dispatch_dedup="off"),
+                                            profile)}
     out = {}
     for label, chunking in chunkings.items():
         pairs = ChunkLayout.build(counts, rank, local, chunking)
