@@ -39,13 +39,19 @@ def range_unique_counts(routing_map: torch.Tensor, ep_size: int) -> torch.Tensor
     base = (torch.arange(ep_size * local, device=routing_map.device) * (local + 1)).view(
         1, ep_size, local
     )
-    histogram = torch.bincount(
-        (base + next_expert).reshape(-1), minlength=ep_size * local * (local + 1)
-    ).view(ep_size, local, local + 1)
+    histogram = _count_values((base + next_expert).reshape(-1), ep_size * local * (local + 1))
+    histogram = histogram.view(ep_size, local, local + 1)
     table = torch.zeros_like(histogram)
     # A token counts for [a, b) when its next expert from a lies below b.
     table[:, :, 1:] = torch.cumsum(histogram, dim=2)[:, :, :-1]
     return table
+
+
+def _count_values(values: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] int64 occurrences of each value in ``values`` (all in [0, size)); unlike
+    ``torch.bincount`` no host sync on GPUs (bincount reads the maximum to size its output)."""
+    counts = torch.zeros(size, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(0, values.reshape(-1), torch.ones_like(values.reshape(-1)))
 
 
 def routing_statistics(routing_map: torch.Tensor, ep_size: int,
@@ -206,7 +212,7 @@ def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor
         return table
     order = torch.argsort(owner, stable=True)
     sorted_owner = owner.index_select(0, order)
-    per_owner = torch.bincount(owner, minlength=num_owners)
+    per_owner = _count_values(owner, num_owners)
     first = torch.cumsum(per_owner, dim=0) - per_owner
     rank = torch.arange(num, device=device) - first.index_select(0, sorted_owner)
     table[sorted_owner, rank] = order

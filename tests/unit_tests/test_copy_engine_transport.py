@@ -51,8 +51,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
-def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+def case_inputs(ep, local, tokens, topk, scenario):
+    """Every rank's (hidden states [T, H], routing map [T, E], probs [T, E]) and the count
+    matrix for one case of CASES."""
     rng = np.random.default_rng(hash(scenario) % 2**32)
     num_experts = ep * local
     empty = (1, num_experts - 1) if scenario == "empty experts" else ()
@@ -64,6 +65,12 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
         probs.append(p)
         hidden_states.append(torch.randn(tokens[r], HIDDEN, generator=torch.Generator().manual_seed(r)))
     counts = np.stack([r.sum(dim=0).numpy() for r in routings]).astype(np.int64)
+    return hidden_states, routings, probs, counts
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
     sizes = chunk_sizes(local, chunking)
 
     world = SimulatedPeers(ep)
@@ -184,17 +191,7 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     from megatron_eps.comm import dedup_rows
     from megatron_eps.comm.dedup_layout import DedupChunkLayout
 
-    rng = np.random.default_rng(hash(scenario) % 2**32)
-    num_experts = ep * local
-    empty = (1, num_experts - 1) if scenario == "empty experts" else ()
-    hot = 0 if scenario == "one hot expert" else None
-    hidden_states, routings, probs = [], [], []
-    for r in range(ep):
-        routing, p = random_routing(rng, tokens[r], num_experts, topk, hot, empty)
-        routings.append(routing)
-        probs.append(p)
-        hidden_states.append(torch.randn(tokens[r], HIDDEN, generator=torch.Generator().manual_seed(r)))
-    counts = np.stack([r.sum(dim=0).numpy() for r in routings]).astype(np.int64)
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
     ranges = np.stack([dedup_rows.range_unique_counts(r, ep).numpy() for r in routings])
     sizes = chunk_sizes(local, chunking)
     world = SimulatedPeers(ep)
