@@ -17,6 +17,7 @@ from megatron_eps.comm.base import row_probs
 from megatron_eps.comm import dedup_rows
 from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
 from megatron_eps.comm.nccl import NCCLTransport
+from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.config import EPSConfig
 from megatron_eps.permute_kernels import sum_expert_rows
 from megatron_eps.sm_control import gemm_sm_carveout
@@ -101,8 +102,8 @@ class PipelineRecord:
     experts_per_chunk: Tuple[int, ...] = ()
     transport: str = ""
     dedup: bool = False  # one row per (token, rank, chunk) instead of per (token, expert)
-    bytes_sent: Optional[object] = None  # comm.traffic.BytesSent of the scheme that ran
-    pair_bytes_sent: Optional[object] = None  # the same forward with one row per pair
+    bytes_sent: Optional[BytesSent] = None  # what this rank sent, in the scheme that ran
+    pair_bytes_sent: Optional[BytesSent] = None  # the same forward with one row per pair
 
 
 class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):

@@ -210,3 +210,14 @@ def test_dedup_dispatcher_roundtrip_returns_input(world):
     for rank_results in results:
         for path, experts, topk, degree, err, chunks in rank_results:
             assert err <= 1e-6, (path, experts, topk, degree, err)
+
+
+def test_auto_dedups_only_when_it_saves_remote_bytes():
+    """Top-6 of 32 at EP=2 saves most remote rows; top-1 saves none (the packed indices make
+    each row larger); with no remote rows (EP=1) there is nothing to save. The answer reads only
+    gathered numbers, so every rank gives the same one."""
+    for topk, ep_size, expected in ((6, 2, True), (1, 2, False), (6, 1, False)):
+        maps = [random_routing(n, 32, topk, seed=n)[0] for n in (40, 0, 17)[:ep_size]]
+        answers = {d.saves_remote_bytes(10 + 48, 10 + 16, 10, 10)
+                   for _, d in group_layouts(maps, ep_size, 1, topk)}
+        assert answers == {expected}, (topk, ep_size, answers)
