@@ -166,6 +166,9 @@ def test_cost_model_counts_unique_rows():
     unique = [sum(chunk_comm_times(counts, shape, profile, n, ranges)[1]) for n in (1, 4, 16)]
     assert unique[0] < pair / 2
     assert unique == sorted(unique) and unique[0] < unique[-1]
+    # fp32 partial sums (dedup_combine_dtype: fp32) double the bf16 combine's bytes
+    fp32 = sum(chunk_comm_times(counts, shape, profile, 1, ranges, partial_sum_bytes=4)[1])
+    assert fp32 == pytest.approx(2 * unique[0])
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
