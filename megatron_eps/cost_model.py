@@ -238,17 +238,46 @@ def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
     return ranges_of_sizes(chunk_sizes(shape.num_local_experts, chunking))
 
 
+def dedup_meta_bytes(shape: LayerShape, experts_in_chunk: int) -> int:
+    """Bytes a deduplicated row carries behind the hidden state: an int32 index and an fp32
+    weight per slot, padded to 16 bytes (dedup_rows.meta_columns)."""
+    slots = max(1, min(shape.topk, experts_in_chunk))
+    return -(-slots * 8 // 16) * 16
+
+
+def _unique_rows(range_counts: np.ndarray, ranges) -> np.ndarray:
+    """[src, dst, chunk] rows of the deduplicated scheme (one per token, rank and chunk)."""
+    range_counts = np.asarray(range_counts, dtype=np.int64)
+    return np.stack([range_counts[:, :, a, b] for a, b in ranges], axis=2)
+
+
 def chunk_comm_times(
-    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, chunking
+    counts: np.ndarray, shape: LayerShape, profile: PipelineProfile, chunking,
+    range_counts: Optional[np.ndarray] = None,
+    partial_sum_bytes: Optional[int] = None,
 ) -> Tuple[List[float], List[float]]:
     """(dispatch, combine) seconds of each chunk; the same on every rank (max over ranks).
 
-    ``chunking``: N (equal chunks) or the number of local experts in each chunk."""
+    ``chunking``: N (equal chunks) or the number of local experts in each chunk.
+    ``range_counts`` [src, dst, L, L + 1] (dispatch_dedup): the rows are one per (token, rank,
+    chunk), read from the unique-token counts of each chunk's experts; a token with experts in
+    two chunks of a rank travels twice, so more chunks save less. ``partial_sum_bytes``: bytes
+    per element of the combine's partial sums (None: the model's)."""
     ranges = _chunk_ranges(shape, chunking)
     starts = [s for s, _ in ranges]
-    rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
-    dispatch = collective_time(rows, shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW, profile)
-    combine = collective_time(rows, shape.row_bytes, profile)
+    if range_counts is None:
+        rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
+        dispatch_row = shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW
+    else:
+        unique = _unique_rows(range_counts, ranges)  # [src, dst, chunk] like per_dst's chunks
+        rows = _remote_rows_per_chunk(unique, list(range(len(ranges))), profile)
+        widest = max(b - a for a, b in ranges)
+        dispatch_row = shape.row_bytes + dedup_meta_bytes(shape, widest)
+    combine_row = shape.row_bytes
+    if range_counts is not None and partial_sum_bytes:
+        combine_row = shape.hidden_size * partial_sum_bytes
+    dispatch = collective_time(rows, dispatch_row, profile)
+    combine = collective_time(rows, combine_row, profile)
     if profile.link_piece_us:
         # Copy-engine transports copy one piece per (peer, expert) of the chunk (the combine
         # also one per expert for this rank's own rows); each costs the copy engine a fixed time.
@@ -419,12 +448,14 @@ class Prediction:
 class _Inputs:
     """What every N shares for one count matrix (computed once per forward)."""
 
-    def __init__(self, counts, shape: LayerShape, profile: PipelineProfile, kernel_profile=None):
+    def __init__(self, counts, shape: LayerShape, profile: PipelineProfile, kernel_profile=None,
+                 range_counts=None, partial_sum_bytes=None):
+        self.range_counts, self.partial_sum_bytes = range_counts, partial_sum_bytes
         self.per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
         tokens = np.asarray(counts).sum(axis=1) / max(shape.topk, 1)
         self.shared = np.array([shared_experts_time(float(t), shape, profile) for t in tokens])
         self.one_chunk = (
-            chunk_comm_times(counts, shape, profile, 1),
+            chunk_comm_times(counts, shape, profile, 1, range_counts, partial_sum_bytes),
             chunk_compute_times(counts, shape, profile, 1, kernel_profile, self.per_expert),
         )
 
@@ -438,16 +469,20 @@ def predict(
     _inputs: Optional[_Inputs] = None,
     dispatch_ahead: Optional[int] = None,
     gemm_sm_carveout: Optional[int] = None,
+    range_counts: Optional[np.ndarray] = None,
+    partial_sum_bytes: Optional[int] = None,
 ) -> Prediction:
     """The model's times for ``chunking`` (N equal chunks, or experts per chunk); identical on
     every rank.
 
     The all-to-alls couple the ranks: chunk g's combine ends only once every rank has finished
     X(g), so the plan is simulated with each chunk's GEMM time of its slowest rank.
+    ``range_counts``, ``partial_sum_bytes``: the deduplicated scheme (``chunk_comm_times``).
     """
     if _inputs is None:
-        _inputs = _Inputs(counts, shape, profile, kernel_profile)
-    dispatch, combine = chunk_comm_times(counts, shape, profile, chunking)
+        _inputs = _Inputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
+    dispatch, combine = chunk_comm_times(counts, shape, profile, chunking, _inputs.range_counts,
+                                         _inputs.partial_sum_bytes)
     compute = chunk_compute_times(counts, shape, profile, chunking, kernel_profile, _inputs.per_expert)
     num_chunks = len(dispatch)
     shared = _inputs.shared
@@ -555,6 +590,7 @@ def choose_chunking(
     kernel_profile=None,
     dispatch_ahead: Optional[int] = None,
     split: Optional[str] = None,
+    range_counts: Optional[np.ndarray] = None,
 ) -> Tuple[int, ...]:
     """Local experts per chunk for this forward (N = the tuple's length).
 
@@ -571,6 +607,9 @@ def choose_chunking(
     count to within 2^(1/8), about 9%): equal summaries get the decision of the first count
     matrix seen with that summary. All ranks see the same matrices in the same order, so their
     caches, and their choices, stay identical.
+
+    ``range_counts`` [src, dst, L, L + 1] (gathered with the counts when the dispatch is
+    deduplicated): the model times the unique rows each chunk sends instead of the pairs.
     """
     from megatron_eps.schedule import chunk_sizes
 
@@ -588,6 +627,8 @@ def choose_chunking(
     counts = np.asarray(counts, dtype=np.int64)
     key = (
         _load_summary(counts),
+        None if range_counts is None else _load_summary(np.asarray(range_counts)),
+        eps_config.dedup_combine_dtype,
         shape,
         profile,
         id(kernel_profile),
@@ -600,7 +641,8 @@ def choose_chunking(
     if cached is not None:
         return cached
     families = ("equal", "tail") if split == "auto" else (split,)
-    inputs = _Inputs(counts, shape, profile, kernel_profile)
+    partial_sum_bytes = 4 if eps_config.dedup_combine_dtype == "fp32" else None
+    inputs = _Inputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
     best = (experts,)
     carveout = eps_config.gemm_sm_carveout
     best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead).t_pipelined

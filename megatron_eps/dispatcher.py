@@ -14,7 +14,10 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron_eps import compat
 from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
+from megatron_eps.comm import dedup_rows
+from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
 from megatron_eps.comm.nccl import NCCLTransport
+from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.config import EPSConfig
 from megatron_eps.permute_kernels import sum_expert_rows
 from megatron_eps.sm_control import gemm_sm_carveout
@@ -98,6 +101,9 @@ class PipelineRecord:
     global_counts: np.ndarray
     experts_per_chunk: Tuple[int, ...] = ()
     transport: str = ""
+    dedup: bool = False  # one row per (token, rank, chunk) instead of per (token, expert)
+    bytes_sent: Optional[BytesSent] = None  # what this rank sent, in the scheme that ran
+    pair_bytes_sent: Optional[BytesSent] = None  # the same forward with one row per pair
 
 
 class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -176,10 +182,13 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         """counts[src_rank, expert] for the whole EP group (``start_token_counts``, then waits)."""
         return self.start_token_counts(routing_map)[0]()
 
-    def start_token_counts(self, routing_map: torch.Tensor):
+    def start_token_counts(self, routing_map: torch.Tensor, with_range_counts: bool = False):
         """Issue the count all-gather; returns (wait, routed).
 
-        ``wait()`` -> counts[src_rank, expert] for the whole EP group, the host's copy. It is
+        ``wait()`` -> counts[src_rank, expert] for the whole EP group, the host's copy; with
+        ``with_range_counts`` (counts, range_counts[src, dst, L, L + 1]): the same all-gather
+        also carries every rank's unique-token counts of every contiguous range of local experts
+        (``dedup_rows.range_unique_counts``), which size the deduplicated scheme. It is
         the only host synchronization of the pipelined forward (stock Megatron also needs one
         to size its all-to-alls). On GPUs the host polls for it with a deadline
         (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
@@ -188,7 +197,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
         """
-        local = routing_map.sum(dim=0).to(torch.int64)
+        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts)
         if self.ep_size > 1:
             gathered = torch.empty(
                 self.ep_size * local.numel(), dtype=local.dtype, device=local.device
@@ -196,19 +205,25 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
         else:
             gathered = local
-        shape = (self.ep_size, self.num_experts)
+        split = self._split_gathered if with_range_counts else self._counts_only
         if not gathered.is_cuda:
-            return (lambda: gathered.numpy().reshape(shape)), None
+            return (lambda: split(gathered.numpy())), None
         host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
         host.copy_(gathered, non_blocking=True)
         routed = torch.cuda.current_stream().record_event()
 
-        def wait() -> np.ndarray:
+        def wait():
             wait_for_event(routed, wait_timeout_s(),
                            "the expert-parallel token counts (all-gather over the EP group)")
-            return host.numpy().reshape(shape)
+            return split(host.numpy())
 
         return wait, routed
+
+    def _counts_only(self, gathered: np.ndarray) -> np.ndarray:
+        return gathered.reshape(self.ep_size, self.num_experts)
+
+    def _split_gathered(self, gathered: np.ndarray):
+        return dedup_rows.split_statistics(gathered, self.ep_size, self.num_experts)
 
     def pipelined_forward(
         self,
@@ -241,35 +256,52 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         """
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
+        dedup_wanted = self.eps_config.dispatch_dedup != "off"
         with self._phase("counts"):
-            wait_for_counts, routed = self.start_token_counts(routing_map)
+            wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
         shared_output = None
         if shared_experts is not None:
             with self._phase("shared_experts"):
                 shared_output = shared_experts()
         with self._phase("counts.wait"):
-            counts = wait_for_counts()
+            counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
         transport = self._resolve_transport(tokens.device)
+        if not transport.supports_dedup:
+            range_counts = None  # the same on every rank: the transport is agreed
         with self._phase("choose"):
-            choice = chunking.choose(counts, transport.name if transport.moves_rows else None)
+            link = transport.name if transport.moves_rows else None
+            if range_counts is None:
+                choice = chunking.choose(counts, link)
+            else:
+                choice = chunking.choose(counts, link, range_counts=range_counts)
         if isinstance(choice, (int, np.integer)):
             choice = max(1, min(int(choice), self.num_local_experts))
         sizes = chunk_sizes(self.num_local_experts, choice)
         num_chunks = len(sizes)
+        hidden_size = tokens.shape[-1]
+        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("layout"):
             layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
+            pair_bytes = pair_row_bytes(tokens, probs, packed_columns)
+            dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_bytes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
             tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
             global_counts=counts,
             experts_per_chunk=sizes,
             transport=transport.name if transport.moves_rows else "local",
+            dedup=dedup is not None,
+            bytes_sent=(dedup or layout).bytes_sent(
+                *(dedup_row_bytes(dedup, tokens, probs) if dedup else pair_bytes)),
+            pair_bytes_sent=layout.bytes_sent(*pair_bytes),
         )
 
         with self._phase("experts.prepare"):
             experts.prepare(layout, beside_copy=num_chunks > 1 and transport.moves_rows)
-        hidden_size = tokens.shape[-1]
-        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
+        if dedup is not None:
+            output = self._dedup_forward(dedup, counts, transport, tokens, probs, routing_map,
+                                         experts, routed, shared_output)
+            return output.view(hidden_shape)
         with self._phase("transport.begin"):
             transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
                             tokens.dtype, tokens.device)
@@ -299,9 +331,84 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             first_expert = layout.expert_ranges[chunk][0]
             transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
 
-        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead)
         stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
                   COMBINE: transport.combine}
+        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed)
+        combined = transport.combined_rows()
+
+        with self._phase("unpermute"):
+            output = self._unpermute(combined, permuted[0], tokens, routing_map, shared_output)
+        transport.end()
+        return output.view(hidden_shape)
+
+    # ------------------------------------------------------------------ deduplicated scheme
+    def _dedup_layout(self, layout, counts, range_counts, tokens, probs,
+                      pair_bytes) -> Optional[DedupChunkLayout]:
+        """The deduplicated layout of this forward's chunks, or None to send one row per pair
+        (setting off, a transport without it, rows whose weights cannot be packed, or ``auto``
+        judging the saving too small: decided from gathered numbers, so the same everywhere)."""
+        if range_counts is None:
+            return None
+        combine_dtype = torch.float32 if self.eps_config.dedup_combine_dtype == "fp32" else None
+        dedup = DedupChunkLayout.from_pairs(layout, counts, range_counts,
+                                            self.config.moe_router_topk, combine_dtype)
+        if not dedup_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
+            return None
+        if self.eps_config.dispatch_dedup == "auto" and not dedup.saves_remote_bytes(
+            *dedup_row_bytes(dedup, tokens, probs), *pair_bytes
+        ):
+            return None
+        return dedup
+
+    def _dedup_forward(self, layout: DedupChunkLayout, counts, transport, tokens, probs,
+                       routing_map, experts, routed, shared_output) -> torch.Tensor:
+        """The pipeline with one row per (token, rank, chunk): [T, H] output.
+
+        The expert rank expands each received row into one row per expert (``expand_rows``),
+        and sums a row's weighted expert outputs in fp32 in expert order before the combine; the
+        source sums the returned rows of each token in fp32 in send order (chunk, rank), rounds
+        once and adds the shared experts' output.
+        """
+        hidden = tokens.shape[-1]
+        columns = dedup_rows.meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
+        combine_dtype = layout.combine_dtype or tokens.dtype
+        with self._phase("transport.begin"):
+            transport.begin(layout, counts, hidden + columns, hidden,
+                            tokens.dtype, tokens.device)
+        comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
+        token_of_row: List[torch.Tensor] = []
+
+        def place_rows(chunk):
+            index = transport.place_unique_rows(chunk, tokens, probs, routing_map)
+            if compute_stream is not None:
+                index.record_stream(compute_stream)  # read by the final sum
+            token_of_row.append(index)
+
+        def run_experts(chunk):
+            received, _ = transport.received(chunk)
+            start, end = layout.expert_ranges[chunk]
+            x, p, pair_row = dedup_rows.expand_rows(
+                received, hidden, layout.slots, end - start, layout.pair_rows(chunk), probs.dtype
+            )
+            out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
+            table = dedup_rows.slot_table(pair_row, received.shape[0], layout.slots)
+            transport.hand_back(chunk, dedup_rows.sum_slots(out, table, combine_dtype))
+
+        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
+                  COMBINE: transport.combine}
+        self._run_stages(layout.num_chunks, stages, transport, comm_stream, compute_stream, routed)
+        partials = transport.combined_rows()
+        with self._phase("unpermute"):
+            owners = torch.cat(token_of_row) if token_of_row else torch.empty(
+                0, dtype=torch.long, device=tokens.device)
+            table = dedup_rows.slot_table(owners, tokens.shape[0], layout.return_slots)
+            output = dedup_rows.sum_slots(partials, table, tokens.dtype, shared_output)
+        transport.end()
+        return output
+
+    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed):
+        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead)
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
         # engines, which need no SM: nothing to leave).
@@ -315,12 +422,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
-        combined = transport.combined_rows()
-
-        with self._phase("unpermute"):
-            output = self._unpermute(combined, permuted[0], tokens, routing_map, shared_output)
-        transport.end()
-        return output.view(hidden_shape)
 
     def _unpermute(self, combined, sorted_indices, tokens, routing_map, shared_output):
         if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:

@@ -196,6 +196,8 @@ class EPSMoELayer(MoELayer):
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
         runner = self.__dict__["_eps_expert_runner"]
         runner.begin_forward(self.eps_config)
+        # The dispatcher reads the current settings (dispatch_dedup, gemm_sm_carveout).
+        self.token_dispatcher.eps_config = self.eps_config
         output = self.token_dispatcher.pipelined_forward(
             hidden_states,
             probs,

@@ -34,7 +34,10 @@ class ChunkingPolicy:
         self.shape, self.eps_config, self.device = shape, eps_config, device
         self.dispatch_ahead = dispatch_ahead
 
-    def choose(self, counts: np.ndarray, transport: Optional[str] = None):
+    def choose(self, counts: np.ndarray, transport: Optional[str] = None,
+               range_counts: Optional[np.ndarray] = None):
+        """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
+        every range of local experts, so the model counts the rows that really travel."""
         profile = kernel_profile = None
         if self.eps_config.pipeline_degree == "auto":
             from megatron_eps.experts.selector import load_cost_profile
@@ -46,7 +49,7 @@ class ChunkingPolicy:
                     kernel_profile = None  # another GPU's times: they rank, they do not time
         return choose_chunking(
             counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
-            dispatch_ahead=self.dispatch_ahead,
+            dispatch_ahead=self.dispatch_ahead, range_counts=range_counts,
         )
 
 
@@ -56,7 +59,7 @@ class FixedChunking:
     def __init__(self, chunking):
         self.chunking = chunking
 
-    def choose(self, counts, transport=None):
+    def choose(self, counts, transport=None, range_counts=None):
         return self.chunking
 
 

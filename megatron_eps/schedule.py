@@ -271,6 +271,15 @@ class ChunkLayout:
             send_offsets=offsets,
         )
 
+    def bytes_sent(self, dispatch_row_bytes: int, combine_row_bytes: int):
+        """``comm.traffic.BytesSent`` of this rank in one forward: dispatch rows of
+        ``dispatch_row_bytes`` (hidden state and packed weight) and combine rows of
+        ``combine_row_bytes``, remote and local."""
+        from megatron_eps.comm.traffic import bytes_sent
+
+        return bytes_sent(self.send_splits, self.recv_splits, self.ep_rank, dispatch_row_bytes,
+                          combine_row_bytes)
+
     def rank_major_to_expert_major(self, chunk: int) -> Optional[Tuple[List[int], List[int]]]:
         """(split sizes, piece order) that regroup a received chunk from (src rank, expert)
         order to (expert, src rank) order, or None when it is already in expert order."""

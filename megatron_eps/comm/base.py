@@ -23,6 +23,13 @@ weight) and ``H`` = hidden size:
    * ``combine(g)`` on the comm stream; returns the ``Completion`` the final wait uses.
 3. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
    rank routed, H] in send order, each row the output of the expert it was sent to.
+
+A transport with ``supports_dedup`` also takes a ``dedup_layout.DedupChunkLayout``: its splits
+count one row per (token, destination rank, chunk). Then ``place_unique_rows`` replaces
+``place_rows`` (W = H + the packed expert indices and weights), ``received(g)`` returns the
+rows in (source rank, token) order, ``hand_back(g, sums)`` takes one pre-reduced row per
+received row (in ``layout.combine_dtype``), and ``combined_rows()`` holds one returned sum per
+sent row.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class ExpertTransport:
     # True when the streams wait for peers in ways nothing times out (stream memory
     # operations): the pipeline then hands each forward's end to the watchdog.
     waits_without_timeout = False
+    # True when the transport moves a DedupChunkLayout's rows (``place_unique_rows``).
+    supports_dedup = False
 
     def begin(
         self,
@@ -71,6 +80,18 @@ class ExpertTransport:
         permuted_probs: torch.Tensor,
         prob_columns: int,
     ) -> None:
+        raise NotImplementedError
+
+    def place_unique_rows(
+        self,
+        chunk: int,
+        tokens: torch.Tensor,
+        probs: torch.Tensor,
+        routing_map: torch.Tensor,
+    ) -> torch.Tensor:
+        """Deduplicated scheme: chunk g's send rows (``dedup_rows.place_unique_rows``) into
+        send rows ``L.send_offsets[g]`` to ``L.send_offsets[g + 1]``; returns the [rows of g]
+        token index of each row. tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool."""
         raise NotImplementedError
 
     def dispatch(self, chunk: int) -> Optional[Completion]:

@@ -43,6 +43,7 @@ import torch
 from megatron_eps.comm.base import Completion, ExpertTransport
 from megatron_eps.permute_kernels import copy_rows, scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
+from megatron_eps.comm.dedup_rows import place_unique_rows
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ class CopyEngineTransport(ExpertTransport):
     moves_rows = True
     waits_without_timeout = True
 
+    # The deduplicated scheme's row arithmetic is tested on CPU with simulated peers; its GPU
+    # path has not run on a multi-GPU machine yet (dispatch_dedup is off by default).
+    supports_dedup = True
+
     def __init__(self, memory: PeerMemory):
         self.memory = memory
 
@@ -121,9 +126,15 @@ class CopyEngineTransport(ExpertTransport):
             raise ValueError(
                 f"copy_engine transport supports at most {MAX_CHUNKS} chunks, got {layout.num_chunks}"
             )
-        plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges)
+        self._dedup = getattr(layout, "unique_rows", None) is not None
+        if self._dedup:
+            plan = CopyEngineLayout.for_unique_rows(layout.unique_rows, layout.ep_rank)
+        else:
+            plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges)
+        out_dtype = getattr(layout, "combine_dtype", None) or dtype
         element = torch.empty((), dtype=dtype).element_size()
-        row_bytes, out_row_bytes = width * element, hidden * element
+        row_bytes = width * element
+        out_row_bytes = hidden * torch.empty((), dtype=out_dtype).element_size()
         self.memory.ensure(
             (plan.recv_capacity + plan.staging_capacity) * row_bytes,
             plan.return_capacity * out_row_bytes,
@@ -137,7 +148,7 @@ class CopyEngineTransport(ExpertTransport):
         self._recv = self._dispatch_rows[: plan.recv_capacity]
         self._staging = self._dispatch_rows[plan.recv_capacity :]
         self._return = _rows_view(
-            self.memory.local(RETURN_BUFFER), 0, layout.send_offsets[-1], hidden, dtype
+            self.memory.local(RETURN_BUFFER), 0, layout.send_offsets[-1], hidden, out_dtype
         )
         self._outputs: List[Optional[torch.Tensor]] = [None] * layout.num_chunks
         self._placed: List[Optional[object]] = [None] * layout.num_chunks
@@ -157,6 +168,25 @@ class CopyEngineTransport(ExpertTransport):
         rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
         scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows],
                             self._dispatch_rows, prob_columns, dst_rows=self._buffer_rows[rows])
+        self._record_placed(chunk, tokens)
+
+    def place_unique_rows(self, chunk, tokens, probs, routing_map):
+        if chunk == 0:
+            self._buffer_rows, = rows_of_runs(
+                self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
+            )
+        first, end = self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1]
+        rows = tokens.new_empty((end - first, self._dispatch_rows.shape[1]))
+        token_index = place_unique_rows(
+            tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
+            rows, self.layout.slots,
+        )
+        order = torch.arange(end - first, device=tokens.device)
+        copy_rows(rows, order, self._dispatch_rows, self._buffer_rows[first:end])
+        self._record_placed(chunk, tokens)
+        return token_index
+
+    def _record_placed(self, chunk, tokens):
         if tokens.is_cuda:
             # The chunk's own rows land in the receive area here, on this stream: the experts
             # wait for this as well as for the peers' flags.

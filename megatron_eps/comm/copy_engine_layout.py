@@ -160,3 +160,17 @@ class CopyEngineLayout:
             dispatch=dispatch,
             combine=combine,
         )
+
+    @classmethod
+    def for_unique_rows(cls, unique_rows: np.ndarray, ep_rank: int) -> "CopyEngineLayout":
+        """The plan of the deduplicated scheme (``dedup_layout.DedupChunkLayout``).
+
+        unique_rows: [src, dst, chunk] rows each rank sends each rank in each chunk (one per
+        token with an expert of the chunk there). Each (rank, chunk) is planned as one expert
+        of one-expert chunks, so a chunk's rows land in the receive area by source rank, then
+        token (the order the expansion reads), and return to the source in send order
+        (chunk, destination rank, token)."""
+        unique_rows = np.asarray(unique_rows, dtype=np.int64)
+        ep_size, _, num_chunks = unique_rows.shape
+        return cls.build(unique_rows.reshape(ep_size, ep_size * num_chunks), ep_rank,
+                         [(g, g + 1) for g in range(num_chunks)])

@@ -15,11 +15,13 @@ import torch
 
 from megatron_eps.comm.all_to_all import AllToAll
 from megatron_eps.comm.base import ExpertTransport
+from megatron_eps.comm.dedup_rows import place_unique_rows
 from megatron_eps.permute_kernels import scatter_routed_rows
 
 
 class NCCLTransport(ExpertTransport):
     name = "nccl"
+    supports_dedup = True
 
     def __init__(self, all_to_all: AllToAll):
         self.all_to_all = all_to_all
@@ -38,7 +40,8 @@ class NCCLTransport(ExpertTransport):
         self._received: List[Optional[torch.Tensor]] = [None] * chunks
         self._outputs: List[Optional[torch.Tensor]] = [None] * chunks
         num_rows = layout.send_offsets[-1]
-        self._combined = torch.empty((num_rows, hidden), dtype=dtype, device=device)
+        combine_dtype = getattr(layout, "combine_dtype", None) or dtype
+        self._combined = torch.empty((num_rows, hidden), dtype=combine_dtype, device=device)
 
     def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
         if chunk == 0:
@@ -47,6 +50,15 @@ class NCCLTransport(ExpertTransport):
         rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
         scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows], self._send[rows],
                             prob_columns)
+
+    def place_unique_rows(self, chunk, tokens, probs, routing_map):
+        if chunk == 0:
+            self._send = tokens.new_empty((self.layout.send_offsets[-1], self.width))
+            self._send_probs = None
+        return place_unique_rows(
+            tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
+            self._chunk(self._send, chunk), self.layout.slots,
+        )
 
     def _chunk(self, tensor, chunk):
         offsets = self.layout.send_offsets

@@ -52,3 +52,50 @@ def routed_traffic(
         per_rank_remote=int(unique[remote].sum()),
         per_rank_local=int(unique[ep_rank]),
     )
+
+
+@dataclass(frozen=True)
+class BytesSent:
+    """Bytes one rank sends in one forward, by direction and by whether they cross a link."""
+
+    dispatch_remote: int
+    dispatch_local: int
+    combine_remote: int
+    combine_local: int
+
+    @property
+    def remote(self) -> int:
+        return self.dispatch_remote + self.combine_remote
+
+    @property
+    def local(self) -> int:
+        return self.dispatch_local + self.combine_local
+
+    def __add__(self, other: "BytesSent") -> "BytesSent":
+        return BytesSent(
+            self.dispatch_remote + other.dispatch_remote,
+            self.dispatch_local + other.dispatch_local,
+            self.combine_remote + other.combine_remote,
+            self.combine_local + other.combine_local,
+        )
+
+    def to_dict(self) -> dict:
+        return {"dispatch_remote": self.dispatch_remote, "dispatch_local": self.dispatch_local,
+                "combine_remote": self.combine_remote, "combine_local": self.combine_local,
+                "remote": self.remote, "local": self.local}
+
+
+def bytes_sent(send_splits, recv_splits, ep_rank: int, dispatch_row_bytes: int,
+               combine_row_bytes: int) -> BytesSent:
+    """What rank ``ep_rank`` sends: its dispatch rows ``send_splits[chunk][dst]`` and, back to
+    each source, the combine rows ``recv_splits[chunk][src]`` (one per row it received)."""
+    dispatched = [sum(col) for col in zip(*send_splits)] if send_splits else []
+    returned = [sum(col) for col in zip(*recv_splits)] if recv_splits else []
+    local_d = dispatched[ep_rank] if dispatched else 0
+    local_c = returned[ep_rank] if returned else 0
+    return BytesSent(
+        dispatch_remote=(sum(dispatched) - local_d) * dispatch_row_bytes,
+        dispatch_local=local_d * dispatch_row_bytes,
+        combine_remote=(sum(returned) - local_c) * combine_row_bytes,
+        combine_local=local_c * combine_row_bytes,
+    )

@@ -75,7 +75,7 @@ def equivalence_cases(world: int):
 
 
 def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int,
-                    transport: str = "auto"):
+                    transport: str = "auto", dispatch_dedup: str = "off"):
     """Compare stock and EPS outputs for the case grid; return [(case, error, N, record)]."""
     world = dist.get_world_size()
     assert world == world_expected, (world, world_expected)
@@ -101,6 +101,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                 expert_kernel=expert_kernel,
                 chunk_split=split,
                 transport=transport,
+                dispatch_dedup=dispatch_dedup,
             )
             stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
             if routing == "hot":
@@ -135,6 +136,9 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                     "routed_rows_total": int(record.global_counts.sum()),
                     "finite": bool(torch.isfinite(actual.float()).all()),
                     "transport": record.transport,
+                    "dedup": record.dedup,
+                    "bytes_sent": record.bytes_sent.to_dict(),
+                    "pair_bytes_sent": record.pair_bytes_sent.to_dict(),
                 }
             )
     finally:
@@ -239,7 +243,7 @@ def run_auto_degree_agreement(world_expected: int):
         Utils.destroy_model_parallel()
 
 
-def run_dispatcher_roundtrip(world_expected: int):
+def run_dispatcher_roundtrip(world_expected: int, dispatch_dedup: str = "off"):
     """Megatron's dropless dispatcher test, for the pipelined path: with probs = 1/topk and
     experts that only scale rows by their prob, dispatch -> experts -> combine must return the
     input exactly, for every N, on ranks with uneven (and zero) token counts. The same check
@@ -252,7 +256,8 @@ def run_dispatcher_roundtrip(world_expected: int):
     try:
         for experts, topk in ((4 * world, 2), (2 * world, 1), (8 * world, 6)):
             config = moe_config(num_experts=experts, topk=topk, ep_size=world)
-            _, eps = build_moe_pair(config, EPSConfig(min_tokens_to_pipeline=0))
+            _, eps = build_moe_pair(config, EPSConfig(min_tokens_to_pipeline=0,
+                                                      dispatch_dedup=dispatch_dedup))
             dispatcher = eps.token_dispatcher
             seq = [5, 0, 9, 2][rank % 4]
             x = torch.randn(seq, 3, HIDDEN, generator=torch.Generator().manual_seed(rank))
@@ -274,6 +279,7 @@ def run_dispatcher_roundtrip(world_expected: int):
                 y = dispatcher.pipelined_forward(
                     x, probs, routing_map, ScaleByProb(), FixedChunking(degree)
                 )
+                assert dispatcher.last_record.dedup == (dispatch_dedup == "on")
                 out.append(
                     ("pipelined", experts, topk, degree,
                      (y - x).abs().max().item() if x.numel() else 0.0,
@@ -292,3 +298,60 @@ def run_dispatcher_roundtrip(world_expected: int):
     finally:
         Utils.destroy_model_parallel()
     return out
+
+
+def run_dedup_accuracy(world_expected: int, max_cases: int):
+    """The equivalence grid in bf16 against the same layer in float64 (same weights, fp64
+    router so that every layer routes alike): stock, EPS with one row per pair, and EPS
+    deduplicated with the partial sums travelling in bf16 and in fp32. Returns per case the
+    squared L2 norms of each error and of the reference, and whether a repeated deduplicated
+    forward is bit-identical."""
+    world = dist.get_world_size()
+    assert world == world_expected, (world, world_expected)
+    rank = dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    results = []
+    try:
+        cases = [c for c in equivalence_cases(world) if c[1] > 1][:max_cases]
+        for seed, (experts, topk, degree, shared, routing, split) in enumerate(cases):
+            def config(dtype):
+                return moe_config(num_experts=experts, topk=topk, hidden_size=HIDDEN,
+                                  ffn_hidden_size=FFN,
+                                  shared_expert_size=SHARED_FFN if shared else None,
+                                  ep_size=world, dtype=dtype, moe_router_dtype="fp64")
+
+            eps_config = EPSConfig(pipeline_degree=degree, min_tokens_to_pipeline=0,
+                                   expert_kernel="megatron", chunk_split=split,
+                                   dispatch_dedup="on", dedup_combine_dtype="model")
+            stock, eps = build_moe_pair(config(torch.bfloat16), eps_config, seed=seed + 7)
+            reference, _ = build_moe_pair(config(torch.float64), EPSConfig(enabled=False))
+            if routing == "hot":
+                make_hot_router(stock, seed % experts)
+                make_hot_router(eps, seed % experts)
+            reference.load_state_dict(stock.state_dict())
+            x = make_tokens(rank, world, routing, seed, torch.bfloat16)
+            if x.numel() == 0:
+                for layer in (stock, reference):
+                    layer.route = types.MethodType(route_allowing_empty, layer)
+            dispatcher = eps.token_dispatcher
+            outputs = {}
+            with torch.no_grad():
+                ref, _ = reference(x.double())
+                outputs["stock"], _ = stock(x)
+                outputs["dedup_bf16"], _ = eps(x)
+                again, _ = eps(x)
+                dedup_used = dispatcher.last_record.dedup
+                eps.eps_config = eps_config.replace(dedup_combine_dtype="fp32")
+                outputs["dedup_fp32"], _ = eps(x)
+                eps.eps_config = eps_config.replace(dispatch_dedup="off")
+                outputs["pairs"], _ = eps(x)
+            row = {"case": (experts, topk, degree, shared, routing, split),
+                   "reference": ref.double().norm().item() ** 2,
+                   "deterministic": bool(torch.equal(again, outputs["dedup_bf16"])),
+                   "dedup_used": dedup_used}
+            for name, out in outputs.items():
+                row[name] = (out.double() - ref).norm().item() ** 2
+            results.append(row)
+    finally:
+        Utils.destroy_model_parallel()
+    return results

@@ -51,8 +51,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
-def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+def case_inputs(ep, local, tokens, topk, scenario):
+    """Every rank's (hidden states [T, H], routing map [T, E], probs [T, E]) and the count
+    matrix for one case of CASES."""
     rng = np.random.default_rng(hash(scenario) % 2**32)
     num_experts = ep * local
     empty = (1, num_experts - 1) if scenario == "empty experts" else ()
@@ -64,6 +65,12 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
         probs.append(p)
         hidden_states.append(torch.randn(tokens[r], HIDDEN, generator=torch.Generator().manual_seed(r)))
     counts = np.stack([r.sum(dim=0).numpy() for r in routings]).astype(np.int64)
+    return hidden_states, routings, probs, counts
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
     sizes = chunk_sizes(local, chunking)
 
     world = SimulatedPeers(ep)
@@ -174,3 +181,51 @@ def test_ranks_agree_on_the_transport_before_using_it():
     explicit = run_distributed(_agree, 2, "copy_engine")
     assert all(kind == "error" and "transport='copy_engine'" in msg and "nccl" in msg
                for kind, msg in explicit), explicit
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenario):
+    """The deduplicated scheme over simulated peers: each chunk's receive area holds, by source
+    rank then token, every token with an expert of the chunk here (once), and after the
+    pre-reduced combine each token's rows sum to its weighted expert outputs."""
+    from megatron_eps.comm import dedup_rows
+    from megatron_eps.comm.dedup_layout import DedupChunkLayout
+
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    ranges = np.stack([dedup_rows.range_unique_counts(r, ep).numpy() for r in routings])
+    sizes = chunk_sizes(local, chunking)
+    world = SimulatedPeers(ep)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    layouts = [DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
+                                           ranges, topk, torch.float32) for r in range(ep)]
+    width = HIDDEN + dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
+    owners = [[] for _ in range(ep)]
+    for r in range(ep):
+        transports[r].begin(layouts[r], counts, width, HIDDEN, torch.float32, torch.device("cpu"))
+    for chunk in range(len(sizes)):
+        for r in range(ep):
+            owners[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
+                                                             routings[r]))
+        completions = [transports[r].dispatch(chunk) for r in range(ep)]
+        for r in range(ep):
+            completions[r].wait(None)
+            received, _ = transports[r].received(chunk)
+            a, b = layouts[r].expert_ranges[chunk]
+            experts = slice(r * local + a, r * local + b)
+            want = torch.cat([hidden_states[s][routings[s][:, experts].any(dim=1)]
+                              for s in range(ep)])
+            assert torch.equal(received[:, :HIDDEN], want), scenario
+            x, p, pair_row = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
+                                                    layouts[r].pair_rows(chunk), torch.float32)
+            table = dedup_rows.slot_table(pair_row, received.shape[0], layouts[r].slots)
+            sums = dedup_rows.sum_slots(x * p.unsqueeze(1), table, torch.float32)
+            transports[r].hand_back(chunk, sums)
+        finals = [transports[r].combine(chunk) for r in range(ep)]
+    for r in range(ep):
+        finals[r].wait(None)
+        owner = torch.cat(owners[r])
+        table = dedup_rows.slot_table(owner, tokens[r], layouts[r].return_slots)
+        out = dedup_rows.sum_slots(transports[r].combined_rows(), table, torch.float64)
+        want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        transports[r].end()

@@ -107,11 +107,12 @@ def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, deg
     assert _rel(expected, actual) <= tol
 
 
-def test_memory_reuse_across_streams_is_safe(parallel):
+@pytest.mark.parametrize("dispatch_dedup", ["off", "on"])
+def test_memory_reuse_across_streams_is_safe(parallel, dispatch_dedup):
     """Back-to-back forwards with a link ~10x slower than the GEMMs, and fresh allocations
     scribbled over right after each returns, all without a host sync: any buffer the allocator
     handed out while the comm stream still used it would corrupt an output."""
-    stock, eps = _pair(torch.bfloat16, 4)
+    stock, eps = _pair(torch.bfloat16, 4, dispatch_dedup=dispatch_dedup)
     eps.token_dispatcher.all_to_all = _emulator(bandwidth_gbps=0.5)
     inputs = [torch.randn(1024, 1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     with torch.no_grad():
@@ -122,6 +123,7 @@ def test_memory_reuse_across_streams_is_safe(parallel):
             outputs.append(eps(x)[0])
             scribbles.append(torch.full((4 * x.numel(),), float("nan"), device="cuda", dtype=x.dtype))
         torch.cuda.synchronize()
+    assert eps.token_dispatcher.last_record.dedup == (dispatch_dedup == "on")
     for ref, out in zip(expected, outputs):
         assert torch.isfinite(out.float()).all()
         assert _rel(ref, out) <= 1e-2
@@ -279,3 +281,54 @@ def test_nccl_cta_cap_env(monkeypatch):
 
     assert os.environ["NCCL_MAX_CTAS"] == "8" and os.environ["NCCL_MAX_NCHANNELS"] == "8"
     assert not apply_comm_cta_cap(None)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("degree,split", [(1, "equal"), (3, "equal"), (5, "tail")])
+def test_dedup_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
+    """dispatch_dedup on, overlapped over the emulated link: equals stock, no host sync inside
+    the plan (the expansion and the pre-reduction are sized from the host's layout)."""
+    stock, eps = _pair(dtype, degree, experts=16, topk=6, chunk_split=split,
+                       dispatch_dedup="on")
+    eps.token_dispatcher.all_to_all = _emulator()
+    x = torch.randn(512, 2, HIDDEN, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected, _ = stock(x)
+        with _no_syncs_in_run_plan(monkeypatch) as calls:
+            actual, _ = eps(x)
+            again, _ = eps(x)
+    torch.cuda.synchronize()
+    record = eps.token_dispatcher.last_record
+    assert calls["n"] == 2 and record.dedup and record.num_chunks == degree
+    assert torch.equal(actual, again)  # deterministic
+    assert _rel(expected, actual) <= tol
+
+
+def test_dedup_accuracy_vs_float64_on_gpu(parallel):
+    """bf16 layer, top-6 of 32, 4 chunks (several partial sums per token), vs the same layer in
+    float64 (fp64 router, so all route alike): the deduplicated scheme, with bf16 or fp32 partial
+    sums, is not further from float64 than stock Megatron (whose GPU combine adds in bf16)."""
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps import EPSConfig
+
+    def config(dtype):
+        return moe_config(num_experts=32, topk=6, hidden_size=HIDDEN, ffn_hidden_size=FFN,
+                          shared_expert_size=SHARED, dtype=dtype, moe_router_dtype="fp64")
+
+    eps_config = EPSConfig(pipeline_degree=4, min_tokens_to_pipeline=0,
+                           expert_kernel=_kernel(torch.bfloat16), dispatch_dedup="on")
+    stock, eps = build_moe_pair(config(torch.bfloat16), eps_config, seed=9)
+    reference, _ = build_moe_pair(config(torch.float64), EPSConfig(enabled=False))
+    reference.load_state_dict(stock.state_dict())
+    eps.token_dispatcher.all_to_all = _emulator(bandwidth_gbps=1e9)
+    x = torch.randn(4096, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, _ = reference(x.double())
+        errors = {"stock": _rel(ref, stock(x)[0]), "dedup_model": _rel(ref, eps(x)[0])}
+        eps.eps_config = eps_config.replace(dedup_combine_dtype="fp32")
+        errors["dedup_fp32"] = _rel(ref, eps(x)[0])
+        eps.eps_config = eps_config.replace(dispatch_dedup="off")
+        errors["pairs"] = _rel(ref, eps(x)[0])
+    print("errors vs float64:", errors)
+    assert errors["dedup_fp32"] <= errors["stock"] * 1.001, errors
+    assert errors["dedup_model"] <= errors["stock"] * 1.01, errors
