@@ -184,19 +184,22 @@ def expand_rows(
                                                             device=device), empty
     experts, weights = _meta_views(received, hidden, slots, probs_dtype)
     experts = experts.to(torch.long)
-    experts = torch.where(experts >= 0, experts, torch.full_like(experts, num_experts))
     row_ids = torch.arange(num_rows, device=device).unsqueeze(1).expand(-1, slots)
-    routed = torch.zeros((num_experts + 1, num_rows), dtype=torch.bool, device=device)
-    routed[experts, row_ids] = True
-    dense_weights = torch.zeros((num_experts + 1, num_rows), dtype=probs_dtype, device=device)
-    dense_weights[experts, row_ids] = weights
-    routed = routed[:num_experts].reshape(-1)  # expert-major
+    # (expert, row) cells, expert-major; empty slots go to cells of their own past the end, so
+    # no cell is written twice (index_fill_/index_copy_ take no host value: no host sync).
+    spare = num_experts * num_rows + torch.arange(num_rows * slots, device=device).view(num_rows, slots)
+    cell = torch.where(experts >= 0, experts * num_rows + row_ids, spare).reshape(-1)
+    cells = num_experts * num_rows + num_rows * slots
+    routed = torch.zeros(cells, dtype=torch.bool, device=device).index_fill_(0, cell, True)
+    dense_weights = torch.zeros(cells, dtype=probs_dtype, device=device).index_copy_(
+        0, cell, weights.reshape(-1))
+    routed = routed[: num_experts * num_rows]
     position = torch.cumsum(routed, dim=0) - 1
     position = torch.where(routed, position, torch.full_like(position, num_pairs))
     pair_row = torch.empty(num_pairs + 1, dtype=torch.long, device=device)
     pair_row.scatter_(0, position, torch.arange(num_rows, device=device).repeat(num_experts))
     pair_weights = torch.empty(num_pairs + 1, dtype=probs_dtype, device=device)
-    pair_weights.scatter_(0, position, dense_weights[:num_experts].reshape(-1))
+    pair_weights.scatter_(0, position, dense_weights[: num_experts * num_rows])
     pair_row = pair_row[:num_pairs]
     return received[:, :hidden].index_select(0, pair_row), pair_weights[:num_pairs], pair_row
 
