@@ -133,7 +133,7 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
     them; fixed degrees pipeline at every load.
     """
     from megatron_eps import EPSConfig
-    from megatron_eps.cost_model import LayerShape, PipelineProfile, choose_chunking
+    from megatron_eps.policy.cost_model import LayerShape, PipelineProfile, choose_chunking
 
     eps.eps_config.pipeline_degree = degree
     defaults = EPSConfig()
@@ -241,7 +241,7 @@ def measure_chunk_overhead(eps, model, tokens, free_link, repeats):
 # ----------------------------------------------------------------------------- profiles
 def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fraction, provenance,
                   overlap_efficiency=1.0, host_us=0.0, sm_count=None, host_base_us=0.0, min_gain=0.0):
-    from megatron_eps.cost_model import PipelineProfile
+    from megatron_eps.policy.cost_model import PipelineProfile
 
     profile = PipelineProfile(
         link_bandwidth_gbps=bandwidth, link_latency_us=latency, chunk_overhead_us=max(k_us, 0.0),
@@ -380,8 +380,8 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
             r["auto_vs_best"] = r["T_auto_ms"] / r["T_eps_ms"] - 1
             r["auto_vs_N1"] = r["T_auto_ms"] / r["T_N1_ms"] - 1
             # the model's view of the same point
-            from megatron_eps.cost_model import LayerShape, PipelineProfile, predict
-            from megatron_eps.schedule import tail_split
+            from megatron_eps.policy.cost_model import LayerShape, PipelineProfile, predict
+            from megatron_eps.pipeline.schedule import tail_split
 
             m = MODELS[model]
             shape = LayerShape(m["hidden"], m["ffn"], m["experts"], 1, m["topk"],
@@ -631,7 +631,7 @@ def main(argv=None):
     init_megatron()
     import megatron.core
 
-    from megatron_eps.cost_model import gpu_slug
+    from megatron_eps.policy.cost_model import gpu_slug
     from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     models = [m for m in args.models.split(",") if m]

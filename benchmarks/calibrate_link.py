@@ -7,7 +7,7 @@ Times ``all_to_all_single`` (NCCL on GPUs, gloo on CPU) for message sizes from 6
 256 MiB per rank, with warm-up and CUDA-event medians, then fits
 ``t(bytes) = latency + bytes_leaving_rank / bandwidth`` by least squares. "Bytes" are the rows a
 rank sends to other ranks (its own share stays local), which is the quantity the cost model
-(megatron_eps.cost_model.predict_times) charges the link for. With ``--merge-into`` the fitted
+(megatron_eps.policy.cost_model.predict_times) charges the link for. With ``--merge-into`` the fitted
 ``link_bandwidth_gbps`` and ``link_latency_us`` replace those keys of an existing pipeline
 profile, keeping its measured chunk overhead and expert throughput.
 """
@@ -101,7 +101,7 @@ def main(argv=None):
                      "seconds": worst.item()})
     latency, bandwidth = fit_latency_bandwidth([(r["remote_bytes"], r["seconds"]) for r in rows])
     if rank == 0:
-        from megatron_eps.provenance import git_commit
+        from megatron_eps.calibrate.provenance import git_commit
 
         commit = git_commit()
         result = {

@@ -160,7 +160,7 @@ def main(argv=None):
         result["points"][name + "_overlap"] = {"comm_ms": t_comm * 1e3, "both_ms": t_both * 1e3,
                                                "gemm_slowdown": t_both / t_gemm, "eta": eta}
     if rank == 0:
-        from megatron_eps.provenance import git_commit
+        from megatron_eps.calibrate.provenance import git_commit
 
         result["git_commit"] = git_commit()
         with open(args.out, "w") as f:

@@ -452,7 +452,7 @@ def check_cost_profile_file(path: str) -> dict:
     if key in _PROFILE_CHECKS:
         return _PROFILE_CHECKS[key]
     data = read_cost_profile_json(path)
-    from megatron_eps.cost_model import PipelineProfile
+    from megatron_eps.policy.cost_model import PipelineProfile
     from megatron_eps.experts.selector import PROFILE_FORMAT, CostProfile
 
     devices = []

@@ -10,10 +10,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_eps import compat
 from megatron_eps.config import EPSConfig, EPSConfigError
-from megatron_eps.cost_model import LayerShape
-from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
+from megatron_eps.policy.cost_model import LayerShape
+from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
-from megatron_eps.policies import ChunkingPolicy, ExpertRunner
+from megatron_eps.pipeline.policies import ChunkingPolicy, ExpertRunner
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class EPSMoELayer(MoELayer):
         )
         self.eps_config = eps_config
         if eps_config.enabled and eps_config.comm_num_ctas is not None:
-            from megatron_eps.sm_control import apply_comm_cta_cap
+            from megatron_eps.comm.sm_control import apply_comm_cta_cap
 
             # Effective for EP communicators NCCL has not created yet (it creates them at a
             # group's first collective); set it before init_process_group to be sure.

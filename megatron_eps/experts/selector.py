@@ -63,7 +63,7 @@ def device_name(device: Union[str, torch.device]) -> str:
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profile's file name
     (``<slug>.json``, with ``experts``, ``pipeline`` and ``links`` sections)."""
-    from megatron_eps.cost_model import gpu_slug
+    from megatron_eps.policy.cost_model import gpu_slug
 
     return gpu_slug(name)
 

@@ -155,7 +155,7 @@ BAD_PROFILES = {
 
 @pytest.mark.parametrize("kind", sorted(BAD_PROFILES))
 def test_bad_cost_profiles_are_refused_naming_the_setting(tmp_path, kind):
-    from megatron_eps.cost_model import load_pipeline_profile
+    from megatron_eps.policy.cost_model import load_pipeline_profile
     from megatron_eps.experts import selector
 
     text, message = BAD_PROFILES[kind]
@@ -180,7 +180,7 @@ def test_cost_profile_for_another_device_warns_once(caplog):
     import os
 
     import megatron_eps
-    from megatron_eps.cost_model import load_pipeline_profile
+    from megatron_eps.policy.cost_model import load_pipeline_profile
     from megatron_eps.experts import selector
 
     profiles = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles")

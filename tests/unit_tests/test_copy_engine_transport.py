@@ -13,8 +13,8 @@ import torch
 
 from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout
-from megatron_eps.dispatcher import permute_chunk_major, probs_columns
-from megatron_eps.schedule import ChunkLayout, chunk_sizes
+from megatron_eps.pipeline.dispatcher import permute_chunk_major, probs_columns
+from megatron_eps.pipeline.schedule import ChunkLayout, chunk_sizes
 
 HIDDEN = 8
 

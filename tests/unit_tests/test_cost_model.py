@@ -1,4 +1,4 @@
-"""The pipeline cost model (megatron_eps.cost_model): math, N* behaviour, determinism, threshold,
+"""The pipeline cost model (megatron_eps.policy.cost_model): math, N* behaviour, determinism, threshold,
 clamping, profiles, and the same N on every rank of a gloo group with skewed loads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_eps.config import EPSConfig
-from megatron_eps.cost_model import (
+from megatron_eps.policy.cost_model import (
     LayerShape,
     PipelineProfile,
     chunk_comm_times,
@@ -28,7 +28,7 @@ from megatron_eps.cost_model import (
     shipped_profile_path,
     simulate_plan,
 )
-from megatron_eps.schedule import chunk_sizes
+from megatron_eps.pipeline.schedule import chunk_sizes
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 
 DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)
@@ -108,7 +108,7 @@ def test_uneven_chunks_cost_more_than_even_ones():
 def test_prediction_is_the_plan_walk_with_each_chunks_slowest_rank():
     """The all-to-alls couple the ranks: the model walks schedule.build_plan with, per chunk,
     the GEMM time of the slowest rank (and the largest shared-expert time)."""
-    from megatron_eps.cost_model import shared_experts_time
+    from megatron_eps.policy.cost_model import shared_experts_time
 
     counts = random_counts(DSV2, [4096, 1000, 7000, 0, 300, 4096, 2048, 5000], seed=3, zipf=1.0)
     p = profile(memory_bandwidth_gbps=2500.0, link_latency_us=20.0)
@@ -307,7 +307,7 @@ def test_gemm_carveout_slows_overlapped_gemms_only():
 
 
 def test_auto_decisions_are_cached_by_a_coarse_load_summary():
-    from megatron_eps import cost_model
+    from megatron_eps.policy import cost_model
 
     cost_model._DECISIONS.clear()
     p = profile(chunk_overhead_us=30.0, link_latency_us=10.0)
@@ -485,7 +485,7 @@ def test_every_rank_picks_the_same_degree(world, tmp_path):
 
 # ----------------------------------------------------------------------------- dispatch ahead
 def test_plan_dispatch_ahead_orders():
-    from megatron_eps.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
+    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
     interleaved = [(s.stage, s.chunk) for s in build_plan(3, dispatch_ahead=1)]
     assert interleaved == [
@@ -514,7 +514,7 @@ def test_dispatch_ahead_avoids_the_shared_expert_stall():
         for a in (1, 2, None):
             dd, cc = chunk_comm_times(counts, DSV2, p, n)
             xx = chunk_compute_times(counts, DSV2, p, n)
-            from megatron_eps.cost_model import shared_experts_time
+            from megatron_eps.policy.cost_model import shared_experts_time
 
             s = shared_experts_time(counts[0].sum() / DSV2.topk, DSV2, p)
             walked = simulate_plan(dd, xx[0], cc, s, dispatch_ahead=a)
@@ -525,7 +525,7 @@ def test_dispatch_ahead_avoids_the_shared_expert_stall():
 def test_profile_links_section_gives_each_transport_its_link(tmp_path):
     import json as _json
 
-    from megatron_eps.cost_model import chunk_comm_times
+    from megatron_eps.policy.cost_model import chunk_comm_times
 
     base = dict(link_bandwidth_gbps=300.0, link_latency_us=50.0, chunk_overhead_us=90.0,
                 expert_tflops=600.0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_eps.permute_kernels import scatter_routed_rows, sum_expert_rows
+from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, sum_expert_rows
 
 
 def _devices():

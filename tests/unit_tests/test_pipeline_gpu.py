@@ -60,7 +60,7 @@ def _emulator(bandwidth_gbps=2.0, latency_us=5.0, fraction=0.875):
 @contextlib.contextmanager
 def _no_syncs_in_run_plan(monkeypatch):
     """Make every synchronizing call inside schedule.run_plan raise."""
-    import megatron_eps.dispatcher as dispatcher_module
+    import megatron_eps.pipeline.dispatcher as dispatcher_module
 
     original = dispatcher_module.run_plan
     calls = {"n": 0}
@@ -89,7 +89,7 @@ def _no_syncs_in_run_plan(monkeypatch):
 @pytest.mark.parametrize("degree,split", [(1, "equal"), (2, "equal"), (3, "equal"), (8, "equal"),
                                           (3, "tail"), (5, "tail")])
 def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
-    from megatron_eps.schedule import chunk_sizes
+    from megatron_eps.pipeline.schedule import chunk_sizes
 
     stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
     eps.token_dispatcher.all_to_all = _emulator()  # a slow link: the comm stream lags behind
@@ -172,7 +172,7 @@ def test_timer_link_keeps_its_time_beside_gemms_that_leave_it_sms(parallel):
     """The emulated link must not stretch under a GEMM load (the SM-clock based _sleep does)
     when the GEMMs leave it SMs, as the pipeline's carve-out does."""
     from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll
-    from megatron_eps.sm_control import carveout_supported, gemm_sm_carveout
+    from megatron_eps.comm.sm_control import carveout_supported, gemm_sm_carveout
 
     if not carveout_supported():
         pytest.skip("torch has no _set_sm_carveout_experimental")
@@ -242,7 +242,7 @@ def test_emulated_link_is_overlapped_with_the_gemms(parallel):
 
 
 def test_gemm_sm_carveout_is_restored(parallel):
-    from megatron_eps.sm_control import carveout_supported, current_gemm_carveout, gemm_sm_carveout
+    from megatron_eps.comm.sm_control import carveout_supported, current_gemm_carveout, gemm_sm_carveout
 
     if not carveout_supported():
         pytest.skip("torch has no _set_sm_carveout_experimental")
@@ -270,7 +270,7 @@ def test_gemm_sm_carveout_is_restored(parallel):
 
 
 def test_nccl_cta_cap_env(monkeypatch):
-    from megatron_eps.sm_control import apply_comm_cta_cap
+    from megatron_eps.comm.sm_control import apply_comm_cta_cap
 
     for name in ("NCCL_MAX_CTAS", "NCCL_MAX_NCHANNELS"):
         monkeypatch.delenv(name, raising=False)

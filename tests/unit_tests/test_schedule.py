@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_eps.comm.nccl import regroup_rows
-from megatron_eps.schedule import (
+from megatron_eps.pipeline.schedule import (
     COMBINE,
     COMM,
     COMPUTE,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megatron_eps.config import EPSConfig
-from megatron_eps.cost_model import LayerShape, choose_chunking, load_pipeline_profile
+from megatron_eps.policy.cost_model import LayerShape, choose_chunking, load_pipeline_profile
 from megatron_eps.experts.base import LocalExperts, get_backend
 
 

@@ -226,7 +226,7 @@ def collective_time(remote_rows, row_bytes: float, profile: PipelineProfile):
 
 
 def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
-    from megatron_eps.schedule import chunk_sizes, ranges_of_sizes
+    from megatron_eps.pipeline.schedule import chunk_sizes, ranges_of_sizes
 
     return ranges_of_sizes(chunk_sizes(shape.num_local_experts, chunking))
 
@@ -379,7 +379,7 @@ def simulate_plan(
 def _compiled_plan(num_chunks: int, dispatch_ahead: Optional[int]):
     """build_plan's steps as (on comm stream, awaited event, recorded event, stage, chunk)
     integers (events numbered, -1: none; stage: 0 placement, 1 dispatch, 2 experts, 3 combine)."""
-    from megatron_eps.schedule import COMBINE, COMM, DISPATCH, EXPERTS, PLACE, build_plan
+    from megatron_eps.pipeline.schedule import COMBINE, COMM, DISPATCH, EXPERTS, PLACE, build_plan
 
     stage_index = {PLACE: 0, DISPATCH: 1, EXPERTS: 2, COMBINE: 3}
     names = {"routed": 0}
@@ -524,7 +524,7 @@ def candidate_chunkings(
     10, 20). Not a heuristic cut-off: the predicted time is not convex in N (uneven splits), so
     every candidate is evaluated.
     """
-    from megatron_eps.schedule import chunk_sizes
+    from megatron_eps.pipeline.schedule import chunk_sizes
 
     experts = shape.num_local_experts
     out, seen_largest = [], set()
@@ -565,7 +565,7 @@ def choose_chunking(
     matrix seen with that summary. All ranks see the same matrices in the same order, so their
     caches, and their choices, stay identical.
     """
-    from megatron_eps.schedule import chunk_sizes
+    from megatron_eps.pipeline.schedule import chunk_sizes
 
     experts = shape.num_local_experts
     split = split or eps_config.chunk_split

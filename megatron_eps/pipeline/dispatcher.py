@@ -16,9 +16,9 @@ from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
-from megatron_eps.permute_kernels import sum_expert_rows
-from megatron_eps.sm_control import gemm_sm_carveout
-from megatron_eps.schedule import (
+from megatron_eps.pipeline.permute_kernels import sum_expert_rows
+from megatron_eps.comm.sm_control import gemm_sm_carveout
+from megatron_eps.pipeline.schedule import (
     COMBINE,
     DISPATCH,
     EXPERTS,
