@@ -381,7 +381,7 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
             r["auto_vs_N1"] = r["T_auto_ms"] / r["T_N1_ms"] - 1
             # the model's view of the same point
             from megatron_eps.policy.cost_model import LayerShape, PipelineProfile, predict
-            from megatron_eps.pipeline.schedule import tail_split
+            from megatron_eps.pipeline.layout import tail_split
 
             m = MODELS[model]
             shape = LayerShape(m["hidden"], m["ffn"], m["experts"], 1, m["topk"],

@@ -18,16 +18,9 @@ from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.config import EPSConfig
 from megatron_eps.pipeline.permute_kernels import sum_expert_rows
 from megatron_eps.comm.sm_control import gemm_sm_carveout
-from megatron_eps.pipeline.schedule import (
-    COMBINE,
-    DISPATCH,
-    EXPERTS,
-    PLACE,
-    ChunkLayout,
-    build_plan,
-    chunk_sizes,
-    run_plan,
-)
+from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.pipeline.runner import run_plan
+from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
 def permute_chunk_major(
     tokens: torch.Tensor,

@@ -28,7 +28,6 @@ function is deterministic, so every rank picks the same N and the chunked all-to
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -38,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_eps.config import EPSConfig
+from megatron_eps.pipeline.layout import chunk_sizes, ranges_of_sizes
+from megatron_eps.pipeline.schedule import simulate_plan
 
 # Bytes each dispatched row carries for its routing weight (dispatcher.probs_columns).
 PACKED_PROBS_BYTES_PER_ROW = 16
@@ -226,8 +227,6 @@ def collective_time(remote_rows, row_bytes: float, profile: PipelineProfile):
 
 
 def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
-    from megatron_eps.pipeline.schedule import chunk_sizes, ranges_of_sizes
-
     return ranges_of_sizes(chunk_sizes(shape.num_local_experts, chunking))
 
 
@@ -341,54 +340,6 @@ def _roofline_expert_times(rows: np.ndarray, shape: LayerShape, profile: Pipelin
     if profile.memory_bandwidth_gbps:
         t = np.maximum(t, shape.expert_weight_bytes / (profile.memory_bandwidth_gbps * 1e9))
     return np.where(rows > 0, t, 0.0)
-
-
-# --------------------------------------------------------------------------- schedule
-def simulate_plan(
-    dispatch: Sequence[float],
-    experts: Sequence[float],
-    combine: Sequence[float],
-    shared: float = 0.0,
-    dispatch_ahead: Optional[int] = None,
-) -> float:
-    """Makespan of ``schedule.build_plan(N)`` on two in-order streams with the plan's events.
-
-    The compute stream starts with the shared experts (``shared`` seconds; they are issued
-    before the plan, see ``schedule``); the placement of the rows is fixed work the model
-    leaves out. Each step starts when its stream is free and its awaited event has been
-    recorded; the compute stream finally waits for the last combine (as ``run_plan`` does). It
-    walks the plan itself (compiled once per N to integer steps), so a change of the schedule
-    is made once.
-    """
-    steps, num_events = _compiled_plan(len(experts), dispatch_ahead)
-    durations = ((), dispatch, experts, combine)
-    free = [shared, 0.0]  # compute, comm
-    events = [0.0] * num_events
-    for on_comm, wait, record, stage, chunk in steps:
-        start = free[on_comm]
-        if wait >= 0 and events[wait] > start:
-            start = events[wait]
-        end = start + (durations[stage][chunk] if stage else 0.0)
-        free[on_comm] = end
-        if record >= 0:
-            events[record] = end
-    return max(free)
-
-
-@functools.lru_cache(maxsize=512)
-def _compiled_plan(num_chunks: int, dispatch_ahead: Optional[int]):
-    """build_plan's steps as (on comm stream, awaited event, recorded event, stage, chunk)
-    integers (events numbered, -1: none; stage: 0 placement, 1 dispatch, 2 experts, 3 combine)."""
-    from megatron_eps.pipeline.schedule import COMBINE, COMM, DISPATCH, EXPERTS, PLACE, build_plan
-
-    stage_index = {PLACE: 0, DISPATCH: 1, EXPERTS: 2, COMBINE: 3}
-    names = {"routed": 0}
-    steps = []
-    for step in build_plan(num_chunks, dispatch_ahead=dispatch_ahead):
-        wait = names[step.wait] if step.wait is not None else -1
-        record = names.setdefault(step.record, len(names)) if step.record is not None else -1
-        steps.append((int(step.stream == COMM), wait, record, stage_index[step.stage], step.chunk))
-    return tuple(steps), len(names)
 
 
 def pipelined_time(n: int, t_comm: float, t_comp: float, overhead_s: float) -> float:
@@ -524,8 +475,6 @@ def candidate_chunkings(
     10, 20). Not a heuristic cut-off: the predicted time is not convex in N (uneven splits), so
     every candidate is evaluated.
     """
-    from megatron_eps.pipeline.schedule import chunk_sizes
-
     experts = shape.num_local_experts
     out, seen_largest = [], set()
     for family in families:
@@ -565,8 +514,6 @@ def choose_chunking(
     matrix seen with that summary. All ranks see the same matrices in the same order, so their
     caches, and their choices, stay identical.
     """
-    from megatron_eps.pipeline.schedule import chunk_sizes
-
     experts = shape.num_local_experts
     split = split or eps_config.chunk_split
     if mean_tokens_per_rank(counts, shape.topk) < eps_config.min_tokens_to_pipeline:

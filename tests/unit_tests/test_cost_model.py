@@ -26,9 +26,9 @@ from megatron_eps.policy.cost_model import (
     predict,
     predict_times,
     shipped_profile_path,
-    simulate_plan,
 )
-from megatron_eps.pipeline.schedule import chunk_sizes
+from megatron_eps.pipeline.layout import chunk_sizes
+from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 
 DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)

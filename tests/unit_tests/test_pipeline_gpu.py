@@ -59,7 +59,7 @@ def _emulator(bandwidth_gbps=2.0, latency_us=5.0, fraction=0.875):
 
 @contextlib.contextmanager
 def _no_syncs_in_run_plan(monkeypatch):
-    """Make every synchronizing call inside schedule.run_plan raise."""
+    """Make every synchronizing call inside runner.run_plan raise."""
     import megatron_eps.pipeline.dispatcher as dispatcher_module
 
     original = dispatcher_module.run_plan
@@ -89,7 +89,7 @@ def _no_syncs_in_run_plan(monkeypatch):
 @pytest.mark.parametrize("degree,split", [(1, "equal"), (2, "equal"), (3, "equal"), (8, "equal"),
                                           (3, "tail"), (5, "tail")])
 def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
-    from megatron_eps.pipeline.schedule import chunk_sizes
+    from megatron_eps.pipeline.layout import chunk_sizes
 
     stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
     eps.token_dispatcher.all_to_all = _emulator()  # a slow link: the comm stream lags behind

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from megatron_eps.comm.nccl import regroup_rows
+from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes, split_local_experts, tail_split
+from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.pipeline.schedule import (
     COMBINE,
     COMM,
@@ -13,12 +15,7 @@ from megatron_eps.pipeline.schedule import (
     EXPERTS,
     PLACE,
     Step,
-    ChunkLayout,
     build_plan,
-    chunk_sizes,
-    run_plan,
-    split_local_experts,
-    tail_split,
 )
 
 
