@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-SLUG=$(python3 -c 'from megatron_eps.policy.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
+SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 if [ "${TESTS:-1}" = "1" ]; then
   # Tests needing GPUs by marker (gpu, multigpu), plus the multi-rank bf16 equivalence grid.
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \

@@ -63,7 +63,7 @@ def device_name(device: Union[str, torch.device]) -> str:
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profile's file name
     (``<slug>.json``, with ``experts``, ``pipeline`` and ``links`` sections)."""
-    from megatron_eps.policy.cost_model import gpu_slug
+    from megatron_eps.policy.profile import gpu_slug
 
     return gpu_slug(name)
 
@@ -172,7 +172,7 @@ class CostProfile:
 
 def _read_json(path: str) -> dict:
     """The profile's JSON object (EPSConfigError, a ValueError, naming cost_profile if not)."""
-    from megatron_eps.config import read_cost_profile_json
+    from megatron_eps.policy.profile import read_cost_profile_json
 
     return read_cost_profile_json(path)
 
@@ -218,7 +218,7 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
                 f"eps cost_profile={path!r}: no such file (write one with megatron-eps-calibrate)"
             )
         if path:
-            from megatron_eps.config import (
+            from megatron_eps.policy.profile import (
                 check_cost_profile_file,
                 warn_if_profile_for_other_device,
             )

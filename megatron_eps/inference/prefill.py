@@ -331,7 +331,7 @@ def validate_setup(args) -> Dict[str, object]:
         # The facts this process has (device, libraries); the node and peer checks follow at
         # layer construction, still before any collective of the layer.
         check_transport_setting(eps_run.transport, None, ep)
-        from megatron_eps.config import warn_if_profile_for_other_device
+        from megatron_eps.policy.profile import warn_if_profile_for_other_device
         from megatron_eps.experts.selector import device_name
 
         import logging

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from megatron_eps.config import EPSConfig
-from megatron_eps.policy.cost_model import LayerShape, choose_chunking, load_pipeline_profile
+from megatron_eps.policy.cost_model import LayerShape
+from megatron_eps.policy.degree import choose_chunking
+from megatron_eps.policy.profile import load_pipeline_profile
 from megatron_eps.experts.base import LocalExperts, get_backend
 
 

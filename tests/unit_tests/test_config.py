@@ -155,7 +155,7 @@ BAD_PROFILES = {
 
 @pytest.mark.parametrize("kind", sorted(BAD_PROFILES))
 def test_bad_cost_profiles_are_refused_naming_the_setting(tmp_path, kind):
-    from megatron_eps.policy.cost_model import load_pipeline_profile
+    from megatron_eps.policy.profile import load_pipeline_profile
     from megatron_eps.experts import selector
 
     text, message = BAD_PROFILES[kind]
@@ -180,14 +180,14 @@ def test_cost_profile_for_another_device_warns_once(caplog):
     import os
 
     import megatron_eps
-    from megatron_eps.policy.cost_model import load_pipeline_profile
+    from megatron_eps.policy.profile import load_pipeline_profile
     from megatron_eps.experts import selector
 
     profiles = os.path.join(os.path.dirname(megatron_eps.__file__), "profiles")
     kernel = pipeline = os.path.join(profiles, "nvidia_h100_80gb_hbm3.json")  # one file per GPU
     assert EPSConfig(cost_profile=kernel).cost_profile == kernel  # accepted ...
     selector.clear_caches()
-    __import__("megatron_eps.config").config._WARNED_DEVICES.clear()  # other tests loaded it
+    __import__("megatron_eps.policy.profile").policy.profile._WARNED_DEVICES.clear()  # other tests loaded it
     with caplog.at_level(logging.WARNING, logger="megatron_eps"):
         tables = selector.load_cost_profile(kernel, "cpu")
         selector.load_cost_profile(kernel, "cpu")

@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 
 from megatron_eps.config import EPSConfig
+from megatron_eps.bench.emulated_group import emulated_group_counts, emulated_group_shape
 from megatron_eps.policy.cost_model import (
     LayerShape,
-    PipelineProfile,
     chunk_comm_times,
-    candidate_chunkings,
     chunk_compute_times,
-    choose_chunking,
-    enable_condition,
-    load_pipeline_profile,
-    optimal_degree_closed_form,
-    pipelined_time,
     predict,
-    predict_times,
-    shipped_profile_path,
 )
+from megatron_eps.policy.degree import candidate_chunkings, choose_chunking
+from megatron_eps.policy.profile import PipelineProfile, load_pipeline_profile, shipped_profile_path
 from megatron_eps.pipeline.layout import chunk_sizes
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
@@ -70,6 +64,22 @@ def equal_degree(counts, shape, eps_config, profile):
 AUTO = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, max_pipeline_degree=64)
 
 
+def paper_pipelined_time(n: int, t_comm: float, t_comp: float, overhead_s: float) -> float:
+    """The paper's closed form for N equal chunks: the serial time minus the hidden part
+    L(N) = min(T_comm, T_comp) (N - 1) / N, plus R(N) = k N."""
+    return t_comm + t_comp - min(t_comm, t_comp) * (n - 1) / n + overhead_s * n
+
+
+def paper_optimal_degree(t_comm: float, t_comp: float, chunk_overhead_s: float) -> float:
+    """The paper's N* = sqrt(min(T_comm, T_comp) / k) (continuous)."""
+    return (min(t_comm, t_comp) / chunk_overhead_s) ** 0.5
+
+
+def unpipelined_times(counts, shape, p):
+    one = predict(counts, shape, p, 1)
+    return one.t_comm, one.t_comp
+
+
 # ----------------------------------------------------------------------------- schedule math
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("t_comm,t_comp", [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0), (6.0, 1.0)])
@@ -79,7 +89,7 @@ def test_simulated_plan_vs_closed_form(n, t_comm, t_comp):
     d = [t_comm / (2 * n)] * n
     x = [t_comp / n] * n
     simulated = simulate_plan(d, x, d)
-    closed = pipelined_time(n, t_comm, t_comp, 0.0)
+    closed = paper_pipelined_time(n, t_comm, t_comp, 0.0)
     assert simulated <= closed + 1e-12
     if t_comp >= t_comm:
         assert simulated == pytest.approx(closed, rel=1e-12)
@@ -157,7 +167,7 @@ def test_compute_time_is_the_busiest_rank_and_shared_experts_count():
     shape = LayerShape(1024, 512, 2, 2, 1, shared_ffn_hidden_size=256)
     counts = np.array([[100, 0, 0, 0], [100, 300, 0, 0]])  # rank 0 receives 500 rows, rank 1 none
     p = profile(expert_tflops=1.0)
-    _, t_comp = predict_times(counts, shape, p)
+    _, t_comp = unpipelined_times(counts, shape, p)
     shared_per_token = 2.0 * 1024 * (256 * 2 + 256)
     rank0 = 500 * shape.flops_per_row + 100 * shared_per_token  # 100 tokens of its own
     rank1 = 400 * shared_per_token
@@ -167,7 +177,7 @@ def test_compute_time_is_the_busiest_rank_and_shared_experts_count():
 
 def test_weight_bound_small_loads():
     shape = LayerShape(5120, 1536, 20, 1, 6)
-    p = profile(memory_bandwidth_gbps=1000.0, emulated_remote_fraction=7 / 8)
+    p = profile(memory_bandwidth_gbps=1000.0)
     counts = np.full((1, 20), 2)  # 2 rows per expert: weight streaming dominates
     x = chunk_compute_times(counts, shape, p, 1)
     assert x[0, 0] == pytest.approx(20 * shape.expert_weight_bytes / 1e12)
@@ -175,17 +185,19 @@ def test_weight_bound_small_loads():
     assert chunk_compute_times(counts, shape, p, 1)[0, 0] == pytest.approx(x[0, 0] * 19 / 20)
 
 
-def test_ep1_link_is_free_unless_emulated():
+def test_ep1_link_is_free_and_an_emulated_group_pays_for_its_remote_rows():
     shape = LayerShape(5120, 1536, 20, 1, 6)
     counts = balanced_counts(shape, 8192)
     real = profile(link_bandwidth_gbps=1.0)
     assert chunk_comm_times(counts, shape, real, 4)[0] == [0.0] * 4
     assert equal_degree(counts, shape, AUTO, real) == 1  # nothing to hide
-    emulated = profile(emulated_remote_fraction=7 / 8)
-    d, c = chunk_comm_times(counts, shape, emulated, 1)
+    # The single-GPU link emulator's view: rank 0 of EP=8 sends 7/8 of its rows.
+    group, group_shape = emulated_group_counts(counts, 8), emulated_group_shape(shape, 8)
+    assert (group.reshape(8, 8, 20).sum(axis=0) == counts).all()  # each rank computes `counts`
+    d, c = chunk_comm_times(group, group_shape, profile(), 1)
     rows = counts.sum() * 7 / 8
-    assert c[0] == pytest.approx(rows * 5120 * 2 / 160e9)
-    assert equal_degree(counts, shape, AUTO, emulated) > 1
+    assert c[0] == pytest.approx(rows * 5120 * 2 / 160e9, rel=1e-3)
+    assert equal_degree(group, group_shape, AUTO, profile()) > 1
 
 
 # ----------------------------------------------------------------------------- choosing N
@@ -196,9 +208,9 @@ def test_auto_degree_follows_sqrt_c_over_k(k_us, tokens):
     shape = LayerShape(4096, 1024, 64, 8, 8)
     counts = balanced_counts(shape, tokens)
     p = profile(link_bandwidth_gbps=400.0, chunk_overhead_us=k_us, expert_tflops=300.0)
-    t_comm, t_comp = predict_times(counts, shape, p)
+    t_comm, t_comp = unpipelined_times(counts, shape, p)
     assert t_comp > t_comm  # compute-bound: the model is the closed form exactly
-    n_star = optimal_degree_closed_form(t_comm, t_comp, k_us * 1e-6)
+    n_star = paper_optimal_degree(t_comm, t_comp, k_us * 1e-6)
     n = equal_degree(counts, shape, AUTO, p)
     assert 1 < n < 64
     assert abs(n - n_star) <= 1.0, (n, n_star)
@@ -307,23 +319,23 @@ def test_gemm_carveout_slows_overlapped_gemms_only():
 
 
 def test_auto_decisions_are_cached_by_a_coarse_load_summary():
-    from megatron_eps.policy import cost_model
+    from megatron_eps.policy import degree
 
-    cost_model._DECISIONS.clear()
+    degree._DECISIONS.clear()
     p = profile(chunk_overhead_us=30.0, link_latency_us=10.0)
     counts = random_counts(DSV2, [8192] * 8, seed=3)
     first = choose_chunking(counts, DSV2, AUTO, p)
-    assert len(cost_model._DECISIONS) == 1
+    assert len(degree._DECISIONS) == 1
     # Within the summary's resolution: the cached decision, no new entry.
     assert choose_chunking(counts + (counts > 500), DSV2, AUTO, p) == first
-    assert len(cost_model._DECISIONS) == 1
+    assert len(degree._DECISIONS) == 1
     # Another load, another profile: new decisions, each the model's own.
     other = balanced_counts(DSV2, 1024)
     assert choose_chunking(other, DSV2, AUTO, p) == choose_chunking(other, DSV2, AUTO, p)
     slow_host = profile(chunk_overhead_us=30.0, link_latency_us=10.0, host_chunk_us=5000.0)
     assert choose_chunking(counts, DSV2, AUTO, slow_host) == (20,)
-    assert len(cost_model._DECISIONS) == 3
-    cost_model._DECISIONS.clear()
+    assert len(degree._DECISIONS) == 3
+    degree._DECISIONS.clear()
     assert choose_chunking(counts, DSV2, AUTO, p) == first
 
 
@@ -352,13 +364,13 @@ def test_clamping_and_missing_profile():
 
 def test_enable_condition():
     counts = balanced_counts(DSV2, 2048)
-    assert enable_condition(counts, DSV2, profile(link_latency_us=0.0), 8)
+    assert predict(counts, DSV2, profile(link_latency_us=0.0), 8).enabled
     # A latency comparable to the byte time: 8 chunks multiply it by 8, far over 1 + eps0.
     slow_start = profile(link_latency_us=2000.0, chunk_overhead_us=0.0)
-    assert not enable_condition(counts, DSV2, slow_start, 8)
+    assert not predict(counts, DSV2, slow_start, 8).enabled
     assert equal_degree(counts, DSV2, AUTO, slow_start) <= 2
     lenient = profile(link_latency_us=2000.0, chunk_overhead_us=0.0, comm_inflation_eps=100.0)
-    assert enable_condition(counts, DSV2, lenient, 8)
+    assert predict(counts, DSV2, lenient, 8).enabled
 
 
 def test_overlap_efficiency_scales_the_gain():
@@ -370,7 +382,7 @@ def test_overlap_efficiency_scales_the_gain():
 
 # ----------------------------------------------------------------------------- profiles
 def test_profile_json_round_trip(tmp_path):
-    p = profile(chunk_overhead_base_us=3.0, memory_bandwidth_gbps=2800.0, emulated_remote_fraction=0.875)
+    p = profile(chunk_overhead_base_us=3.0, memory_bandwidth_gbps=2800.0)
     path = tmp_path / "p.pipeline.json"
     path.write_text(json.dumps({"pipeline": p.to_dict(), "provenance": {"x": 1}}))
     loaded = load_pipeline_profile(str(path), "cpu")
@@ -407,7 +419,6 @@ def test_shipped_profiles_parse():
     for path in paths:  # one profile per GPU: experts and/or pipeline (+ links) sections
         p = PipelineProfile.from_json(path)
         assert p.chunk_overhead_us >= 0 and p.expert_tflops > 0 and p.link_bandwidth_gbps > 0
-        assert p.emulated_remote_fraction is None  # a shipped profile describes a real link
         with open(path) as f:
             data = json.load(f)
         assert "provenance" in data and "pipeline" in data
