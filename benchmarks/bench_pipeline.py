@@ -143,7 +143,6 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
     eps.eps_config.min_tokens_to_pipeline = defaults.min_tokens_to_pipeline if degree == "auto" else 0
     eps.eps_config.chunk_split = defaults.chunk_split if degree == "auto" else split
     eps.eps_config.gemm_sm_carveout = carveout
-    eps.__dict__.pop("chunking_policy", None)
     if profile_path is not None:
         if profile_path not in _PROFILES:
             with open(profile_path) as f:
@@ -154,17 +153,17 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
         class EmulatedLinkChunking:
             """The layer's chunking under the emulated-link profile."""
 
-            def __init__(self, hidden_states):
-                self.shape = LayerShape.from_megatron(eps.config, eps.num_local_experts,
-                                                      eps.token_dispatcher.ep_size,
-                                                      hidden_states.element_size())
+            shape = LayerShape.from_megatron(eps.config, eps.num_local_experts,
+                                             eps.token_dispatcher.ep_size, 2)  # bf16
 
             def choose(self, counts, transport=None):
                 return choose_chunking(emulated_group_counts(counts, group),
                                        emulated_group_shape(self.shape, group), eps.eps_config, prof,
                                        dispatch_ahead=eps.token_dispatcher.dispatch_ahead)
 
-        eps.chunking_policy = EmulatedLinkChunking
+        eps.use_chunking(EmulatedLinkChunking())
+    else:
+        eps.use_chunking(None)
     eps.token_dispatcher.all_to_all = link
     eps.token_dispatcher.overlap = overlap
     eps.token_dispatcher.dispatch_ahead = dispatch_ahead

@@ -166,10 +166,10 @@ class EPSMoELayer(MoELayer):
         )
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
-        # A plain attribute (not a submodule): it only views self.experts.
-        self.__dict__["_eps_expert_runner"] = ExpertRunner(
-            LocalExperts(self.experts, self.config), eps_config
-        )
+        # Not a submodule (the runner only views self.experts), so the state_dict is the stock one.
+        self.expert_runner = ExpertRunner(LocalExperts(self.experts, self.config), eps_config)
+        # A chunking policy that replaces the one built from the settings (``use_chunking``).
+        self.chunking_override = None
         self._warned_fallback = False
 
     # ------------------------------------------------------------------ forward
@@ -194,14 +194,13 @@ class EPSMoELayer(MoELayer):
         shared = None
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
-        runner = self.__dict__["_eps_expert_runner"]
-        runner.begin_forward(self.eps_config)
+        self.expert_runner.begin_forward(self.eps_config)
         output = self.token_dispatcher.pipelined_forward(
             hidden_states,
             probs,
             routing_map,
-            experts=runner,
-            chunking=self.chunking_policy(hidden_states),
+            experts=self.expert_runner,
+            chunking=self.chunking_override or self.chunking_policy(hidden_states),
             shared_experts=shared,
         )
         return output, None
@@ -209,11 +208,12 @@ class EPSMoELayer(MoELayer):
     @property
     def last_expert_backends(self):
         """The expert backend of each chunk of the last pipelined forward."""
-        return self.__dict__["_eps_expert_runner"].backends_used
+        return self.expert_runner.backends_used
 
-    @property
-    def expert_runner(self) -> ExpertRunner:
-        return self.__dict__["_eps_expert_runner"]
+    def use_chunking(self, chunking) -> None:
+        """Chunk the next forwards with ``chunking`` (an object with ``choose(counts,
+        transport)``, e.g. ``pipeline.policies.FixedChunking``); None: from the settings."""
+        self.chunking_override = chunking
 
     def chunking_policy(self, hidden_states) -> ChunkingPolicy:
         """This forward's chunking policy (from the current settings)."""
