@@ -2,8 +2,8 @@
 # Issue 15 on nvidia-h200-x2 (one device call; every step can be switched off):
 #   1. TESTS:     GPU tests by marker (gpu, multigpu: both transports' equivalence at EP=2,
 #                 the permutation kernels) and the bf16 equivalence grid over NCCL
-#   2. CALIBRATE: calibrate_transport.py: each transport's link and overlap beside a grouped
-#                 GEMM, written as $OUT/<gpu>.json with a per-transport links section
+#   2. CALIBRATE: megatron-eps-calibrate link: each transport's link and overlap beside a
+#                 grouped GEMM, merged into a copy of the shipped profile as $OUT/<gpu>.json
 #   3. BENCH:     the layer benchmark: EPS per transport vs stock and stock + grouped GEMM, traces
 #   4. SOAK:      1,000 forwards with random loads (no hang, no leak, outputs equal stock)
 #   5. PREFILL:   DSV2-Lite prefill at EP = #GPUs, stock vs stock + grouped vs EPS
@@ -27,9 +27,11 @@ if [ "${TESTS:-1}" = "1" ]; then
     -k "${TEST_K:-bf16}" 2>&1 | tee -a "$OUT/x2_pytest.log" | tail -3
 fi
 PROFILE="$OUT/$SLUG.json"
-[ "${CALIBRATE:-1}" = "1" ] && timeout 120 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_transport.py \
-  --out "$OUT/links_x2.json" --base-profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.json \
-  --write-profile "$PROFILE" --min-gain ${MIN_GAIN:-0.03} 2>&1 | grep -v -i warn | tail -4
+if [ "${CALIBRATE:-1}" = "1" ]; then
+  cp "megatron_eps/profiles/$SLUG.json" "$PROFILE" 2>/dev/null || cp megatron_eps/profiles/nvidia_h100_80gb_hbm3.json "$PROFILE"
+  timeout 120 torchrun --standalone --nproc-per-node "$NGPU" -m megatron_eps.calibrate link \
+    --out "$PROFILE" --min-gain ${MIN_GAIN:-0.03} 2>&1 | grep -v -i warn | tail -4
+fi
 # The benchmark and the soak use the profile auto finds by itself (shipped for this GPU), unless
 # BENCH_PROFILE names one (e.g. the one just written).
 PROFILE_ARG=""; [ -n "${BENCH_PROFILE:-}" ] && PROFILE_ARG="--cost-profile $BENCH_PROFILE"

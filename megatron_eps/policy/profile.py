@@ -327,3 +327,36 @@ def shipped_profile_path(device) -> Optional[str]:
     slug = gpu_slug(torch.cuda.get_device_name(device))
     path = os.path.join(PROFILES_DIR, f"{slug}.json")
     return path if os.path.isfile(path) else None
+
+
+def profile_path_for(out: str, device_name: str) -> str:
+    """``out`` itself, or ``out/<gpu slug>.json`` when ``out`` is a directory."""
+    if os.path.isdir(out):
+        return os.path.join(out, f"{gpu_slug(device_name)}.json")
+    return out
+
+
+def write_profile_sections(path: str, experts: Optional[dict] = None,
+                           pipeline: Optional[dict] = None, links: Optional[dict] = None,
+                           provenance: Optional[dict] = None) -> dict:
+    """Merge sections into the profile file at ``path`` (created if missing) and check it.
+
+    ``experts`` replaces the kernel tables; ``pipeline`` and ``provenance`` update their
+    sections key by key; ``links`` replaces the figures of the transports it names. A file that
+    holds kernel tables at top level (a kernel-only profile) keeps them, under ``experts``.
+    """
+    data: dict = {}
+    if os.path.isfile(path):
+        data = read_cost_profile_json(path)
+        if "format" in data:  # kernel tables at top level
+            data = {"experts": data}
+    if experts is not None:
+        data["experts"] = experts
+    for name, section in (("pipeline", pipeline), ("links", links), ("provenance", provenance)):
+        if section:
+            data.setdefault(name, {}).update(section)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    check_cost_profile_file(path)
+    return data
