@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
-from tests.unit_tests import eps_cases
+from tests.integration import eps_cases
 
 FP32_MAX_ABS = 1e-5
 BF16_REL = 1e-2

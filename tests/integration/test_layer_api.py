@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
-from tests.unit_tests import layer_cases
+from tests.integration import layer_cases
 
 
 @pytest.mark.parametrize("world", [1, 2])

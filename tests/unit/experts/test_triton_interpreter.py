@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 _NUMPY = tuple(int(x) for x in __import__("numpy").__version__.split(".")[:2])
 if _NUMPY >= (2, 3):
     # Triton 3.6's interpreter fails under numpy >= 2.3 (CI pins numpy < 2.3); on such machines
-    # (the GPU hosts) the kernels are tested on the GPU instead (tests/unit_tests/experts/test_gpu.py).
+    # (the GPU hosts) the kernels are tested on the GPU instead (tests/unit/experts/test_gpu.py).
     pytest.skip(f"Triton's interpreter needs numpy < 2.3, found {__import__('numpy').__version__}",
                 allow_module_level=True)
 
@@ -26,7 +26,7 @@ def interpreter_results():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit_tests.experts.triton_interpreter_check"],
+        [sys.executable, "-m", "tests.unit.experts.triton_interpreter_check"],
         cwd=root,
         env=env,
         capture_output=True,
