@@ -9,6 +9,7 @@ import torch
 
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.integration import eps_cases
+from tests.marks import ranks
 
 FP32_MAX_ABS = 1e-5
 BF16_REL = 1e-2
@@ -40,7 +41,7 @@ def _check(results, tolerance_kind):
                for r, c in zip(results[0], cases))
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", ranks(1, 2, 4))
 def test_eps_equals_stock_fp32(world):
     skip_unless_ranks_fit(world)
     results = run_distributed(
@@ -51,14 +52,14 @@ def test_eps_equals_stock_fp32(world):
     assert any(r["num_chunks"] > 1 and r["tokens"] > 0 for r in results[0])
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", ranks(1, 2, 4))
 def test_eps_equals_stock_bf16(world):
     skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_equivalence, world, world, "bf16", "megatron", 10_000)
     _check(results, "bf16")
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", ranks(2, 4))
 def test_auto_degree_is_identical_on_every_rank(world):
     skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_auto_degree_agreement, world, world)
@@ -70,7 +71,7 @@ def test_auto_degree_is_identical_on_every_rank(world):
     assert all(r["rel_err"] <= 1e-6 for r in results), results
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", ranks(1, 2, 4))
 def test_dispatcher_roundtrip_returns_input(world):
     skip_unless_ranks_fit(world)
     results = run_distributed(eps_cases.run_dispatcher_roundtrip, world, world)
@@ -80,7 +81,7 @@ def test_dispatcher_roundtrip_returns_input(world):
             assert chunks == min(degree, experts // world), (rank, path, degree, chunks)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", ranks(1, 2))
 @pytest.mark.parametrize("kernel", ["dense", "grouped", "triton", "auto"])
 def test_eps_equals_stock_with_gemm_backends(kernel, world):
     if kernel == "triton" and not torch.cuda.is_available():
@@ -93,6 +94,7 @@ def test_eps_equals_stock_with_gemm_backends(kernel, world):
     _check(results, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.multigpu
 @pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
 def test_eps_equals_stock_on_each_transport(transport):
@@ -114,6 +116,8 @@ def _check_stack(results, dtype):
             assert r["finite"] and r["rel_err"] <= limit, r
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_layer_stack_equals_stock():
     """Layers in a row share the transport's memory and streams; sizes grow and shrink."""
     if torch.cuda.is_available():
@@ -121,6 +125,7 @@ def test_layer_stack_equals_stock():
     _check_stack(run_distributed(eps_cases.run_layer_stack, 2, 2, "fp32"), "fp32")
 
 
+@pytest.mark.slow
 @pytest.mark.multigpu
 @pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
 def test_layer_stack_on_each_transport(transport):

@@ -4,9 +4,10 @@ import pytest
 
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.integration import layer_cases
+from tests.marks import ranks
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", ranks(1, 2))
 def test_unsupported_configs_raise_clear_errors(world):
     skip_unless_ranks_fit(world)
     messages = run_distributed(layer_cases.construction_errors, world)[0]
@@ -18,7 +19,7 @@ def test_unsupported_configs_raise_clear_errors(world):
         assert "expert_model_parallel_size" in messages["indivisible"]
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", ranks(1, 2))
 def test_spec_state_dict_and_fallback(world):
     skip_unless_ranks_fit(world)
     out = run_distributed(layer_cases.spec_and_state_dict, world)[0]
@@ -32,6 +33,7 @@ def test_spec_state_dict_and_fallback(world):
     assert out["grad_diff"] <= 1e-5 and out["input_grad_finite"]
 
 
+@pytest.mark.slow
 def test_inference_mode_forward_keeps_parameters_trainable():
     out = run_distributed(layer_cases.inference_mode_then_training, 1)[0]
     assert out["ran_pipeline"]
@@ -40,6 +42,8 @@ def test_inference_mode_forward_keeps_parameters_trainable():
     assert out["diff"] <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 @pytest.mark.parametrize(
     "field, values",
     [("pipeline_degree", (2, 4)), ("enabled", (True, False)), ("expert_kernel", ("dense", "auto"))],
@@ -53,6 +57,8 @@ def test_ranks_with_different_settings_get_an_eps_error(field, values):
         assert "different EPS settings" in message
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_eps_layer_gets_the_groups_of_its_transformer_layer():
     skip_unless_ranks_fit(2)
     for out in run_distributed(layer_cases.layer_uses_model_groups, 2):

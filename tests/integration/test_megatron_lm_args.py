@@ -240,6 +240,7 @@ def build_and_check(argv_sets):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds the model on CPU ranks (gloo) as CI "
                     "does; on a GPU machine Megatron places part of it on CUDA")
 def test_model_provider_with_and_without_eps():

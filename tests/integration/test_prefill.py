@@ -59,6 +59,8 @@ def ep2_run(tmp_path_factory):
                            logits=torch.load(logits_path), out=out)
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_ep2_stock_and_eps_logits_match(ep2_run):
     r = ep2_run.report
     assert r["logits_agree"] is True
@@ -89,6 +91,8 @@ def test_ep2_stock_and_eps_logits_match(ep2_run):
         assert stock.std() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_ep2_json_metadata(ep2_run):
     r = ep2_run.report
     assert r["git_commit"] == "abc1234"
@@ -106,6 +110,8 @@ def test_ep2_json_metadata(ep2_run):
     assert "prefill" in ep2_run.proc.stdout and "speedup" in ep2_run.proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_tp2_attention_matches_data_parallel_attention(ep2_run):
     """GQA with TP attention (TP=2, EP=2, sequence-parallel MoE) gives rank 0's prompts the
     same logits as data-parallel attention (TP=1, EP=2); stock and EPS agree under TP too."""
@@ -121,6 +127,7 @@ def test_tp2_attention_matches_data_parallel_attention(ep2_run):
         assert torch.allclose(tp2[mode], ep2_run.logits[32][mode], atol=1e-5, rtol=1e-5), mode
 
 
+@pytest.mark.slow
 def test_mla_bf16_single_process(tmp_path):
     """MLA (DeepSeek-V2 layout) without TE, bf16, world of one, no torchrun."""
     json_path = tmp_path / "mla.json"

@@ -112,6 +112,7 @@ CASES = ["allgather", "capacity", "triton_on_cpu", "corrupt_profile", "seven_exp
          "copy_engine_on_cpu"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU cases (triton on CPU, gloo ranks)")
 @pytest.mark.parametrize("case", CASES)
 def test_bad_settings_fail_before_any_collective_on_two_ranks(tmp_path, case):
@@ -128,6 +129,7 @@ def test_bad_settings_fail_before_any_collective_on_two_ranks(tmp_path, case):
     assert _dist_calls(tmp_path) == []  # no process group, no collective
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -190,6 +192,7 @@ def test_eps_moe_help_says_what_it_does(capsys):
     assert "always runs the EPS model beside the stock one" in help_text
 
 
+@pytest.mark.slow
 def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
     proc = _single(tmp_path, "--config", "deepseek_v2_lite", "--layers", "2", "--validate-only",
                    cwd=tmp_path, module="megatron_eps.inference.prefill")
@@ -203,6 +206,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
     assert json.loads(out.read_text())["shapes"][0]["hidden"] == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -218,6 +222,7 @@ def test_calibrate_cli_errors(tmp_path, argv, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_calibrate_device_cuda_without_gpu(tmp_path):
     proc = _single(tmp_path, "--config", "tiny", "--device", "cuda", "--out",
@@ -226,6 +231,7 @@ def test_calibrate_device_cuda_without_gpu(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU demo output")
 def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
     json_path = tmp_path / "r.json"
@@ -248,6 +254,7 @@ def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
         assert d["transport"] == "nccl"
 
 
+@pytest.mark.slow
 def test_wheel_ships_configs_and_license(tmp_path):
     pytest.importorskip("build")
     proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",

@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_readme_cpu_python_snippet_runs_as_written(tmp_path):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()

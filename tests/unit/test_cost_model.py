@@ -24,6 +24,7 @@ from megatron_eps.policy.profile import PipelineProfile, load_pipeline_profile, 
 from megatron_eps.pipeline.layout import chunk_sizes
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
+from tests.marks import ranks
 
 DSV2 = LayerShape(5120, 1536, 20, 8, 6, shared_ffn_hidden_size=3072)
 DSV2_EP2 = LayerShape(5120, 1536, 8, 2, 6, shared_ffn_hidden_size=3072)
@@ -467,7 +468,7 @@ def _rank_auto_agreement(world: int, profile_path: str):
         Utils.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", ranks(2, 4))
 def test_every_rank_picks_the_same_degree(world, tmp_path):
     skip_unless_ranks_fit(world)
     # A link slow enough that pipelining pays even for a few tokens (CPU-sized layer).

@@ -284,6 +284,7 @@ def build_models_and_count(names_and_attention):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds the model on CPU ranks (gloo) as CI "
                     "does; on a GPU machine Megatron places part of it on CUDA")
 def test_built_models_match_counts_and_sdpa_matches_local_attention():

@@ -175,6 +175,8 @@ def _shared_experts_layer(world):
         Utils.destroy_model_parallel()
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_shared_experts_issued_before_the_plan_give_the_stock_output():
     from megatron_eps.testing import run_distributed
 

@@ -63,6 +63,7 @@ def test_corrupt_or_foreign_cache_warns_and_starts_afresh(tmp_path, caplog, cont
     assert KernelAutotuner(str(path), "GPU A", _fake_timer({})).decision(key) == "dense"
 
 
+@pytest.mark.slow
 def test_runner_calibrates_each_bucket_once_and_each_backend_can_win(tmp_path):
     """An EPS layer on CPU with self-calibration on and a timer under which dense wins light
     loads and grouped heavy ones: each bucket is timed once, then looked up."""
@@ -108,6 +109,8 @@ def _calibrating_rank(cache, _unused):
         Utils.destroy_model_parallel()
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
 def test_ranks_with_different_caches_pick_the_same_chunks(tmp_path):
     """The kernel choice is per rank; the pipeline degree comes from data every rank shares.
     Two ranks whose caches name different winners still chunk identically and match stock."""
@@ -150,6 +153,7 @@ def _rank_with_own_cache(folder, profile):
         Utils.destroy_model_parallel()
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibration_on_the_gpu_times_real_backends(tmp_path):

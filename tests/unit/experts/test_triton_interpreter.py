@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one subprocess runs every kernel under the interpreter
+
 pytest.importorskip("triton")
 _NUMPY = tuple(int(x) for x in __import__("numpy").__version__.split(".")[:2])
 if _NUMPY >= (2, 3):
