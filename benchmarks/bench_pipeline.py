@@ -246,6 +246,8 @@ def measure_chunk_overhead(eps, model, tokens, free_link, repeats):
 # ----------------------------------------------------------------------------- profiles
 def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fraction, provenance,
                   overlap_efficiency=1.0, host_us=0.0, sm_count=None, host_base_us=0.0, min_gain=0.0):
+    """A profile of the emulated link (this benchmark's own; the GPU's profile is written by
+    megatron-eps-calibrate)."""
     from megatron_eps.policy.profile import PipelineProfile
 
     profile = PipelineProfile(
@@ -254,16 +256,11 @@ def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fra
         overlap_efficiency=overlap_efficiency, host_chunk_us=max(host_us, 0.0),
         sm_count=sm_count, host_base_us=max(host_base_us, 0.0), min_gain=min_gain,
     )
-    data = {"pipeline": profile.to_dict(), "provenance": provenance}
-    if fraction is None:
-        if os.path.isfile(path):  # the GPU's one profile file: keep its experts and links
-            with open(path) as f:
-                data = dict(json.load(f), **data)
-    else:
-        data["emulated_group"] = round(1 / (1 - fraction))  # the EP size the link emulates
-        # A benchmark profile is passed as eps_config.cost_profile, which the expert-kernel
-        # selector reads too: carry its format (the shipped kernel tables, if any) as well.
-        data = dict(kernel_profile_base(), **data)
+    data = {"pipeline": profile.to_dict(), "provenance": provenance,
+            "emulated_group": round(1 / (1 - fraction))}  # the EP size the link emulates
+    # A benchmark profile is passed as eps_config.cost_profile, which the expert-kernel
+    # selector reads too: carry its format (the shipped kernel tables, if any) as well.
+    data = dict(kernel_profile_base(), **data)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return profile
@@ -621,11 +618,6 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON results")
     ap.add_argument("--trace", default=None, help="Chrome trace of one layer (a PNG timeline beside it)")
     ap.add_argument("--trace-point", default="dsv2,4096,160", help="model,tokens,GB/s of the trace")
-    ap.add_argument("--write-profile", default=None,
-                    help="write the pipeline section of the device's <slug>.json here (merged into "
-                    "an existing file)")
-    ap.add_argument("--profile-bandwidth", type=float, default=450.0,
-                    help="link bandwidth recorded in the written profile (an assumption, see docs)")
     ap.add_argument("--commit", default=os.environ.get("EPS_GIT_COMMIT", "unknown"))
     ap.add_argument("--time-budget-s", type=float, default=330.0, help="skip remaining points after this")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks this script, no numbers")
@@ -639,7 +631,6 @@ def main(argv=None):
     init_megatron()
     import megatron.core
 
-    from megatron_eps.policy.profile import gpu_slug
     from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     models = [m for m in args.models.split(",") if m]
@@ -737,21 +728,6 @@ def main(argv=None):
                           sm_count=result["sm_count"] or None,
                           provenance=dict(provenance, link="emulated (benchmark only)"))
             profiles[(model, bw)] = path
-    if args.write_profile:
-        if os.path.isdir(args.write_profile):
-            args.write_profile = os.path.join(args.write_profile, f"{gpu_slug(device_name)}.json")
-        write_profile(
-            args.write_profile, bandwidth=args.profile_bandwidth, latency=args.latency_us, k_us=k_us, b_us=0.0,
-            tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us, sm_count=result["sm_count"] or None,
-            host_base_us=model_host_base[models[0]], min_gain=args.min_gain,
-            provenance=dict(provenance, link=(
-                f"link_bandwidth_gbps={args.profile_bandwidth:g} and link_latency_us={args.latency_us:g} are the "
-                "default link this profile is calibrated for (H100 NVLink nominal per direction; an assumed "
-                "NCCL call latency), NOT a measurement: one GPU cannot measure a real link. Calibrate the NCCL "
-                "link on a multi-GPU machine (issue 6) and overwrite these two values."),
-                slug=gpu_slug(device_name)),
-        )
-        log(f"wrote {args.write_profile}")
 
     # ---- correctness spot check: stock vs EPS (overlap on, emulated link), bf16
     result["equality"] = []
