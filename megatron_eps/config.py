@@ -141,6 +141,18 @@ def check_setting(name: str, value):
     raise AssertionError(f"unknown setting kind {kind!r}")
 
 
+def parse_setting(name: str, text: str):
+    """A command-line value of setting ``name``: the text read as the setting's kind says, then
+    checked by ``check_setting`` (EPSConfigError if it is not allowed)."""
+    value = text
+    if settings()[name].kind in ("int>=0", "int>=1"):
+        try:
+            value = int(text)
+        except ValueError:
+            pass  # check_setting names the setting and the allowed values
+    return check_setting(name, value)
+
+
 class EPSConfigError(ValueError):
     """A megatron-eps setting has a value that is not allowed. The message names both."""
 
