@@ -245,8 +245,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         transport = self._resolve_transport(tokens.device)
         with self._phase("choose"):
             choice = chunking.choose(counts, transport.name if transport.moves_rows else None)
-        if isinstance(choice, (int, np.integer)):
-            choice = max(1, min(int(choice), self.num_local_experts))
         sizes = chunk_sizes(self.num_local_experts, choice)
         num_chunks = len(sizes)
         with self._phase("layout"):

@@ -49,9 +49,13 @@ def tail_split(num_local_experts: int, num_chunks: int) -> Tuple[int, ...]:
 
 
 def chunk_sizes(num_local_experts: int, chunking: Chunking, split: str = "equal") -> Tuple[int, ...]:
-    """Experts per chunk for ``chunking`` (an int N is split as ``split`` says: equal or tail)."""
+    """Experts per chunk for ``chunking`` (the one place a chunking is normalised).
+
+    An int N is clamped to [1, local experts] (a chunk holds at least one expert) and split as
+    ``split`` says (equal or tail); sizes must be >= 1 each and cover the local experts.
+    """
     if isinstance(chunking, (int, np.integer)):
-        n = int(chunking)
+        n = max(1, min(int(chunking), num_local_experts))
         if split == "tail":
             return tail_split(num_local_experts, n)
         if split != "equal":

@@ -83,8 +83,7 @@ def choose_chunking(
     if mean_tokens_per_rank(counts, shape.topk) < eps_config.min_tokens_to_pipeline:
         return (experts,)
     if eps_config.pipeline_degree != "auto":
-        n = max(1, min(int(eps_config.pipeline_degree), experts))
-        return chunk_sizes(experts, n, "tail" if split == "tail" else "equal")
+        return chunk_sizes(experts, eps_config.pipeline_degree, "tail" if split == "tail" else "equal")
     if profile is None:
         return (experts,)
     if shape.ep_size == 1:
