@@ -20,7 +20,7 @@ import torch
 from megatron_eps.config import EPSConfig
 from megatron_eps.policy.cost_model import LayerShape
 from megatron_eps.policy.degree import choose_chunking
-from megatron_eps.policy.profile import load_pipeline_profile
+from megatron_eps.policy.profile import load_kernel_tables, load_pipeline_profile
 from megatron_eps.experts.base import LocalExperts, get_backend
 
 
@@ -39,11 +39,9 @@ class ChunkingPolicy:
     def choose(self, counts: np.ndarray, transport: Optional[str] = None):
         profile = kernel_profile = None
         if self.eps_config.pipeline_degree == "auto":
-            from megatron_eps.experts.selector import load_cost_profile
-
             profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
             if profile is not None:
-                kernel_profile = load_cost_profile(self.eps_config.cost_profile, self.device)
+                kernel_profile = load_kernel_tables(self.eps_config.cost_profile, self.device)
         return choose_chunking(
             counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
             dispatch_ahead=self.dispatch_ahead,
@@ -89,7 +87,7 @@ class ExpertRunner:
 
     def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:
         """The backend for this call, or None when this load is to be calibrated first."""
-        from megatron_eps.experts.selector import choose_backend, load_cost_profile
+        from megatron_eps.experts.selector import choose_backend
 
         kernel = self.eps_config.expert_kernel
         key = (kernel, tokens.device, tokens.dtype)
@@ -101,7 +99,7 @@ class ExpertRunner:
                 return decided
         name = choose_backend(
             kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
-            profile=load_cost_profile(self.eps_config.cost_profile, tokens.device),
+            profile=load_kernel_tables(self.eps_config.cost_profile, tokens.device),
         )
         if kernel != "auto":
             self._resolved[key] = name
@@ -136,9 +134,9 @@ class ExpertRunner:
         return mode == "on" or tokens.is_cuda or self.timer is not None
 
     def _candidates(self, tokens):
-        from megatron_eps.experts.selector import calibration_candidates, load_cost_profile
+        from megatron_eps.experts.selector import calibration_candidates
 
-        profile = load_cost_profile(self.eps_config.cost_profile, tokens.device)
+        profile = load_kernel_tables(self.eps_config.cost_profile, tokens.device)
         return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile)
 
     def _tuner(self, device):

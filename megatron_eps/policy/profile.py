@@ -139,14 +139,14 @@ class ProfileFile:
     """One profile file, read and checked once per version of the file (the one cache)."""
 
     path: str
-    kernel_tables: bool
+    experts: Optional[object]  # the expert-kernel tables (experts.selector.CostProfile)
     pipeline: Optional[PipelineProfile]
     links: Dict[str, dict]
     devices: list
     per_transport: Dict[str, PipelineProfile] = dataclasses.field(default_factory=dict)
 
     def holds(self) -> dict:
-        return {"kernel_tables": self.kernel_tables, "pipeline": self.pipeline is not None,
+        return {"kernel_tables": self.experts is not None, "pipeline": self.pipeline is not None,
                 "devices": self.devices}
 
     def pipeline_for(self, transport: Optional[str]) -> Optional[PipelineProfile]:
@@ -201,7 +201,7 @@ def _read_profile(path: str) -> ProfileFile:
     from megatron_eps.experts.selector import PROFILE_FORMAT, CostProfile
 
     devices = []
-    kernel = None
+    kernel = tables = None
     if data.get("format") == PROFILE_FORMAT:
         kernel = data
     elif isinstance(data.get("experts"), dict):
@@ -252,7 +252,7 @@ def _read_profile(path: str) -> ProfileFile:
             "megatron-eps-calibrate pipeline)"
         )
     links = data.get("links", {})
-    return ProfileFile(path=path, kernel_tables=kernel is not None, pipeline=pipeline,
+    return ProfileFile(path=path, experts=tables, pipeline=pipeline,
                        links=links if isinstance(links, dict) else {}, devices=devices)
 
 
@@ -309,6 +309,21 @@ def load_pipeline_profile(
 
         warn_if_profile_for_other_device(path, device_name(device))
     return profile_file.pipeline_for(transport)
+
+
+def load_kernel_tables(path: Optional[str], device):
+    """The expert-kernel cost tables for ``device``: those of the file at ``path`` (the
+    ``cost_profile`` setting), else those shipped for this GPU; None when there are none. A
+    profile measured on another device is used with a warning (once); its tables then do not
+    cover this device (``CostProfile.covers``)."""
+    from megatron_eps.experts.selector import device_name
+
+    if path:
+        warn_if_profile_for_other_device(path, device_name(device))
+    for candidate in (path, shipped_profile_path(device)):
+        if candidate and open_profile(candidate).experts is not None:
+            return open_profile(candidate).experts
+    return None
 
 
 def gpu_slug(name: str) -> str:
