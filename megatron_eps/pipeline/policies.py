@@ -83,7 +83,8 @@ class ExpertRunner:
         from megatron_eps.experts.gemm_common import stage_int32_batch
 
         offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
-        stage_int32_batch(offsets, self.local_experts.module_device())
+        device = self.local_experts.module_device()
+        self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
 
     def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:
         """The backend for this call, or None when this load is to be calibrated first."""
