@@ -94,7 +94,7 @@ def _per_dst(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
     return counts.reshape(ep, ep, shape.num_local_experts)  # [src, dst, local expert]
 
 
-def _remote_rows_per_chunk(per_dst: np.ndarray, starts: Sequence[int]):
+def _remote_rows_per_chunk(per_dst: np.ndarray, starts: Sequence[int], profile: PipelineProfile):
     """[chunk] rows the busiest rank moves over the link in each chunk's all-to-all.
 
     ``per_dst`` [src, dst, local expert]; chunk g holds local experts starts[g]..starts[g+1]-1.
@@ -126,7 +126,7 @@ def chunk_comm_times(
     ``chunking``: N (equal chunks) or the number of local experts in each chunk."""
     ranges = _chunk_ranges(shape, chunking)
     starts = [s for s, _ in ranges]
-    rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts)
+    rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
     dispatch = collective_time(rows, shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW, profile)
     combine = collective_time(rows, shape.row_bytes, profile)
     if profile.link_piece_us:
