@@ -31,7 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megatron-eps-calibrate=megatron_eps.experts.calibrate:main",
+            "megatron-eps-calibrate=megatron_eps.calibrate.cli:main",
             "megatron-eps-prefill=megatron_eps.inference.prefill:main",
         ]
     },

@@ -76,7 +76,7 @@ def main(argv=None):
                 row[f"eps_{kernel}_backends"] = sorted(set(eps.last_expert_backends))
         rows.append(row)
         print(json.dumps(row))
-    from megatron_eps.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit
 
     commit = git_commit()
     result = {

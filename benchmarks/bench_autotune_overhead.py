@@ -103,7 +103,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_autotune_overhead.py times GPU first forwards; no CUDA device here")
     from megatron_eps.experts import calibrate as cal
-    from megatron_eps.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit
 
     results = []
     with tempfile.TemporaryDirectory() as root:

@@ -62,7 +62,7 @@ SKEWS = (0.0, 0.5, 1.0, 1.5)
 
 
 def git_commit(explicit):
-    from megatron_eps.provenance import git_commit as checkout_commit
+    from megatron_eps.calibrate.provenance import git_commit as checkout_commit
 
     return explicit or checkout_commit()
 

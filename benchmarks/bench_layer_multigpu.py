@@ -215,7 +215,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
 
 
 def write_result(args, rows, cuda, world):
-    from megatron_eps.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit
 
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",

@@ -126,39 +126,44 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
     """Configure the layer for one measurement.
 
     ``degree``: N (``split`` "equal" or "tail") or "auto". With ``profile_path`` the layer chooses
-    the chunks with cost_model.choose_chunking under that (emulated-link) profile, exactly as
+    the chunks with degree.choose_chunking under that (emulated-link) profile, exactly as
     EPSMoELayer.chunking_policy does, but without routing the file through
     eps_config.cost_profile (which the expert-kernel selector reads too). "auto" keeps the
     default enable threshold (min_tokens_to_pipeline) and chunk_split="auto", as a user gets
     them; fixed degrees pipeline at every load.
     """
     from megatron_eps import EPSConfig
-    from megatron_eps.cost_model import LayerShape, PipelineProfile, choose_chunking
+    from megatron_eps.bench.emulated_group import emulated_group_counts, emulated_group_shape
+    from megatron_eps.policy.cost_model import LayerShape
+    from megatron_eps.policy.degree import choose_chunking
+    from megatron_eps.policy.profile import PipelineProfile
 
     eps.eps_config.pipeline_degree = degree
     defaults = EPSConfig()
     eps.eps_config.min_tokens_to_pipeline = defaults.min_tokens_to_pipeline if degree == "auto" else 0
     eps.eps_config.chunk_split = defaults.chunk_split if degree == "auto" else split
     eps.eps_config.gemm_sm_carveout = carveout
-    eps.__dict__.pop("chunking_policy", None)
     if profile_path is not None:
         if profile_path not in _PROFILES:
-            _PROFILES[profile_path] = PipelineProfile.from_json(profile_path)
-        prof = _PROFILES[profile_path]
+            with open(profile_path) as f:
+                group = json.load(f)["emulated_group"]
+            _PROFILES[profile_path] = PipelineProfile.from_json(profile_path), group
+        prof, group = _PROFILES[profile_path]
 
         class EmulatedLinkChunking:
             """The layer's chunking under the emulated-link profile."""
 
-            def __init__(self, hidden_states):
-                self.shape = LayerShape.from_megatron(eps.config, eps.num_local_experts,
-                                                      eps.token_dispatcher.ep_size,
-                                                      hidden_states.element_size())
+            shape = LayerShape.from_megatron(eps.config, eps.num_local_experts,
+                                             eps.token_dispatcher.ep_size, 2)  # bf16
 
             def choose(self, counts, transport=None):
-                return choose_chunking(counts, self.shape, eps.eps_config, prof,
+                return choose_chunking(emulated_group_counts(counts, group),
+                                       emulated_group_shape(self.shape, group), eps.eps_config, prof,
                                        dispatch_ahead=eps.token_dispatcher.dispatch_ahead)
 
-        eps.chunking_policy = EmulatedLinkChunking
+        eps.use_chunking(EmulatedLinkChunking())
+    else:
+        eps.use_chunking(None)
     eps.token_dispatcher.all_to_all = link
     eps.token_dispatcher.overlap = overlap
     eps.token_dispatcher.dispatch_ahead = dispatch_ahead
@@ -241,24 +246,21 @@ def measure_chunk_overhead(eps, model, tokens, free_link, repeats):
 # ----------------------------------------------------------------------------- profiles
 def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fraction, provenance,
                   overlap_efficiency=1.0, host_us=0.0, sm_count=None, host_base_us=0.0, min_gain=0.0):
-    from megatron_eps.cost_model import PipelineProfile
+    """A profile of the emulated link (this benchmark's own; the GPU's profile is written by
+    megatron-eps-calibrate)."""
+    from megatron_eps.policy.profile import PipelineProfile
 
     profile = PipelineProfile(
         link_bandwidth_gbps=bandwidth, link_latency_us=latency, chunk_overhead_us=max(k_us, 0.0),
         expert_tflops=tflops, chunk_overhead_base_us=max(b_us, 0.0), memory_bandwidth_gbps=mem_gbps,
-        emulated_remote_fraction=fraction, overlap_efficiency=overlap_efficiency, host_chunk_us=max(host_us, 0.0),
+        overlap_efficiency=overlap_efficiency, host_chunk_us=max(host_us, 0.0),
         sm_count=sm_count, host_base_us=max(host_base_us, 0.0), min_gain=min_gain,
     )
-    data = {"pipeline": profile.to_dict(), "provenance": provenance}
-    if fraction is None:
-        data["pipeline"].pop("emulated_remote_fraction")
-        if os.path.isfile(path):  # the GPU's one profile file: keep its experts and links
-            with open(path) as f:
-                data = dict(json.load(f), **data)
-    else:
-        # A benchmark profile is passed as eps_config.cost_profile, which the expert-kernel
-        # selector reads too: carry its format (the shipped kernel tables, if any) as well.
-        data = dict(kernel_profile_base(), **data)
+    data = {"pipeline": profile.to_dict(), "provenance": provenance,
+            "emulated_group": round(1 / (1 - fraction))}  # the EP size the link emulates
+    # A benchmark profile is passed as eps_config.cost_profile, which the expert-kernel
+    # selector reads too: carry its format (the shipped kernel tables, if any) as well.
+    data = dict(kernel_profile_base(), **data)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return profile
@@ -380,14 +382,17 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
             r["auto_vs_best"] = r["T_auto_ms"] / r["T_eps_ms"] - 1
             r["auto_vs_N1"] = r["T_auto_ms"] / r["T_N1_ms"] - 1
             # the model's view of the same point
-            from megatron_eps.cost_model import LayerShape, PipelineProfile, predict
-            from megatron_eps.schedule import tail_split
+            from megatron_eps.bench.emulated_group import emulated_group_counts, emulated_group_shape
+            from megatron_eps.policy.cost_model import LayerShape, predict
+            from megatron_eps.policy.profile import PipelineProfile
+            from megatron_eps.pipeline.layout import tail_split
 
             m = MODELS[model]
             shape = LayerShape(m["hidden"], m["ffn"], m["experts"], 1, m["topk"],
                                shared_ffn_hidden_size=m["shared"] or 0)
             prof = PipelineProfile.from_json(profiles[(model, bw)])
-            counts = eps.token_dispatcher.last_record.global_counts
+            counts = emulated_group_counts(eps.token_dispatcher.last_record.global_counts, m["ep"])
+            shape = emulated_group_shape(shape, m["ep"])
             r["model_ms"] = {n: predict(counts, shape, prof, n, gemm_sm_carveout=carve).t_pipelined * 1e3
                              for n in DEGREES[model]}
             r["model_tail_ms"] = {n: predict(counts, shape, prof, tail_split(m["experts"], n),
@@ -613,11 +618,6 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON results")
     ap.add_argument("--trace", default=None, help="Chrome trace of one layer (a PNG timeline beside it)")
     ap.add_argument("--trace-point", default="dsv2,4096,160", help="model,tokens,GB/s of the trace")
-    ap.add_argument("--write-profile", default=None,
-                    help="write the pipeline section of the device's <slug>.json here (merged into "
-                    "an existing file)")
-    ap.add_argument("--profile-bandwidth", type=float, default=450.0,
-                    help="link bandwidth recorded in the written profile (an assumption, see docs)")
     ap.add_argument("--commit", default=os.environ.get("EPS_GIT_COMMIT", "unknown"))
     ap.add_argument("--time-budget-s", type=float, default=330.0, help="skip remaining points after this")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks this script, no numbers")
@@ -631,7 +631,6 @@ def main(argv=None):
     init_megatron()
     import megatron.core
 
-    from megatron_eps.cost_model import gpu_slug
     from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
 
     models = [m for m in args.models.split(",") if m]
@@ -729,21 +728,6 @@ def main(argv=None):
                           sm_count=result["sm_count"] or None,
                           provenance=dict(provenance, link="emulated (benchmark only)"))
             profiles[(model, bw)] = path
-    if args.write_profile:
-        if os.path.isdir(args.write_profile):
-            args.write_profile = os.path.join(args.write_profile, f"{gpu_slug(device_name)}.json")
-        write_profile(
-            args.write_profile, bandwidth=args.profile_bandwidth, latency=args.latency_us, k_us=k_us, b_us=0.0,
-            tflops=expert_tflops, mem_gbps=mem_gbps, fraction=None, host_us=host_us, sm_count=result["sm_count"] or None,
-            host_base_us=model_host_base[models[0]], min_gain=args.min_gain,
-            provenance=dict(provenance, link=(
-                f"link_bandwidth_gbps={args.profile_bandwidth:g} and link_latency_us={args.latency_us:g} are the "
-                "default link this profile is calibrated for (H100 NVLink nominal per direction; an assumed "
-                "NCCL call latency), NOT a measurement: one GPU cannot measure a real link. Calibrate the NCCL "
-                "link on a multi-GPU machine (issue 6) and overwrite these two values."),
-                slug=gpu_slug(device_name)),
-        )
-        log(f"wrote {args.write_profile}")
 
     # ---- correctness spot check: stock vs EPS (overlap on, emulated link), bf16
     result["equality"] = []

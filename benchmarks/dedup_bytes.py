@@ -33,9 +33,11 @@ def rank_bytes(tokens: int, seed: int):
     from megatron_eps import EPSConfig
     from megatron_eps.comm import dedup_rows
     from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
-    from megatron_eps.cost_model import LayerShape, choose_chunking, load_pipeline_profile
-    from megatron_eps.dispatcher import probs_columns
-    from megatron_eps.schedule import ChunkLayout
+    from megatron_eps.policy.cost_model import LayerShape
+    from megatron_eps.policy.degree import choose_chunking
+    from megatron_eps.policy.profile import load_pipeline_profile
+    from megatron_eps.pipeline.dispatcher import probs_columns
+    from megatron_eps.pipeline.layout import ChunkLayout
 
     ep_size, rank = dist.get_world_size(), dist.get_rank()
     local = NUM_EXPERTS // ep_size
@@ -95,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "dedup_bytes_cpu.json"))
     args = parser.parse_args(argv)
-    from megatron_eps.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit
     from megatron_eps.testing import run_distributed
 
     results = {}

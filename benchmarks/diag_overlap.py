@@ -62,7 +62,7 @@ def main():
     bp.init_megatron()
     from megatron_eps.experts.activation import ActivationSpec
     from megatron_eps.bench.link_emulator import EmulatedLinkAllToAll, calibrate_sleep_cycles_per_ms
-    from megatron_eps.sm_control import gemm_sm_carveout
+    from megatron_eps.comm.sm_control import gemm_sm_carveout
 
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     dev = "cuda"

@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 if has test; then
-  timeout 150 python3 -m pytest -q -k "not interpreter" tests/unit_tests/experts 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+  timeout 150 python3 -m pytest -q tests -m gpu -k "not interpreter" 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 fi
 if has tune; then
   timeout ${TUNE_TIMEOUT:-130} python3 benchmarks/tune_triton.py --out "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/tune.txt"

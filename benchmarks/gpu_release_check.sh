@@ -10,7 +10,6 @@ export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu_state.txt"
 OUT="$OUT" TIMEOUT="${PREFILL_TIMEOUT:-250}" REPEATS="${REPEATS:-3}" WARMUP="${WARMUP:-1}" \
   LAYERS="${LAYERS:-8}" bash benchmarks/gpu_prefill.sh 2>&1 | grep -v -i "warn" | tee "$OUT/prefill.log" | tail -22
-timeout "${TEST_TIMEOUT:-280}" python3 -m pytest -q -p no:cacheprovider \
-  tests/unit_tests/test_eps_equivalence.py tests/unit_tests/test_pipeline_gpu.py \
-  tests/unit_tests/experts/test_gpu.py -k "not roundtrip and not auto_degree" 2>&1 \
+timeout "${TEST_TIMEOUT:-280}" python3 -m pytest -q -p no:cacheprovider tests \
+  -m "gpu or (slow and not multigpu)" -k "not roundtrip and not prefill" 2>&1 \
   | tee "$OUT/gpu_pytest.log" | tail -12

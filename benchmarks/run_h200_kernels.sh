@@ -15,11 +15,11 @@ export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 # Self-calibration caches must not leak between steps or survive from an earlier call.
 export MEGATRON_EPS_KERNEL_CACHE="$OUT/.kernel_cache.json"
-SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
+SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 if [ "${TESTS:-1}" = "1" ]; then
-  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/unit_tests/experts \
-    tests/unit_tests/test_permute_kernels.py -m gpu 2>&1 | tail -4 | tee "$OUT/h200_pytest.log"
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/unit/experts \
+    tests/unit/test_permute_kernels.py -m gpu 2>&1 | tail -4 | tee "$OUT/h200_pytest.log"
 fi
 if [ "${TUNE:-1}" = "1" ]; then
   timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_triton.py --out "$OUT/tune_triton_h200.json" \

@@ -13,13 +13,12 @@ export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $NGPU GPUs"; nvidia-smi topo -m 2>/dev/null | head -12
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit_tests/test_eps_equivalence.py \
-  tests/unit_tests/test_cost_model.py -k "not fp32" 2>&1 | tee "$OUT/multigpu_pytest.log" | tail -5
-SLUG=$(python3 -c 'from megatron_eps.cost_model import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests -m multigpu -k "not fp32" 2>&1 | tee "$OUT/multigpu_pytest.log" | tail -5
+SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 PROFILE="$OUT/$SLUG.ep$NGPU.json"
 cp "megatron_eps/profiles/$SLUG.json" "$PROFILE" 2>/dev/null || cp megatron_eps/profiles/nvidia_h100_80gb_hbm3.json "$PROFILE"
-timeout 60 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/calibrate_link.py \
-  --out "$OUT/link_ep$NGPU.json" --merge-into "$PROFILE" 2>&1 | grep -v -i warn | tail -4
+timeout 120 torchrun --standalone --nproc-per-node "$NGPU" -m megatron_eps.calibrate link \
+  --out "$PROFILE" 2>&1 | grep -v -i warn | tail -4
 timeout 200 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
   --out "$OUT/layer_ep$NGPU.json" --repeats 8 2>&1 | grep -v -i warn | grep -v '^{' | tail -12
 OUT="$OUT" NPROC="$NGPU" TIMEOUT=150 LAYERS=4 PROMPTS=4096,16384 REPEATS=3 \

@@ -117,7 +117,7 @@ def main(argv=None):
                         and not result["symmetric_grew_after_step2"]
                         and steps_done == args.steps)
     if rank == 0:
-        from megatron_eps.provenance import git_commit
+        from megatron_eps.calibrate.provenance import git_commit
 
         result["git_commit"] = git_commit()
         with open(args.out, "w") as f:

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Megatron-Core is imported lazily so that `import megatron_eps` (config, flags) stays cheap.
     if name == "EPSAlltoAllTokenDispatcher":
-        from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
+        from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 
         return EPSAlltoAllTokenDispatcher
     if name == "EPSMoELayer":

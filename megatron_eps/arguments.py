@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_eps.config import EPSConfigError, Setting, check_setting, cli_fields, flag_of, settings
+from megatron_eps.config import EPSConfigError, Setting, cli_fields, flag_of, parse_setting, settings
 
 # argparse dest -> EPSConfig field. Flags left at None do not override the YAML file.
 ARG_TO_FIELD = cli_fields()
@@ -19,14 +19,8 @@ def _parser_for(name: str, setting: Setting):
     flag = flag_of(name)
 
     def parse(text: str):
-        value = text
-        if setting.kind in ("int>=0", "int>=1"):
-            try:
-                value = int(text)
-            except ValueError:
-                value = text
         try:
-            return check_setting(name, value)
+            return parse_setting(name, text)
         except EPSConfigError:
             allowed = Setting.ALLOWED.get(setting.kind)
             if allowed is None:

@@ -159,9 +159,23 @@ def check_setting(name: str, value):
                 f"eps {name}={value!r}: no such file "
                 "(write one with megatron-eps-calibrate, or leave it unset)"
             )
+        from megatron_eps.policy.profile import check_cost_profile_file
+
         check_cost_profile_file(value)
         return value
     raise AssertionError(f"unknown setting kind {kind!r}")
+
+
+def parse_setting(name: str, text: str):
+    """A command-line value of setting ``name``: the text read as the setting's kind says, then
+    checked by ``check_setting`` (EPSConfigError if it is not allowed)."""
+    value = text
+    if settings()[name].kind in ("int>=0", "int>=1"):
+        try:
+            value = int(text)
+        except ValueError:
+            pass  # check_setting names the setting and the allowed values
+    return check_setting(name, value)
 
 
 class EPSConfigError(ValueError):
@@ -445,140 +459,6 @@ def _non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise EPSConfigError(f"eps {name}={value!r} is not allowed; allowed values: integers >= 0")
     return value
-
-
-# ------------------------------------------------------------------------------ cost profiles
-_PROFILE_CHECKS: dict = {}
-
-
-def read_cost_profile_json(path: str) -> dict:
-    """The JSON object in a cost-profile file; EPSConfigError naming ``cost_profile`` when the
-    file cannot be read, is not JSON, or does not hold a JSON object."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise EPSConfigError(f"eps cost_profile={path!r} cannot be read: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EPSConfigError(
-            f"eps cost_profile={path!r} is not valid JSON ({exc}); allowed: a profile written "
-            "by megatron-eps-calibrate or bench_pipeline.py --write-profile"
-        ) from None
-    if not isinstance(data, dict):
-        raise EPSConfigError(
-            f"eps cost_profile={path!r}: expected a JSON object, got a JSON "
-            f"{type(data).__name__}; allowed: a profile written by megatron-eps-calibrate or "
-            "bench_pipeline.py --write-profile"
-        )
-    return data
-
-
-def check_cost_profile_file(path: str) -> dict:
-    """Check that ``path`` is a usable cost profile; return what it holds.
-
-    A profile holds expert-kernel cost tables (``"format": "megatron-eps-cost-profile"``, at top
-    level or under ``"experts"``; from megatron-eps-calibrate), pipeline constants (a
-    ``"pipeline"`` section; from benchmarks/bench_pipeline.py --write-profile), or both.
-    Anything else (corrupt JSON, a list, ``{}``, malformed tables) raises EPSConfigError naming
-    ``cost_profile``. Returns ``{"kernel_tables": bool, "pipeline": bool, "devices": [names
-    the profile was measured on]}``. Checked once per file version.
-    """
-    try:
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-    except OSError as exc:
-        raise EPSConfigError(f"eps cost_profile={path!r} cannot be read: {exc}") from None
-    if key in _PROFILE_CHECKS:
-        return _PROFILE_CHECKS[key]
-    data = read_cost_profile_json(path)
-    from megatron_eps.cost_model import PipelineProfile
-    from megatron_eps.experts.selector import PROFILE_FORMAT, CostProfile
-
-    devices = []
-    kernel = None
-    if data.get("format") == PROFILE_FORMAT:
-        kernel = data
-    elif isinstance(data.get("experts"), dict):
-        kernel = data["experts"]
-    elif "format" in data:
-        raise EPSConfigError(
-            f"eps cost_profile={path!r}: format={data.get('format')!r} is not a megatron-eps "
-            f"cost profile; allowed: {PROFILE_FORMAT!r} (written by megatron-eps-calibrate)"
-        )
-    if kernel is not None:
-        try:
-            tables = CostProfile(kernel, path)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise EPSConfigError(
-                f"eps cost_profile={path!r}: malformed expert-kernel tables ({type(exc).__name__}: "
-                f"{exc}); write a new one with megatron-eps-calibrate"
-            ) from None
-        if not tables.tables and not isinstance(data.get("pipeline"), dict):
-            raise EPSConfigError(
-                f"eps cost_profile={path!r}: the expert-kernel tables hold no measurements; "
-                "write a new one with megatron-eps-calibrate"
-            )
-        devices.append(tables.device_name)
-    section = data.get("pipeline")
-    has_pipeline = False
-    if section is not None or all(k in data for k in PipelineProfile._REQUIRED):
-        section = data if section is None else section
-        if not isinstance(section, dict):
-            raise EPSConfigError(
-                f"eps cost_profile={path!r}: 'pipeline' must be a JSON object, got "
-                f"{type(section).__name__}"
-            )
-        try:
-            PipelineProfile.from_dict(section, source=path)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EPSConfigError(
-                f"eps cost_profile={path!r}: malformed pipeline section ({exc})"
-            ) from None
-        has_pipeline = True
-        device = (data.get("provenance") or {}).get("device") if isinstance(
-            data.get("provenance"), dict) else None
-        if isinstance(device, str) and device not in devices:
-            devices.append(device)
-    if kernel is None and not has_pipeline:
-        raise EPSConfigError(
-            f"eps cost_profile={path!r} holds neither expert-kernel tables (format "
-            f"{PROFILE_FORMAT!r}, from megatron-eps-calibrate) nor pipeline constants (a "
-            f"'pipeline' section with {', '.join(PipelineProfile._REQUIRED)}, from "
-            "bench_pipeline.py --write-profile)"
-        )
-    result = {"kernel_tables": kernel is not None, "pipeline": has_pipeline, "devices": devices}
-    _PROFILE_CHECKS[key] = result
-    return result
-
-
-_WARNED_DEVICES: set = set()
-
-
-def warn_if_profile_for_other_device(path: Optional[str], device_name: str, log=None) -> bool:
-    """Warn once per (profile, device) when ``path`` was measured on another device.
-
-    A profile for another device is accepted (it may be the best estimate there is, e.g. H100
-    tables on an H200), but its figures are that device's: the warning says so. Expert-kernel
-    tables of another device are not used by ``expert_kernel: auto`` (the documented default
-    order is); pipeline constants are. Returns True if the devices differ.
-    """
-    if not path:
-        return False
-    devices = check_cost_profile_file(path)["devices"]
-    if not devices or device_name in devices:
-        return False
-    key = (os.path.abspath(path), device_name)
-    if key not in _WARNED_DEVICES:
-        _WARNED_DEVICES.add(key)
-        import logging
-
-        (log or logging.getLogger("megatron_eps")).warning(
-            "eps cost_profile=%r was measured on %s, this run is on %r: its expert-kernel "
-            "tables are not used (expert_kernel auto takes the default order) and its pipeline "
-            "constants may be off; calibrate this device with megatron-eps-calibrate",
-            path, " / ".join(repr(d) for d in devices), device_name,
-        )
-    return True
 
 
 def cli_fields() -> Dict[str, str]:

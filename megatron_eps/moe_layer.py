@@ -10,10 +10,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_eps import compat
 from megatron_eps.config import EPSConfig, EPSConfigError
-from megatron_eps.cost_model import LayerShape
-from megatron_eps.dispatcher import EPSAlltoAllTokenDispatcher
+from megatron_eps.policy.cost_model import LayerShape
+from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
-from megatron_eps.policies import ChunkingPolicy, ExpertRunner
+from megatron_eps.pipeline.policies import ChunkingPolicy, ExpertRunner
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class EPSMoELayer(MoELayer):
         )
         self.eps_config = eps_config
         if eps_config.enabled and eps_config.comm_num_ctas is not None:
-            from megatron_eps.sm_control import apply_comm_cta_cap
+            from megatron_eps.comm.sm_control import apply_comm_cta_cap
 
             # Effective for EP communicators NCCL has not created yet (it creates them at a
             # group's first collective); set it before init_process_group to be sure.
@@ -166,10 +166,10 @@ class EPSMoELayer(MoELayer):
         )
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
-        # A plain attribute (not a submodule): it only views self.experts.
-        self.__dict__["_eps_expert_runner"] = ExpertRunner(
-            LocalExperts(self.experts, self.config), eps_config
-        )
+        # Not a submodule (the runner only views self.experts), so the state_dict is the stock one.
+        self.expert_runner = ExpertRunner(LocalExperts(self.experts, self.config), eps_config)
+        # A chunking policy that replaces the one built from the settings (``use_chunking``).
+        self.chunking_override = None
         self._warned_fallback = False
 
     # ------------------------------------------------------------------ forward
@@ -194,16 +194,15 @@ class EPSMoELayer(MoELayer):
         shared = None
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
-        runner = self.__dict__["_eps_expert_runner"]
-        runner.begin_forward(self.eps_config)
+        self.expert_runner.begin_forward(self.eps_config)
         # The dispatcher reads the current settings (dispatch_dedup, gemm_sm_carveout).
         self.token_dispatcher.eps_config = self.eps_config
         output = self.token_dispatcher.pipelined_forward(
             hidden_states,
             probs,
             routing_map,
-            experts=runner,
-            chunking=self.chunking_policy(hidden_states),
+            experts=self.expert_runner,
+            chunking=self.chunking_override or self.chunking_policy(hidden_states),
             shared_experts=shared,
         )
         return output, None
@@ -211,11 +210,12 @@ class EPSMoELayer(MoELayer):
     @property
     def last_expert_backends(self):
         """The expert backend of each chunk of the last pipelined forward."""
-        return self.__dict__["_eps_expert_runner"].backends_used
+        return self.expert_runner.backends_used
 
-    @property
-    def expert_runner(self) -> ExpertRunner:
-        return self.__dict__["_eps_expert_runner"]
+    def use_chunking(self, chunking) -> None:
+        """Chunk the next forwards with ``chunking`` (an object with ``choose(counts,
+        transport)``, e.g. ``pipeline.policies.FixedChunking``); None: from the settings."""
+        self.chunking_override = chunking
 
     def chunking_policy(self, hidden_states) -> ChunkingPolicy:
         """This forward's chunking policy (from the current settings)."""

@@ -22,7 +22,7 @@ copy) and keeps the *current stream* (the pipeline's comm stream) busy for the m
 Emulating rank 0 of an EP group of size G on one GPU: run the layer with ep_size 1 (all experts
 local) and set ``remote_fraction=(G-1)/G``, so only the bytes that would leave the GPU are
 charged (with balanced routing, rank 0 of EP=G sends (G-1)/G of its rows away and receives as
-many). The cost model learns the same through ``PipelineProfile.emulated_remote_fraction``.
+many). The cost model sees the same traffic through ``bench.emulated_group``.
 
 What it does not model: NCCL's SM usage beyond one block, link contention between ranks, load
 imbalance between ranks (every rank's collective ends with the slowest), and the time of the

@@ -1,6 +1,6 @@
 """The transport interface the pipeline drives, one forward at a time.
 
-Per forward, with ``L`` = the chunk layout (``schedule.ChunkLayout``, identical on every rank
+Per forward, with ``L`` = the chunk layout (``layout.ChunkLayout``, identical on every rank
 but for ``ep_rank``), ``W`` = row width (hidden size plus the columns carrying the routing
 weight) and ``H`` = hidden size:
 

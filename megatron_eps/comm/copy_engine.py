@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from megatron_eps.comm.base import Completion, ExpertTransport
-from megatron_eps.permute_kernels import copy_rows, scatter_routed_rows
+from megatron_eps.pipeline.permute_kernels import copy_rows, scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
 from megatron_eps.comm.dedup_rows import place_unique_rows
 

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_eps.schedule import ChunkLayout
+from megatron_eps.pipeline.layout import ChunkLayout
 
 # ``dispatch_dedup: auto`` deduplicates when it saves at least this fraction of remote bytes.
 AUTO_MIN_SAVING = 0.10

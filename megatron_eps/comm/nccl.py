@@ -16,7 +16,7 @@ import torch
 from megatron_eps.comm.all_to_all import AllToAll
 from megatron_eps.comm.base import ExpertTransport
 from megatron_eps.comm.dedup_rows import place_unique_rows
-from megatron_eps.permute_kernels import scatter_routed_rows
+from megatron_eps.pipeline.permute_kernels import scatter_routed_rows
 
 
 class NCCLTransport(ExpertTransport):

@@ -82,7 +82,7 @@ def load_bucket(tokens_per_expert: Sequence[int]) -> Tuple[int, int]:
 
 
 def default_cache_path(device_name: str) -> str:
-    from megatron_eps.cost_model import gpu_slug
+    from megatron_eps.policy.profile import gpu_slug
 
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]

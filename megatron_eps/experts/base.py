@@ -69,6 +69,8 @@ class LocalExperts:
         self.num_local_experts = int(module.num_local_experts)
         self._weights = None
         self._checked_this_forward = None  # None: check on every weights() call
+        # This forward's expert offsets, staged on the device in one copy (ExpertRunner.prepare).
+        self.staged_int32: Dict[tuple, torch.Tensor] = {}
 
     def module_device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -77,6 +79,7 @@ class LocalExperts:
         """From now on check the stacked views once per layer forward, not once per chunk (the
         check walks every expert parameter); call at the start of every forward."""
         self._checked_this_forward = False
+        self.staged_int32 = {}
 
     def weights(self):
         """Stacked views of the expert weights (see megatron_eps.experts.weights)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -93,44 +93,42 @@ class GemmExpertBackend(ExpertBackend):
         raise NotImplementedError
 
 
-# (device, values) -> int32 device tensor staged ahead of time by stage_int32_batch.
-_STAGED: dict = {}
-
-
-def stage_int32_batch(value_lists: Sequence[Sequence[int]], device: torch.device) -> None:
+def stage_int32_batch(
+    value_lists: Sequence[Sequence[int]], device: torch.device
+) -> Dict[tuple, torch.Tensor]:
     """Copy several int lists to the device in one pinned transfer, for later pinned_int32 calls.
 
     A pipelined layer knows every chunk's expert offsets before the first chunk runs; staging
     them together replaces one pin + copy per chunk (a host cost on the critical path of the
-    pipeline) with one per layer. Entries are consumed by pinned_int32; stale ones are dropped
-    at the next staging.
+    pipeline) with one per layer. Returns ``{(device, values): int32 device tensor}``, which the
+    caller keeps for the forward (``LocalExperts.staged_int32``) and hands to pinned_int32.
     """
-    _STAGED.clear()
+    staged: Dict[tuple, torch.Tensor] = {}
     device = torch.device(device)
-    if device.type != "cuda":
-        return
     flat = [v for values in value_lists for v in values]
-    if not flat:
-        return
-    staged = torch.tensor(flat, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    if device.type != "cuda" or not flat:
+        return staged
+    on_device = torch.tensor(flat, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
     start = 0
     for values in value_lists:
-        key = (device, tuple(values))
-        _STAGED.setdefault(key, staged[start : start + len(values)])
+        staged.setdefault((device, tuple(values)), on_device[start : start + len(values)])
         start += len(values)
+    return staged
 
 
-def pinned_int32(values: Sequence[int], device: torch.device) -> torch.Tensor:
+def pinned_int32(
+    values: Sequence[int], device: torch.device, staged: Optional[Dict[tuple, torch.Tensor]] = None
+) -> torch.Tensor:
     """Host ints -> int32 device tensor without a host sync (pinned, non-blocking copy).
 
     A plain ``torch.tensor(values, device=cuda)`` synchronizes the stream, which would stall the
     expert pipeline; the pinned staging buffer is kept alive by the caching host allocator until
-    the copy has run. Values staged by stage_int32_batch are returned without a new copy.
+    the copy has run. Values found in ``staged`` (stage_int32_batch) are returned without a copy.
     """
-    if device.type == "cuda" and _STAGED:
-        staged = _STAGED.get((torch.device(device), tuple(values)))
-        if staged is not None:
-            return staged
+    if device.type == "cuda" and staged:
+        found = staged.get((torch.device(device), tuple(values)))
+        if found is not None:
+            return found
     host = torch.tensor(values, dtype=torch.int32)
     if device.type != "cuda":
         return host

@@ -35,10 +35,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if not t.is_contiguous() else t.clone()
 
 
-def grouped_expert_forward(call: ExpertCall) -> torch.Tensor:
-    """Two torch._grouped_mm calls around the activation (a call with at least one row)."""
+def grouped_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tensor:
+    """Two torch._grouped_mm calls around the activation (a call with at least one row).
+    ``staged_offsets``: offsets already on the device (gemm_common.stage_int32_batch)."""
     hidden = call.hidden
-    offs = pinned_int32(list(itertools.accumulate(call.counts)), hidden.device)
+    offs = pinned_int32(list(itertools.accumulate(call.counts)), hidden.device, staged_offsets)
     fc1_out = torch._grouped_mm(_aligned(hidden), call.fc1.transpose(1, 2), offs=offs)
     h = call.weights.activation.apply(fc1_out, call.probs)
     return torch._grouped_mm(_aligned(h), call.fc2.transpose(1, 2), offs=offs)
@@ -75,4 +76,4 @@ class GroupedExpertsBackend(GemmExpertBackend):
         return None
 
     def compute(self, call, local_experts, first_expert):
-        return grouped_expert_forward(call)
+        return grouped_expert_forward(call, getattr(local_experts, "staged_int32", None))

@@ -40,10 +40,7 @@ Choice (``choose_backend``)
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import math
-import os
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,7 +51,6 @@ from megatron_eps.experts import base
 
 PROFILE_FORMAT = "megatron-eps-cost-profile"
 PROFILE_VERSION = 1
-PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
 # Predictions closer than this are treated as a tie, broken by the default order (the
 # backends' gpu_default_rank): a backend predicted faster by a hair is not worth the risk of
 # the prediction being noise.
@@ -80,44 +76,9 @@ def device_name(device: Union[str, torch.device]) -> str:
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3': the shipped profile's file name
     (``<slug>.json``, with ``experts``, ``pipeline`` and ``links`` sections)."""
-    from megatron_eps.cost_model import gpu_slug
+    from megatron_eps.policy.profile import gpu_slug
 
     return gpu_slug(name)
-
-
-def shipped_profile_path(device) -> str:
-    return os.path.join(PROFILES_DIR, device_slug(device_name(device)) + ".json")
-
-
-def nearest_profile_path(capability: Tuple[int, int], sm_count: int,
-                         profiles_dir: str = PROFILES_DIR) -> Optional[str]:
-    """The shipped profile with kernel tables of the GPU most like one with this compute
-    capability and SM count (same capability first, then the nearest SM count), or None."""
-    best = None
-    for name in sorted(os.listdir(profiles_dir)) if os.path.isdir(profiles_dir) else []:
-        path = os.path.join(profiles_dir, name)
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(path) as f:
-                experts = json.load(f).get("experts")
-            device = experts["device"]
-            score = (tuple(device["capability"]) != tuple(capability),
-                     abs(math.log(float(device["sm_count"]) / max(sm_count, 1))))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            continue  # not a profile with kernel tables and device facts
-        if best is None or score < best[0]:
-            best = (score, path)
-    return best[1] if best else None
-
-
-def nearest_shipped_profile(device) -> Optional[str]:
-    """For a CUDA device with no profile of its own: the nearest known GPU's (None on CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
-    return nearest_profile_path((props.major, props.minor), props.multi_processor_count)
 
 
 # ---------------------------------------------------------------------------- load summary
@@ -244,17 +205,9 @@ class CostProfile:
 
 def _read_json(path: str) -> dict:
     """The profile's JSON object (EPSConfigError, a ValueError, naming cost_profile if not)."""
-    from megatron_eps.config import read_cost_profile_json
+    from megatron_eps.policy.profile import read_cost_profile_json
 
     return read_cost_profile_json(path)
-
-
-def has_kernel_tables(path: str) -> bool:
-    """True if the file holds expert-kernel tables (alone, or under an "experts" key)."""
-    data = _read_json(path)
-    return data.get("format") == PROFILE_FORMAT or (
-        isinstance(data.get("experts"), dict) and data["experts"].get("format") == PROFILE_FORMAT
-    )
 
 
 def _nearest(grid, skew, load):
@@ -269,60 +222,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-_PROFILE_CACHE: Dict[Tuple[Optional[str], str], Optional[CostProfile]] = {}
-
-
 def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
-    """The expert-kernel cost tables for ``device``. Cached.
+    """The expert-kernel cost tables for ``device`` (``policy.profile.load_kernel_tables``: the
+    ``cost_profile`` file's, else the shipped ones, else the nearest known GPU's). A file that
+    is no valid profile raises EPSConfigError (a ValueError) naming ``cost_profile``."""
+    from megatron_eps.policy.profile import load_kernel_tables
 
-    ``path`` is the ``cost_profile`` setting, which the pipeline cost model reads too: a file
-    with kernel tables (alone or under an "experts" key) gives them; a file without them
-    (pipeline constants only) or ``path=None`` gives the profile shipped for this device, or
-    None when there is none. A file that is no valid profile raises EPSConfigError (a
-    ValueError) naming ``cost_profile``; a profile measured on another device is used with a
-    warning (once), and its tables then do not cover this device (see ``CostProfile.covers``).
-    """
-    name = device_name(device)
-    key = (os.path.abspath(path) if path else None, name)
-    if key not in _PROFILE_CACHE:
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"eps cost_profile={path!r}: no such file (write one with megatron-eps-calibrate)"
-            )
-        if path:
-            from megatron_eps.config import (
-                check_cost_profile_file,
-                warn_if_profile_for_other_device,
-            )
-
-            # Corrupt, empty or malformed files: EPSConfigError naming cost_profile.
-            check_cost_profile_file(path)
-            warn_if_profile_for_other_device(path, name)
-        if path and has_kernel_tables(path):
-            _PROFILE_CACHE[key] = CostProfile.from_file(path)
-        else:
-            shipped = shipped_profile_path(device)
-            if os.path.isfile(shipped) and has_kernel_tables(shipped):
-                _PROFILE_CACHE[key] = CostProfile.from_file(shipped)
-            else:
-                _PROFILE_CACHE[key] = _borrowed_profile(device, name)
-    return _PROFILE_CACHE[key]
-
-
-def _borrowed_profile(device, name: str) -> Optional[CostProfile]:
-    nearest = nearest_shipped_profile(device)
-    if nearest is None:
-        return None
-    profile = CostProfile.from_file(nearest)
-    profile.borrowed_for = name
-    logging.getLogger(__name__).info(
-        "megatron-eps: no kernel tables for %s; ranking the expert kernels with %s's (%s) and "
-        "timing the close ones on first use", name, profile.device_name, nearest)
-    return profile
+    return load_kernel_tables(path, device)
 
 
 def clear_caches() -> None:
-    _PROFILE_CACHE.clear()
     _AVAILABLE.clear()
     _PREDICTIONS.clear()
 

@@ -355,7 +355,7 @@ def _sm_count(device_index: int) -> int:
 def _gemm_sm_count(device_index: int) -> int:
     """SMs a persistent GEMM may fill: all of them less the carve-out torch's GEMMs honour
     (sm_control.gemm_sm_carveout), so comm kernels keep SMs of their own."""
-    from megatron_eps.sm_control import current_gemm_carveout
+    from megatron_eps.comm.sm_control import current_gemm_carveout
 
     carveout = current_gemm_carveout() or 0
     return max(1, _sm_count(device_index) - carveout)

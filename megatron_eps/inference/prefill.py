@@ -331,7 +331,7 @@ def validate_setup(args) -> Dict[str, object]:
         # The facts this process has (device, libraries); the node and peer checks follow at
         # layer construction, still before any collective of the layer.
         check_transport_setting(eps_run.transport, None, ep)
-        from megatron_eps.config import warn_if_profile_for_other_device
+        from megatron_eps.policy.profile import warn_if_profile_for_other_device
         from megatron_eps.experts.selector import device_name
 
         import logging
@@ -667,7 +667,7 @@ def logits_agree(cmp: Dict[str, float], dtype: str, tol: float) -> bool:
 
 # --------------------------------------------------------------------------- metadata
 def _git_commit(args) -> Optional[str]:
-    from megatron_eps.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit
 
     return args.git_commit or git_commit()
 
@@ -707,7 +707,7 @@ def run(args) -> Dict[str, object]:
     from megatron_eps.config import EPSConfig
     from megatron_eps.inference.model_config import load_model_config
 
-    from megatron_eps.sm_control import apply_comm_cta_cap
+    from megatron_eps.comm.sm_control import apply_comm_cta_cap
 
     # NCCL reads its CTA cap when communicators are created: before the process group.
     apply_comm_cta_cap(EPSConfig.from_args(args).comm_num_ctas)

@@ -1,0 +1,1 @@
+"""``megatron-eps-calibrate kernels|link|pipeline|all``: writes the GPU's profile file."""

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_eps.calibrate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Where a measurement came from: the code's commit, the software, the device, the command."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from typing import Optional
+
+COMMIT_ENV_VARS = ("MEGATRON_EPS_GIT_COMMIT", "EPS_GIT_COMMIT")
+
+
+def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
+    """The commit named by MEGATRON_EPS_GIT_COMMIT if set (the GPU machine gets a copy of the
+    tree whose .git, if any, is not the one the run was made from), else ``git rev-parse HEAD``
+    of the checkout."""
+    for name in COMMIT_ENV_VARS:
+        if os.environ.get(name) and os.environ[name] != "unknown":
+            return os.environ[name]
+    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, text=True, stderr=subprocess.DEVNULL,
+            timeout=10,
+        ).strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+def provenance(device_name: str, **what) -> dict:
+    """The provenance record of a profile section: device, software versions, commit, command
+    and date, plus ``what`` (how each figure was obtained)."""
+    from megatron_eps.experts.calibrate import versions
+
+    return dict(
+        device=device_name,
+        versions=versions(),
+        git_commit=git_commit(),
+        command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **what,
+    )

@@ -1,0 +1,477 @@
+"""EPSAlltoAllTokenDispatcher: Megatron's all-to-all dispatcher, pipelined over expert groups."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_eps import compat
+from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
+from megatron_eps.comm.base import row_probs
+from megatron_eps.comm import dedup_rows
+from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
+from megatron_eps.comm.nccl import NCCLTransport
+from megatron_eps.comm.traffic import BytesSent
+from megatron_eps.config import EPSConfig
+from megatron_eps.pipeline.permute_kernels import sum_expert_rows
+from megatron_eps.comm.sm_control import gemm_sm_carveout
+from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.pipeline.runner import run_plan
+from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
+
+def permute_chunk_major(
+    tokens: torch.Tensor,
+    probs: torch.Tensor,
+    routing_map: torch.Tensor,
+    expert_order: np.ndarray,
+    num_rows: int,
+    gather_tokens: bool = True,
+):
+    """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
+
+    Megatron's unfused ``permute`` sizes its output with ``masked_select`` (a device sync); here
+    the row count is already known on the host (from the count matrix), so every routed
+    (expert, token) pair is scattered to its row with a cumulative sum. Row order is the same
+    as Megatron's: by expert in ``expert_order``, then by token index.
+
+    Args:
+        tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
+        expert_order: [E] expert ids, chunk-major (ChunkLayout.expert_order).
+        num_rows: number of routed pairs (sum of routing_map).
+    Returns:
+        (permuted tokens [num_rows, H] (None with ``gather_tokens`` False: the caller gathers
+        them itself), permuted probs [num_rows], token index per row [num_rows], the
+        ``sorted_indices`` Megatron's unpermute takes).
+    """
+    num_tokens, num_experts = routing_map.shape
+    device = routing_map.device
+    identity = bool((expert_order == np.arange(num_experts)).all())
+    order = None if identity else torch.as_tensor(expert_order, device=device)
+    mask = routing_map if order is None else routing_map.index_select(1, order)
+    mask = mask.t().reshape(-1)  # [E * T], expert-major
+    row = torch.cumsum(mask, dim=0) - 1
+    # Pairs that are not routed all land in one spare slot past the end, which is dropped.
+    row = torch.where(mask, row, torch.full_like(row, num_rows))
+    token_ids = torch.arange(num_tokens, device=device).repeat(num_experts)
+    sorted_indices = torch.empty(num_rows + 1, dtype=torch.long, device=device)
+    sorted_indices.scatter_(0, row, token_ids)
+    sorted_indices = sorted_indices[:num_rows]
+    expert_probs = probs if order is None else probs.index_select(1, order)
+    permuted_probs = probs.new_empty(num_rows + 1)
+    permuted_probs.scatter_(0, row, expert_probs.t().reshape(-1))
+    permuted_probs = permuted_probs[:num_rows]
+    permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
+    return permuted, permuted_probs, sorted_indices
+
+
+def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
+    """Columns (of the token dtype) appended to each dispatched row to carry its routing weight,
+    or 0 when the weight cannot ride along (then it gets an all-to-all of its own).
+
+    The extra columns span 16 bytes (at least the weight's size), so 16-byte aligned rows stay so
+    for the grouped GEMM, and the weight's bytes sit at an offset aligned to its own size.
+    """
+    token_bytes, prob_bytes = tokens.element_size(), probs.element_size()
+    width = max(16, prob_bytes)
+    hidden_bytes = tokens.shape[-1] * token_bytes
+    if width % token_bytes or prob_bytes % token_bytes or hidden_bytes % prob_bytes:
+        return 0
+    return width // token_bytes
+
+
+@dataclass
+class PipelineRecord:
+    """What the last pipelined forward did (for tests, logging and benchmarks)."""
+
+    num_chunks: int
+    tokens_per_chunk: List[int]
+    global_counts: np.ndarray
+    experts_per_chunk: Tuple[int, ...] = ()
+    transport: str = ""
+    dedup: bool = False  # one row per (token, rank, chunk) instead of per (token, expert)
+    bytes_sent: Optional[BytesSent] = None  # what this rank sent, in the scheme that ran
+    pair_bytes_sent: Optional[BytesSent] = None  # the same forward with one row per pair
+
+
+class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """The stock all-to-all dispatcher plus ``pipelined_forward``.
+
+    The six stock methods (dispatch_preprocess ... combine_postprocess) are inherited unchanged,
+    so every Megatron code path that drives a dispatcher step by step still works (and is the
+    N = 1 path). ``pipelined_forward`` runs dispatch -> experts -> combine chunk by chunk,
+    overlapping chunk i's expert GEMMs with chunk i+1's dispatch and chunk i-1's combine.
+
+    Only dropless routing with expert-tensor-parallel size 1 is pipelined (EPSMoELayer checks
+    this at construction, before any collective).
+    """
+
+    # One communication stream per process, shared by all layers (they run one at a time).
+    comm_stream = None
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config,
+        pg_collection=None,
+        eps_config: Optional[EPSConfig] = None,
+    ):
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        self.eps_config = eps_config if eps_config is not None else EPSConfig()
+        self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
+        if self.eps_config.enabled:
+            from megatron_eps.comm.selection import check_transport_setting
+
+            # Local facts only: an impossible transport fails here, before any collective.
+            check_transport_setting(self.eps_config.transport, self.ep_group, self.ep_size)
+        # Resolved at the first forward (copy_engine needs the device and one agreement
+        # all-reduce); ``use_transport`` sets one explicitly.
+        self.transport: Optional[ExpertTransport] = None
+        self.overlap = True
+        self.profiler_ranges = False
+        # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
+        # all of them before the first combine.
+        self.dispatch_ahead: Optional[int] = None
+        self.last_record: Optional[PipelineRecord] = None
+
+    # ------------------------------------------------------------------ transport
+    def use_transport(self, transport: ExpertTransport) -> None:
+        """Run the next forwards over ``transport`` (tests and benchmarks: e.g. an NCCLTransport
+        over the single-GPU link emulator)."""
+        self.transport = transport
+
+    @property
+    def all_to_all(self) -> Optional[AllToAll]:
+        """The all-to-all under an NCCLTransport (None for other transports)."""
+        return getattr(self.transport, "all_to_all", None)
+
+    @all_to_all.setter
+    def all_to_all(self, all_to_all: AllToAll) -> None:
+        self.transport = NCCLTransport(all_to_all)
+
+    def _resolve_transport(self, device: torch.device) -> ExpertTransport:
+        if self.transport is not None:
+            return self.transport
+        group = self.ep_group if self.ep_size > 1 else None
+        setting = self.eps_config.transport
+        if self.ep_size > 1 and device.type == "cuda" and setting != "nccl":
+            from megatron_eps.comm.copy_engine import CopyEngineTransport, peer_memory_for
+            from megatron_eps.comm.selection import agree_on_copy_engine
+
+            if agree_on_copy_engine(self.ep_group, device, setting):
+                self.transport = CopyEngineTransport(peer_memory_for(self.ep_group, device))
+                return self.transport
+        self.transport = NCCLTransport(ProcessGroupAllToAll(group))
+        return self.transport
+
+    # ------------------------------------------------------------------ public entry
+    def global_token_counts(self, routing_map: torch.Tensor) -> np.ndarray:
+        """counts[src_rank, expert] for the whole EP group (``start_token_counts``, then waits)."""
+        return self.start_token_counts(routing_map)[0]()
+
+    def start_token_counts(self, routing_map: torch.Tensor, with_range_counts: bool = False):
+        """Issue the count all-gather; returns (wait, routed).
+
+        ``wait()`` -> counts[src_rank, expert] for the whole EP group, the host's copy; with
+        ``with_range_counts`` (counts, range_counts[src, dst, L, L + 1]): the same all-gather
+        also carries every rank's unique-token counts of every contiguous range of local experts
+        (``dedup_rows.range_unique_counts``), which size the deduplicated scheme. It is
+        the only host synchronization of the pipelined forward (stock Megatron also needs one
+        to size its all-to-alls). On GPUs the host polls for it with a deadline
+        (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
+        as the previous forward's waits for peers, so a lost peer ends in a clear error.
+        ``routed``: the CUDA event after the all-gather and its copy to the host (None on CPU);
+        work issued on the compute stream after this call (the shared experts) runs while the
+        host waits and plans.
+        """
+        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts)
+        if self.ep_size > 1:
+            gathered = torch.empty(
+                self.ep_size * local.numel(), dtype=local.dtype, device=local.device
+            )
+            dist.all_gather_into_tensor(gathered, local, group=self.ep_group)
+        else:
+            gathered = local
+        split = self._split_gathered if with_range_counts else self._counts_only
+        if not gathered.is_cuda:
+            return (lambda: split(gathered.numpy())), None
+        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host.copy_(gathered, non_blocking=True)
+        routed = torch.cuda.current_stream().record_event()
+
+        def wait():
+            wait_for_event(routed, wait_timeout_s(),
+                           "the expert-parallel token counts (all-gather over the EP group)")
+            return split(host.numpy())
+
+        return wait, routed
+
+    def _counts_only(self, gathered: np.ndarray) -> np.ndarray:
+        return gathered.reshape(self.ep_size, self.num_experts)
+
+    def _split_gathered(self, gathered: np.ndarray):
+        return dedup_rows.split_statistics(gathered, self.ep_size, self.num_experts)
+
+    def pipelined_forward(
+        self,
+        hidden_states: torch.Tensor,
+        probs: torch.Tensor,
+        routing_map: torch.Tensor,
+        experts,
+        chunking,
+        shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Route-to-output of one MoE layer, pipelined.
+
+        Args:
+            hidden_states: [S, B, H] layer input.
+            probs: [T, E] routing probabilities (T = S * B), as the router returns them.
+            routing_map: [T, E] bool, as the router returns it.
+            experts: the expert policy (``policies.ExpertRunner``): ``prepare(layout)`` once,
+                then ``run(tokens [M, H] grouped by expert, tokens_per_expert, probs [M],
+                first local expert)`` -> [M, H] per chunk.
+            chunking: the chunking policy (``policies.ChunkingPolicy``): ``choose(counts,
+                transport name)`` -> N (equal chunks) or the local experts of each chunk; a pure
+                function of the count matrix and of state every rank shares, so that every EP
+                rank picks the same chunks.
+            shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
+                issued before the host waits for the count matrix, so the GPU computes it while
+                the host plans the chunks (schedule's module docstring).
+
+        Returns:
+            [S, B, H] output (routed experts combined, plus shared experts).
+        """
+        hidden_shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden_shape[-1])
+        dedup_wanted = self.eps_config.dispatch_dedup != "off"
+        with self._phase("counts"):
+            wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
+        shared_output = None
+        if shared_experts is not None:
+            with self._phase("shared_experts"):
+                shared_output = shared_experts()
+        with self._phase("counts.wait"):
+            counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
+        transport = self._resolve_transport(tokens.device)
+        if not transport.supports_dedup:
+            range_counts = None  # the same on every rank: the transport is agreed
+        with self._phase("choose"):
+            link = transport.name if transport.moves_rows else None
+            if range_counts is None:
+                choice = chunking.choose(counts, link)
+            else:
+                choice = chunking.choose(counts, link, range_counts=range_counts)
+        sizes = chunk_sizes(self.num_local_experts, choice)
+        num_chunks = len(sizes)
+        hidden_size = tokens.shape[-1]
+        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
+        with self._phase("layout"):
+            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
+            pair_bytes = pair_row_bytes(tokens, probs, packed_columns)
+            dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_bytes)
+        self.last_record = PipelineRecord(
+            num_chunks=num_chunks,
+            tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
+            global_counts=counts,
+            experts_per_chunk=sizes,
+            transport=transport.name if transport.moves_rows else "local",
+            dedup=dedup is not None,
+            bytes_sent=(dedup or layout).bytes_sent(
+                *(dedup_row_bytes(dedup, tokens, probs) if dedup else pair_bytes)),
+            pair_bytes_sent=layout.bytes_sent(*pair_bytes),
+        )
+
+        with self._phase("experts.prepare"):
+            experts.prepare(layout, beside_copy=num_chunks > 1 and transport.moves_rows)
+        if dedup is not None:
+            output = self._dedup_forward(dedup, counts, transport, tokens, probs, routing_map,
+                                         experts, routed, shared_output)
+            return output.view(hidden_shape)
+        with self._phase("transport.begin"):
+            transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
+                            tokens.dtype, tokens.device)
+        comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
+        permuted: List[Optional[torch.Tensor]] = [None, None]  # sorted_indices, probs
+
+        def place_rows(chunk):
+            if chunk == 0:
+                # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice
+                # (or, on the copy engines, land in their final rows).
+                _, permuted_probs, sorted_indices = permute_chunk_major(
+                    tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
+                    gather_tokens=False,
+                )
+                if compute_stream is not None:
+                    # Made on the comm stream, read by the final sum on the compute stream.
+                    sorted_indices.record_stream(compute_stream)
+                permuted[:] = [sorted_indices, permuted_probs]
+            transport.place_rows(chunk, tokens, permuted[0], permuted[1], packed_columns)
+
+        def run_experts(chunk):
+            x, p = transport.received(chunk)
+            if packed_columns:
+                p = row_probs(x, hidden_size, probs.dtype).contiguous()
+                x = x[:, :hidden_size]
+            first_expert = layout.expert_ranges[chunk][0]
+            transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
+
+        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
+                  COMBINE: transport.combine}
+        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed)
+        combined = transport.combined_rows()
+
+        with self._phase("unpermute"):
+            output = self._unpermute(combined, permuted[0], tokens, routing_map, shared_output)
+        transport.end()
+        return output.view(hidden_shape)
+
+    # ------------------------------------------------------------------ deduplicated scheme
+    def _dedup_layout(self, layout, counts, range_counts, tokens, probs,
+                      pair_bytes) -> Optional[DedupChunkLayout]:
+        """The deduplicated layout of this forward's chunks, or None to send one row per pair
+        (setting off, a transport without it, rows whose weights cannot be packed, or ``auto``
+        judging the saving too small: decided from gathered numbers, so the same everywhere)."""
+        if range_counts is None:
+            return None
+        combine_dtype = torch.float32 if self.eps_config.dedup_combine_dtype == "fp32" else None
+        dedup = DedupChunkLayout.from_pairs(layout, counts, range_counts,
+                                            self.config.moe_router_topk, combine_dtype)
+        if not dedup_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
+            return None
+        if self.eps_config.dispatch_dedup == "auto" and not dedup.saves_remote_bytes(
+            *dedup_row_bytes(dedup, tokens, probs), *pair_bytes
+        ):
+            return None
+        return dedup
+
+    def _dedup_forward(self, layout: DedupChunkLayout, counts, transport, tokens, probs,
+                       routing_map, experts, routed, shared_output) -> torch.Tensor:
+        """The pipeline with one row per (token, rank, chunk): [T, H] output.
+
+        The expert rank expands each received row into one row per expert (``expand_rows``),
+        and sums a row's weighted expert outputs in fp32 in expert order before the combine; the
+        source sums the returned rows of each token in fp32 in send order (chunk, rank), rounds
+        once and adds the shared experts' output.
+        """
+        hidden = tokens.shape[-1]
+        columns = dedup_rows.meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
+        combine_dtype = layout.combine_dtype or tokens.dtype
+        with self._phase("transport.begin"):
+            transport.begin(layout, counts, hidden + columns, hidden,
+                            tokens.dtype, tokens.device)
+        comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
+        token_of_row: List[torch.Tensor] = []
+
+        def place_rows(chunk):
+            index = transport.place_unique_rows(chunk, tokens, probs, routing_map)
+            if compute_stream is not None:
+                index.record_stream(compute_stream)  # read by the final sum
+            token_of_row.append(index)
+
+        def run_experts(chunk):
+            received, _ = transport.received(chunk)
+            start, end = layout.expert_ranges[chunk]
+            x, p, pair_row = dedup_rows.expand_rows(
+                received, hidden, layout.slots, end - start, layout.pair_rows(chunk), probs.dtype
+            )
+            out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
+            table = dedup_rows.slot_table(pair_row, received.shape[0], layout.slots)
+            transport.hand_back(chunk, dedup_rows.sum_slots(out, table, combine_dtype))
+
+        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
+                  COMBINE: transport.combine}
+        self._run_stages(layout.num_chunks, stages, transport, comm_stream, compute_stream, routed)
+        partials = transport.combined_rows()
+        with self._phase("unpermute"):
+            owners = torch.cat(token_of_row) if token_of_row else torch.empty(
+                0, dtype=torch.long, device=tokens.device)
+            table = dedup_rows.slot_table(owners, tokens.shape[0], layout.return_slots)
+            output = dedup_rows.sum_slots(partials, table, tokens.dtype, shared_output)
+        transport.end()
+        return output
+
+    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed):
+        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead)
+        # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
+        # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
+        # engines, which need no SM: nothing to leave).
+        overlapping = comm_stream is not None and num_chunks > 1 and transport.name == "nccl"
+        with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
+            run_plan(plan, stages, comm_stream, self.profiler_ranges, routed=routed)
+        if comm_stream is not None and transport.waits_without_timeout:
+            from megatron_eps.comm.watchdog import peer_wait_watchdog
+
+            peer_wait_watchdog(wait_timeout_s()).watch(
+                compute_stream.record_event(),
+                f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
+            )
+
+    def _unpermute(self, combined, sorted_indices, tokens, routing_map, shared_output):
+        if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:
+            return sum_expert_rows(combined, sorted_indices, tokens.shape[0], shared_output)
+        # some tokens route to fewer than top-k experts (padding mask): Megatron's way
+        output = compat.unpermute_tokens(
+            combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
+        )
+        if shared_output is not None:
+            output = output + shared_output.reshape(output.shape)
+        return output
+
+    def _phase(self, name: str):
+        if self.profiler_ranges:
+            return torch.profiler.record_function(f"eps.{name}")
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ streams
+    def _comm_stream(self, like: torch.Tensor, transport: ExpertTransport):
+        if not (self.overlap and like.is_cuda):
+            return None
+        if not transport.moves_rows:
+            return None  # nothing to overlap with: dispatch/combine are local slices
+        if EPSAlltoAllTokenDispatcher.comm_stream is None:
+            # High priority: when SMs free up, the block scheduler starts pending all-to-all
+            # CTAs before the next GEMM's, so a GEMM queued behind the comm work does not hold
+            # the link back for its whole duration.
+            EPSAlltoAllTokenDispatcher.comm_stream = torch.cuda.Stream(
+                device=like.device, priority=-1
+            )
+        return EPSAlltoAllTokenDispatcher.comm_stream
+
+
+def wait_timeout_s() -> float:
+    """Seconds the host waits for a forward's cross-rank work before it gives up
+    (``MEGATRON_EPS_WAIT_TIMEOUT_S``, default 600)."""
+    import os
+
+    return float(os.environ.get("MEGATRON_EPS_WAIT_TIMEOUT_S", "600"))
+
+
+class PeerTimeoutError(RuntimeError):
+    """A wait for the other ranks of the expert-parallel group did not finish in time."""
+
+
+def wait_for_event(event, timeout_s: float, what: str) -> None:
+    """Block the host until ``event`` completes; raise PeerTimeoutError after ``timeout_s``."""
+    import time
+
+    if event.query():
+        return
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise PeerTimeoutError(
+                f"megatron-eps: waited {timeout_s:.0f} s for {what} without completion; another "
+                "rank of the expert-parallel group has stopped or diverged (set "
+                "MEGATRON_EPS_WAIT_TIMEOUT_S to wait longer)"
+            )
+        time.sleep(pause)
+        pause = min(1e-3, pause + 2e-5)

@@ -1,0 +1,165 @@
+"""The two policies a layer hands its pipeline: how to chunk, and how to run a chunk's experts.
+
+The pipeline (``dispatcher.pipelined_forward``) receives them as objects with a small interface
+and never reaches back into the layer:
+
+* ``ChunkingPolicy.choose(counts, transport)`` -> the local experts of each chunk (or N),
+  a pure function of the all-gathered count matrix and state every rank shares;
+* ``ExpertRunner.prepare(layout)`` once per forward, then ``ExpertRunner.run(tokens,
+  tokens_per_expert, probs, first_expert)`` per chunk -> the chunk's expert outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_eps.config import EPSConfig
+from megatron_eps.policy.cost_model import LayerShape
+from megatron_eps.policy.degree import choose_chunking
+from megatron_eps.policy.profile import load_kernel_tables, load_pipeline_profile
+from megatron_eps.experts.base import LocalExperts, get_backend
+
+
+class ChunkingPolicy:
+    """``EPSConfig.pipeline_degree`` / ``chunk_split`` for one layer shape, through the cost model.
+
+    With ``pipeline_degree: auto`` the profile (the configured one, else the one shipped for the
+    device) is read with the link figures of the transport the forward runs on.
+    """
+
+    def __init__(self, shape: LayerShape, eps_config: EPSConfig, device: torch.device,
+                 dispatch_ahead: Optional[int] = None):
+        self.shape, self.eps_config, self.device = shape, eps_config, device
+        self.dispatch_ahead = dispatch_ahead
+
+    def choose(self, counts: np.ndarray, transport: Optional[str] = None,
+               range_counts: Optional[np.ndarray] = None):
+        """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
+        every range of local experts, so the model counts the rows that really travel."""
+        profile = kernel_profile = None
+        if self.eps_config.pipeline_degree == "auto":
+            profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
+            if profile is not None and profile.use_kernel_tables:
+                kernel_profile = load_kernel_tables(self.eps_config.cost_profile, self.device)
+                if kernel_profile is not None and kernel_profile.borrowed_for:
+                    kernel_profile = None  # another GPU's times: they rank, they do not time
+        return choose_chunking(
+            counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
+            dispatch_ahead=self.dispatch_ahead, range_counts=range_counts,
+        )
+
+
+class FixedChunking:
+    """Always the same chunking (N, or the experts of each chunk): tests and benchmarks."""
+
+    def __init__(self, chunking):
+        self.chunking = chunking
+
+    def choose(self, counts, transport=None, range_counts=None):
+        return self.chunking
+
+
+class ExpertRunner:
+    """Runs a chunk's local experts with the backend ``expert_kernel`` and the load call for.
+
+    An explicit kernel is resolved once per (device, dtype); ``auto`` asks the selector per
+    chunk. ``backends_used`` lists the backend of every chunk since ``begin_forward``.
+    """
+
+    def __init__(self, local_experts: LocalExperts, eps_config: EPSConfig):
+        self.local_experts = local_experts
+        self.eps_config = eps_config
+        self.backends_used: List[str] = []
+        self._resolved = {}
+        self._beside_copy = False
+
+    def begin_forward(self, eps_config: EPSConfig) -> None:
+        if eps_config is not self.eps_config:
+            self.eps_config = eps_config
+            self._resolved.clear()
+        self.backends_used = []
+        self._beside_copy = False
+        self.local_experts.begin_forward()
+
+    def prepare(self, layout, beside_copy: bool = False) -> None:
+        """Before the first chunk: stage every chunk's expert row offsets in one copy.
+        ``beside_copy``: this forward's chunks run beside transfers (pipelined over a link), so
+        ``auto`` chooses and calibrates for that condition."""
+        from megatron_eps.experts.gemm_common import stage_int32_batch
+
+        self._beside_copy = beside_copy
+        offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
+        device = self.local_experts.module_device()
+        self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
+
+    def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:
+        """The backend for this call, or None when this load is to be calibrated first."""
+        from megatron_eps.experts.selector import choose_backend
+
+        kernel = self.eps_config.expert_kernel
+        key = (kernel, tokens.device, tokens.dtype)
+        if kernel != "auto" and key in self._resolved:
+            return self._resolved[key]  # an explicit choice never depends on the load
+        if kernel == "auto" and self._calibrates(tokens):
+            decided = self._tuner(tokens.device).decision(self._tune_key(tokens, tokens_per_expert))
+            if decided is not None or self._candidates(tokens, tokens_per_expert):
+                return decided
+        name = choose_backend(
+            kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
+            profile=load_kernel_tables(self.eps_config.cost_profile, tokens.device),
+            beside_copy=self._beside_copy,
+        )
+        if kernel != "auto":
+            self._resolved[key] = name
+        return name
+
+    def run(self, tokens, tokens_per_expert, probs, first_expert) -> torch.Tensor:
+        name = self.resolve(tokens, tokens_per_expert)
+        if name is None:
+            name, out = self._tuner(tokens.device).tune(
+                self._tune_key(tokens, tokens_per_expert), self._candidates(tokens, tokens_per_expert),
+                lambda n: self._run_backend(n, tokens, tokens_per_expert, probs, first_expert),
+            )
+            self.backends_used.append(name)
+            return out
+        self.backends_used.append(name)
+        return self._run_backend(name, tokens, tokens_per_expert, probs, first_expert)
+
+    def _run_backend(self, name, tokens, tokens_per_expert, probs, first_expert):
+        backend = get_backend(name)
+        if not (backend.accepts_strided_rows or tokens.is_contiguous()):
+            tokens = tokens.contiguous()
+        return backend.forward(self.local_experts, tokens, tokens_per_expert, probs, first_expert)
+
+    # ------------------------------------------------------------------ self-calibration
+    # Tests set a timer (e.g. a fake one) to calibrate anywhere; otherwise CUDA events.
+    timer = None
+
+    def _calibrates(self, tokens) -> bool:
+        mode = self.eps_config.kernel_autotune
+        if mode == "off":
+            return False
+        return mode == "on" or tokens.is_cuda or self.timer is not None
+
+    def _candidates(self, tokens, tokens_per_expert):
+        from megatron_eps.experts.selector import calibration_candidates
+
+        profile = load_kernel_tables(self.eps_config.cost_profile, tokens.device)
+        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile,
+                                      tokens_per_expert, self._beside_copy)
+
+    def _tuner(self, device):
+        from megatron_eps.experts.autotune import autotuner_for
+
+        return autotuner_for(device, self.eps_config.kernel_cache, self.timer)
+
+    def _tune_key(self, tokens, tokens_per_expert) -> str:
+        from megatron_eps.experts.autotune import KernelAutotuner
+
+        w = self.local_experts.weights()
+        shape = (w.hidden_size, w.ffn_hidden_size, len(tokens_per_expert))
+        return KernelAutotuner.key(shape, tokens.dtype, tokens_per_expert, self._beside_copy)

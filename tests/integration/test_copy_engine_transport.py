@@ -1,0 +1,233 @@
+"""The copy-engine transport's row arithmetic, checked against brute force in one process.
+
+Every rank of an EP group is simulated with its own buffers (``SimulatedPeers``): the transport
+places, copies and signals exactly as on GPUs, only the copies are tensor assignments and a
+wait on an unset flag raises. The receive area must hold each chunk's rows expert-major (the
+stock dispatcher's order after its regroup), and the return buffer every routed row's expert
+output in send order.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
+from megatron_eps.comm.copy_engine_layout import CopyEngineLayout
+from megatron_eps.pipeline.dispatcher import permute_chunk_major, probs_columns
+from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+
+HIDDEN = 8
+
+
+def random_routing(rng, num_tokens, num_experts, topk, hot_expert=None, empty=()):
+    allowed = [e for e in range(num_experts) if e not in empty]
+    routing = np.zeros((num_tokens, num_experts), dtype=bool)
+    for t in range(num_tokens):
+        if hot_expert is not None:
+            picks = [hot_expert] + list(rng.choice([e for e in allowed if e != hot_expert],
+                                                   topk - 1, replace=False))
+        else:
+            picks = rng.choice(allowed, topk, replace=False)
+        routing[t, picks] = True
+    probs = rng.random((num_tokens, num_experts)).astype(np.float32) * routing
+    return torch.from_numpy(routing), torch.from_numpy(probs)
+
+
+def expert_output(rows, probs):
+    """A stand-in for the experts that depends on every element and on the routing weight."""
+    return rows * 3.0 - 1.0 + probs.unsqueeze(-1)
+
+
+CASES = [
+    # ep, local experts, tokens per rank, topk, chunking, scenario
+    (2, 4, [13, 9], 2, 2, "random"),
+    (2, 4, [0, 11], 2, 3, "zero tokens on a rank"),
+    (3, 3, [7, 20, 5], 3, [1, 2], "uneven chunks"),
+    (4, 2, [16, 0, 9, 12], 2, 2, "empty experts"),
+    (4, 5, [40, 33, 2, 0], 3, 5, "one hot expert"),
+    (2, 8, [64, 64], 4, 1, "one chunk"),
+    (1, 6, [30], 2, 3, "one rank"),
+    (2, 3, [0, 0], 2, 2, "no tokens anywhere"),
+]
+
+
+def case_inputs(ep, local, tokens, topk, scenario):
+    """Every rank's (hidden states [T, H], routing map [T, E], probs [T, E]) and the count
+    matrix for one case of CASES."""
+    rng = np.random.default_rng(hash(scenario) % 2**32)
+    num_experts = ep * local
+    empty = (1, num_experts - 1) if scenario == "empty experts" else ()
+    hot = 0 if scenario == "one hot expert" else None
+    hidden_states, routings, probs = [], [], []
+    for r in range(ep):
+        routing, p = random_routing(rng, tokens[r], num_experts, topk, hot, empty)
+        routings.append(routing)
+        probs.append(p)
+        hidden_states.append(torch.randn(tokens[r], HIDDEN, generator=torch.Generator().manual_seed(r)))
+    counts = np.stack([r.sum(dim=0).numpy() for r in routings]).astype(np.int64)
+    return hidden_states, routings, probs, counts
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenario):
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    sizes = chunk_sizes(local, chunking)
+
+    world = SimulatedPeers(ep)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    layouts, sorted_idx, permuted_probs = [], [], []
+    for _forward in range(2):  # the second forward reuses the buffers and bumps the sequence
+        layouts, sorted_idx, permuted_probs = [], [], []
+        for r in range(ep):
+            layout = ChunkLayout.build(counts, r, local, sizes)
+            num_rows = layout.send_offsets[-1]
+            _, pp, si = permute_chunk_major(hidden_states[r], probs[r], routings[r],
+                                            layout.expert_order, num_rows, gather_tokens=False)
+            columns = probs_columns(hidden_states[r], pp)
+            assert columns
+            transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
+                                torch.device("cpu"))
+            layouts.append(layout)
+            sorted_idx.append(si)
+            permuted_probs.append(pp)
+        for chunk in range(len(sizes)):
+            for r in range(ep):
+                transports[r].place_rows(chunk, hidden_states[r], sorted_idx[r],
+                                         permuted_probs[r], columns)
+            completions = [transports[r].dispatch(chunk) for r in range(ep)]
+            for r in range(ep):
+                completions[r].wait(None)
+                received, no_probs = transports[r].received(chunk)
+                assert no_probs is None  # the weights ride in the rows
+                a, b = layouts[r].expert_ranges[chunk]
+                want_rows, want_probs = [], []
+                for l in range(a, b):  # expert-major, then source rank, then token
+                    expert = r * local + l
+                    for s in range(ep):
+                        tokens_s = torch.nonzero(routings[s][:, expert]).flatten()
+                        want_rows.append(hidden_states[s][tokens_s])
+                        want_probs.append(probs[s][tokens_s, expert])
+                want_rows = torch.cat(want_rows) if want_rows else torch.zeros(0, HIDDEN)
+                want_probs = torch.cat(want_probs) if want_probs else torch.zeros(0)
+                assert received.shape[0] == sum(layouts[r].tokens_per_expert[chunk])
+                assert torch.equal(received[:, :HIDDEN], want_rows)
+                got_probs = received[:, HIDDEN:HIDDEN + 1].contiguous().view(torch.float32)[:, 0]
+                assert torch.equal(got_probs, want_probs)
+                transports[r].hand_back(chunk, expert_output(received[:, :HIDDEN], got_probs))
+            finals = [transports[r].combine(chunk) for r in range(ep)]
+        for r in range(ep):
+            finals[r].wait(None)
+            combined = transports[r].combined_rows()
+            want = expert_output(hidden_states[r][sorted_idx[r]], permuted_probs[r])
+            assert torch.equal(combined, want), scenario
+            transports[r].end()
+
+
+def test_rank_own_rows_are_never_copied():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 20, size=(2, 8))
+    for rank in range(2):
+        plan = CopyEngineLayout.build(counts, rank, [(0, 2), (2, 4)])
+        assert all(rank not in chunk for chunk in plan.dispatch)  # no dispatch copy to itself
+        local_rows = plan.piece_sizes[plan.piece_is_local].sum()
+        assert local_rows == counts[rank, rank * 4:(rank + 1) * 4].sum()
+        assert plan.recv_capacity == max(counts[:, r * 4:(r + 1) * 4].sum() for r in range(2))
+        assert plan.return_capacity == counts.sum(axis=1).max()
+        # every remote row is staged exactly once
+        staged = sum(c.total_rows for chunk in plan.dispatch for c in chunk.values())
+        assert staged == plan.piece_sizes[~plan.piece_is_local].sum() == counts[rank].sum() - local_rows
+
+
+def test_missing_signal_is_detected():
+    world = SimulatedPeers(2)
+    memory = world.memory(0)
+    with pytest.raises(RuntimeError, match="waits for flag"):
+        memory.wait(1, 0, 1, None)
+    world.memory(1).signal(0, 0, 1)
+    memory.wait(1, 0, 1, None)
+
+
+def test_explicit_copy_engine_where_it_cannot_work_is_one_clear_error(monkeypatch):
+    from megatron_eps.comm import selection
+    from megatron_eps.config import EPSConfigError
+
+    monkeypatch.setattr(selection.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EPSConfigError, match="transport='copy_engine'.*no CUDA device.*auto.*nccl"):
+        selection.check_transport_setting("copy_engine", None, 2)
+    selection.check_transport_setting("copy_engine", None, 1)  # nothing travels at EP 1
+    selection.check_transport_setting("auto", None, 2)  # auto falls back instead
+    assert "CUDA" in selection.copy_engine_blocker(None)
+
+
+def _agree(transport):
+    import torch.distributed as dist
+
+    from megatron_eps.comm.selection import agree_on_copy_engine
+    from megatron_eps.config import EPSConfigError
+
+    try:
+        return ("usable", agree_on_copy_engine(dist.group.WORLD, torch.device("cpu"), transport))
+    except EPSConfigError as exc:
+        return ("error", str(exc))
+
+
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_ranks_agree_on_the_transport_before_using_it():
+    """On CPU ranks no rank can use the copy engines: auto falls back to nccl on every rank;
+    an explicit copy_engine is one clear error on every rank (nobody is left in a collective)."""
+    from megatron_eps.testing import run_distributed
+
+    auto = run_distributed(_agree, 2, "auto")
+    assert auto == [("usable", False), ("usable", False)]
+    explicit = run_distributed(_agree, 2, "copy_engine")
+    assert all(kind == "error" and "transport='copy_engine'" in msg and "nccl" in msg
+               for kind, msg in explicit), explicit
+
+
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenario):
+    """The deduplicated scheme over simulated peers: each chunk's receive area holds, by source
+    rank then token, every token with an expert of the chunk here (once), and after the
+    pre-reduced combine each token's rows sum to its weighted expert outputs."""
+    from megatron_eps.comm import dedup_rows
+    from megatron_eps.comm.dedup_layout import DedupChunkLayout
+
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    ranges = np.stack([dedup_rows.range_unique_counts(r, ep).numpy() for r in routings])
+    sizes = chunk_sizes(local, chunking)
+    world = SimulatedPeers(ep)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    layouts = [DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
+                                           ranges, topk, torch.float32) for r in range(ep)]
+    width = HIDDEN + dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
+    owners = [[] for _ in range(ep)]
+    for r in range(ep):
+        transports[r].begin(layouts[r], counts, width, HIDDEN, torch.float32, torch.device("cpu"))
+    for chunk in range(len(sizes)):
+        for r in range(ep):
+            owners[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
+                                                             routings[r]))
+        completions = [transports[r].dispatch(chunk) for r in range(ep)]
+        for r in range(ep):
+            completions[r].wait(None)
+            received, _ = transports[r].received(chunk)
+            a, b = layouts[r].expert_ranges[chunk]
+            experts = slice(r * local + a, r * local + b)
+            want = torch.cat([hidden_states[s][routings[s][:, experts].any(dim=1)]
+                              for s in range(ep)])
+            assert torch.equal(received[:, :HIDDEN], want), scenario
+            x, p, pair_row = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
+                                                    layouts[r].pair_rows(chunk), torch.float32)
+            table = dedup_rows.slot_table(pair_row, received.shape[0], layouts[r].slots)
+            sums = dedup_rows.sum_slots(x * p.unsqueeze(1), table, torch.float32)
+            transports[r].hand_back(chunk, sums)
+        finals = [transports[r].combine(chunk) for r in range(ep)]
+    for r in range(ep):
+        finals[r].wait(None)
+        owner = torch.cat(owners[r])
+        table = dedup_rows.slot_table(owner, tokens[r], layouts[r].return_slots)
+        out = dedup_rows.sum_slots(transports[r].combined_rows(), table, torch.float64)
+        want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        transports[r].end()

@@ -1,0 +1,228 @@
+"""Deduplicated dispatch and pre-reduced combine (``dispatch_dedup``): the rows against brute
+force, the layout's sizes and byte counts against traffic.routed_traffic, and whole layers
+against stock Megatron and a float64 reference on 1, 2 and 4 CPU ranks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eps import EPSConfig
+from megatron_eps.comm import dedup_rows
+from megatron_eps.comm.dedup_layout import DedupChunkLayout
+from megatron_eps.comm.traffic import routed_traffic
+from megatron_eps.config import EPSConfigError
+from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
+from tests.integration import eps_cases
+from tests.integration.test_eps_equivalence import _check
+from tests.marks import ranks
+
+
+def random_routing(num_tokens, num_experts, topk, seed, hot=None):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    if hot is not None:
+        scores[:, hot] += 10.0
+    chosen = scores.topk(topk, dim=1).indices
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter_(1, chosen, True)
+    probs = torch.rand(num_tokens, num_experts, generator=gen) * routing_map
+    return routing_map, probs
+
+
+def group_layouts(maps, ep_size, chunking, topk):
+    """Every rank's (pair layout, dedup layout) from every rank's routing map."""
+    local = maps[0].shape[1] // ep_size
+    counts = np.stack([m.sum(dim=0).numpy() for m in maps])
+    ranges = np.stack([dedup_rows.range_unique_counts(m, ep_size).numpy() for m in maps])
+    out = []
+    for rank in range(ep_size):
+        pairs = ChunkLayout.build(counts, rank, local, chunking)
+        out.append((pairs, DedupChunkLayout.from_pairs(pairs, counts, ranges, topk)))
+    return out
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+def test_range_unique_counts_brute_force(tokens):
+    routing_map, _ = random_routing(tokens, 24, 5, seed=tokens)
+    table = dedup_rows.range_unique_counts(routing_map, 3)
+    per_rank = routing_map.reshape(tokens, 3, 8)
+    for d in range(3):
+        for a in range(8):
+            for b in range(a + 1, 9):
+                assert table[d, a, b] == int(per_rank[:, d, a:b].any(dim=1).sum())
+
+
+@pytest.mark.parametrize("ep_size,chunking,hot", [(2, 1, None), (2, 3, 5), (4, (1, 2, 1), None),
+                                                  (1, 2, None)])
+def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
+    """Place -> (all-to-all simulated by slicing) -> expand -> pre-reduce -> final sum equals the
+    float64 sum of each token's prob-weighted rows; the expanded rows are Megatron's order."""
+    num_experts, topk, hidden = 16, 4, 8
+    lengths = [9, 0, 5, 13][:ep_size] if ep_size > 1 else [11]
+    maps, probs, tokens = [], [], []
+    for rank, length in enumerate(lengths):
+        m, p = random_routing(length, num_experts, topk, seed=rank + 3, hot=hot)
+        maps.append(m)
+        probs.append(p)
+        tokens.append(torch.randn(length, hidden, generator=torch.Generator().manual_seed(rank)))
+    layouts = group_layouts(maps, ep_size, chunking, topk)
+    dedup = [d for _, d in layouts]
+    width = hidden + dedup_rows.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
+    sent, owners = [], []
+    for rank in range(ep_size):
+        lay = dedup[rank]
+        send = torch.zeros(lay.send_offsets[-1], width)
+        owners.append([dedup_rows.place_unique_rows(
+            tokens[rank], probs[rank], maps[rank], ep_size, lay.expert_ranges[g],
+            send[lay.send_offsets[g]:lay.send_offsets[g + 1]], lay.slots)
+            for g in range(lay.num_chunks)])
+        sent.append(send)
+    returned = [torch.zeros(d.send_offsets[-1], hidden, dtype=torch.float64) for d in dedup]
+    local = num_experts // ep_size
+    for me in range(ep_size):
+        lay = dedup[me]
+        for g, (a, b) in enumerate(lay.expert_ranges):
+            pieces, where = [], []
+            for src in range(ep_size):
+                first = dedup[src].send_offsets[g] + sum(dedup[src].send_splits[g][:me])
+                pieces.append(sent[src][first:first + dedup[src].send_splits[g][me]])
+                where.append(first)
+            received = torch.cat(pieces)
+            x, p, pair_row = dedup_rows.expand_rows(
+                received, hidden, lay.slots, b - a, lay.pair_rows(g), torch.float32)
+            # Megatron's order: by expert, then source rank, then token.
+            expected_rows = []
+            for e in range(a, b):
+                for src in range(ep_size):
+                    mask = maps[src][:, me * local + e]
+                    expected_rows.append(tokens[src][mask])
+            assert torch.equal(x, torch.cat(expected_rows))
+            out = (x.double() * p.double().unsqueeze(1))
+            table = dedup_rows.slot_table(pair_row, received.shape[0], lay.slots)
+            sums = dedup_rows.sum_slots(out, table, torch.float64)
+            start = 0
+            for src in range(ep_size):
+                n = dedup[src].send_splits[g][me]
+                returned[src][where[src]:where[src] + n] = sums[start:start + n]
+                start += n
+    for rank in range(ep_size):
+        owner = torch.cat(owners[rank])
+        table = dedup_rows.slot_table(owner, lengths[rank], dedup[rank].return_slots)
+        result = dedup_rows.sum_slots(returned[rank], table, torch.float64)
+        # probs are zero off the routing map: each token's weighted rows sum to this
+        expected = probs[rank].double().sum(dim=1, keepdim=True) * tokens[rank].double()
+        torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("ep_size", [2, 4, 8])
+def test_layout_bytes_match_routed_traffic(ep_size):
+    num_experts, topk = 8 * ep_size, 6
+    maps = [random_routing(n, num_experts, topk, seed=n)[0] for n in (50, 0, 31, 7, 64, 3, 9, 20)[:ep_size]]
+    for chunking in (1, 3, chunk_sizes(8, 4, "tail")):
+        layouts = group_layouts(maps, ep_size, chunking, topk)
+        for rank, (pairs, dedup) in enumerate(layouts):
+            traffic = routed_traffic(maps[rank], ep_size, rank, pairs.expert_ranges)
+            pb, db = pairs.bytes_sent(10, 7), dedup.bytes_sent(10, 7)
+            assert pb.dispatch_remote == traffic.per_pair_remote * 10
+            assert pb.dispatch_local == traffic.per_pair_local * 10
+            assert db.dispatch_remote == traffic.per_rank_remote * 10
+            assert db.dispatch_local == traffic.per_rank_local * 10
+            assert db.remote <= pb.remote * 10 / 7
+        # What the group sends is what it receives, in both schemes and directions.
+        for which in (0, 1):
+            sent = sum(sum(map(sum, lay[which].send_splits)) for lay in layouts)
+            received = sum(sum(map(sum, lay[which].recv_splits)) for lay in layouts)
+            assert sent == received
+
+
+def test_more_chunks_save_less():
+    maps = [random_routing(200, 32, 6, seed=s)[0] for s in range(2)]
+    remote = [sum(d.bytes_sent(1, 1).remote for _, d in group_layouts(maps, 2, n, 6))
+              for n in (1, 2, 4, 16)]
+    assert remote == sorted(remote) and remote[0] < remote[-1]
+
+
+def test_dispatch_dedup_setting_is_checked():
+    assert EPSConfig().dispatch_dedup == "off"
+    assert EPSConfig().dedup_combine_dtype == "model"
+    with pytest.raises(EPSConfigError, match="dispatch_dedup.*off, on, auto"):
+        EPSConfig(dispatch_dedup="yes")
+    with pytest.raises(EPSConfigError, match="dedup_combine_dtype.*model, fp32"):
+        EPSConfig(dedup_combine_dtype="bf16")
+
+
+def test_cost_model_counts_unique_rows():
+    from megatron_eps.policy.cost_model import LayerShape, chunk_comm_times
+    from megatron_eps.policy.profile import PipelineProfile
+
+    maps = [random_routing(300, 32, 6, seed=s)[0] for s in range(2)]
+    counts = np.stack([m.sum(dim=0).numpy() for m in maps])
+    ranges = np.stack([dedup_rows.range_unique_counts(m, 2).numpy() for m in maps])
+    shape = LayerShape(num_local_experts=16, hidden_size=1024, ffn_hidden_size=512, topk=6,
+                       ep_size=2)
+    profile = PipelineProfile(link_bandwidth_gbps=10.0, link_latency_us=0.0,
+                              chunk_overhead_us=0.0, expert_tflops=1.0)
+    pair = sum(chunk_comm_times(counts, shape, profile, 1)[1])
+    unique = [sum(chunk_comm_times(counts, shape, profile, n, ranges)[1]) for n in (1, 4, 16)]
+    assert unique[0] < pair / 2
+    assert unique == sorted(unique) and unique[0] < unique[-1]
+    # fp32 partial sums (dedup_combine_dtype: fp32) double the bf16 combine's bytes
+    fp32 = sum(chunk_comm_times(counts, shape, profile, 1, ranges, partial_sum_bytes=4)[1])
+    assert fp32 == pytest.approx(2 * unique[0])
+
+
+@pytest.mark.parametrize("world", ranks(1, 2, 4))
+def test_dedup_equals_stock_fp32(world):
+    skip_unless_ranks_fit(world)
+    results = run_distributed(eps_cases.run_equivalence, world, world, "fp32", "megatron",
+                              10_000, "auto", "on")
+    _check(results, "fp32")
+    assert all(r["dedup"] for rank in results for r in rank)
+    if world > 1:
+        assert any(r["bytes_sent"]["remote"] < r["pair_bytes_sent"]["remote"]
+                   for r in results[0])
+
+
+@pytest.mark.parametrize("world", ranks(2, 4))
+def test_dedup_equals_stock_bf16(world):
+    skip_unless_ranks_fit(world)
+    results = run_distributed(eps_cases.run_equivalence, world, world, "bf16", "megatron",
+                              10_000, "auto", "on")
+    _check(results, "bf16")
+
+
+@pytest.mark.parametrize("world", ranks(1, 2, 4))
+def test_dedup_accuracy_vs_float64(world):
+    """fp32 partial sums: the error vs float64 is not above stock's in any case; the model-dtype
+    partials (bf16) add at most 1% to it over the grid; repeated forwards are bit-identical."""
+    skip_unless_ranks_fit(world)
+    rows = [r for rank in run_distributed(eps_cases.run_dedup_accuracy, world, world, 10_000)
+            for r in rank]
+    assert rows and all(r["dedup_used"] and r["deterministic"] for r in rows)
+    for r in rows:
+        assert math.sqrt(r["dedup_fp32"]) <= math.sqrt(r["stock"]) * (1 + 1e-6) + 1e-12, r
+        assert r["pairs"] <= r["stock"] * (1 + 1e-6) + 1e-24, r
+    total = {k: math.sqrt(sum(r[k] for r in rows)) for k in ("stock", "dedup_bf16")}
+    assert total["dedup_bf16"] <= total["stock"] * 1.01, total
+
+
+@pytest.mark.parametrize("world", ranks(1, 2))
+def test_dedup_dispatcher_roundtrip_returns_input(world):
+    skip_unless_ranks_fit(world)
+    results = run_distributed(eps_cases.run_dispatcher_roundtrip, world, world, "on")
+    for rank_results in results:
+        for path, experts, topk, degree, err, chunks in rank_results:
+            assert err <= 1e-6, (path, experts, topk, degree, err)
+
+
+def test_auto_dedups_only_when_it_saves_remote_bytes():
+    """Top-6 of 32 at EP=2 saves most remote rows; top-1 saves none (the packed indices make
+    each row larger); with no remote rows (EP=1) there is nothing to save. The answer reads only
+    gathered numbers, so every rank gives the same one."""
+    for topk, ep_size, expected in ((6, 2, True), (1, 2, False), (6, 1, False)):
+        maps = [random_routing(n, 32, topk, seed=n)[0] for n in (40, 0, 17)[:ep_size]]
+        answers = {d.saves_remote_bytes(10 + 48, 10 + 16, 10, 10)
+                   for _, d in group_layouts(maps, ep_size, 1, topk)}
+        assert answers == {expected}, (topk, ep_size, answers)

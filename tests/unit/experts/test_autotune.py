@@ -1,0 +1,198 @@
+"""Self-calibration of expert_kernel auto: the cache file, the decisions, and the ranks' agreement
+on the pipeline degree when their caches differ (CPU, with a fake timer)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from megatron_eps.experts import autotune
+from megatron_eps.experts.autotune import KernelAutotuner, load_bucket
+from megatron_eps.testing import run_distributed
+
+
+def _fake_timer(table):
+    """A timer that says ``table[name](bucket)`` seconds for each backend and runs it."""
+
+    def timer(fn, label):
+        return table[label](), fn()
+
+    return timer
+
+
+def test_buckets_are_coarse():
+    assert load_bucket([100, 100, 100]) == load_bucket([110, 95, 100])
+    assert load_bucket([100] * 4) != load_bucket([400] * 4)
+    assert load_bucket([100, 100, 100, 100])[1] == 0
+    assert load_bucket([400, 0, 0, 0])[1] == 2
+    assert load_bucket([0, 0]) == (-1, 0)
+
+
+def test_a_call_beside_a_transfer_is_its_own_bucket(tmp_path):
+    counts = [10, 12, 9, 11]
+    alone = KernelAutotuner.key((64, 32, 4), torch.bfloat16, counts)
+    beside = KernelAutotuner.key((64, 32, 4), torch.bfloat16, counts, beside_copy=True)
+    assert alone != beside
+    tuner = KernelAutotuner(str(tmp_path / "k.json"), "GPU A",
+                            _fake_timer({"dense": lambda: 2.0, "grouped": lambda: 1.0}))
+    tuner.tune(alone, ["dense", "grouped"], lambda name: torch.zeros(1))
+    assert tuner.decision(alone) == "grouped" and tuner.decision(beside) is None
+    assert tuner.tuning_seconds > 0
+
+
+def test_cache_round_trip_and_keying(tmp_path):
+    path = str(tmp_path / "k.json")
+    tuner = KernelAutotuner(path, "GPU A", _fake_timer({"dense": lambda: 2.0, "grouped": lambda: 1.0}))
+    key = KernelAutotuner.key((64, 32, 4), torch.bfloat16, [10, 12, 9, 11])
+    winner, out = tuner.tune(key, ["dense", "grouped"], lambda name: torch.full((2,), len(name)))
+    assert winner == "grouped" and torch.equal(out, torch.full((2,), 7))
+    assert tuner.timed_calls == 2
+    again = KernelAutotuner(path, "GPU A", _fake_timer({}))
+    assert again.decision(key) == "grouped"
+    assert again.decision(KernelAutotuner.key((64, 32, 4), torch.float16, [10, 12, 9, 11])) is None
+    data = json.load(open(path))
+    assert data["device"] == "GPU A" and data["decisions"][key]["times_us"] == {"dense": 2e6, "grouped": 1e6}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "FOREIGN_DEVICE", "OLD_VERSIONS"])
+def test_corrupt_or_foreign_cache_warns_and_starts_afresh(tmp_path, caplog, content):
+    path = tmp_path / "k.json"
+    good = KernelAutotuner(str(path), "GPU A", _fake_timer({"dense": lambda: 1.0}))
+    key = KernelAutotuner.key((8, 8, 1), torch.float32, [5])
+    good.tune(key, ["dense"], lambda name: torch.zeros(1))
+    if content == "FOREIGN_DEVICE":
+        data = json.load(open(path)); data["device"] = "GPU B"; path.write_text(json.dumps(data))
+    elif content == "OLD_VERSIONS":
+        data = json.load(open(path)); data["versions"]["torch"] = "0.0"; path.write_text(json.dumps(data))
+    else:
+        path.write_text(content)
+    with caplog.at_level(logging.WARNING):
+        fresh = KernelAutotuner(str(path), "GPU A", _fake_timer({"dense": lambda: 1.0}))
+    assert fresh.decision(key) is None
+    assert "calibrating afresh" in caplog.text
+    fresh.tune(key, ["dense"], lambda name: torch.zeros(1))  # and it can write again
+    assert KernelAutotuner(str(path), "GPU A", _fake_timer({})).decision(key) == "dense"
+
+
+@pytest.mark.slow
+def test_runner_calibrates_each_bucket_once_and_each_backend_can_win(tmp_path):
+    """An EPS layer on CPU with self-calibration on and a timer under which dense wins light
+    loads and grouped heavy ones: each bucket is timed once, then looked up."""
+    results = run_distributed(_calibrating_rank, 1, str(tmp_path / "cache.json"), None)
+    (used_light, used_heavy, timed_first, timed_again, rel) = results[0]
+    assert used_light == {"dense"} and used_heavy == {"grouped"}
+    assert timed_first == 4 and timed_again == 4  # 2 buckets x 2 backends, then lookups only
+    assert rel <= 1e-5
+
+
+def _calibrating_rank(cache, _unused):
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    try:
+        config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
+        stock, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
+                                                      pipeline_degree=1))
+        state = {}
+
+        def timer(fn, label):
+            rows = state["rows"]
+            light = rows < 200
+            return (1.0 if (label == "dense") == light else 2.0), fn()
+
+        eps.expert_runner.timer = timer
+        used = []
+        with torch.no_grad():
+            for tokens in (40, 800, 40, 800):
+                state["rows"] = tokens * 2 // 4  # mean rows per expert
+                x = torch.randn(tokens, 1, 32)
+                out, _ = eps(x)
+                used.append(set(eps.last_expert_backends))
+                if tokens == 800 and len(used) == 2:
+                    timed_first = autotune.autotuner_for(torch.device("cpu"), cache).timed_calls
+            ref, _ = stock(x)
+        tuner = autotune.autotuner_for(torch.device("cpu"), cache)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        return used[0], used[1], timed_first, tuner.timed_calls, rel
+    finally:
+        Utils.destroy_model_parallel()
+
+
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_ranks_with_different_caches_pick_the_same_chunks(tmp_path):
+    """The kernel choice is per rank; the pipeline degree comes from data every rank shares.
+    Two ranks whose caches name different winners still chunk identically and match stock."""
+    profile = tmp_path / "pipeline.json"
+    profile.write_text(json.dumps({"pipeline": {
+        "link_bandwidth_gbps": 0.05, "link_latency_us": 5.0, "chunk_overhead_us": 1.0,
+        "expert_tflops": 0.001}}))
+    results = run_distributed(_rank_with_own_cache, 2, str(tmp_path), str(profile))
+    chunks = [r["chunks"] for r in results]
+    assert chunks[0] == chunks[1] and len(chunks[0]) > 1, chunks
+    assert results[0]["kernels"] == {"dense"} and results[1]["kernels"] == {"grouped"}
+    assert all(r["rel_err"] <= 1e-5 for r in results), results
+
+
+def _rank_with_own_cache(folder, profile):
+    import torch.distributed as dist
+
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    rank = dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
+    try:
+        cache = f"{folder}/cache{rank}.json"
+        config = moe_config(num_experts=8, topk=2, hidden_size=32, ffn_hidden_size=16, ep_size=2)
+        stock, eps = build_moe_pair(config, EPSConfig(
+            kernel_autotune="on", kernel_cache=cache, cost_profile=profile,
+            min_tokens_to_pipeline=0))
+        winner = "dense" if rank == 0 else "grouped"
+        eps.expert_runner.timer = lambda fn, label: (1.0 if label == winner else 2.0, fn())
+        x = torch.randn(48, 1, 32, generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            out, _ = eps(x)
+            ref, _ = stock(x)
+        record = eps.token_dispatcher.last_record
+        return {"chunks": list(record.experts_per_chunk), "kernels": set(eps.last_expert_backends),
+                "rel_err": ((out - ref).norm() / ref.norm()).item()}
+    finally:
+        Utils.destroy_model_parallel()
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibration_on_the_gpu_times_real_backends(tmp_path):
+    results = run_distributed(_calibrating_gpu_rank, 1, str(tmp_path / "cache.json"))
+    decisions, rel = results[0]
+    assert decisions and all(d["winner"] in d["times_us"] for d in decisions.values())
+    assert all(len(d["times_us"]) >= 2 for d in decisions.values())
+    assert rel <= 1e-2
+
+
+def _calibrating_gpu_rank(cache):
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    try:
+        config = moe_config(num_experts=8, topk=2, hidden_size=256, ffn_hidden_size=128,
+                            dtype=torch.bfloat16)
+        stock, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
+                                                      pipeline_degree=2, min_tokens_to_pipeline=0))
+        x = torch.randn(512, 1, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eps(x)
+            out, _ = eps(x)
+            ref, _ = stock(x)
+        rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        return json.load(open(cache))["decisions"], rel
+    finally:
+        Utils.destroy_model_parallel()

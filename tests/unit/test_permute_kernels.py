@@ -1,0 +1,67 @@
+"""The permutation kernels against brute force (CPU: the torch path; GPU: the Triton kernels)."""
+
+import pytest
+import torch
+
+from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, sum_expert_rows
+
+
+def _devices():
+    gpu = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+    return ["cpu", gpu]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,columns", [(40, 0), (40, 8), (5120, 8), (3000, 4)])
+def test_scatter_routed_rows(device, dtype, hidden, columns):
+    if dtype == torch.float32 and columns:
+        columns = 4  # 16 bytes of fp32
+    gen = torch.Generator().manual_seed(hidden + columns)
+    tokens = torch.randn(37, hidden, generator=gen).to(device=device, dtype=dtype)
+    num = 90
+    token_index = torch.randint(0, 37, (num,), generator=gen).to(device)
+    probs = torch.rand(num, generator=gen).to(device)
+    width = hidden + columns
+    # identity rows
+    out = torch.full((num, width), float("nan"), dtype=dtype, device=device)
+    scatter_routed_rows(tokens, token_index, probs, out, columns)
+    assert torch.equal(out[:, :hidden], tokens[token_index])
+    if columns:
+        got = out[:, hidden:hidden + (1 if dtype == torch.float32 else 2)]
+        assert torch.equal(got.contiguous().view(torch.float32)[:, 0], probs)
+    # scattered rows into a larger buffer; untouched rows keep their contents
+    dst = torch.randperm(200, generator=gen)[:num].to(device)
+    big = torch.full((200, width), 7.0, dtype=dtype, device=device)
+    scatter_routed_rows(tokens, token_index, probs, big, columns, dst_rows=dst)
+    assert torch.equal(big[dst, :hidden], tokens[token_index])
+    untouched = torch.ones(200, dtype=torch.bool, device=device)
+    untouched[dst] = False
+    assert bool((big[untouched] == 7.0).all())
+    if columns:
+        got = big[dst][:, hidden:hidden + (1 if dtype == torch.float32 else 2)]
+        assert torch.equal(got.contiguous().view(torch.float32)[:, 0], probs)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("topk,shared", [(1, False), (2, True), (6, True), (6, False)])
+def test_sum_expert_rows(device, dtype, topk, shared):
+    gen = torch.Generator().manual_seed(topk)
+    num_tokens, hidden = 33, 300
+    rows = torch.randn(num_tokens * topk, hidden, generator=gen, dtype=torch.float64)
+    token_of_row = torch.randperm(num_tokens * topk, generator=gen) % num_tokens
+    shared_out = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
+    rows_d = rows.to(device=device, dtype=dtype)
+    shared_d = shared_out.to(device=device, dtype=dtype) if shared else None
+    got = sum_expert_rows(rows_d, token_of_row.to(device), num_tokens, shared_d)
+    # float64 reference from the rounded inputs
+    want = torch.zeros(num_tokens, hidden, dtype=torch.float64)
+    want.index_add_(0, token_of_row, rows_d.double().cpu())
+    if shared:
+        want = want.to(dtype).double() + shared_d.double().cpu()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert got.dtype == dtype
+    assert torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)
+    assert sum_expert_rows(rows_d[:0], token_of_row[:0].to(device), 0).shape == (0, hidden)
