@@ -103,7 +103,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_autotune_overhead.py times GPU first forwards; no CUDA device here")
     from megatron_eps.experts import calibrate as cal
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.calibrate.provenance import git_commit, write_result
 
     results = []
     with tempfile.TemporaryDirectory() as root:
@@ -132,11 +132,7 @@ def main(argv=None):
               "git_commit": args.git_commit or git_commit(), "device": cal.device_info(device),
               "versions": cal.versions(), "shape": {k: getattr(args, k) for k in ("layers", "tokens", "hidden", "ffn", "experts", "topk")},
               "modes": results}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

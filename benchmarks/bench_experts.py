@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eps.experts import calibrate as cal  # noqa: E402
 from megatron_eps.experts.autotune import TIMED_RUNS  # noqa: E402
+from megatron_eps.calibrate.provenance import write_result  # noqa: E402
 from megatron_eps.experts import selector  # noqa: E402
 from megatron_eps.experts.base import get_backend  # noqa: E402
 from megatron_eps.experts.reference import relative_error  # noqa: E402
@@ -332,11 +333,7 @@ def main(argv=None):
         "wall_seconds": time.time() - started,
     }
     print(json.dumps(summary, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

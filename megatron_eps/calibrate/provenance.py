@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,13 @@ def provenance(device_name: str, **what) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **what,
     )
+
+
+def write_result(path: Optional[str], result: dict) -> None:
+    """Write a benchmark's JSON result to ``path`` (folders made as needed); None: nothing."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
