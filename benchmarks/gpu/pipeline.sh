@@ -1,17 +1,11 @@
-#!/usr/bin/env bash
-# GPU check + benchmark of the pipeline (issue 4), one call of the device tool on one H100/H200,
-# megatron-core 0.19.x carried as a wheel in .whl/. Writes under $OUT:
+# Sourced by benchmarks/gpu.sh pipeline (one GPU):
+# Writes under $OUT (megatron-core carried as a wheel in .whl/; NCCL multicast off):
 #   pipeline_pytest.log       the tests marked gpu
 #   bench_pipeline.json       all points, calibration, targets (benchmarks/bench_pipeline.py)
 #   bench.log                 its console output (table at the end)
 #   trace_dsv2.json / .png    Chrome trace and two-stream timeline of one layer
 #   <gpu slug>.json           megatron-eps-calibrate pipeline (DSV2 shape) for megatron_eps/profiles/
 # EPS_GIT_COMMIT: the commit of the tree (the device copy is not a git repository).
-set -uo pipefail
-OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu_state.txt"
 timeout "${PYTEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests -m gpu 2>&1 | tee "$OUT/pipeline_pytest.log" | tail -25
 timeout "${BENCH_TIMEOUT:-290}" python3 benchmarks/bench_pipeline.py --out "$OUT/bench_pipeline.json" \
   --trace "$OUT/trace_dsv2.json" --commit "${EPS_GIT_COMMIT:-unknown}" \

@@ -1,5 +1,4 @@
-#!/usr/bin/env bash
-# Issue 11 on nvidia-h200 (one GPU; one device call, every step can be switched off):
+# Sourced by benchmarks/gpu.sh kernels (one GPU; every step can be switched off):
 #   1. TESTS:     GPU tests of the expert kernels (bf16 vs float64) and self-calibration (marker gpu)
 #   2. TUNE:      Triton tile sweep at weight-bound loads (TUNE_SHAPES, TUNE_LOADS)
 #   3. CALIBRATE: megatron-eps-calibrate on the shipped shapes, alone and beside a copy-engine
@@ -8,15 +7,8 @@
 #                 no profile (BENCH_PROFILE: the profile to use; default the one just written)
 #   5. OVERHEAD:  bench_autotune_overhead.py: first forward of a 27-layer stack with and without
 #                 self-calibration
-set -uo pipefail
-OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/megatron_core*.whl 2>/dev/null
-export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
 # Self-calibration caches must not leak between steps or survive from an earlier call.
 export MEGATRON_EPS_KERNEL_CACHE="$OUT/.kernel_cache.json"
-SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 if [ "${TESTS:-1}" = "1" ]; then
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/unit/experts \
     tests/unit/test_permute_kernels.py -m gpu 2>&1 | tail -4 | tee "$OUT/h200_pytest.log"
@@ -28,7 +20,7 @@ if [ "${TUNE:-1}" = "1" ]; then
 fi
 PROFILE="$OUT/experts_$SLUG.json"
 if [ "${CALIBRATE:-1}" = "1" ]; then
-  timeout "${CAL_TIMEOUT:-300}" python3 -m megatron_eps.experts.calibrate --shape 5120,1536,20 --shape 5120,1536,80 \
+  timeout "${CAL_TIMEOUT:-300}" python3 -m megatron_eps.calibrate kernels --shape 5120,1536,20 --shape 5120,1536,80 \
     --shape 2048,1408,64 --shape 4096,14336,4 --target-ms "${TARGET_MS:-10}" --beside-copy --no-progress \
     --out "$PROFILE" 2>&1 | grep -v -i warn | tail -3
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('beside-copy check:', d['beside_copy'])" "$PROFILE"

@@ -1,20 +1,11 @@
-#!/usr/bin/env bash
-# Issue 6: everything that needs several GPUs, in one device call on an nvidia-h200-x{2,4,8}
-# machine (megatron-core 0.19.x + pytest carried in .whl/). NCCL multicast stays off.
+# Sourced by benchmarks/gpu.sh multigpu (EP = #GPUs over NCCL):
+# Writes under $OUT (megatron-core carried as a wheel in .whl/; NCCL multicast off):
 #   1. EPS-vs-stock equivalence tests at EP = 2 and 4 (and every world size <= #GPUs) over NCCL
 #   2. the real all-to-all link: latency/bandwidth fit, merged into a copy of the pipeline profile
 #   3. one MoE layer over real NCCL: stock vs EPS (N fixed, auto), DSV2 and Mixtral shapes
 #   4. the prefill benchmark at EP = #GPUs, stock vs --eps-moe
-set -uo pipefail
-OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
-NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $NGPU GPUs"; nvidia-smi topo -m 2>/dev/null | head -12
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests -m multigpu -k "not fp32" 2>&1 | tee "$OUT/multigpu_pytest.log" | tail -5
-SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 PROFILE="$OUT/$SLUG.ep$NGPU.json"
 cp "megatron_eps/profiles/$SLUG.json" "$PROFILE" 2>/dev/null || cp megatron_eps/profiles/nvidia_h100_80gb_hbm3.json "$PROFILE"
 timeout 120 torchrun --standalone --nproc-per-node "$NGPU" -m megatron_eps.calibrate link \

@@ -1,5 +1,4 @@
-#!/usr/bin/env bash
-# Issue 15 on nvidia-h200-x2 (one device call; every step can be switched off):
+# Sourced by benchmarks/gpu.sh transport (several GPUs of one node; every step can be switched off):
 #   1. TESTS:     the tests marked gpu or multigpu (both transports' equivalence at EP=2, the
 #                 bf16 equivalence grid over NCCL, the permutation kernels, ranks agreeing)
 #   2. CALIBRATE: megatron-eps-calibrate link: each transport's link and overlap beside a
@@ -10,14 +9,6 @@
 # BENCH_ARGS / PREFILL_ARGS add flags; BENCH_PROFILE names a profile (default: the shipped one).
 # The whole script takes ~12 min on x2; the device allows 10 min a call, so split it, e.g.
 #   CALIBRATE=0 PREFILL=0 ...   then   TESTS=0 CALIBRATE=0 BENCH=0 SOAK=0 ...
-set -uo pipefail
-OUT="${OUT:-/tmp/eps_out}"; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/megatron_core*.whl 2>/dev/null
-export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-unknown}"
-NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-SLUG=$(python3 -c 'from megatron_eps.policy.profile import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name(0)))')
 if [ "${TESTS:-1}" = "1" ]; then
   timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider tests \
     -m "${TEST_MARK:-multigpu or gpu}" -k "${TEST_K:-not fp32}" 2>&1 | tee "$OUT/x2_pytest.log" | tail -8
