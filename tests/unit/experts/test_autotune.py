@@ -196,3 +196,41 @@ def _calibrating_gpu_rank(cache):
         return json.load(open(cache))["decisions"], rel
     finally:
         Utils.destroy_model_parallel()
+
+
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_a_pipelined_forward_calibrates_for_the_condition_beside_a_transfer(tmp_path):
+    """Over a link, a forward of several chunks times its kernels in buckets of their own
+    ("beside_copy"); one chunk, or no link, in the plain buckets."""
+    keys = run_distributed(_keys_of_rank, 2, str(tmp_path), None)
+    for rank_keys in keys:
+        assert rank_keys["chunks"] == {2: 2, 1: 1}
+        assert rank_keys[2] and all(k.endswith("/beside_copy") for k in rank_keys[2])
+        assert rank_keys[1] and not any(k.endswith("/beside_copy") for k in rank_keys[1])
+
+
+def _keys_of_rank(folder, _unused):
+    import os
+
+    from megatron_eps import EPSConfig
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    rank = int(os.environ["RANK"])
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
+    try:
+        out = {}
+        config = moe_config(num_experts=8, topk=2, hidden_size=32, ffn_hidden_size=16, ep_size=2)
+        for degree in (2, 1):
+            cache = os.path.join(folder, f"rank{rank}_n{degree}.json")
+            _, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
+                                                      pipeline_degree=degree, min_tokens_to_pipeline=0))
+            eps.expert_runner.timer = lambda fn, label: (1.0 if label == "dense" else 2.0, fn())
+            with torch.no_grad():
+                eps(torch.randn(64, 1, 32))
+            out[degree] = sorted(autotune.autotuner_for(torch.device("cpu"), cache).decisions)
+            out.setdefault("chunks", {})[degree] = eps.token_dispatcher.last_record.num_chunks
+        return out
+    finally:
+        Utils.destroy_model_parallel()
