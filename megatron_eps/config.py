@@ -218,8 +218,8 @@ class EPSConfig:
         gemm_sm_carveout: SMs held back from the GEMMs (cuBLAS, torch._grouped_mm, our Triton
             kernel) while chunks overlap with communication, so the all-to-all kernels find
             free SMs (None: 0).
-        kernel_autotune: self-calibration of ``expert_kernel: auto`` where no cost table covers
-            the GPU: auto (on CUDA devices), on, off.
+        kernel_autotune: self-calibration of ``expert_kernel: auto`` where the cost tables do
+            not decide a call: auto (on CUDA devices), on, off.
         kernel_cache: file of the self-calibration decisions (None: the default location).
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
         dispatch_dedup: one row per (token, expert) or per (token, rank, chunk), one of
@@ -259,9 +259,10 @@ class EPSConfig:
         "communication kernels find free SMs. Default: 0.")
     kernel_autotune: str = _setting(
         "auto", "choice", choices=("auto", "on", "off"),
-        help="Self-calibration of expert_kernel auto where no cost table covers the GPU: time "
-        "the backends on the first real load of each (shape, load bucket) and keep the fastest "
-        "(auto: on CUDA devices; on; off: the fixed default order). Default: auto.")
+        help="Self-calibration of expert_kernel auto where the cost tables do not decide a call "
+        "(no tables for the GPU, an expert width they lack, the best backends within 10%%): time "
+        "those backends on the first real load of each (shape, load bucket) and keep the fastest "
+        "(auto: on CUDA devices; on; off: the tables alone, else the default order). Default: auto.")
     kernel_cache: Optional[str] = _setting(
         None, "outpath", metavar="PATH", per_rank=True,
         help="File of the self-calibration decisions. Default: $MEGATRON_EPS_KERNEL_CACHE, "
