@@ -75,12 +75,14 @@ class ExpertRunner:
         self.eps_config = eps_config
         self.backends_used: List[str] = []
         self._resolved = {}
+        self._tables = {}
         self._beside_copy = False
 
     def begin_forward(self, eps_config: EPSConfig) -> None:
         if eps_config is not self.eps_config:
             self.eps_config = eps_config
             self._resolved.clear()
+            self._tables.clear()
         self.backends_used = []
         self._beside_copy = False
         self.local_experts.begin_forward()
@@ -110,7 +112,7 @@ class ExpertRunner:
                 return decided
         name = choose_backend(
             kernel, self.local_experts, tokens_per_expert, tokens.device, tokens.dtype,
-            profile=load_kernel_tables(self.eps_config.cost_profile, tokens.device),
+            profile=self._kernel_tables(tokens.device),
             beside_copy=self._beside_copy,
         )
         if kernel != "auto":
@@ -148,9 +150,15 @@ class ExpertRunner:
     def _candidates(self, tokens, tokens_per_expert):
         from megatron_eps.experts.selector import calibration_candidates
 
-        profile = load_kernel_tables(self.eps_config.cost_profile, tokens.device)
-        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype, profile,
-                                      tokens_per_expert, self._beside_copy)
+        return calibration_candidates(self.local_experts, tokens.device, tokens.dtype,
+                                      self._kernel_tables(tokens.device), tokens_per_expert,
+                                      self._beside_copy)
+
+    def _kernel_tables(self, device):
+        """The kernel tables for ``device``, looked up once per settings (every chunk asks)."""
+        if device not in self._tables:
+            self._tables[device] = load_kernel_tables(self.eps_config.cost_profile, device)
+        return self._tables[device]
 
     def _tuner(self, device):
         from megatron_eps.experts.autotune import autotuner_for
