@@ -312,7 +312,7 @@ def main(argv=None):
     summary["self_calibration"] = {
         "buckets": len(autotune.buckets),
         "timed_candidates_per_bucket": sorted({b["timed_candidates"] for b in autotune.buckets.values()}),
-        "runs_per_candidate": 1 + TIMED_RUNS,
+        "runs_per_candidate": 2 * (1 + TIMED_RUNS),
         "seconds_total": round(sum(b["seconds"] for b in autotune.buckets.values()), 3),
         "per_bucket": autotune.buckets,
     }
