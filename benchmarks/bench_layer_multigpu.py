@@ -80,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--degrees", default="1,2,4,8")
     ap.add_argument("--transports", default="copy_engine,nccl")
     ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--dispatch-dedup", default="off",
+                    help="comma list of off,on: each transport also runs with one row per (token, "
+                    "rank, chunk) and pre-reduced combine (keys '<transport>+dedup:<N>')")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--cost-profile", default=None)
     ap.add_argument("--trace-dir", default=None)
@@ -112,12 +115,15 @@ def main(argv=None):
         degrees = sorted({min(int(d), local) for d in args.degrees.split(",")})
         base = EPSConfig(min_tokens_to_pipeline=0, expert_kernel=args.kernel,
                          cost_profile=args.cost_profile)
-        stock, eps_first = build_moe_pair(config, base.replace(transport=transports[0]))
-        eps_layers = {transports[0]: eps_first}
-        for t in transports[1:]:
-            _, layer = build_moe_pair(config, base.replace(transport=t))
+        dedups = [d for d in args.dispatch_dedup.split(",") if d]
+        flavours = [(t, d) for t in transports for d in dedups]
+        stock, eps_first = build_moe_pair(
+            config, base.replace(transport=flavours[0][0], dispatch_dedup=flavours[0][1]))
+        eps_layers = {_label(*flavours[0]): eps_first}
+        for t, d in flavours[1:]:
+            _, layer = build_moe_pair(config, base.replace(transport=t, dispatch_dedup=d))
             layer.load_state_dict(stock.state_dict())
-            eps_layers[t] = layer
+            eps_layers[_label(t, d)] = layer
         grouped = with_grouped_experts(stock)
         if args.smoke:
             tokens_list = [64, 128]
@@ -186,6 +192,10 @@ def main(argv=None):
     Utils.destroy_model_parallel()
 
 
+def _label(transport: str, dispatch_dedup: str) -> str:
+    return transport if dispatch_dedup == "off" else f"{transport}+dedup"
+
+
 def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
     """Profile one forward per transport at N = auto; overlap efficiency from the trace."""
     from trace_overlap import overlap_from_trace
@@ -235,10 +245,12 @@ def print_table(result):
     rows = result["rows"]
     if not rows:
         return
-    transports = [t for t in ("copy_engine", "nccl") if t in rows[0]]
+    transports = [_label(t, d) for t in ("copy_engine", "nccl") for d in ("off", "on")
+                  if _label(t, d) in rows[0]]
     head = f"{'model':8} {'tok/rk':>6} {'stock':>7} {'grouped':>7}"
     for t in transports:
-        head += f" | {t[:6]:>6} N=1 {'best':>9} {'auto':>10} {'vs grp':>6} {'vs stk':>6}"
+        name = t.replace("copy_engine", "ce").replace("+dedup", "+dd")
+        head += f" | {name[:6]:>6} N=1 {'best':>9} {'auto':>10} {'vs grp':>6} {'vs stk':>6}"
     print(head)
     for r in rows:
         line = f"{r['model']:8} {r['tokens_per_rank']:>6} {r['ms']['stock']:>7.2f} {r['ms']['grouped']:>7.2f}"
