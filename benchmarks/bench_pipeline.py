@@ -164,7 +164,9 @@ def set_mode(eps, degree, link, overlap=True, profile_path=None, dispatch_ahead=
         eps.use_chunking(EmulatedLinkChunking())
     else:
         eps.use_chunking(None)
-    eps.token_dispatcher.all_to_all = link
+    from megatron_eps.comm.nccl import NCCLTransport
+
+    eps.use_transport(NCCLTransport(link))
     eps.token_dispatcher.overlap = overlap
     eps.token_dispatcher.dispatch_ahead = dispatch_ahead
 

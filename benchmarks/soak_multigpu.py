@@ -84,7 +84,7 @@ def main(argv=None):
                         setattr(stock.token_dispatcher, name, None)
             del out, x
             torch.cuda.synchronize()
-            memory_state = eps.token_dispatcher.transport
+            memory_state = eps.transport
             symm = getattr(getattr(memory_state, "memory", None), "capacity_bytes", lambda: 0)()
             allocated = torch.cuda.memory_allocated()
             if step == 2:

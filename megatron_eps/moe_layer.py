@@ -13,6 +13,7 @@ from megatron_eps.config import EPSConfig, EPSConfigError
 from megatron_eps.policy.cost_model import LayerShape
 from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
+from megatron_eps.comm.selection import TransportChoice
 from megatron_eps.pipeline.policies import ChunkingPolicy, ExpertRunner
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,11 @@ class EPSMoELayer(MoELayer):
         )
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
+        # The transport the pipeline runs over; an impossible copy_engine fails here, before
+        # any collective.
+        self.transport_choice = TransportChoice(
+            eps_config.transport, self.token_dispatcher.ep_group, self.token_dispatcher.ep_size,
+            check=eps_config.enabled)
         # Not a submodule (the runner only views self.experts), so the state_dict is the stock one.
         self.expert_runner = ExpertRunner(LocalExperts(self.experts, self.config), eps_config)
         # A chunking policy that replaces the one built from the settings (``use_chunking``).
@@ -204,6 +210,7 @@ class EPSMoELayer(MoELayer):
             experts=self.expert_runner,
             chunking=self.chunking_override or self.chunking_policy(hidden_states),
             shared_experts=shared,
+            transport=self.transport_choice.resolve(hidden_states.device),
         )
         return output, None
 
@@ -211,6 +218,16 @@ class EPSMoELayer(MoELayer):
     def last_expert_backends(self):
         """The expert backend of each chunk of the last pipelined forward."""
         return self.expert_runner.backends_used
+
+    def use_transport(self, transport) -> None:
+        """Run the next forwards over ``transport`` (an ``comm.ExpertTransport``), e.g.
+        ``NCCLTransport(EmulatedLinkAllToAll(...))`` for the single-GPU link emulator."""
+        self.transport_choice.use(transport)
+
+    @property
+    def transport(self):
+        """The transport the layer runs over (None before the first forward resolves it)."""
+        return self.transport_choice.transport
 
     def use_chunking(self, chunking) -> None:
         """Chunk the next forwards with ``chunking`` (an object with ``choose(counts,

@@ -3,7 +3,7 @@
 It uses neither SMs nor link bandwidth the way a real link does, so on two H200s its predicted
 gains did not hold (docs/transports.md): performance claims about overlap come from a real
 multi-GPU link (benchmarks/bench_layer_multigpu.py), never from this emulator. It wraps as
-``NCCLTransport(EmulatedLinkAllToAll(...))`` (``dispatcher.use_transport``).
+``NCCLTransport(EmulatedLinkAllToAll(...))`` (``EPSMoELayer.use_transport``).
 
 ``EmulatedLinkAllToAll`` does the local data movement an all-to-all of one rank would do
 (``output`` rows from ``input`` rows: with ep_size 1 the splits are a single block, so it is a

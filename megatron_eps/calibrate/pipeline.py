@@ -21,6 +21,7 @@ import torch
 
 from megatron_eps.calibrate.timing import fit_line, median_seconds
 from megatron_eps.comm.all_to_all import AllToAll
+from megatron_eps.comm.nccl import NCCLTransport
 
 DEGREES = (1, 2, 3, 4, 5, 8, 10, 16)
 
@@ -56,7 +57,7 @@ def build_layer(shape: MoEShape, dtype: torch.dtype, expert_kernel: str):
                         ffn_hidden_size=shape.ffn, shared_expert_size=shape.shared_ffn, dtype=dtype)
     eps_config = EPSConfig(pipeline_degree=1, min_tokens_to_pipeline=0, expert_kernel=expert_kernel)
     _, layer = build_moe_pair(config, eps_config, seed=1)
-    layer.token_dispatcher.all_to_all = LocalCopyLink()
+    layer.use_transport(NCCLTransport(LocalCopyLink()))
     layer.token_dispatcher.overlap = False
     return layer
 

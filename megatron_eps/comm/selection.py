@@ -111,3 +111,39 @@ def agree_on_copy_engine(group, device: torch.device, transport: str) -> bool:
         why = "" if usable else f" (copy_engine unavailable: {reason or 'on another rank'})"
         logger.info("megatron-eps: transport %s (setting %s)%s", chosen, transport, why)
     return usable
+
+
+class TransportChoice:
+    """The transport one layer's pipeline runs over, which the layer hands down each forward.
+
+    The ``transport`` setting is checked at construction from local facts (an impossible
+    ``copy_engine`` fails there, before any collective) and resolved at the first forward: the
+    copy engines need the device and the ranks' agreement (one all-reduce), so every rank of the
+    group lands on the same transport. ``use`` sets one explicitly (tests and benchmarks: e.g. an
+    NCCLTransport over the single-GPU link emulator).
+    """
+
+    def __init__(self, setting: str, group, ep_size: int, check: bool = True):
+        self.setting, self.group, self.ep_size = setting, group, ep_size
+        if check:
+            check_transport_setting(setting, group, ep_size)
+        self.transport = None
+
+    def use(self, transport) -> None:
+        self.transport = transport
+
+    def resolve(self, device: torch.device):
+        if self.transport is not None:
+            return self.transport
+        from megatron_eps.comm.all_to_all import ProcessGroupAllToAll
+        from megatron_eps.comm.nccl import NCCLTransport
+
+        group = self.group if self.ep_size > 1 else None
+        if self.ep_size > 1 and device.type == "cuda" and self.setting != "nccl":
+            from megatron_eps.comm.copy_engine import CopyEngineTransport, peer_memory_for
+
+            if agree_on_copy_engine(self.group, device, self.setting):
+                self.transport = CopyEngineTransport(peer_memory_for(self.group, device))
+                return self.transport
+        self.transport = NCCLTransport(ProcessGroupAllToAll(group))
+        return self.transport

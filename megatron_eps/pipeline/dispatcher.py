@@ -125,14 +125,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.eps_config = eps_config if eps_config is not None else EPSConfig()
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
-        if self.eps_config.enabled:
-            from megatron_eps.comm.selection import check_transport_setting
-
-            # Local facts only: an impossible transport fails here, before any collective.
-            check_transport_setting(self.eps_config.transport, self.ep_group, self.ep_size)
-        # Resolved at the first forward (copy_engine needs the device and one agreement
-        # all-reduce); ``use_transport`` sets one explicitly.
-        self.transport: Optional[ExpertTransport] = None
+        self._default_transport: Optional[ExpertTransport] = None
         self.overlap = True
         self.profiler_ranges = False
         # Dispatches the comm stream may run ahead of the experts (schedule.build_plan); None:
@@ -141,34 +134,13 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.last_record: Optional[PipelineRecord] = None
 
     # ------------------------------------------------------------------ transport
-    def use_transport(self, transport: ExpertTransport) -> None:
-        """Run the next forwards over ``transport`` (tests and benchmarks: e.g. an NCCLTransport
-        over the single-GPU link emulator)."""
-        self.transport = transport
-
-    @property
-    def all_to_all(self) -> Optional[AllToAll]:
-        """The all-to-all under an NCCLTransport (None for other transports)."""
-        return getattr(self.transport, "all_to_all", None)
-
-    @all_to_all.setter
-    def all_to_all(self, all_to_all: AllToAll) -> None:
-        self.transport = NCCLTransport(all_to_all)
-
-    def _resolve_transport(self, device: torch.device) -> ExpertTransport:
-        if self.transport is not None:
-            return self.transport
-        group = self.ep_group if self.ep_size > 1 else None
-        setting = self.eps_config.transport
-        if self.ep_size > 1 and device.type == "cuda" and setting != "nccl":
-            from megatron_eps.comm.copy_engine import CopyEngineTransport, peer_memory_for
-            from megatron_eps.comm.selection import agree_on_copy_engine
-
-            if agree_on_copy_engine(self.ep_group, device, setting):
-                self.transport = CopyEngineTransport(peer_memory_for(self.ep_group, device))
-                return self.transport
-        self.transport = NCCLTransport(ProcessGroupAllToAll(group))
-        return self.transport
+    def default_transport(self) -> ExpertTransport:
+        """all_to_all_single over the EP group: what a caller that hands no transport gets
+        (EPSMoELayer hands down the one its ``transport`` setting resolves to)."""
+        if self._default_transport is None:
+            self._default_transport = NCCLTransport(
+                ProcessGroupAllToAll(self.ep_group if self.ep_size > 1 else None))
+        return self._default_transport
 
     # ------------------------------------------------------------------ public entry
     def global_token_counts(self, routing_map: torch.Tensor) -> np.ndarray:
@@ -226,6 +198,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         experts,
         chunking,
         shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+        transport: Optional[ExpertTransport] = None,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
 
@@ -243,6 +216,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
                 issued before the host waits for the count matrix, so the GPU computes it while
                 the host plans the chunks (schedule's module docstring).
+            transport: how the chunks travel (``comm``); the same on every EP rank (the layer's
+                ``TransportChoice`` agrees on it). None: ``default_transport()`` (NCCL).
 
         Returns:
             [S, B, H] output (routed experts combined, plus shared experts).
@@ -258,7 +233,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 shared_output = shared_experts()
         with self._phase("counts.wait"):
             counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
-        transport = self._resolve_transport(tokens.device)
+        transport = transport or self.default_transport()
         if not transport.supports_dedup:
             range_counts = None  # the same on every rank: the transport is agreed
         with self._phase("choose"):

@@ -8,6 +8,8 @@ import contextlib
 import pytest
 import torch
 
+from megatron_eps.comm.nccl import NCCLTransport
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -92,7 +94,7 @@ def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, deg
     from megatron_eps.pipeline.layout import chunk_sizes
 
     stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
-    eps.token_dispatcher.all_to_all = _emulator()  # a slow link: the comm stream lags behind
+    eps.use_transport(NCCLTransport(_emulator()))  # a slow link: the comm stream lags behind
     assert eps.token_dispatcher.overlap
     x = torch.randn(512, 2, HIDDEN, device="cuda", dtype=dtype)
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_memory_reuse_across_streams_is_safe(parallel, dispatch_dedup):
     scribbled over right after each returns, all without a host sync: any buffer the allocator
     handed out while the comm stream still used it would corrupt an output."""
     stock, eps = _pair(torch.bfloat16, 4, dispatch_dedup=dispatch_dedup)
-    eps.token_dispatcher.all_to_all = _emulator(bandwidth_gbps=0.5)
+    eps.use_transport(NCCLTransport(_emulator(bandwidth_gbps=0.5)))
     inputs = [torch.randn(1024, 1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     with torch.no_grad():
         expected = [stock(x)[0] for x in inputs]
@@ -230,13 +232,13 @@ def test_emulated_link_is_overlapped_with_the_gemms(parallel):
                     times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2]
 
-    eps.token_dispatcher.all_to_all = _emulator(bandwidth_gbps=1e9)  # ~free link: GEMM time
+    eps.use_transport(NCCLTransport(_emulator(bandwidth_gbps=1e9)))  # ~free link: GEMM time
     compute = median_ms(False)
     # A link with the same time as the layer's compute, split over dispatch and combine.
     rows_bytes = tokens * 2 * hidden * 2
-    eps.token_dispatcher.all_to_all = _emulator(
+    eps.use_transport(NCCLTransport(_emulator(
         bandwidth_gbps=2 * rows_bytes * 0.875 / (compute * 1e-3) / 1e9, latency_us=0.0
-    )
+    )))
     serial, overlapped = median_ms(False), median_ms(True)
     eps.token_dispatcher.overlap = True
     assert serial > 1.6 * compute  # the link costs time
@@ -253,7 +255,7 @@ def test_gemm_sm_carveout_is_restored(parallel):
         assert applied and current_gemm_carveout() == 16
     assert current_gemm_carveout() == before
     stock, eps = _pair(torch.float32, 2, gemm_sm_carveout=16)
-    eps.token_dispatcher.all_to_all = _emulator()
+    eps.use_transport(NCCLTransport(_emulator()))
     seen = []
     original = eps.expert_runner.run
 
@@ -290,7 +292,7 @@ def test_dedup_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, 
     the plan (the expansion and the pre-reduction are sized from the host's layout)."""
     stock, eps = _pair(dtype, degree, experts=16, topk=6, chunk_split=split,
                        dispatch_dedup="on")
-    eps.token_dispatcher.all_to_all = _emulator()
+    eps.use_transport(NCCLTransport(_emulator()))
     x = torch.randn(512, 2, HIDDEN, device="cuda", dtype=dtype)
     with torch.no_grad():
         expected, _ = stock(x)
@@ -320,7 +322,7 @@ def test_dedup_accuracy_vs_float64_on_gpu(parallel):
     stock, eps = build_moe_pair(config(torch.bfloat16), eps_config, seed=9)
     reference, _ = build_moe_pair(config(torch.float64), EPSConfig(enabled=False))
     reference.load_state_dict(stock.state_dict())
-    eps.token_dispatcher.all_to_all = _emulator(bandwidth_gbps=1e9)
+    eps.use_transport(NCCLTransport(_emulator(bandwidth_gbps=1e9)))
     x = torch.randn(4096, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref, _ = reference(x.double())
