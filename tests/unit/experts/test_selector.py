@@ -305,3 +305,28 @@ def test_a_gpu_without_tables_borrows_the_nearest_known_gpus(tmp_path, experts):
     assert selector.choose_backend("auto", experts, [8] * N, cpu, torch.float32, profile) == "dense"
     assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == [
         "dense", "grouped"]
+
+
+def test_an_unknown_gpu_gets_the_nearest_shipped_tables_marked_borrowed(monkeypatch):
+    """load_kernel_tables on a CUDA device with no profile of its own (faked here): the shipped
+    tables of a GPU of the same compute capability, marked as borrowed, the file's own copy
+    unmarked; the pipeline's chunking does not take their times."""
+    import types
+
+    from megatron_eps.policy import profile as profile_module
+
+    props = types.SimpleNamespace(major=9, minor=0, multi_processor_count=140)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA Z100")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(profile_module, "_BORROWED", {})
+    device = torch.device("cuda", 0)
+    tables = profile_module.load_kernel_tables(None, device)
+    assert tables is not None and tables.borrowed_for == "NVIDIA Z100"
+    assert tables.device_name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
+    assert tables.covers(device, torch.bfloat16) and not tables.covers_shape(5120, 1536)
+    own = profile_module.open_profile(profile_module.nearest_profile_path((9, 0), 140)).experts
+    assert own.borrowed_for is None
+    assert profile_module.load_kernel_tables(None, device) is tables  # looked up once
+    # Another capability with no shipped tables of its own kind still borrows (nearest SMs).
+    assert profile_module.nearest_profile_path((12, 0), 188) is not None
