@@ -78,6 +78,37 @@ if triton is not None:
         return _activation(gate, ACT) * (lin + glu_offset)
 
     @triton.jit
+    def _work_item(tile, tiles_ptr, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+        """(n-tile, expert, first row, end row) of work item ``tile``: a GROUP_M swizzle over the
+        global m-tile list (which may cross expert boundaries), so neighbouring items share
+        weight tiles; the m-tile's expert and rows come from the tile table."""
+        tiles_per_group = GROUP_M * num_n_tiles
+        first_m = (tile // tiles_per_group) * GROUP_M
+        group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+        in_group = tile % tiles_per_group
+        m_tile = first_m + in_group % group_m
+        expert = tl.load(tiles_ptr + m_tile)
+        row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
+        row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+        return in_group // group_m, expert, row_start, row_end
+
+    @triton.jit
+    def _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols, col_ok, stride_om,
+                    clamp, glu_offset, GATED: tl.constexpr, ACT: tl.constexpr,
+                    HAS_PROBS: tl.constexpr, HAS_CLAMP: tl.constexpr):
+        """The epilogue of one tile: activation (GLU with the linear half when gated), routing
+        probs, then the store of the rows and columns in range."""
+        if GATED:
+            result = _glu_epilogue(acc, acc_lin, clamp, glu_offset, ACT, HAS_CLAMP)
+        else:
+            result = _activation(acc, ACT)
+        if HAS_PROBS:
+            p = tl.load(probs_ptr + rows_in).to(tl.float32)
+            result = result * p[:, None]
+        out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
     def _expert_gemm_kernel(
         x_ptr,
         w_ptr,
@@ -111,19 +142,10 @@ if triton is not None:
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m_tiles * num_n_tiles
-        tiles_per_group = GROUP_M * num_n_tiles
         for tile in range(pid, num_tiles, num_programs):
-            # GROUP_M swizzle over the global m-tile list (which may cross expert boundaries).
-            group = tile // tiles_per_group
-            first_m = group * GROUP_M
-            group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
-            in_group = tile % tiles_per_group
-            m_tile = first_m + in_group % group_m
-            n_tile = in_group // group_m
-
-            expert = tl.load(tiles_ptr + m_tile).to(tl.int64)
-            row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
-            row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+            n_tile, expert_index, row_start, row_end = _work_item(tile, tiles_ptr, num_m_tiles,
+                                                                  num_n_tiles, GROUP_M)
+            expert = expert_index.to(tl.int64)
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
             # Out-of-range rows/cols read a valid row/col instead of being masked: the K loop
@@ -163,15 +185,8 @@ if triton is not None:
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
 
-            if GATED:
-                result = _glu_epilogue(acc, acc_lin, clamp, glu_offset, ACT, HAS_CLAMP)
-            else:
-                result = _activation(acc, ACT)
-            if HAS_PROBS:
-                p = tl.load(probs_ptr + rows_in).to(tl.float32)
-                result = result * p[:, None]
-            out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols_in[None, :]
-            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols_in, col_ok, stride_om,
+                        clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
     @triton.jit
     def _expert_gemm_tma_kernel(
@@ -205,18 +220,8 @@ if triton is not None:
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m_tiles * num_n_tiles
-        tiles_per_group = GROUP_M * num_n_tiles
         for tile in range(pid, num_tiles, num_programs):
-            group = tile // tiles_per_group
-            first_m = group * GROUP_M
-            group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
-            in_group = tile % tiles_per_group
-            m_tile = first_m + in_group % group_m
-            n_tile = in_group // group_m
-
-            expert = tl.load(tiles_ptr + m_tile)
-            row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
-            row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+            n_tile, expert, row_start, row_end = _work_item(tile, tiles_ptr, num_m_tiles, num_n_tiles, GROUP_M)
             w_row = expert * w_rows_per_expert + n_tile * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -233,15 +238,8 @@ if triton is not None:
             rows_in = tl.where(row_ok, rows, row_end - 1).to(tl.int64)
             cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            if GATED:
-                result = _glu_epilogue(acc, acc_lin, clamp, glu_offset, ACT, HAS_CLAMP)
-            else:
-                result = _activation(acc, ACT)
-            if HAS_PROBS:
-                p = tl.load(probs_ptr + rows_in).to(tl.float32)
-                result = result * p[:, None]
-            out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols[None, :]
-            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols, col_ok, stride_om,
+                        clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
     @triton.jit
     def _fused_activation_kernel(
