@@ -6,6 +6,7 @@ import json
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -330,3 +331,31 @@ def test_an_unknown_gpu_gets_the_nearest_shipped_tables_marked_borrowed(monkeypa
     assert profile_module.load_kernel_tables(None, device) is tables  # looked up once
     # Another capability with no shipped tables of its own kind still borrows (nearest SMs).
     assert profile_module.nearest_profile_path((12, 0), 188) is not None
+
+
+@pytest.mark.parametrize("use_kernel_tables", [True, False])
+def test_the_chunking_times_experts_with_the_tables_only_where_the_profile_says_so(
+        tmp_path, monkeypatch, use_kernel_tables):
+    """A pipeline section fitted against the roofline (use_kernel_tables: false) keeps it: the
+    chunking policy then hands the cost model no kernel tables."""
+    from megatron_eps import EPSConfig
+    from megatron_eps.pipeline import policies
+    from megatron_eps.policy.cost_model import LayerShape
+
+    pipeline = {"link_bandwidth_gbps": 100, "link_latency_us": 10, "chunk_overhead_us": 50,
+                "expert_tflops": 100, "use_kernel_tables": use_kernel_tables}
+    path = tmp_path / f"profile_{use_kernel_tables}.json"
+    path.write_text(json.dumps({"pipeline": pipeline,
+                                "experts": synthetic_profile(crossing_times).data}))
+    seen = {}
+
+    def fake_choose(counts, shape, eps_config, profile, kernel_profile=None, **kwargs):
+        seen["profile"], seen["tables"] = profile, kernel_profile
+        return (shape.num_local_experts,)
+
+    monkeypatch.setattr(policies, "choose_chunking", fake_choose)
+    shape = LayerShape(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_local_experts=N, ep_size=2, topk=2)
+    policy = policies.ChunkingPolicy(shape, EPSConfig(cost_profile=str(path)), torch.device("cpu"))
+    policy.choose(np.ones((2, 2 * N), dtype=np.int64))
+    assert seen["profile"].use_kernel_tables is use_kernel_tables
+    assert (seen["tables"] is not None) is use_kernel_tables
