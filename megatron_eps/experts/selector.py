@@ -151,6 +151,10 @@ class CostProfile:
         # (backend, H, F, n) -> _ShapeTable, alone and beside a copy-engine copy
         self.tables = self._tables(data["shapes"], "seconds")
         self.tables_beside_copy = self._tables(data["shapes"], "seconds_beside_copy")
+        if self.tables_beside_copy and not stand_in_is_sm_free(data.get("beside_copy")):
+            # The copy they were measured beside took SMs (a compute-bound GEMM slowed down
+            # beside it), so they describe contention a copy-engine transfer does not cause.
+            self.tables_beside_copy = {}
         self.backends = sorted({k[0] for k in self.tables})
 
     @staticmethod
@@ -201,6 +205,20 @@ class CostProfile:
         if beside_copy and any(k[0] == backend for k in self.tables_beside_copy):
             return self.tables_beside_copy
         return self.tables
+
+
+# A copy that uses no SMs slows a compute-bound GEMM only through memory traffic: by a few
+# percent. The profile's stand-in check ("beside_copy": a large GEMM alone and beside the copy)
+# must stay under this, or its beside-copy tables are not used.
+SM_FREE_GEMM_SLOWDOWN = 1.3
+
+
+def stand_in_is_sm_free(check: Optional[dict]) -> bool:
+    """Whether the copy a profile's beside-copy tables were measured beside used no SMs
+    (``megatron-eps-calibrate --beside-copy`` records the check; without one, trusted)."""
+    if not isinstance(check, dict) or not check.get("gemm_seconds"):
+        return True
+    return check.get("gemm_seconds_beside_copy", 0.0) / check["gemm_seconds"] < SM_FREE_GEMM_SLOWDOWN
 
 
 def _read_json(path: str) -> dict:

@@ -359,3 +359,26 @@ def test_the_chunking_times_experts_with_the_tables_only_where_the_profile_says_
     policy.choose(np.ones((2, 2 * N), dtype=np.int64))
     assert seen["profile"].use_kernel_tables is use_kernel_tables
     assert (seen["tables"] is not None) is use_kernel_tables
+
+
+def test_beside_copy_tables_measured_beside_an_sm_copy_are_not_used(experts):
+    """The stand-in check of the profile says the copy slowed a compute-bound GEMM 2.3x (it took
+    SMs, unlike a copy-engine transfer): its beside-copy tables are dropped; 1.1x: kept."""
+    alone = synthetic_profile(crossing_times)
+    slow_dense = lambda b, m, s: crossing_times(b, m, s) * (10 if b == "dense" else 1)  # noqa: E731
+    cpu = torch.device("cpu")
+    for slowdown, kept in ((2.33, False), (1.1, True)):
+        data = _with_beside_copy(alone.data, slow_dense).data
+        data["beside_copy"] = {"gemm_seconds": 1.0, "gemm_seconds_beside_copy": slowdown}
+        profile = selector.CostProfile(data)
+        assert bool(profile.tables_beside_copy) is kept
+        chosen = selector.choose_backend("auto", experts, [8] * N, cpu, torch.float32, profile,
+                                         beside_copy=True)
+        assert chosen == ("grouped" if kept else "dense")
+    # The shipped H200 profile's stand-in (a device-to-device copy) took SMs.
+    import os
+
+    from megatron_eps.policy.profile import PROFILES_DIR
+
+    h200 = selector.CostProfile.from_file(os.path.join(PROFILES_DIR, "nvidia_h200.json"))
+    assert not h200.tables_beside_copy and h200.tables
