@@ -165,15 +165,13 @@ def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[s
 
 
 class CopyBeside:
-    """A copy-engine copy on a side stream that runs while a timed call runs.
+    """A copy on a side stream that runs while a timed call runs: the stand-in for a transfer.
 
-    A pipelined chunk's GEMMs run while the transport copies rows to and from the peers;
-    those copies use no SMs but take memory bandwidth. On one GPU the nearest stand-in is a
-    device-to-device ``copy_`` (cudaMemcpyAsync). It moves about 2 TB/s of HBM traffic (read
-    plus write) where an NVLink transfer of two H200s moves about 0.7 TB/s (0.35 out, 0.35
-    in), so it is a pessimistic stand-in: it ranks the backends by how much they suffer from
-    a busy memory system. One copy is issued per timed call, sized to outlast it, so the host
-    issues one call and no more.
+    A pipelined chunk's GEMMs run while the transport copies rows to and from the peers. The
+    stand-in here is a device-to-device ``copy_`` (cudaMemcpyAsync) of 1.9 TB/s of HBM traffic,
+    issued once per timed call and sized to outlast it. On the H200 it turned out to take SMs: a
+    compute-bound GEMM beside it ran 2.3x slower. ``copy_engine_check`` records that, and the
+    selector then leaves the tables unused (``selector.stand_in_is_sm_free``).
     """
 
     def __init__(self, device: torch.device, max_bytes: int = 4 << 30):
@@ -451,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--beside-copy", action="store_true",
-                        help="also time every load beside a copy-engine copy (the condition of a "
-                        "pipelined chunk; CUDA only): the seconds_beside_copy tables")
+                        help="also time every load beside a device-to-device copy (a stand-in for "
+                        "a pipelined chunk's transfer; CUDA only): the seconds_beside_copy tables, "
+                        "used only if the recorded check shows the copy took no SMs")
     return parser
 
 
