@@ -8,10 +8,10 @@ against a dense bf16 GEMM ceiling measured in the same run.
 
 Three selections are scored on the same timings:
   ``profile``   the cost tables alone (``kernel_autotune: off``);
-  ``autotune``  what a layer does with ``kernel_autotune: auto``: where the tables do not cover
-                the shape or cannot tell the best backends apart, the first call of each load
-                bucket times the candidates (experts/autotune.py, a fresh cache per run) and
-                later calls reuse the winner;
+  ``autotune``  what a layer does with ``kernel_autotune: on`` (its ExpertRunner): where the
+                tables do not cover the shape or cannot tell the best backends apart, the first
+                call of each load bucket times the candidates (experts/autotune.py, a fresh
+                cache per run) and later calls reuse the winner;
   ``default``   no profile at all (the documented fixed order). ``--stock`` also times Megatron's
 stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank (top-6).
 
@@ -83,34 +83,30 @@ def geomean(values):
 
 
 class AutotuneSelection:
-    """``expert_kernel: auto`` with ``kernel_autotune: auto``, as ExpertRunner runs it: the
-    tables where they cover the shape, else one calibration per load bucket (fresh cache)."""
+    """``expert_kernel: auto`` with ``kernel_autotune: on``, run by the layer's own
+    ``ExpertRunner`` (fresh decision cache): the tables where they decide, else one calibration
+    per load bucket. ``buckets`` records what each calibration cost."""
 
-    def __init__(self, device, profile, cache_dir):
-        from megatron_eps.experts.autotune import KernelAutotuner, cuda_timer, wall_timer
+    def __init__(self, device, profile_path, cache_dir):
+        from megatron_eps import EPSConfig
+        from megatron_eps.experts.autotune import autotuner_for
 
-        self.profile = profile
-        self.tuner = KernelAutotuner(
-            os.path.join(cache_dir, "kernels.json"), selector.device_name(device),
-            cuda_timer if device.type == "cuda" else wall_timer)
+        self.eps_config = EPSConfig(kernel_autotune="on", cost_profile=profile_path,
+                                    kernel_cache=os.path.join(cache_dir, "kernels.json"))
+        self.tuner = autotuner_for(device, self.eps_config.kernel_cache)
         self.buckets = {}
 
-    def choose(self, experts, counts, x, probs, device, dtype, shape):
-        from megatron_eps.experts.autotune import KernelAutotuner
+    def choose(self, experts, counts, x, probs):
+        from megatron_eps.pipeline.policies import ExpertRunner
 
-        candidates = selector.calibration_candidates(experts, device, dtype, self.profile, counts)
-        if not candidates:
-            return selector.choose_backend("auto", experts, counts, device, dtype, self.profile)
-        key = KernelAutotuner.key(shape, dtype, counts)
-        decided = self.tuner.decision(key)
-        if decided is None:
-            before = (self.tuner.timed_calls, self.tuner.tuning_seconds)
-            with torch.no_grad():
-                decided, _ = self.tuner.tune(key, candidates, lambda name: get_backend(name).forward(
-                    experts, x, counts, probs, 0))
+        runner = ExpertRunner(experts, self.eps_config)
+        before = (self.tuner.timed_calls, self.tuner.tuning_seconds, set(self.tuner.decisions))
+        with torch.no_grad():
+            runner.run(x, counts, probs, 0)
+        for key in set(self.tuner.decisions) - before[2]:
             self.buckets[key] = {"timed_candidates": self.tuner.timed_calls - before[0],
                                  "seconds": self.tuner.tuning_seconds - before[1]}
-        return decided
+        return runner.backends_used[-1]
 
 
 def run_grid(args, device, dtype, profile, autotune):
@@ -128,7 +124,7 @@ def run_grid(args, device, dtype, profile, autotune):
                 rows = sum(counts)
                 x, p = inputs[0]
                 chosen_by = {
-                    "autotune": autotune.choose(experts, counts, x[:rows], p[:rows], device, dtype, (hidden, ffn, n)),
+                    "autotune": autotune.choose(experts, counts, x[:rows], p[:rows]),
                     "profile": selector.choose_backend("auto", experts, counts, device, dtype, profile),
                     "default": selector.default_backend(device, names),
                 }
@@ -280,7 +276,7 @@ def stock_comparison(device, dtype, target_s, profile):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=None,
-                        help="cost profile for the selector (default: shipped one; 'none': no profile)")
+                        help="cost profile for the selector (default: the shipped one)")
     parser.add_argument("--out", default=None, help="JSON results path")
     parser.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "tiny_cpu"))
     parser.add_argument("--loads", default=",".join(map(str, LOADS)))
@@ -299,14 +295,14 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    profile = None if args.profile == "none" else selector.load_cost_profile(args.profile, device)
+    profile = selector.load_cost_profile(args.profile, device)
     started = time.time()
     cal.warm_gpu(device, seconds=2.0)
     ceiling = dense_ceiling(device, dtype)
     print(f"device {selector.device_name(device)}; dense {dtype} GEMM ceiling {ceiling:.1f} TF/s; "
           f"profile {profile.path if profile else None}", flush=True)
     with tempfile.TemporaryDirectory() as cache_dir:
-        autotune = AutotuneSelection(device, profile, cache_dir)
+        autotune = AutotuneSelection(device, args.profile, cache_dir)
         rows = run_grid(args, device, dtype, profile, autotune)
     summary = summarize(rows, ceiling)
     summary["self_calibration"] = {

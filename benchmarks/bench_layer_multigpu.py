@@ -89,6 +89,13 @@ def main(argv=None):
     ap.add_argument("--trace-points", default="dsv2:8192,dsv2:16384,dsv2:32768")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU/gloo logic check)")
     args = ap.parse_args(argv)
+    from megatron_eps.config import DISPATCH_DEDUPS, TRANSPORTS
+
+    for flag, given, allowed in (("--dispatch-dedup", args.dispatch_dedup, DISPATCH_DEDUPS),
+                                 ("--transports", args.transports, TRANSPORTS)):
+        bad = [v for v in given.split(",") if v not in allowed]
+        if bad or not given:
+            raise SystemExit(f"{flag} {given!r}: allowed values (comma list): {', '.join(allowed)}")
 
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils

@@ -100,15 +100,19 @@ def zipf_shares(num_experts: int, skew: float) -> np.ndarray:
 def load_summary(tokens_per_expert: Sequence[int]) -> Tuple[float, float]:
     """(mean tokens per expert, equivalent Zipf skew) of one call's row counts."""
     counts = [int(c) for c in tokens_per_expert]
-    n = len(counts)
-    total = sum(counts)
+    return _summary(len(counts), sum(counts), max(counts, default=0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _summary(n: int, total: int, largest: int) -> Tuple[float, float]:
+    """Cached: every chunk asks (for the choice and for self-calibration's candidates)."""
     if n == 0 or total == 0:
         return 0.0, 0.0
     mean = total / n
     if n == 1:
         return mean, 0.0
     skews, shares = _zipf_max_share_curve(n)
-    return mean, float(np.interp(max(counts) / total, shares, skews))
+    return mean, float(np.interp(largest / total, shares, skews))
 
 
 # ---------------------------------------------------------------------------- profile

@@ -76,6 +76,7 @@ class ExpertRunner:
         self.backends_used: List[str] = []
         self._resolved = {}
         self._tables = {}
+        self._tuners = {}
         self._beside_copy = False
 
     def begin_forward(self, eps_config: EPSConfig) -> None:
@@ -83,6 +84,7 @@ class ExpertRunner:
             self.eps_config = eps_config
             self._resolved.clear()
             self._tables.clear()
+            self._tuners.clear()
         self.backends_used = []
         self._beside_copy = False
         self.local_experts.begin_forward()
@@ -139,7 +141,16 @@ class ExpertRunner:
 
     # ------------------------------------------------------------------ self-calibration
     # Tests set a timer (e.g. a fake one) to calibrate anywhere; otherwise CUDA events.
-    timer = None
+    _timer = None
+
+    @property
+    def timer(self):
+        return self._timer
+
+    @timer.setter
+    def timer(self, timer) -> None:
+        self._timer = timer
+        self._tuners.clear()  # the next lookup hands the tuner this timer
 
     def _calibrates(self, tokens) -> bool:
         mode = self.eps_config.kernel_autotune
@@ -161,9 +172,12 @@ class ExpertRunner:
         return self._tables[device]
 
     def _tuner(self, device):
-        from megatron_eps.experts.autotune import autotuner_for
+        """The autotuner for ``device``, looked up once per settings (every chunk asks)."""
+        if device not in self._tuners:
+            from megatron_eps.experts.autotune import autotuner_for
 
-        return autotuner_for(device, self.eps_config.kernel_cache, self.timer)
+            self._tuners[device] = autotuner_for(device, self.eps_config.kernel_cache, self.timer)
+        return self._tuners[device]
 
     def _tune_key(self, tokens, tokens_per_expert) -> str:
         from megatron_eps.experts.autotune import KernelAutotuner
