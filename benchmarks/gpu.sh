@@ -11,6 +11,8 @@
 #              layer benchmark with both baselines, soak, prefill (benchmarks/gpu/transport.sh)
 #   multigpu   EP = #GPUs over NCCL: tests, link fit, layer and prefill (benchmarks/gpu/multigpu.sh)
 #   pipeline   one GPU: the pipeline benchmark over the emulated link, trace, pipeline calibration
+#   calibrate  megatron-eps-calibrate all (CAL_CONFIG, default deepseek_v2_lite; args passed on)
+#              -> $OUT/<gpu>.json, then the chunks pipeline_degree auto picks from that file alone
 #   prefill    benchmarks/gpu_prefill.sh (its env: LAYERS, PROMPTS, NPROC, EXTRA_ARGS, ...)
 #   accuracy   benchmarks/accuracy_check.py (EPS and stock vs fp32, one DSV2-Lite layer)
 #   diag       benchmarks/diag_overlap.py (host costs, carve-out, emulator fidelity)
@@ -25,10 +27,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 case "$COMMAND" in
-  help|-h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  tests|kernels|transport|multigpu|pipeline|prefill|accuracy|diag) ;;
+  help|-h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag) ;;
   *) echo "gpu.sh: unknown subcommand '$COMMAND'; allowed: tests, kernels, transport, multigpu," \
-          "pipeline, prefill, accuracy, diag, help" >&2
+          "pipeline, calibrate, prefill, accuracy, diag, help" >&2
      exit 2 ;;
 esac
 if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
@@ -49,6 +51,11 @@ case "$COMMAND" in
       | grep -v "SyntaxWarning\|Evict LRU\|^$" | tee "$OUT/gpu_pytest.log" | tail -40 ;;
   kernels|transport|multigpu|pipeline)
     . "benchmarks/gpu/$COMMAND.sh" "$@" ;;
+  calibrate)
+    timeout "${CAL_TIMEOUT:-300}" python3 -m megatron_eps.calibrate all --config "${CAL_CONFIG:-deepseek_v2_lite}" \
+      --out "$OUT/" --no-progress "$@" 2>&1 | grep -v -i warn | tee "$OUT/calibrate_all.log" | tail -8
+    python3 benchmarks/auto_from_profile.py "$OUT/$SLUG.json" --tokens 4096,16384,32768 2>&1 \
+      | grep -v -i warn | tee "$OUT/auto_from_profile.txt" | tail -16 ;;
   prefill)
     bash benchmarks/gpu_prefill.sh "$@" ;;
   accuracy)

@@ -408,8 +408,9 @@ def shipped_profile_path(device) -> Optional[str]:
 
 
 def profile_path_for(out: str, device_name: str) -> str:
-    """``out`` itself, or ``out/<gpu slug>.json`` when ``out`` is a directory."""
-    if os.path.isdir(out):
+    """``out`` itself, or ``out/<gpu slug>.json`` when ``out`` is a directory (an existing one,
+    or a path ending in a separator, created when the profile is written)."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
         return os.path.join(out, f"{gpu_slug(device_name)}.json")
     return out
 

@@ -76,6 +76,14 @@ def test_no_subcommand_is_the_kernel_calibration(tmp_path):
     assert json.loads(out.read_text())["format"] == "megatron-eps-cost-profile"
 
 
+def test_out_directory_may_not_exist_yet(tmp_path):
+    from megatron_eps.policy.profile import profile_path_for
+
+    assert profile_path_for(str(tmp_path / "new") + os.sep, "NVIDIA H200") == str(
+        tmp_path / "new" / "nvidia_h200.json")
+    assert profile_path_for(str(tmp_path / "p.json"), "NVIDIA H200") == str(tmp_path / "p.json")
+
+
 def test_link_needs_a_profile_to_merge_into(tmp_path):
     with pytest.raises(SystemExit, match="no profile to merge"):
         cli.main(["link", "--out", str(tmp_path / "missing.json"), "--device", "cpu"])
