@@ -10,11 +10,99 @@ by its dtype and whether its address is 16-byte aligned, an int by whether it eq
 multiple of 16, or needs 64 bits, and the constexpr values. The first launch of every key goes
 through Triton's JIT (which compiles and returns the compiled kernel); a failure of the direct
 call falls back to the JIT path for good.
+
+``compile_in_background()`` turns the launches of the kernels launched through ``launch`` or a
+``CachedLauncher`` into compilations on a worker thread (Triton's async compile mode), so that
+self-calibration can compile a candidate backend's kernels while the forward goes on with a
+backend that is ready (a first compile costs about a second; experts/autotune.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+import contextlib
+import contextvars
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+# Inside compile_in_background: the list that collects the compilations started.
+_COMPILING: contextvars.ContextVar = contextvars.ContextVar("megatron_eps_compiling", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _async_compile():
+    """Triton's async-compile module, or None where this Triton lacks it."""
+    try:
+        from triton.runtime import _async_compile as module
+    except Exception:  # noqa: BLE001 - an older or absent Triton: compile in the foreground
+        return None
+    needed = ("AsyncCompileMode", "FutureKernel", "active_mode")
+    return module if all(hasattr(module, name) for name in needed) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="megatron-eps-triton-compile")
+
+
+def _set_active_mode(module, mode) -> None:
+    if isinstance(module.active_mode, contextvars.ContextVar):
+        module.active_mode.set(mode)
+    else:
+        module.active_mode = mode
+
+
+class BackgroundCompile:
+    """Compilations started by ``compile_in_background``."""
+
+    def __init__(self, kernels: List[Any]):
+        self.kernels = kernels
+
+    def done(self) -> bool:
+        return all(getattr(k, "future", None) is None or k.future.done() for k in self.kernels)
+
+    def wait(self) -> None:
+        """Block until compiled and install the kernels (raises a compilation error)."""
+        for kernel in self.kernels:
+            kernel.result()
+
+
+@contextlib.contextmanager
+def compile_in_background():
+    """Within it, ``launch`` and ``CachedLauncher`` calls start a compilation of their kernel's
+    specialization on a worker thread instead of launching it (outputs are left unwritten).
+    Yields a ``BackgroundCompile`` of what was started (empty where every kernel was compiled
+    already), or None where Triton has no async compile mode (nothing is compiled or run then;
+    the caller compiles in the foreground)."""
+    module = _async_compile()
+    if module is None or os.environ.get("TRITON_INTERPRET") == "1":
+        yield None
+        return
+    started: List[Any] = []
+    token = _COMPILING.set(started)
+    _set_active_mode(module, module.AsyncCompileMode(_compile_pool()))
+    try:
+        yield BackgroundCompile(started)
+    finally:
+        _set_active_mode(module, None)
+        _COMPILING.reset(token)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, or inside ``compile_in_background`` the start of its
+    compilation. Returns the compiled kernel (None while compiling in the background)."""
+    started = _COMPILING.get()
+    if started is None:
+        return kernel[grid](*args, **kwargs)
+    _start_compile(started, kernel.warmup(*args, grid=grid, **kwargs))
+    return None
+
+
+def _start_compile(started: List[Any], compiled) -> None:
+    module = _async_compile()
+    if module is not None and isinstance(compiled, module.FutureKernel) and compiled.kernel is None:
+        started.append(compiled)
 
 
 def _arg_key(value: Any):
@@ -44,6 +132,10 @@ class CachedLauncher:
         self.direct = True
 
     def __call__(self, grid, runtime_args: Sequence, constexprs: Dict[str, Any], **options):
+        started = _COMPILING.get()
+        if started is not None:
+            _start_compile(started, self.kernel.warmup(*runtime_args, grid=grid, **constexprs, **options))
+            return
         key = tuple(_arg_key(a) for a in runtime_args) + tuple(constexprs.values())
         key += tuple(sorted(options.items()))
         compiled = self._compiled.get(key) if self.direct else None

@@ -18,10 +18,13 @@ persists the decision:
   tables and the count matrix only, never from these timings, so every rank still picks the
   same chunks.
 
-Each candidate runs ``1 + TIMED_RUNS`` times in each of two rounds of opposite order on the
-first meeting of a bucket (a round's first run compiles and warms up; the fastest timed run of
-either round counts, so one preempted run does not decide): that is the overhead, once per bucket and GPU
-(the file keeps it for later runs).
+Each candidate runs ``1 + TIMED_RUNS`` times in each of two rounds of opposite order (a
+round's first run warms up; the fastest timed run of either round counts, so one preempted run
+does not decide): that is the overhead, once per bucket and GPU (the file keeps it for later
+runs). A first compile of a Triton kernel takes about a second, longer than a whole prefill
+forward's GEMMs, so at the first meeting of a bucket every candidate starts compiling on a
+worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed, not
+recorded), and the bucket is timed at the first meeting after every candidate has compiled.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class KernelAutotuner:
         self.decisions: Dict[str, dict] = {}
         self.timed_calls = 0  # candidates timed (each 1 + TIMED_RUNS runs)
         self.tuning_seconds = 0.0  # host time spent calibrating, compilation included
+        self.untimed_calls = 0  # calls run while their bucket's candidates still compiled
+        self._compiling: Dict[str, dict] = {}  # bucket key -> {candidate: BackgroundCompile}
         self._load()
 
     # ------------------------------------------------------------------ the file
@@ -177,6 +182,38 @@ class KernelAutotuner:
         entry = self.decisions.get(key)
         return entry["winner"] if entry else None
 
+    @property
+    def waiting_buckets(self) -> list:
+        """Buckets met whose timing waits for candidates compiling in the background."""
+        return list(self._compiling)
+
+    def compiling(self, key: str, candidates: Sequence[str],
+                  start: Callable[[str], object]) -> list:
+        """The candidates of ``key`` whose kernels still compile in the background. At the
+        first meeting of ``key`` ``start(name)`` starts each candidate's compilation (it returns
+        a ``triton_launch.BackgroundCompile``, or None when nothing is left to compile)."""
+        started = time.perf_counter()
+        pending = self._compiling.get(key)
+        if pending is None:
+            pending = {}
+            for name in candidates:
+                try:
+                    handle = start(name)
+                except Exception as exc:  # noqa: BLE001 - timing it will report the failure
+                    logger.warning("megatron-eps: expert kernel %s did not start compiling (%s)",
+                                   name, exc)
+                    handle = None
+                if handle is not None:
+                    pending[name] = handle
+            self._compiling[key] = pending
+        for name in [n for n, handle in pending.items() if handle.done()]:
+            try:
+                pending.pop(name).wait()
+            except Exception:  # noqa: BLE001 - a failed compile: timing it reports the failure
+                pass
+        self.tuning_seconds += time.perf_counter() - started
+        return list(pending)
+
     def tune(self, key: str, candidates: Sequence[str],
              run: Callable[[str], torch.Tensor]) -> Tuple[str, torch.Tensor]:
         """Time ``run(name)`` for every candidate; keep and persist the fastest. Returns the
@@ -204,6 +241,7 @@ class KernelAutotuner:
         self.tuning_seconds += time.perf_counter() - started
         if not times:
             raise RuntimeError(f"no expert kernel of {list(candidates)} ran for {key}")
+        self._compiling.pop(key, None)
         winner = min(times, key=times.get)
         self.decisions[key] = {"winner": winner,
                                "times_us": {n: round(t * 1e6, 2) for n, t in times.items()}}

@@ -55,6 +55,14 @@ class ExpertBackend(ABC):
     ) -> torch.Tensor:
         """Run experts ``first_expert .. first_expert + len(tokens_per_expert) - 1``."""
 
+    def compile_in_background(self, local_experts: "LocalExperts", hidden: torch.Tensor,
+                              tokens_per_expert: Sequence[int], probs: torch.Tensor,
+                              first_expert: int):
+        """Start compiling, on a worker thread, the kernels ``forward`` of this call would
+        compile first. Returns a ``triton_launch.BackgroundCompile`` to poll, or None when
+        nothing is left to compile (or this backend cannot compile in the background)."""
+        return None
+
 
 class LocalExperts:
     """The local experts of one MoE layer, as the backends see them.

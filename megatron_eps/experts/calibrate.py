@@ -167,30 +167,35 @@ def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[s
 class CopyBeside:
     """A copy on a side stream that runs while a timed call runs: the stand-in for a transfer.
 
-    A pipelined chunk's GEMMs run while the transport copies rows to and from the peers. The
-    stand-in here is a device-to-device ``copy_`` (cudaMemcpyAsync) of 1.9 TB/s of HBM traffic,
-    issued once per timed call and sized to outlast it. On the H200 it turned out to take SMs: a
-    compute-bound GEMM beside it ran 2.3x slower. ``copy_engine_check`` records that, and the
-    selector then leaves the tables unused (``selector.stand_in_is_sm_free``).
+    A pipelined chunk's GEMMs run while the transport's copy engines move rows to and from the
+    peers. On one GPU the stand-in is a host-to-device copy from pinned memory, which the copy
+    engines carry with no SM. (A device-to-device ``copy_`` on one GPU is not: on the H200 it ran
+    as SM work and a compute-bound GEMM beside it ran 2.3x slower.) It does not load HBM the way
+    peer traffic does; ``copy_engine_check`` records how it behaves, and the selector uses the
+    tables only where a GEMM kept its time beside it (``selector.stand_in_is_sm_free``).
     """
 
-    def __init__(self, device: torch.device, max_bytes: int = 4 << 30):
+    def __init__(self, device: torch.device, max_bytes: int = 2 << 30):
         self.device = device
-        self.buffer = torch.empty(2 * max_bytes, dtype=torch.uint8, device=device)
-        probe = 64 << 20
-        self.bytes_per_second = probe / time_call(
-            lambda i: self.buffer[probe:2 * probe].copy_(self.buffer[:probe]), device, target_s=0.01)
+        self.source = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True)
+        self.target = torch.empty(max_bytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device)
+        probe = 64 << 20
+        self.bytes_per_second = probe / time_call(lambda i: self._copy(probe), device, target_s=0.01)
+
+    def _copy(self, nbytes: int) -> None:
+        self.target[:nbytes].copy_(self.source[:nbytes], non_blocking=True)
 
     def copy_seconds(self, nbytes: int) -> float:
         return nbytes / self.bytes_per_second
 
+    def bytes_for(self, seconds: float) -> int:
+        return min(self.source.numel(), max(1 << 20, int(seconds * self.bytes_per_second)))
+
     def issue(self, seconds: float) -> None:
         """Enqueue on the side stream one copy that lasts about ``seconds`` (or the largest one)."""
-        half = self.buffer.numel() // 2
-        nbytes = min(half, max(1 << 20, int(seconds * self.bytes_per_second)))
         with torch.cuda.stream(self.stream):
-            self.buffer[half:half + nbytes].copy_(self.buffer[:nbytes])
+            self._copy(self.bytes_for(seconds))
 
     def drain(self) -> None:
         self.stream.synchronize()
@@ -414,14 +419,14 @@ def copy_engine_check(beside: CopyBeside) -> dict:
     for _ in range(4):  # GEMMs enqueued first: the copy runs while they hold the SMs
         torch.mm(a, a)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    half = beside.buffer.numel() // 2
-    nbytes = min(half, int(2 * gemm * beside.bytes_per_second))
+    nbytes = beside.bytes_for(2 * gemm)
     with torch.cuda.stream(beside.stream):
         start.record()
-        beside.buffer[half:half + nbytes].copy_(beside.buffer[:nbytes])
+        beside._copy(nbytes)
         end.record()
     torch.cuda.synchronize(device)
-    return {"copy_gb_per_s": beside.bytes_per_second / 1e9,
+    return {"stand_in": "pinned host-to-device copy",
+            "copy_gb_per_s": beside.bytes_per_second / 1e9,
             "copy_gb_per_s_beside_gemm": nbytes / (start.elapsed_time(end) / 1e3) / 1e9,
             "gemm_seconds": gemm, "gemm_seconds_beside_copy": with_copy}
 
@@ -449,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--beside-copy", action="store_true",
-                        help="also time every load beside a device-to-device copy (a stand-in for "
+                        help="also time every load beside a pinned host-to-device copy (a stand-in for "
                         "a pipelined chunk's transfer; CUDA only): the seconds_beside_copy tables, "
                         "used only if the recorded check shows the copy took no SMs")
     return parser

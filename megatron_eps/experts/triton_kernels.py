@@ -27,6 +27,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_eps.triton_launch import launch
+
 try:  # Triton is optional: the triton backend reports itself unavailable without it.
     import triton
     import triton.language as tl
@@ -108,7 +110,9 @@ if triton is not None:
         out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols[None, :]
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
+    # Ints that change with the load are not specialized on (Triton would compile a variant per
+    # value class: == 1, multiple of 16, other), so a new load never costs a compile mid-run.
+    @triton.jit(do_not_specialize=["num_m_tiles", "num_programs"])
     def _expert_gemm_kernel(
         x_ptr,
         w_ptr,
@@ -188,7 +192,7 @@ if triton is not None:
             _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols_in, col_ok, stride_om,
                         clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_m_tiles", "num_programs"])
     def _expert_gemm_tma_kernel(
         x_desc,
         w_desc,
@@ -241,7 +245,7 @@ if triton is not None:
             _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols, col_ok, stride_om,
                         clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _fused_activation_kernel(
         in_ptr,
         probs_ptr,
@@ -419,7 +423,9 @@ def expert_gemm(
         cfg = _pointer_fallback(cfg, gated)
         num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
         grid_size = min(num_work, grid_size) if cfg.persistent else num_work
-    LAST_KERNEL["pointer"] = _expert_gemm_kernel[(grid_size,)](
+    compiled = launch(
+        _expert_gemm_kernel,
+        (grid_size,),
         x,
         w,
         out,
@@ -451,6 +457,8 @@ def expert_gemm(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if compiled is not None:
+        LAST_KERNEL["pointer"] = compiled
     return out
 
 
@@ -475,7 +483,9 @@ def _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_
     n_experts, w_rows, _ = w.shape
     x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
     w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K), [cfg.block_n, cfg.block_k])
-    LAST_KERNEL["tma"] = _expert_gemm_tma_kernel[(grid_size,)](
+    compiled = launch(
+        _expert_gemm_tma_kernel,
+        (grid_size,),
         x_desc,
         w_desc,
         out,
@@ -501,6 +511,8 @@ def _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if compiled is not None:
+        LAST_KERNEL["tma"] = compiled
     return out
 
 

@@ -124,20 +124,38 @@ class ExpertRunner:
     def run(self, tokens, tokens_per_expert, probs, first_expert) -> torch.Tensor:
         name = self.resolve(tokens, tokens_per_expert)
         if name is None:
-            name, out = self._tuner(tokens.device).tune(
-                self._tune_key(tokens, tokens_per_expert), self._candidates(tokens, tokens_per_expert),
-                lambda n: self._run_backend(n, tokens, tokens_per_expert, probs, first_expert),
-            )
+            tuner, key = self._tuner(tokens.device), self._tune_key(tokens, tokens_per_expert)
+            candidates = self._candidates(tokens, tokens_per_expert)
+            args = (tokens, tokens_per_expert, probs, first_expert)
+            compiling = tuner.compiling(key, candidates, lambda n: self._compile_in_background(n, *args))
+            if compiling:
+                # Timed once every candidate has compiled; meanwhile one that is ready runs
+                # (with none ready, the first waits for its own compilation).
+                name = next((n for n in candidates if n not in compiling), candidates[0])
+                tuner.untimed_calls += 1
+                out = self._run_backend(name, *args)
+            else:
+                name, out = tuner.tune(key, candidates, lambda n: self._run_backend(n, *args))
             self.backends_used.append(name)
             return out
         self.backends_used.append(name)
         return self._run_backend(name, tokens, tokens_per_expert, probs, first_expert)
 
     def _run_backend(self, name, tokens, tokens_per_expert, probs, first_expert):
+        backend, tokens = self._backend_and_rows(name, tokens)
+        return backend.forward(self.local_experts, tokens, tokens_per_expert, probs, first_expert)
+
+    def _compile_in_background(self, name, tokens, tokens_per_expert, probs, first_expert):
+        backend, tokens = self._backend_and_rows(name, tokens)
+        return backend.compile_in_background(self.local_experts, tokens, tokens_per_expert, probs,
+                                             first_expert)
+
+    @staticmethod
+    def _backend_and_rows(name, tokens):
         backend = get_backend(name)
         if not (backend.accepts_strided_rows or tokens.is_contiguous()):
             tokens = tokens.contiguous()
-        return backend.forward(self.local_experts, tokens, tokens_per_expert, probs, first_expert)
+        return backend, tokens
 
     # ------------------------------------------------------------------ self-calibration
     # Tests set a timer (e.g. a fake one) to calibrate anywhere; otherwise CUDA events.

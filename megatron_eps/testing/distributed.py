@@ -149,8 +149,10 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     """Run ``fn(*args)`` on ``world_size`` fresh processes; return the per-rank results.
 
     ``fn`` must be importable (a module-level function). A failing rank raises RankFailed with
-    its traceback; a hang is ended after ``timeout_s``.
+    its traceback; a hang is ended after ``timeout_s``. Where the ranks would share a GPU the
+    calling test is skipped (NCCL refuses that).
     """
+    skip_unless_ranks_fit(world_size)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()

@@ -92,3 +92,40 @@ def test_te_backend_matches_megatron(megatron_parallel):
     stock = get_backend("megatron").forward(experts, x, counts, probs, 0)
     for name in ("te", "grouped", "dense"):
         assert relative_error(get_backend(name).forward(experts, x, counts, probs, 0), stock) <= BF16_TOL
+
+
+def test_triton_compiles_in_the_background_then_runs(tmp_path):
+    """A first compile (fresh Triton cache, own process) starts on a worker thread and returns
+    before it is done; once done, the backend's output matches the float64 reference."""
+    from megatron_eps.testing import run_distributed
+
+    returned_before_done, seconds_to_done, err = run_distributed(
+        _background_compile_rank, 1, str(tmp_path / "triton"))[0]
+    assert returned_before_done, "compile_in_background waited for the compilation"
+    assert seconds_to_done < 120 and err <= BF16_TOL
+
+
+def _background_compile_rank(triton_cache):
+    import os
+    import time
+
+    os.environ["TRITON_CACHE_DIR"] = triton_cache
+    n, hidden, ffn = 4, 256, 128
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    fc1 = (torch.randn(n, 2 * ffn, hidden, generator=gen) / hidden**0.5).cuda().bfloat16()
+    fc2 = (torch.randn(n, hidden, ffn, generator=gen) / ffn**0.5).cuda().bfloat16()
+    experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
+    counts = [40, 0, 7, 90]
+    x, probs = random_call(n, hidden, counts, torch.bfloat16, "cuda", seed=5)
+    backend = get_backend("triton")
+    started = time.monotonic()
+    handle = backend.compile_in_background(experts, x, counts, probs, 0)
+    returned_before_done = handle is not None and not handle.done()
+    while handle is not None and not handle.done() and time.monotonic() - started < 120:
+        time.sleep(0.01)
+    seconds = time.monotonic() - started
+    if handle is not None:
+        handle.wait()
+    ref = reference_expert_forward(fc1, fc2, experts.weights().activation, x, counts, probs)
+    err = relative_error(backend.forward(experts, x, counts, probs, 0), ref)
+    return returned_before_done, seconds, err
