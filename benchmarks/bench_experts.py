@@ -101,8 +101,14 @@ class AutotuneSelection:
 
         runner = ExpertRunner(experts, self.eps_config)
         before = (self.tuner.timed_calls, self.tuner.tuning_seconds, set(self.tuner.decisions))
+        deadline = time.monotonic() + 120
         with torch.no_grad():
             runner.run(x, counts, probs, 0)
+            # A layer's later forwards time the bucket once its candidates have compiled in
+            # the background: the choice scored is the one it settles on.
+            while self.tuner.waiting_buckets and time.monotonic() < deadline:
+                time.sleep(0.01)
+                runner.run(x, counts, probs, 0)
         for key in set(self.tuner.decisions) - before[2]:
             self.buckets[key] = {"timed_candidates": self.tuner.timed_calls - before[0],
                                  "seconds": self.tuner.tuning_seconds - before[1]}

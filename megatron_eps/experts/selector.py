@@ -61,6 +61,11 @@ UNSURE_MARGIN = 0.10
 # Across expert widths the tables' interpolation lost at most 28% on the H200: a backend they
 # predict this much slower than the fastest is not worth timing on a width they lack.
 OUT_OF_REACH = 1.5
+# Calls predicted faster than this are launch- and weight-read-bound, and there the tables'
+# ranking did not carry from one run to the next: on the H200 the same 8-rows-per-expert call
+# of triton took 0.24 ms in the calibration run and 0.48 ms in a later one, while grouped took
+# 0.32 and 0.37 ms (bench_experts_h200*.json). There every backend within OUT_OF_REACH is timed.
+LAUNCH_BOUND_SECONDS = 1e-3
 MAX_SKEW = 4.0
 
 
@@ -356,7 +361,8 @@ def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=No
 
     The tables decide a call when they were measured on this kind of device, in this dtype and
     with this expert width (hidden, ffn), and (given the call's ``tokens_per_expert``) when
-    they predict one backend faster than the others by more than ``UNSURE_MARGIN``.
+    they predict one backend faster than the others by more than ``UNSURE_MARGIN`` (by more
+    than ``OUT_OF_REACH`` for a call predicted under ``LAUNCH_BOUND_SECONDS``).
     Interpolating across widths lost up to 28% on the H200 (research notes, section 4), so on
     a width the tables lack every backend they do not predict ``OUT_OF_REACH`` times slower
     than the fastest is timed; where two backends are predicted within a few percent, the
@@ -382,7 +388,8 @@ def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=No
         return reachable if len(reachable) > 1 else []
     if fastest is None:
         return []
-    close = [name for name in measured if times[name] <= fastest * (1 + UNSURE_MARGIN)]
+    margin = OUT_OF_REACH if fastest < LAUNCH_BOUND_SECONDS else 1 + UNSURE_MARGIN
+    close = [name for name in measured if times[name] <= fastest * margin]
     return close if len(close) > 1 else []
 
 

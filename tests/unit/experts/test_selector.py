@@ -247,12 +247,25 @@ def test_calibration_where_the_tables_lack_the_expert_width(experts):
 
 def test_calibration_where_the_tables_cannot_tell_the_best_apart(experts):
     cpu = torch.device("cpu")
-    # dense 1e-4*m vs grouped 4e-4*sqrt(m): equal at m = 16, 2x apart at m = 64 and m = 4.
-    profile = synthetic_profile(lambda b, m, s: crossing_times(b, m, 0.0))
+    # dense 1e-2*m vs grouped 4e-2*sqrt(m) (GPU-bound times): equal at m = 16, 2x apart at
+    # m = 64 and m = 4.
+    profile = synthetic_profile(lambda b, m, s: 100 * crossing_times(b, m, 0.0))
     assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == [
         "dense", "grouped"]
     assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [64] * N) == []
     assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [4] * N) == []
+
+
+def test_launch_bound_calls_are_timed_where_the_tables_are_decided(experts):
+    """Below LAUNCH_BOUND_SECONDS the tables' order did not carry between runs: backends within
+    OUT_OF_REACH of the fastest are timed; the same ratio at GPU-bound times is decided."""
+    cpu = torch.device("cpu")
+    for scale, expected in ((1.0, ["dense", "grouped"]), (10.0, [])):
+        fast = selector.LAUNCH_BOUND_SECONDS * 0.3 * scale
+        profile = synthetic_profile(lambda b, m, s: fast * (1.0 if b == "dense" else 1.35))
+        assert sorted(selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N)) == expected
+    profile = synthetic_profile(lambda b, m, s: 1e-4 * (1.0 if b == "dense" else 2.0))
+    assert selector.calibration_candidates(experts, cpu, torch.float32, profile, [16] * N) == []
 
 
 def test_a_disturbed_low_load_point_does_not_decide(experts):
