@@ -19,9 +19,9 @@ persists the decision:
   same chunks.
 
 Each candidate runs ``1 + TIMED_RUNS`` times in each of two rounds of opposite order (a
-round's first run warms up; the fastest timed run of either round counts, so one preempted run
-does not decide): that is the overhead, once per bucket and GPU (the file keeps it for later
-runs). A first compile of a Triton kernel takes about a second, longer than a whole prefill
+round's first run warms up, the others are timed back to back; the faster round counts, so one
+preempted round does not decide): that is the overhead, once per bucket and GPU (the file keeps
+it for later runs). A first compile of a Triton kernel takes about a second, longer than a whole prefill
 forward's GEMMs, so at the first meeting of a bucket every candidate starts compiling on a
 worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed, not
 recorded), and the bucket is timed at the first meeting after every candidate has compiled.
