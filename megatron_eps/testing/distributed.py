@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -149,10 +150,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     """Run ``fn(*args)`` on ``world_size`` fresh processes; return the per-rank results.
 
     ``fn`` must be importable (a module-level function). A failing rank raises RankFailed with
-    its traceback; a hang is ended after ``timeout_s``. Where the ranks would share a GPU the
-    calling test is skipped (NCCL refuses that).
+    its traceback; a hang is ended after ``timeout_s``. Where the ranks would share a GPU (NCCL
+    refuses that) the calling test is skipped, or outside pytest a RankFailed says so.
     """
-    skip_unless_ranks_fit(world_size)
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+        if "pytest" in sys.modules:
+            skip_unless_ranks_fit(world_size)
+        raise RankFailed(f"{world_size} ranks need {world_size} GPUs here, found "
+                         f"{torch.cuda.device_count()} (NCCL ranks cannot share one)")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
