@@ -92,19 +92,6 @@ class GemmExpertBackend(ExpertBackend):
         """[M, H] output of ``call`` (experts first_expert .. first_expert + n - 1; M > 0)."""
         raise NotImplementedError
 
-    def compile_in_background(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
-        """The forward once with its Triton launches turned into background compilations (the
-        GEMMs torch runs do run; the result is thrown away)."""
-        if not hidden.is_cuda:
-            return None
-        from megatron_eps.triton_launch import compile_in_background
-
-        with compile_in_background() as started:
-            if started is None:
-                return None
-            self.forward(local_experts, hidden, tokens_per_expert, probs, first_expert)
-        return started if started.kernels else None
-
 
 def stage_int32_batch(
     value_lists: Sequence[Sequence[int]], device: torch.device

@@ -70,3 +70,17 @@ class TritonExpertsBackend(GemmExpertBackend):
 
     def compute(self, call, local_experts, first_expert):
         return triton_expert_forward(call)
+
+    def compile_in_background(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
+        """The forward once with its GEMM launches turned into background compilations (a
+        first compile of the GEMM kernels takes about a second; the other backends' only Triton
+        kernel, the activation, compiles in a fraction of that and is not deferred)."""
+        if not hidden.is_cuda:
+            return None
+        from megatron_eps.triton_launch import compile_in_background
+
+        with compile_in_background() as started:
+            if started is None:
+                return None
+            self.forward(local_experts, hidden, tokens_per_expert, probs, first_expert)
+        return started if started.kernels else None
