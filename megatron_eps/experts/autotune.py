@@ -21,10 +21,10 @@ persists the decision:
 Each candidate runs ``1 + TIMED_RUNS`` times in each of two rounds of opposite order (a
 round's first run warms up, the others are timed back to back; the faster round counts, so one
 preempted round does not decide): that is the overhead, once per bucket and GPU (the file keeps
-it for later runs). A first compile of a Triton kernel takes about a second, longer than a whole prefill
-forward's GEMMs, so at the first meeting of a bucket the candidates that can (the triton
-backend's GEMMs) start compiling on a worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed, not
-recorded), and the bucket is timed at the first meeting after every candidate has compiled.
+it for later runs). A first compile of the triton backend's GEMMs takes about a second, longer
+than a whole prefill forward's GEMMs, so at the first meeting of a bucket they start compiling
+on a worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed,
+not recorded), and the bucket is timed at the first meeting after the compilation finished.
 """
 
 from __future__ import annotations
