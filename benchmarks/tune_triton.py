@@ -49,10 +49,14 @@ CANDIDATES = {
 }
 
 
-def kernel_facts():
-    """Registers, spills and the instructions that matter, of the last compiled kernels."""
+def kernel_facts(seen_before):
+    """Registers, spills and the instructions that matter, of the kernels compiled since
+    ``seen_before`` (a tk.compiled_gemm_kernels() result), the last of each flavour."""
     facts = {}
-    for flavour, kernel in tk.LAST_KERNEL.items():
+    for flavour, kernels in tk.compiled_gemm_kernels().items():
+        if len(kernels) <= len(seen_before.get(flavour, ())):
+            continue
+        kernel = kernels[-1]
         try:
             ptx = kernel.asm.get("ptx", "")
             facts[flavour] = {
@@ -102,11 +106,11 @@ def main():
                     cfg = CANDIDATES[name]
                     tk.set_config_chooser(lambda c, h, f, g, cfg=cfg: cfg)
                     try:
-                        tk.LAST_KERNEL.clear()
+                        seen_before = tk.compiled_gemm_kernels()
                         per_cfg[name] = cal.measure_point(experts, ["triton"], counts, inputs, device, 0.03)["triton"]
                         if (name, mean > 64) not in facts_seen:
                             facts_seen.add((name, mean > 64))
-                            print(f"   kernel {name} load {mean}: {kernel_facts()}", flush=True)
+                            print(f"   kernel {name} load {mean}: {kernel_facts(seen_before)}", flush=True)
                         if mean == loads[0] or mean == loads[-1]:
                             x, p = inputs[0]
                             out = get_backend("triton").forward(experts, x[:rows], counts, p[:rows], 0)

@@ -11,7 +11,7 @@ multiple of 16, or needs 64 bits, and the constexpr values. The first launch of 
 through Triton's JIT (which compiles and returns the compiled kernel); a failure of the direct
 call falls back to the JIT path for good.
 
-``compile_in_background()`` turns the launches of the kernels launched through ``launch`` or a
+``compile_in_background()`` turns the launches of the kernels launched through a
 ``CachedLauncher`` into compilations on a worker thread (Triton's async compile mode), so that
 self-calibration can compile a candidate backend's kernels while the forward goes on with a
 backend that is ready (a first compile costs about a second; experts/autotune.py).
@@ -70,7 +70,7 @@ class BackgroundCompile:
 
 @contextlib.contextmanager
 def compile_in_background():
-    """Within it, ``launch`` and ``CachedLauncher`` calls start a compilation of their kernel's
+    """Within it, ``CachedLauncher`` calls start a compilation of their kernel's
     specialization on a worker thread instead of launching it (outputs are left unwritten).
     Yields a ``BackgroundCompile`` of what was started (empty where every kernel was compiled
     already), or None where Triton has no async compile mode (nothing is compiled or run then;
@@ -89,16 +89,6 @@ def compile_in_background():
         _COMPILING.reset(token)
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, or inside ``compile_in_background`` the start of its
-    compilation. Returns the compiled kernel (None while compiling in the background)."""
-    started = _COMPILING.get()
-    if started is None:
-        return kernel[grid](*args, **kwargs)
-    _start_compile(started, kernel.warmup(*args, grid=grid, **kwargs))
-    return None
-
-
 def _start_compile(started: List[Any], compiled) -> None:
     module = _async_compile()
     if module is not None and isinstance(compiled, module.FutureKernel) and compiled.kernel is None:
@@ -106,6 +96,8 @@ def _start_compile(started: List[Any], compiled) -> None:
 
 
 def _arg_key(value: Any):
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TMA descriptor
+        return ("desc", value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0)
     if hasattr(value, "data_ptr"):
         return (value.dtype, value.data_ptr() % 16 == 0, value.device.index)
     if isinstance(value, bool):
@@ -148,3 +140,7 @@ class CachedLauncher:
         compiled = self.kernel[grid](*runtime_args, **constexprs, **options)
         if self.direct and compiled is not None and hasattr(compiled, "__getitem__"):
             self._compiled[key] = compiled
+
+    def compiled_kernels(self) -> List[Any]:
+        """The compiled kernels launched so far, one per specialization (for diagnostics)."""
+        return list(self._compiled.values())

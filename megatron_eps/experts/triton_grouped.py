@@ -3,6 +3,8 @@
 fc1 runs with the activation and the routing probs fused into its epilogue (the [M, 2F] fc1
 output is never written), fc2 writes straight into the output. Tile shapes are chosen from the
 host-side row counts per call; the persistent tile scheduler keeps every SM busy under skew.
+The kernels read the same int32 row offsets as torch._grouped_mm (staged by the layer once per
+forward), so a call costs the host no per-call table and no copy.
 """
 
 from __future__ import annotations
@@ -16,25 +18,22 @@ from megatron_eps.experts.gemm_common import ExpertCall, GemmExpertBackend, gemm
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
-    """Our grouped GEMM kernel, activation fused into the first (a call with at least one row)."""
+def triton_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tensor:
+    """Our grouped GEMM kernel, activation fused into the first (a call with at least one row).
+    ``staged_offsets``: offsets already on the device (gemm_common.stage_int32_batch)."""
     counts, spec = call.counts, call.weights.activation
     hidden = call.hidden if call.hidden.stride(1) == 1 else call.hidden.contiguous()
-    hidden_size = hidden.shape[1]
     out = hidden.new_empty(hidden.shape)
-    ffn = call.fc2.shape[2]
-    cfg1, cfg2 = tk.choose_configs(counts, hidden_size, ffn, spec.gated)
-    tiles1, n1 = tk.build_tile_table(counts, cfg1.block_m, hidden.device)
-    if cfg2.block_m == cfg1.block_m:
-        tiles2, n2 = tiles1, n1
-    else:
-        tiles2, n2 = tk.build_tile_table(counts, cfg2.block_m, hidden.device)
+    cfg1, cfg2 = tk.choose_configs(counts, hidden.shape[1], call.fc2.shape[2], spec.gated)
+    offs = tk.expert_offsets(counts, hidden.device, staged_offsets)
+    m_tiles1 = tk.count_m_tiles(counts, cfg1.block_m)
+    m_tiles2 = m_tiles1 if cfg2.block_m == cfg1.block_m else tk.count_m_tiles(counts, cfg2.block_m)
     if spec.fused_code is not None:
         h = tk.expert_gemm(
             hidden,
             call.fc1,
-            tiles1,
-            n1,
+            offs,
+            m_tiles1,
             cfg1,
             gated=spec.gated,
             act_code=spec.fused_code,
@@ -44,9 +43,9 @@ def triton_expert_forward(call: ExpertCall) -> torch.Tensor:
         )
     else:
         # An activation callable the kernel does not know: plain GEMM, then Megatron's math.
-        fc1_out = tk.expert_gemm(hidden, call.fc1, tiles1, n1, cfg1)
+        fc1_out = tk.expert_gemm(hidden, call.fc1, offs, m_tiles1, cfg1)
         h = spec.apply_torch(fc1_out, call.probs)
-    return tk.expert_gemm(h, call.fc2, tiles2, n2, cfg2, out=out)
+    return tk.expert_gemm(h, call.fc2, offs, m_tiles2, cfg2, out=out)
 
 
 @register_backend
@@ -69,7 +68,7 @@ class TritonExpertsBackend(GemmExpertBackend):
         return gemm_unavailable_reason(local_experts, device, dtype)
 
     def compute(self, call, local_experts, first_expert):
-        return triton_expert_forward(call)
+        return triton_expert_forward(call, getattr(local_experts, "staged_int32", None))
 
     def compile_in_background(self, local_experts, hidden, tokens_per_expert, probs, first_expert):
         """The forward once with its GEMM launches turned into background compilations (a

@@ -3,9 +3,10 @@
 Grouped GEMM (``expert_gemm``)
     out[rows of e] = epilogue(x[rows of e] @ w[e]^T) for every expert e in one launch.
     Work items are (m-tile, n-tile) pairs where an m-tile is BLOCK_M consecutive rows of ONE
-    expert: the host builds the m-tile table (expert, row start, row end) from the host-side row
-    counts (no device sync), so an expert with 6000 rows simply owns 47 m-tiles and an empty
-    expert owns none. A persistent grid of about one CTA per SM walks the flat list of work items
+    expert, so an expert with 6000 rows simply owns 47 m-tiles and an empty expert owns none.
+    Each CTA derives the m-tiles' experts and rows from the experts' cumulative row ends (the
+    ``offs`` torch._grouped_mm takes) with one prefix sum over the experts; the host only counts
+    the m-tiles for the grid, so a launch costs no per-call table and no extra copy. A persistent grid of about one CTA per SM walks the flat list of work items
     with a stride of the grid size, so a skewed load (one hot expert) still spreads over every SM,
     and the tail is at most one tile per SM. Tiles are visited in GROUP_M-swizzled order so CTAs
     running at the same time share weight tiles (and x tiles) in L2.
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eps.triton_launch import launch
+from megatron_eps.experts.gemm_common import pinned_int32
+from megatron_eps.triton_launch import CachedLauncher
 
 try:  # Triton is optional: the triton backend reports itself unavailable without it.
     import triton
@@ -80,18 +83,32 @@ if triton is not None:
         return _activation(gate, ACT) * (lin + glu_offset)
 
     @triton.jit
-    def _work_item(tile, tiles_ptr, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    def _tile_ends(offs_ptr, num_experts, BLOCK_M: tl.constexpr, EXPERTS_POW2: tl.constexpr):
+        """[EXPERTS_POW2] cumulative m-tile count at the end of each expert, from the experts'
+        cumulative row ends (0 past the last expert)."""
+        e = tl.arange(0, EXPERTS_POW2)
+        ends = tl.load(offs_ptr + e, mask=e < num_experts, other=0)
+        starts = tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < num_experts), other=0)
+        return tl.cumsum((ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+
+    @triton.jit
+    def _work_item(tile, tile_ends, offs_ptr, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
         """(n-tile, expert, first row, end row) of work item ``tile``: a GROUP_M swizzle over the
         global m-tile list (which may cross expert boundaries), so neighbouring items share
-        weight tiles; the m-tile's expert and rows come from the tile table."""
+        weight tiles. The m-tile's expert is the number of experts whose tiles end at or before
+        it (an empty expert ends where the one before it does)."""
         tiles_per_group = GROUP_M * num_n_tiles
         first_m = (tile // tiles_per_group) * GROUP_M
         group_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
         in_group = tile % tiles_per_group
         m_tile = first_m + in_group % group_m
-        expert = tl.load(tiles_ptr + m_tile)
-        row_start = tl.load(tiles_ptr + num_m_tiles + m_tile)
-        row_end = tl.load(tiles_ptr + 2 * num_m_tiles + m_tile)
+        done = tile_ends <= m_tile
+        expert = tl.sum(done.to(tl.int32), 0)
+        expert_first_tile = tl.max(tl.where(done, tile_ends, 0), 0)
+        expert_first_row = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
+        row_start = expert_first_row + (m_tile - expert_first_tile) * BLOCK_M
+        row_end = tl.load(offs_ptr + expert)
         return in_group // group_m, expert, row_start, row_end
 
     @triton.jit
@@ -112,13 +129,14 @@ if triton is not None:
 
     # Ints that change with the load are not specialized on (Triton would compile a variant per
     # value class: == 1, multiple of 16, other), so a new load never costs a compile mid-run.
-    @triton.jit(do_not_specialize=["num_m_tiles", "num_programs"])
+    @triton.jit(do_not_specialize=["num_experts", "num_m_tiles", "num_programs"])
     def _expert_gemm_kernel(
         x_ptr,
         w_ptr,
         out_ptr,
         probs_ptr,
-        tiles_ptr,
+        offs_ptr,
+        num_experts,
         num_m_tiles,
         N,
         K,
@@ -142,13 +160,15 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        EXPERTS_POW2: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m_tiles * num_n_tiles
+        tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
         for tile in range(pid, num_tiles, num_programs):
-            n_tile, expert_index, row_start, row_end = _work_item(tile, tiles_ptr, num_m_tiles,
-                                                                  num_n_tiles, GROUP_M)
+            n_tile, expert_index, row_start, row_end = _work_item(tile, tile_ends, offs_ptr, num_m_tiles,
+                                                                  num_n_tiles, GROUP_M, BLOCK_M)
             expert = expert_index.to(tl.int64)
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
@@ -192,13 +212,14 @@ if triton is not None:
             _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols_in, col_ok, stride_om,
                         clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
-    @triton.jit(do_not_specialize=["num_m_tiles", "num_programs"])
+    @triton.jit(do_not_specialize=["num_experts", "num_m_tiles", "num_programs"])
     def _expert_gemm_tma_kernel(
         x_desc,
         w_desc,
         out_ptr,
         probs_ptr,
-        tiles_ptr,
+        offs_ptr,
+        num_experts,
         num_m_tiles,
         N,
         K,
@@ -216,6 +237,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        EXPERTS_POW2: tl.constexpr,
     ):
         # Same work items and epilogue as _expert_gemm_kernel; operands arrive through TMA
         # (Hopper's bulk tensor copies). Rows of an m-tile past its expert's end are whatever
@@ -224,8 +246,10 @@ if triton is not None:
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m_tiles * num_n_tiles
+        tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
         for tile in range(pid, num_tiles, num_programs):
-            n_tile, expert, row_start, row_end = _work_item(tile, tiles_ptr, num_m_tiles, num_n_tiles, GROUP_M)
+            n_tile, expert, row_start, row_end = _work_item(tile, tile_ends, offs_ptr, num_m_tiles,
+                                                            num_n_tiles, GROUP_M, BLOCK_M)
             w_row = expert * w_rows_per_expert + n_tile * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -336,8 +360,6 @@ def _pointer_fallback(cfg: GemmConfig, gated: bool) -> GemmConfig:
 
 
 _CHOOSER: Dict[str, ConfigChooser] = {"fn": default_configs}
-# The last compiled kernel of each flavour (registers/spills/PTX for tuning diagnostics).
-LAST_KERNEL: Dict[str, object] = {}
 
 
 def set_config_chooser(chooser: Optional[ConfigChooser]) -> None:
@@ -363,33 +385,39 @@ def _gemm_sm_count(device_index: int) -> int:
     return max(1, _sm_count(device_index) - carveout)
 
 
-def build_tile_table(counts: Sequence[int], block_m: int, device: torch.device):
-    """int32 [3, T] device table (expert, row start, row end) of every m-tile, and T.
+def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
+    """Number of m-tiles (BLOCK_M rows of one expert) of a load: the kernels' work-item count
+    per n-tile. The kernels find each tile's expert from the row offsets themselves."""
+    return sum((c + block_m - 1) // block_m for c in counts)
 
-    Built from host ints with a few list operations (no device sync); copied with a pinned,
-    non-blocking transfer.
-    """
-    experts, starts, ends = [], [], []
-    row = 0
-    for expert, count in enumerate(counts):
-        end = row + count
-        tile_starts = range(row, end, block_m)
-        experts.extend([expert] * len(tile_starts))
-        starts.extend(tile_starts)
-        ends.extend([end] * len(tile_starts))
-        row = end
-    num_tiles = len(experts)
-    host = torch.tensor([experts, starts, ends], dtype=torch.int32)
-    if device.type == "cuda":
-        host = host.pin_memory()
-        return host.to(device, non_blocking=True), num_tiles
-    return host, num_tiles
+
+def expert_offsets(counts: Sequence[int], device: torch.device, staged=None) -> torch.Tensor:
+    """int32 [n] cumulative row ends of the experts on ``device`` (torch._grouped_mm's ``offs``;
+    found in ``staged`` when the layer staged them, else one pinned, non-blocking copy)."""
+    return pinned_int32(list(itertools.accumulate(counts)), device, staged)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_launchers() -> Dict[str, CachedLauncher]:
+    """Both GEMM kernels are launched twice per expert call; the JIT's per-call dispatch would
+    cost about as much host time as a weight-bound call takes on the GPU."""
+    return {"pointer": CachedLauncher(_expert_gemm_kernel), "tma": CachedLauncher(_expert_gemm_tma_kernel)}
+
+
+def compiled_gemm_kernels() -> Dict[str, list]:
+    """The compiled GEMM kernels of each flavour, by launch (registers/spills/PTX for tuning)."""
+    return {flavour: launcher.compiled_kernels() for flavour, launcher in _gemm_launchers().items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def expert_gemm(
     x: torch.Tensor,
     w: torch.Tensor,
-    tiles: torch.Tensor,
+    offs: torch.Tensor,
     num_m_tiles: int,
     cfg: GemmConfig,
     out: Optional[torch.Tensor] = None,
@@ -399,7 +427,9 @@ def expert_gemm(
     clamp: Optional[float] = None,
     glu_offset: float = 0.0,
 ) -> torch.Tensor:
-    """out[rows of e] = epilogue(x[rows of e] @ w[e]^T); w is [n, N_rows, K] (N_rows = 2N if gated)."""
+    """out[rows of e] = epilogue(x[rows of e] @ w[e]^T); w is [n, N_rows, K] (N_rows = 2N if
+    gated), offs the int32 [n] cumulative row ends (expert_offsets), num_m_tiles
+    count_m_tiles(counts, cfg.block_m)."""
     rows, K = x.shape
     n_rows = w.shape[1]
     N = n_rows // 2 if gated else n_rows
@@ -408,63 +438,68 @@ def expert_gemm(
     if num_m_tiles == 0:
         return out
     num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
-    if not cfg.persistent and x.is_cuda and _gemm_sm_count(x.device.index or 0) < _sm_count(x.device.index or 0):
+    device_index = x.device.index or 0
+    if not cfg.persistent and x.is_cuda and _gemm_sm_count(device_index) < _sm_count(device_index):
         cfg = dataclasses.replace(cfg, persistent=True)  # only a persistent grid leaves SMs free
     if cfg.persistent and x.is_cuda:
-        grid_size = min(num_work, _gemm_sm_count(x.device.index or 0) * cfg.ctas_per_sm)
+        grid_size = min(num_work, _gemm_sm_count(device_index) * cfg.ctas_per_sm)
     elif cfg.persistent:  # interpreter: a few programs still exercise the persistent loop
         grid_size = min(num_work, 3)
     else:
         grid_size = num_work
-    if cfg.tma and _tma_usable(x, w):
-        return _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_code,
-                           probs, clamp, glu_offset)
-    if cfg.tma:
-        cfg = _pointer_fallback(cfg, gated)
-        num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
-        grid_size = min(num_work, grid_size) if cfg.persistent else num_work
-    compiled = launch(
-        _expert_gemm_kernel,
-        (grid_size,),
-        x,
-        w,
+    epilogue = (
         out,
         probs if probs is not None else x,
-        tiles,
+        offs,
+        w.shape[0],
         num_m_tiles,
         N,
         K,
-        N if gated else 0,
-        x.stride(0),
-        x.stride(1),
-        w.stride(0),
-        w.stride(1),
-        w.stride(2),
-        out.stride(0),
-        float(clamp) if clamp is not None else 0.0,
-        float(glu_offset),
-        grid_size,
-        GATED=gated,
-        ACT=act_code,
-        HAS_PROBS=probs is not None,
-        HAS_CLAMP=clamp is not None,
-        IEEE=x.dtype == torch.float32,
-        EVEN_K=K % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
+    )
+    scalars = (float(clamp) if clamp is not None else 0.0, float(glu_offset), grid_size)
+    flags = {"GATED": gated, "ACT": act_code, "HAS_PROBS": probs is not None, "HAS_CLAMP": clamp is not None}
+    tiles = {
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "GROUP_M": cfg.group_m,
+        "EXPERTS_POW2": max(16, triton.next_power_of_2(w.shape[0])),
+    }
+    if cfg.tma and _tma_usable(x, w):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        n_experts, w_rows, _ = w.shape
+        x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K), [cfg.block_n, cfg.block_k])
+        _gemm_launchers()["tma"](
+            (grid_size,),
+            (x_desc, w_desc, *epilogue, w_rows, N if gated else 0, out.stride(0), *scalars),
+            {**flags, **tiles},
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        return out
+    if cfg.tma:
+        cfg = _pointer_fallback(cfg, gated)
+        tiles["BLOCK_N"] = cfg.block_n
+        num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
+        grid_size = min(num_work, grid_size) if cfg.persistent else num_work
+        scalars = scalars[:2] + (grid_size,)
+    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0))
+    pointer_flags = {**flags, "IEEE": x.dtype == torch.float32, "EVEN_K": K % cfg.block_k == 0}
+    _gemm_launchers()["pointer"](
+        (grid_size,),
+        (x, w, *epilogue, N if gated else 0, *strides, *scalars),
+        {**pointer_flags, **tiles},
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if compiled is not None:
-        LAST_KERNEL["pointer"] = compiled
     return out
 
 
 def _tma_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """TMA needs Hopper+, contiguous rows and 16-byte aligned bases and row strides."""
-    if x.is_cuda and (torch.cuda.get_device_capability(x.device)[0] < 9 or x.dtype == torch.float32):
+    if x.is_cuda and (_capability_major(x.device.index or 0) < 9 or x.dtype == torch.float32):
         return False  # no TMA before Hopper; fp32 would run as tf32 through this path
     elem = x.element_size()
     return (
@@ -477,50 +512,9 @@ def _tma_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def _launch_tma(x, w, out, tiles, num_m_tiles, N, K, cfg, grid_size, gated, act_code, probs, clamp, glu_offset):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    n_experts, w_rows, _ = w.shape
-    x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
-    w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K), [cfg.block_n, cfg.block_k])
-    compiled = launch(
-        _expert_gemm_tma_kernel,
-        (grid_size,),
-        x_desc,
-        w_desc,
-        out,
-        probs if probs is not None else x,
-        tiles,
-        num_m_tiles,
-        N,
-        K,
-        w_rows,
-        N if gated else 0,
-        out.stride(0),
-        float(clamp) if clamp is not None else 0.0,
-        float(glu_offset),
-        grid_size,
-        GATED=gated,
-        ACT=act_code,
-        HAS_PROBS=probs is not None,
-        HAS_CLAMP=clamp is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    if compiled is not None:
-        LAST_KERNEL["tma"] = compiled
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _fused_activation_launcher():
     """The activation kernel is launched once per chunk, on the pipeline's critical path."""
-    from megatron_eps.triton_launch import CachedLauncher
-
     return CachedLauncher(_fused_activation_kernel)
 
 

@@ -40,8 +40,9 @@ def interpreter_results():
 
 
 def test_interpreter_covered_every_case(interpreter_results):
-    # 2 shapes x 3 activations x 4 configs x 3 loads + subranges + 2 activations + fused kernels
-    assert len(interpreter_results) >= 2 * 3 * 4 * 3 + 2 + 2 + 10
+    # 3 shapes x 3 activations x 4 configs x 3 loads (+1 for 20 experts) + subranges
+    # + 2 activations + fused kernels
+    assert len(interpreter_results) >= 3 * 3 * 4 * 3 + 3 * 4 + 3 + 2 + 10
 
 
 def test_triton_backend_matches_reference(interpreter_results):

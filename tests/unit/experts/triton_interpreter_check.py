@@ -42,7 +42,8 @@ def main():
         ),
     }
     # H=40 is not a multiple of the K tile: exercises the masked K loop.
-    shapes = {"even": (4, 64, 48), "ragged_k": (3, 40, 24)}
+    # 20 experts: the tile decode's prefix sum spans more than one 16-expert block.
+    shapes = {"even": (4, 64, 48), "ragged_k": (3, 40, 24), "many_experts": (20, 32, 16)}
     for shape_name, (n, hidden, ffn) in shapes.items():
         fc1 = torch.randn(n, 2 * ffn, hidden) / hidden**0.5
         fc2 = torch.randn(n, hidden, ffn) / ffn**0.5
@@ -55,10 +56,12 @@ def main():
         }.items():
             experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2, spec))
             cases = {
-                "mixed_with_empty": [5, 0, 70, 3][:n],
-                "one_hot_expert": [0, 77, 0, 0][:n],
+                "mixed_with_empty": ([5, 0, 70, 3] * 5)[:n],
+                "one_hot_expert": ([0, 77, 0, 0] * 5)[:n],
                 "all_empty": [0] * n,
             }
+            if n > 16:
+                cases["last_experts_only"] = [0] * (n - 2) + [33, 17]
             for config_name, chooser in configs.items():
                 tk.set_config_chooser(chooser)
                 for case, counts in cases.items():
