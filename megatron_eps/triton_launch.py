@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
+
+_LOG = logging.getLogger(__name__)
 
 # Inside compile_in_background: the list that collects the compilations started.
 _COMPILING: contextvars.ContextVar = contextvars.ContextVar("megatron_eps_compiling", default=None)
@@ -96,19 +99,20 @@ def _start_compile(started: List[Any], compiled) -> None:
 
 
 def _arg_key(value: Any):
+    kind = type(value)
+    if kind is int:
+        return (value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
+    if kind is float:
+        return "float"
+    if kind is bool:
+        return ("bool", value)
+    if value is None:
+        return None
     if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TMA descriptor
         return ("desc", value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0)
     if hasattr(value, "data_ptr"):
-        return (value.dtype, value.data_ptr() % 16 == 0, value.device.index)
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0, not -(2**31) <= value < 2**31)
-    if isinstance(value, float):
-        return "float"
-    if value is None:
-        return None
-    return (type(value).__name__,)
+        return (value.dtype, value.data_ptr() % 16 == 0, value.get_device())
+    return (kind.__name__,)
 
 
 class CachedLauncher:
@@ -120,6 +124,7 @@ class CachedLauncher:
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
         self._compiled: Dict[tuple, Any] = {}
         self.direct = True
 
@@ -133,10 +138,14 @@ class CachedLauncher:
         compiled = self._compiled.get(key) if self.direct else None
         if compiled is not None:
             try:
-                compiled[grid](*runtime_args, *constexprs.values())
+                # A compiled kernel indexes all three grid dimensions.
+                compiled[tuple(grid) + (1,) * (3 - len(grid))](*runtime_args, *constexprs.values())
                 return
-            except Exception:  # noqa: BLE001 - an API change: keep launching through the JIT
+            except Exception as exc:  # noqa: BLE001 - an API change: keep launching through the JIT
                 self.direct = False
+                _LOG.warning("%s: launching the compiled kernel directly failed (%s: %s); every "
+                             "launch goes through Triton's JIT from now on", self.name,
+                             type(exc).__name__, exc)
         compiled = self.kernel[grid](*runtime_args, **constexprs, **options)
         if self.direct and compiled is not None and hasattr(compiled, "__getitem__"):
             self._compiled[key] = compiled

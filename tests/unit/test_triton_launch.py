@@ -13,7 +13,8 @@ class FakeCompiled:
         def run(*args):
             if self.fail:
                 raise TypeError("launcher API changed")
-            self.log.append(("direct", grid, args))
+            # Triton's compiled kernel reads all three grid dimensions.
+            self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
 
         return run
 
@@ -37,7 +38,7 @@ def test_second_launch_of_a_specialization_skips_the_jit():
     launch((2,), (x, 32, 0.5), {"BLOCK": 128}, num_warps=4)
     launch((3,), (x, 48, 0.25), {"BLOCK": 128}, num_warps=4)  # same key: 48 % 16 == 0 too
     assert [e[0] for e in jit.log] == ["jit", "direct"]
-    assert jit.log[1] == ("direct", (3,), (x, 48, 0.25, 128))
+    assert jit.log[1] == ("direct", (3, 1, 1), (x, 48, 0.25, 128))
     assert jit.log[0][3] == {"BLOCK": 128, "num_warps": 4}
 
 
@@ -57,7 +58,7 @@ def test_a_new_specialization_goes_through_the_jit():
     assert [e[0] for e in jit.log][-1] == "jit"
 
 
-def test_a_failing_direct_call_falls_back_to_the_jit_for_good():
+def test_a_failing_direct_call_falls_back_to_the_jit_for_good(caplog):
     jit = FakeJit(fail_direct=True)
     launch = CachedLauncher(jit)
     x = torch.zeros(64)
@@ -65,3 +66,28 @@ def test_a_failing_direct_call_falls_back_to_the_jit_for_good():
         launch((1,), (x, 32), {"BLOCK": 128}, num_warps=4)
     assert [e[0] for e in jit.log] == ["jit", "jit", "jit"]
     assert not launch.direct
+    assert "launcher API changed" in caplog.text
+
+
+class FakeDescriptor:
+    def __init__(self, base, block_shape):
+        self.base, self.block_shape = base, block_shape
+
+
+def test_tma_descriptors_are_keyed_by_dtype_and_block_shape():
+    jit = FakeJit()
+    launch = CachedLauncher(jit)
+    x = torch.zeros(64, 64)
+    launch((1,), (FakeDescriptor(x, [16, 16]),), {"B": 1})
+    launch((1,), (FakeDescriptor(x.clone(), [16, 16]),), {"B": 1})  # same key: another tensor
+    launch((1,), (FakeDescriptor(x, [32, 16]),), {"B": 1})
+    launch((1,), (FakeDescriptor(x.double(), [16, 16]),), {"B": 1})
+    assert [e[0] for e in jit.log] == ["jit", "direct", "jit", "jit"]
+
+
+def test_compiled_kernels_lists_one_kernel_per_specialization():
+    launch = CachedLauncher(FakeJit())
+    x = torch.zeros(64)
+    for n in (32, 48, 33):
+        launch((1,), (x, n), {"BLOCK": 128})
+    assert len(launch.compiled_kernels()) == 2

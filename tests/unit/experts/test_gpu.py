@@ -45,6 +45,27 @@ def test_stacked_backends_bf16(shape):
                 assert err <= BF16_TOL, (name, case, err)
 
 
+def test_triton_gemms_launch_their_compiled_kernels_directly():
+    """After the first call of a specialization the GEMMs skip Triton's JIT dispatch (a silent
+    fallback to it would cost the host tens of microseconds per launch)."""
+    from megatron_eps.experts import triton_kernels as tk
+
+    n, hidden, ffn = 20, 256, 128
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    fc1 = (torch.randn(n, 2 * ffn, hidden, generator=gen) / hidden**0.5).cuda().bfloat16()
+    fc2 = (torch.randn(n, hidden, ffn, generator=gen) / ffn**0.5).cuda().bfloat16()
+    experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
+    counts = [0, 5, 0, 0, 40, 3] + [2] * 14
+    x, probs = random_call(n, hidden, counts, torch.bfloat16, "cuda", seed=5)
+    ref = reference_expert_forward(fc1, fc2, experts.weights().activation, x, counts, probs)
+    for _ in range(3):
+        out = get_backend("triton").forward(experts, x, counts, probs, 0)
+        assert relative_error(out, ref) <= BF16_TOL
+    launchers = tk._gemm_launchers()
+    assert all(launcher.direct for launcher in launchers.values())
+    assert launchers["tma"].compiled_kernels(), "the H100/H200 path launches the TMA kernel"
+
+
 def test_sequential_mlp_backends_bf16(megatron_parallel):
     module, config = build_sequential_experts(
         num_experts=6, hidden=256, ffn=128, dtype=torch.bfloat16, device="cuda"
