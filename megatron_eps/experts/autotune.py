@@ -38,32 +38,27 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron-eps-kernel-cache"
 VERSION = 2
 CACHE_ENV = "MEGATRON_EPS_KERNEL_CACHE"
 
-TIMED_RUNS = 3
+TIMED_RUNS = BACK_TO_BACK_CALLS
 
 # (seconds, output) of running ``fn`` after a warm-up call; ``label`` names the backend
 Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
 
 
 def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
-    """Seconds per call of ``TIMED_RUNS`` calls issued back to back from an idle GPU: the
-    larger of the host's issue time and the GPU's time, as a forward pays it. (Events around
-    each call of a backed-up queue would time the GPU alone: at low loads triton's kernel took
-    236 us and its host issue 393 us per call; trace_expert_point_dsv2_ep8_8.json.)"""
+    """Seconds per call of ``TIMED_RUNS`` calls issued back to back from an idle GPU, after a
+    warm-up call (calibrate.timing.back_to_back_seconds: what a forward pays)."""
+    from megatron_eps.calibrate.timing import back_to_back_seconds
+
     fn()  # compile and warm up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.current_stream().synchronize()
-    start.record()
-    for _ in range(TIMED_RUNS):
-        out = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / TIMED_RUNS, out
+    return back_to_back_seconds(lambda i: fn(), torch.device("cuda", torch.cuda.current_device()), TIMED_RUNS)
 
 
 def wall_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:

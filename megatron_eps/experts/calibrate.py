@@ -85,38 +85,19 @@ def time_call(
     max_reps: int = 50,
     warmup: int = 2,
 ) -> float:
-    """Median seconds of ``fn(i)`` (i = repeat index, used to rotate inputs)."""
-    if device.type == "cuda":
-        for i in range(warmup):
-            fn(i)
-        torch.cuda.synchronize(device)
-        probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        probe_start.record()
-        fn(warmup)
-        probe_end.record()
-        torch.cuda.synchronize(device)
-        probe = max(probe_start.elapsed_time(probe_end) / 1e3, 1e-6)
-        reps = int(min(max(target_s / probe, min_reps), max_reps))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            fn(i)
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+    """Median seconds per call of ``fn(i)`` (i = call index, used to rotate inputs) over batches
+    of ``BACK_TO_BACK_CALLS`` calls issued back to back (timing.back_to_back_seconds, the timing the
+    self-calibration uses); about ``target_s`` in all, ``min_reps`` to ``max_reps`` calls."""
+    from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
+
     for i in range(warmup):
         fn(i)
-    t0 = time.perf_counter()
-    fn(warmup)
-    probe = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(max(target_s / probe, min_reps), max_reps))
-    samples = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    probe, _ = back_to_back_seconds(fn, device, 1, first_index=warmup)
+    calls = min(max(target_s / max(probe, 1e-6), min_reps), max_reps)
+    batches = max(3, int(calls) // BACK_TO_BACK_CALLS)
+    return statistics.median(
+        back_to_back_seconds(fn, device, first_index=b * BACK_TO_BACK_CALLS)[0] for b in range(batches)
+    )
 
 
 def warm_gpu(device: torch.device, seconds: float = 1.0) -> None:

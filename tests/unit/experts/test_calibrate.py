@@ -59,3 +59,31 @@ def test_shipped_model_configs_parse():
     for path in moe_configs:
         hidden, ffn, experts = calibrate.shape_from_model_yaml(path, 1)
         assert hidden > 0 and ffn > 0 and experts > 0
+
+
+def test_back_to_back_seconds_times_a_batch_of_calls_in_order():
+    import time as _time
+
+    from megatron_eps.calibrate.timing import back_to_back_seconds
+
+    seen = []
+
+    def call(i):
+        seen.append(i)
+        _time.sleep(0.002)
+        return i
+
+    seconds, out = back_to_back_seconds(call, torch.device("cpu"), 3, first_index=6)
+    assert seen == [6, 7, 8] and out == 8
+    assert 0.0018 <= seconds < 0.05
+
+
+def test_time_call_rotates_the_call_index_over_its_batches():
+    from megatron_eps.experts.calibrate import time_call
+
+    seen = []
+    seconds = time_call(lambda i: seen.append(i), torch.device("cpu"), target_s=1e-4, min_reps=9,
+                        max_reps=9, warmup=2)
+    assert seconds >= 0.0
+    # two warm-up calls, a one-call probe, then 3 batches of 3 calls with their own indices
+    assert seen == [0, 1, 2] + list(range(9))
