@@ -375,7 +375,7 @@ def calibrate(
         "device": device_info(device),
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
-        "timing": {"method": "cuda events per call, median" if device.type == "cuda" else "host clock, median",
+        "timing": {"method": "median of back-to-back batches of calls (calibrate.timing.back_to_back_seconds)",
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
         "beside_copy": copy_engine_check(beside) if beside is not None else None,

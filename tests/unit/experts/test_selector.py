@@ -388,10 +388,11 @@ def test_beside_copy_tables_measured_beside_an_sm_copy_are_not_used(experts):
         chosen = selector.choose_backend("auto", experts, [8] * N, cpu, torch.float32, profile,
                                          beside_copy=True)
         assert chosen == ("grouped" if kept else "dense")
-    # The shipped H200 profile's stand-in (a device-to-device copy) took SMs.
+    # The shipped H200 profile's stand-in (a pinned host-to-device copy) left the SMs free.
     import os
 
     from megatron_eps.policy.profile import PROFILES_DIR
 
     h200 = selector.CostProfile.from_file(os.path.join(PROFILES_DIR, "nvidia_h200.json"))
-    assert not h200.tables_beside_copy and h200.tables
+    assert h200.data["beside_copy"]["stand_in"] == "pinned host-to-device copy"
+    assert h200.tables_beside_copy and h200.tables
