@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 _LOG = logging.getLogger(__name__)
 
-# Inside compile_in_background: the list that collects the compilations started.
+# Inside compile_in_background: the BackgroundCompile that collects the compilations started.
 _COMPILING: contextvars.ContextVar = contextvars.ContextVar("megatron_eps_compiling", default=None)
 
 
@@ -56,19 +56,44 @@ def _set_active_mode(module, mode) -> None:
         module.active_mode = mode
 
 
-class BackgroundCompile:
-    """Compilations started by ``compile_in_background``."""
+def _build_launcher(compile_future) -> None:
+    """Build the compiled kernel's host launcher, a C extension Triton otherwise compiles (and
+    caches on disk) at the kernel's first launch: on a cold cache that took about 0.3 s of the
+    first timed call (benchmarks/results/autotune_overhead_h200.json). Built here, on the
+    compile worker, the first launch finds it in Triton's cache."""
+    kernel = compile_future.result()
+    from triton.runtime.driver import driver
 
-    def __init__(self, kernels: List[Any]):
-        self.kernels = kernels
+    driver.active.launcher_cls(kernel.src, kernel.metadata)
+
+
+class BackgroundCompile:
+    """Compilations started by ``compile_in_background``: each kernel's compilation, then its
+    launcher's, on the one compile worker."""
+
+    def __init__(self):
+        self.kernels: List[Any] = []
+        self.launchers: List[Any] = []
+
+    def add(self, future_kernel) -> None:
+        self.kernels.append(future_kernel)
+        # The worker runs tasks in order, so this one starts once the compilation has finished.
+        self.launchers.append(_compile_pool().submit(_build_launcher, future_kernel.future))
 
     def done(self) -> bool:
-        return all(getattr(k, "future", None) is None or k.future.done() for k in self.kernels)
+        compiled = all(getattr(k, "future", None) is None or k.future.done() for k in self.kernels)
+        return compiled and all(f.done() for f in self.launchers)
 
     def wait(self) -> None:
-        """Block until compiled and install the kernels (raises a compilation error)."""
+        """Block until compiled and install the kernels (raises a compilation error). A launcher
+        that failed to build here is built at the first launch instead."""
         for kernel in self.kernels:
             kernel.result()
+        for launcher in self.launchers:
+            try:
+                launcher.result()
+            except Exception as exc:  # noqa: BLE001 - the first launch builds it then
+                _LOG.debug("building a Triton launcher in the background failed: %s", exc)
 
 
 @contextlib.contextmanager
@@ -82,20 +107,20 @@ def compile_in_background():
     if module is None or os.environ.get("TRITON_INTERPRET") == "1":
         yield None
         return
-    started: List[Any] = []
+    started = BackgroundCompile()
     token = _COMPILING.set(started)
     _set_active_mode(module, module.AsyncCompileMode(_compile_pool()))
     try:
-        yield BackgroundCompile(started)
+        yield started
     finally:
         _set_active_mode(module, None)
         _COMPILING.reset(token)
 
 
-def _start_compile(started: List[Any], compiled) -> None:
+def _start_compile(started: BackgroundCompile, compiled) -> None:
     module = _async_compile()
     if module is not None and isinstance(compiled, module.FutureKernel) and compiled.kernel is None:
-        started.append(compiled)
+        started.add(compiled)
 
 
 def _arg_key(value: Any):

@@ -91,3 +91,73 @@ def test_compiled_kernels_lists_one_kernel_per_specialization():
     for n in (32, 48, 33):
         launch((1,), (x, n), {"BLOCK": 128})
     assert len(launch.compiled_kernels()) == 2
+
+
+class FakeAsyncCompile:
+    """Stands in for triton.runtime._async_compile: warmup submits the compile to the mode's
+    executor and returns a FutureKernel."""
+
+    def __init__(self):
+        import contextvars
+
+        self.active_mode = contextvars.ContextVar("fake_mode", default=None)
+
+        class FutureKernel:
+            def __init__(self, future):
+                self.future, self.kernel = future, None
+
+            def result(self):
+                self.kernel = self.future.result()
+                return self.kernel
+
+        class AsyncCompileMode:
+            def __init__(self, executor):
+                self.executor = executor
+
+        self.FutureKernel, self.AsyncCompileMode = FutureKernel, AsyncCompileMode
+
+
+class FakeCompilingJit(FakeJit):
+    def __init__(self, fake_module, compiled="compiled kernel"):
+        super().__init__()
+        self.fake_module, self.compiled = fake_module, compiled
+
+    def warmup(self, *args, grid, **kwargs):
+        mode = self.fake_module.active_mode.get()
+        return self.fake_module.FutureKernel(mode.executor.submit(lambda: self.compiled))
+
+
+def test_a_background_compile_builds_the_launcher_after_the_kernel(monkeypatch):
+    from megatron_eps import triton_launch
+
+    fake = FakeAsyncCompile()
+    built = []
+    monkeypatch.setattr(triton_launch, "_async_compile", lambda: fake)
+    monkeypatch.setattr(triton_launch, "_build_launcher", lambda future: built.append(future.result()))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    jit = FakeCompilingJit(fake)
+    launch = CachedLauncher(jit)
+    with triton_launch.compile_in_background() as started:
+        launch((1,), (torch.zeros(4), 32), {"BLOCK": 128}, num_warps=4)
+    assert jit.log == []  # nothing launched
+    started.wait()
+    assert started.done() and len(started.kernels) == 1 and len(started.launchers) == 1
+    assert built == ["compiled kernel"]
+
+
+def test_a_failing_launcher_build_leaves_it_to_the_first_launch(monkeypatch):
+    from megatron_eps import triton_launch
+
+    fake = FakeAsyncCompile()
+
+    def failing_build(future):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(triton_launch, "_async_compile", lambda: fake)
+    monkeypatch.setattr(triton_launch, "_build_launcher", failing_build)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    launch = CachedLauncher(FakeCompilingJit(fake))
+    with triton_launch.compile_in_background() as started:
+        launch((1,), (torch.zeros(4), 32), {"BLOCK": 128}, num_warps=4)
+    started.wait()  # does not raise
+    assert started.done()
