@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eps.experts import calibrate as cal  # noqa: E402
-from megatron_eps.experts.autotune import TIMED_RUNS  # noqa: E402
+from megatron_eps.experts.autotune import TIMED_RUNS, TUNING_ROUNDS  # noqa: E402
 from megatron_eps.calibrate.provenance import write_result  # noqa: E402
 from megatron_eps.experts import selector  # noqa: E402
 from megatron_eps.experts.base import get_backend  # noqa: E402
@@ -314,7 +314,7 @@ def main(argv=None):
     summary["self_calibration"] = {
         "buckets": len(autotune.buckets),
         "timed_candidates_per_bucket": sorted({b["timed_candidates"] for b in autotune.buckets.values()}),
-        "runs_per_candidate": 2 * (1 + TIMED_RUNS),
+        "runs_per_candidate": TUNING_ROUNDS * (1 + TIMED_RUNS),
         "seconds_total": round(sum(b["seconds"] for b in autotune.buckets.values()), 3),
         "per_bucket": autotune.buckets,
     }

@@ -18,9 +18,9 @@ persists the decision:
   tables and the count matrix only, never from these timings, so every rank still picks the
   same chunks.
 
-Each candidate runs ``1 + TIMED_RUNS`` times in each of two rounds of opposite order (a
-round's first run warms up, the others are timed back to back; the faster round counts, so one
-preempted round does not decide): that is the overhead, once per bucket and GPU (the file keeps
+Each candidate runs ``1 + TIMED_RUNS`` times in each of ``TUNING_ROUNDS`` rounds of alternating
+order (a round's first run warms up, the others are timed back to back; the median round
+counts, so one preempted round does not decide): that is the overhead, once per bucket and GPU (the file keeps
 it for later runs). A first compile of the triton backend's GEMMs takes about a second, longer
 than a whole prefill forward's GEMMs, so at the first meeting of a bucket they start compiling
 on a worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed,
@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -47,6 +48,7 @@ VERSION = 2
 CACHE_ENV = "MEGATRON_EPS_KERNEL_CACHE"
 
 TIMED_RUNS = BACK_TO_BACK_CALLS
+TUNING_ROUNDS = 3
 
 # (seconds, output) of running ``fn`` after a warm-up call; ``label`` names the backend
 Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
@@ -217,26 +219,32 @@ class KernelAutotuner:
              run: Callable[[str], torch.Tensor]) -> Tuple[str, torch.Tensor]:
         """Time ``run(name)`` for every candidate; keep and persist the fastest. Returns the
         winner and its output (every candidate computes the same result)."""
-        times, outputs = {}, {}
+        samples: Dict[str, list] = {}
+        outputs = {}
         started = time.perf_counter()
-        for name in candidates:
-            try:
-                seconds, out = self.timer(lambda name=name: run(name), name)
-            except Exception as exc:  # noqa: BLE001 - a backend that fails is not a candidate
-                logger.warning("megatron-eps: expert kernel %s failed while calibrating (%s)",
-                               name, exc)
-                continue
-            self.timed_calls += 1
-            times[name], outputs[name] = seconds, out
-        # A second round in the opposite order: a disturbance (a host stall, a clock change)
-        # that hit one candidate's round does not decide, since each keeps its faster round.
-        if len(times) > 1:
-            for name in reversed(list(times)):
+        # Rounds in alternating order, each candidate's median kept: a disturbance (a host
+        # stall, a clock change) in one round does not decide, and a candidate whose host time
+        # varies more is not favoured the way a minimum would favour it (bench_experts.py ranks
+        # the backends by medians too).
+        for round_index in range(TUNING_ROUNDS):
+            order = list(candidates) if round_index % 2 == 0 else list(reversed(candidates))
+            for name in order:
+                if round_index and name not in samples:
+                    continue  # it failed in the first round: not a candidate
                 try:
-                    seconds, _ = self.timer(lambda name=name: run(name), name)
-                except Exception:  # noqa: BLE001 - it ran once: its first round counts
+                    seconds, out = self.timer(lambda name=name: run(name), name)
+                except Exception as exc:  # noqa: BLE001 - a backend that fails is not a candidate
+                    if not round_index:
+                        logger.warning("megatron-eps: expert kernel %s failed while calibrating "
+                                       "(%s)", name, exc)
                     continue
-                times[name] = min(times[name], seconds)
+                if not round_index:
+                    self.timed_calls += 1
+                    outputs[name] = out
+                samples.setdefault(name, []).append(seconds)
+            if len(samples) < 2:
+                break  # nothing to rank
+        times = {name: statistics.median(values) for name, values in samples.items()}
         self.tuning_seconds += time.perf_counter() - started
         if not times:
             raise RuntimeError(f"no expert kernel of {list(candidates)} ran for {key}")

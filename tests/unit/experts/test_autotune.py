@@ -57,6 +57,39 @@ def test_cache_round_trip_and_keying(tmp_path):
     assert data["device"] == "GPU A" and data["decisions"][key]["times_us"] == {"dense": 2e6, "grouped": 1e6}
 
 
+def test_each_candidate_is_ranked_by_its_median_round(tmp_path):
+    """triton is once much faster (a lucky round) but slower in the others: the median ranks it
+    behind grouped, where a minimum would have picked it."""
+    rounds = {"triton": iter([1.0, 5.0, 5.0]), "grouped": iter([3.0, 3.0, 3.0])}
+    order = []
+
+    def timer(fn, label):
+        order.append(label)
+        return next(rounds[label]), fn()
+
+    tuner = KernelAutotuner(str(tmp_path / "k.json"), "GPU A", timer)
+    key = KernelAutotuner.key((64, 32, 4), torch.bfloat16, [8, 8, 8, 8])
+    winner, _ = tuner.tune(key, ["triton", "grouped"], lambda name: torch.zeros(1))
+    assert winner == "grouped"
+    assert order == ["triton", "grouped", "grouped", "triton", "triton", "grouped"]
+    assert tuner.timed_calls == 2
+
+
+def test_a_candidate_failing_in_the_first_round_is_not_timed_again(tmp_path):
+    calls = []
+
+    def timer(fn, label):
+        calls.append(label)
+        if label == "triton":
+            raise RuntimeError("no GPU")
+        return 1.0, fn()
+
+    tuner = KernelAutotuner(str(tmp_path / "k.json"), "GPU A", timer)
+    key = KernelAutotuner.key((64, 32, 4), torch.bfloat16, [8, 8, 8, 8])
+    assert tuner.tune(key, ["triton", "grouped"], lambda name: torch.zeros(1))[0] == "grouped"
+    assert calls == ["triton", "grouped"]
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", "FOREIGN_DEVICE", "OLD_VERSIONS"])
 def test_corrupt_or_foreign_cache_warns_and_starts_afresh(tmp_path, caplog, content):
     path = tmp_path / "k.json"
