@@ -133,10 +133,10 @@ def _arg_key(value: Any):
         return ("bool", value)
     if value is None:
         return None
-    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TMA descriptor
-        return ("desc", value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0)
     if hasattr(value, "data_ptr"):
         return (value.dtype, value.data_ptr() % 16 == 0, value.get_device())
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TMA descriptor
+        return ("desc", value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0)
     return (kind.__name__,)
 
 
@@ -158,7 +158,7 @@ class CachedLauncher:
         if started is not None:
             _start_compile(started, self.kernel.warmup(*runtime_args, grid=grid, **constexprs, **options))
             return
-        key = tuple(_arg_key(a) for a in runtime_args) + tuple(constexprs.values())
+        key = tuple(map(_arg_key, runtime_args)) + tuple(constexprs.values())
         key += tuple(sorted(options.items()))
         compiled = self._compiled.get(key) if self.direct else None
         if compiled is not None:

@@ -385,6 +385,11 @@ def _gemm_sm_count(device_index: int) -> int:
     return max(1, _sm_count(device_index) - carveout)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a constexpr function in Triton 3.6: microseconds per host call.
+    return -(-a // b)
+
+
 def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
     """Number of m-tiles (BLOCK_M rows of one expert) of a load: the kernels' work-item count
     per n-tile. The kernels find each tile's expert from the row offsets themselves."""
@@ -437,7 +442,7 @@ def expert_gemm(
         out = x.new_empty(rows, N)
     if num_m_tiles == 0:
         return out
-    num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
+    num_work = num_m_tiles * _cdiv(N, cfg.block_n)
     device_index = x.device.index or 0
     if not cfg.persistent and x.is_cuda and _gemm_sm_count(device_index) < _sm_count(device_index):
         cfg = dataclasses.replace(cfg, persistent=True)  # only a persistent grid leaves SMs free
@@ -463,7 +468,7 @@ def expert_gemm(
         "BLOCK_N": cfg.block_n,
         "BLOCK_K": cfg.block_k,
         "GROUP_M": cfg.group_m,
-        "EXPERTS_POW2": max(16, triton.next_power_of_2(w.shape[0])),
+        "EXPERTS_POW2": max(16, 1 << (w.shape[0] - 1).bit_length()),
     }
     if cfg.tma and _tma_usable(x, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -482,7 +487,7 @@ def expert_gemm(
     if cfg.tma:
         cfg = _pointer_fallback(cfg, gated)
         tiles["BLOCK_N"] = cfg.block_n
-        num_work = num_m_tiles * triton.cdiv(N, cfg.block_n)
+        num_work = num_m_tiles * _cdiv(N, cfg.block_n)
         grid_size = min(num_work, grid_size) if cfg.persistent else num_work
         scalars = scalars[:2] + (grid_size,)
     strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0))
@@ -528,7 +533,7 @@ def fused_activation(fc1_out: torch.Tensor, probs: Optional[torch.Tensor], spec)
     if fc1_out.stride(1) != 1:
         fc1_out = fc1_out.contiguous()
     block_m, block_f = 16, 256
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_f))
+    grid = (_cdiv(rows, block_m), _cdiv(width, block_f))
     _fused_activation_launcher()(
         grid,
         (
