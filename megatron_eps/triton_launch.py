@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 _LOG = logging.getLogger(__name__)
 
