@@ -165,17 +165,22 @@ def test_a_layer_runs_a_ready_backend_until_the_others_compiled(tmp_path):
     assert max(errors) <= 1e-5
 
 
-def _deferring_rank(cache, _unused):
+def _small_self_calibrating_pair(cache):
+    """(stock, EPS) MoE layers of 4 small experts, EPS with self-calibration on, unchunked."""
     from megatron_eps import EPSConfig
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
+    return build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache, pipeline_degree=1))
+
+
+def _deferring_rank(cache, _unused):
     from megatron_eps.experts.base import get_backend
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     try:
-        config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
-        stock, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
-                                                      pipeline_degree=1))
+        stock, eps = _small_self_calibrating_pair(cache)
         grouped = type(get_backend("grouped"))
         grouped.compile_in_background = lambda self, *args: _FakeCompile(2)
         eps.expert_runner.timer = lambda fn, label: (1.0 if label == "grouped" else 2.0, fn())
@@ -206,15 +211,11 @@ def test_runner_calibrates_each_bucket_once_and_each_backend_can_win(tmp_path):
 
 
 def _calibrating_rank(cache, _unused):
-    from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     try:
-        config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
-        stock, eps = build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
-                                                      pipeline_degree=1))
+        stock, eps = _small_self_calibrating_pair(cache)
         state = {}
 
         def timer(fn, label):
