@@ -98,6 +98,14 @@ def host_breakdown(experts, counts, x, probs, calls: int) -> dict:
     }
     with torch.no_grad():
         result = {name: _host_us(fn, calls) for name, fn in steps.items()}
+        # Our Python alone: the same fc1 call with its launch replaced by nothing.
+        launchers = dict(tk._gemm_launchers())
+        try:
+            for flavour in launchers:
+                tk._gemm_launchers()[flavour] = lambda *args, **kwargs: None
+            result["fc1 expert_gemm, launch skipped"] = _host_us(steps["fc1 expert_gemm"], calls)
+        finally:
+            tk._gemm_launchers().update(launchers)
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(calls):
