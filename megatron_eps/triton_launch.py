@@ -58,9 +58,9 @@ def _set_active_mode(module, mode) -> None:
 
 def _build_launcher(compile_future) -> None:
     """Build the compiled kernel's host launcher, a C extension Triton otherwise compiles (and
-    caches on disk) at the kernel's first launch: on a cold cache that took about 0.3 s of the
-    first timed call (benchmarks/results/autotune_overhead_h200.json). Built here, on the
-    compile worker, the first launch finds it in Triton's cache."""
+    caches on disk) at the kernel's first launch, in the caller's thread. Built here, on the
+    compile worker, the first launch finds it in Triton's cache. (A cold first run spent about
+    0.3 s more in its timed calls than a warm one; results/autotune_overhead_h200.json.)"""
     kernel = compile_future.result()
     from triton.runtime.driver import driver
 
@@ -149,7 +149,8 @@ class CachedLauncher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        self.name = (getattr(kernel, "__name__", None)
+                     or getattr(getattr(kernel, "fn", None), "__name__", "kernel"))
         self._compiled: Dict[tuple, Any] = {}
         self.direct = True
 

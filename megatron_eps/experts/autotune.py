@@ -18,13 +18,14 @@ persists the decision:
   tables and the count matrix only, never from these timings, so every rank still picks the
   same chunks.
 
-Each candidate runs ``1 + TIMED_RUNS`` times in each of ``TUNING_ROUNDS`` rounds of alternating
-order (a round's first run warms up, the others are timed back to back; the median round
-counts, so one preempted round does not decide): that is the overhead, once per bucket and GPU (the file keeps
-it for later runs). A first compile of the triton backend's GEMMs takes about a second, longer
-than a whole prefill forward's GEMMs, so at the first meeting of a bucket they start compiling
-on a worker thread (``compiling``), the forward goes on with a candidate that is ready (untimed,
-not recorded), and the bucket is timed at the first meeting after the compilation finished.
+Each candidate runs ``1 + TIMED_RUNS`` times in each of ``TUNING_ROUNDS`` rounds of
+alternating order (a round's first run warms up, the others are timed back to back; the median
+round counts, so one preempted round does not decide): that is the overhead, once per bucket
+and GPU (the file keeps it for later runs). A first compile of the triton backend's GEMMs takes
+about a second, longer than a whole prefill forward's GEMMs, so at the first meeting of a
+bucket they start compiling on a worker thread (``compiling``), the forward goes on with a
+candidate that is ready (untimed, not recorded), and the bucket is timed at the first meeting
+after the compilation finished.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, 
     from megatron_eps.calibrate.timing import back_to_back_seconds
 
     fn()  # compile and warm up
-    return back_to_back_seconds(lambda i: fn(), torch.device("cuda", torch.cuda.current_device()), TIMED_RUNS)
+    device = torch.device("cuda", torch.cuda.current_device())
+    return back_to_back_seconds(lambda i: fn(), device, TIMED_RUNS)
 
 
 def wall_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:

@@ -96,7 +96,8 @@ def time_call(
     calls = min(max(target_s / max(probe, 1e-6), min_reps), max_reps)
     batches = max(3, int(calls) // BACK_TO_BACK_CALLS)
     return statistics.median(
-        back_to_back_seconds(fn, device, first_index=b * BACK_TO_BACK_CALLS)[0] for b in range(batches)
+        back_to_back_seconds(fn, device, first_index=b * BACK_TO_BACK_CALLS)[0]
+        for b in range(batches)
     )
 
 
@@ -375,7 +376,8 @@ def calibrate(
         "device": device_info(device),
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
-        "timing": {"method": "median of back-to-back batches of calls (calibrate.timing.back_to_back_seconds)",
+        "timing": {"method": ("median of back-to-back batches of calls "
+                              "(calibrate.timing.back_to_back_seconds)"),
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
         "beside_copy": copy_engine_check(beside) if beside is not None else None,

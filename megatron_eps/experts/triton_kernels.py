@@ -6,9 +6,10 @@ Grouped GEMM (``expert_gemm``)
     expert, so an expert with 6000 rows simply owns 47 m-tiles and an empty expert owns none.
     Each CTA derives the m-tiles' experts and rows from the experts' cumulative row ends (the
     ``offs`` torch._grouped_mm takes) with one prefix sum over the experts; the host only counts
-    the m-tiles for the grid, so a launch costs no per-call table and no extra copy. A persistent grid of about one CTA per SM walks the flat list of work items
-    with a stride of the grid size, so a skewed load (one hot expert) still spreads over every SM,
-    and the tail is at most one tile per SM. Tiles are visited in GROUP_M-swizzled order so CTAs
+    the m-tiles for the grid, so a launch costs no per-call table and no extra copy. A
+    persistent grid of about one CTA per SM walks the flat list of work items with a stride of
+    the grid size, so a skewed load (one hot expert) still spreads over every SM, and the tail
+    is at most one tile per SM. Tiles are visited in GROUP_M-swizzled order so CTAs
     running at the same time share weight tiles (and x tiles) in L2.
     bf16 (or fp16/fp32) operands, fp32 accumulation.
     fc1 epilogue (GATED): each tile computes the gate columns [n, n+BN) and the matching linear
@@ -167,8 +168,8 @@ if triton is not None:
         num_tiles = num_m_tiles * num_n_tiles
         tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
         for tile in range(pid, num_tiles, num_programs):
-            n_tile, expert_index, row_start, row_end = _work_item(tile, tile_ends, offs_ptr, num_m_tiles,
-                                                                  num_n_tiles, GROUP_M, BLOCK_M)
+            n_tile, expert_index, row_start, row_end = _work_item(
+                tile, tile_ends, offs_ptr, num_m_tiles, num_n_tiles, GROUP_M, BLOCK_M)
             expert = expert_index.to(tl.int64)
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
@@ -406,7 +407,8 @@ def expert_offsets(counts: Sequence[int], device: torch.device, staged=None) -> 
 def _gemm_launchers() -> Dict[str, CachedLauncher]:
     """Both GEMM kernels are launched twice per expert call; the JIT's per-call dispatch would
     cost about as much host time as a weight-bound call takes on the GPU."""
-    return {"pointer": CachedLauncher(_expert_gemm_kernel), "tma": CachedLauncher(_expert_gemm_tma_kernel)}
+    return {"pointer": CachedLauncher(_expert_gemm_kernel),
+            "tma": CachedLauncher(_expert_gemm_tma_kernel)}
 
 
 def compiled_gemm_kernels() -> Dict[str, list]:
@@ -462,7 +464,8 @@ def expert_gemm(
         K,
     )
     scalars = (float(clamp) if clamp is not None else 0.0, float(glu_offset), grid_size)
-    flags = {"GATED": gated, "ACT": act_code, "HAS_PROBS": probs is not None, "HAS_CLAMP": clamp is not None}
+    flags = {"GATED": gated, "ACT": act_code, "HAS_PROBS": probs is not None,
+             "HAS_CLAMP": clamp is not None}
     tiles = {
         "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n,
@@ -475,7 +478,8 @@ def expert_gemm(
 
         n_experts, w_rows, _ = w.shape
         x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
-        w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K), [cfg.block_n, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K),
+                                              [cfg.block_n, cfg.block_k])
         _gemm_launchers()["tma"](
             (grid_size,),
             (x_desc, w_desc, *epilogue, w_rows, N if gated else 0, out.stride(0), *scalars),
