@@ -75,21 +75,21 @@ def host_breakdown(experts, counts, x, probs, calls: int) -> dict:
 
     from megatron_eps.experts import triton_kernels as tk
     from megatron_eps.experts.base import get_backend
-    from megatron_eps.experts.gemm_common import prepare_call
+    from megatron_eps.experts.gemm_common import expert_offsets, prepare_call
 
     backend = get_backend("triton")
     weights = experts.weights()
     call = prepare_call(weights, x, counts, probs, 0, "triton")
     hidden_size, ffn = x.shape[1], call.fc2.shape[2]
     cfg1, cfg2 = tk.choose_configs(counts, hidden_size, ffn, True)
-    offs = tk.expert_offsets(counts, x.device)
+    offs = expert_offsets(counts, x.device)
     n_tiles = tk.count_m_tiles(counts, cfg1.block_m)
     h = tk.expert_gemm(x, call.fc1, offs, n_tiles, cfg1, gated=True, act_code=1, probs=call.probs)
     steps = {
         "torch_empty_like (host speed yardstick)": lambda: torch.empty_like(x),
         "prepare_call": lambda: prepare_call(weights, x, counts, probs, 0, "triton"),
         "choose_configs": lambda: tk.choose_configs(counts, hidden_size, ffn, True),
-        "expert_offsets (unstaged)": lambda: tk.expert_offsets(counts, x.device),
+        "expert_offsets (unstaged)": lambda: expert_offsets(counts, x.device),
         "count_m_tiles": lambda: tk.count_m_tiles(counts, cfg1.block_m),
         "fc1 expert_gemm": lambda: tk.expert_gemm(x, call.fc1, offs, n_tiles, cfg1, gated=True,
                                                   act_code=1, probs=call.probs),

@@ -40,7 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS
+from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
 def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
     """Seconds per call of ``TIMED_RUNS`` calls issued back to back from an idle GPU, after a
     warm-up call (calibrate.timing.back_to_back_seconds: what a forward pays)."""
-    from megatron_eps.calibrate.timing import back_to_back_seconds
-
     fn()  # compile and warm up
     device = torch.device("cuda", torch.cuda.current_device())
     return back_to_back_seconds(lambda i: fn(), device, TIMED_RUNS)

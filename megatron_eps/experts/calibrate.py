@@ -86,8 +86,8 @@ def time_call(
     warmup: int = 2,
 ) -> float:
     """Median seconds per call of ``fn(i)`` (i = call index, used to rotate inputs) over batches
-    of ``BACK_TO_BACK_CALLS`` calls issued back to back (timing.back_to_back_seconds, the timing the
-    self-calibration uses); about ``target_s`` in all, ``min_reps`` to ``max_reps`` calls."""
+    of ``BACK_TO_BACK_CALLS`` calls issued back to back (timing.back_to_back_seconds, the timing
+    the self-calibration uses); about ``target_s`` in all, ``min_reps`` to ``max_reps`` calls."""
     from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
     for i in range(warmup):

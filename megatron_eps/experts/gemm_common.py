@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -91,6 +92,17 @@ class GemmExpertBackend(ExpertBackend):
     def compute(self, call: ExpertCall, local_experts, first_expert: int) -> torch.Tensor:
         """[M, H] output of ``call`` (experts first_expert .. first_expert + n - 1; M > 0)."""
         raise NotImplementedError
+
+
+def row_ends(counts: Sequence[int]) -> List[int]:
+    """The experts' cumulative row ends: the ``offs`` torch._grouped_mm and the triton GEMMs take."""
+    return list(itertools.accumulate(counts))
+
+
+def expert_offsets(counts: Sequence[int], device: torch.device, staged=None) -> torch.Tensor:
+    """``row_ends(counts)`` as an int32 [n] tensor on ``device``: found in ``staged`` when the
+    layer staged them for this forward (stage_int32_batch), else one pinned, non-blocking copy."""
+    return pinned_int32(row_ends(counts), device, staged)
 
 
 def stage_int32_batch(

@@ -10,16 +10,14 @@ would stall the expert pipeline, so the backend reports itself unavailable there
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from megatron_eps.experts.base import register_backend
 from megatron_eps.experts.gemm_common import (
     ExpertCall,
     GemmExpertBackend,
+    expert_offsets,
     gemm_unavailable_reason,
-    pinned_int32,
 )
 
 _ALIGN_BYTES = 16
@@ -39,7 +37,7 @@ def grouped_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tenso
     """Two torch._grouped_mm calls around the activation (a call with at least one row).
     ``staged_offsets``: offsets already on the device (gemm_common.stage_int32_batch)."""
     hidden = call.hidden
-    offs = pinned_int32(list(itertools.accumulate(call.counts)), hidden.device, staged_offsets)
+    offs = expert_offsets(call.counts, hidden.device, staged_offsets)
     fc1_out = torch._grouped_mm(_aligned(hidden), call.fc1.transpose(1, 2), offs=offs)
     h = call.weights.activation.apply(fc1_out, call.probs)
     return torch._grouped_mm(_aligned(h), call.fc2.transpose(1, 2), offs=offs)

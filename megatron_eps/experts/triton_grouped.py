@@ -13,7 +13,12 @@ import torch
 
 from megatron_eps.experts import triton_kernels as tk
 from megatron_eps.experts.base import register_backend
-from megatron_eps.experts.gemm_common import ExpertCall, GemmExpertBackend, gemm_unavailable_reason
+from megatron_eps.experts.gemm_common import (
+    ExpertCall,
+    GemmExpertBackend,
+    expert_offsets,
+    gemm_unavailable_reason,
+)
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -25,7 +30,7 @@ def triton_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tensor
     hidden = call.hidden if call.hidden.stride(1) == 1 else call.hidden.contiguous()
     out = hidden.new_empty(hidden.shape)
     cfg1, cfg2 = tk.choose_configs(counts, hidden.shape[1], call.fc2.shape[2], spec.gated)
-    offs = tk.expert_offsets(counts, hidden.device, staged_offsets)
+    offs = expert_offsets(counts, hidden.device, staged_offsets)
     m_tiles1 = tk.count_m_tiles(counts, cfg1.block_m)
     m_tiles2 = m_tiles1 if cfg2.block_m == cfg1.block_m else tk.count_m_tiles(counts, cfg2.block_m)
     if spec.fused_code is not None:

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eps.experts.gemm_common import pinned_int32
 from megatron_eps.triton_launch import CachedLauncher
 
 try:  # Triton is optional: the triton backend reports itself unavailable without it.
@@ -397,12 +395,6 @@ def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
     return sum((c + block_m - 1) // block_m for c in counts)
 
 
-def expert_offsets(counts: Sequence[int], device: torch.device, staged=None) -> torch.Tensor:
-    """int32 [n] cumulative row ends of the experts on ``device`` (torch._grouped_mm's ``offs``;
-    found in ``staged`` when the layer staged them, else one pinned, non-blocking copy)."""
-    return pinned_int32(list(itertools.accumulate(counts)), device, staged)
-
-
 @functools.lru_cache(maxsize=None)
 def _gemm_launchers() -> Dict[str, CachedLauncher]:
     """Both GEMM kernels are launched twice per expert call; the JIT's per-call dispatch would
@@ -435,7 +427,7 @@ def expert_gemm(
     glu_offset: float = 0.0,
 ) -> torch.Tensor:
     """out[rows of e] = epilogue(x[rows of e] @ w[e]^T); w is [n, N_rows, K] (N_rows = 2N if
-    gated), offs the int32 [n] cumulative row ends (expert_offsets), num_m_tiles
+    gated), offs the int32 [n] cumulative row ends (gemm_common.expert_offsets), num_m_tiles
     count_m_tiles(counts, cfg.block_m)."""
     rows, K = x.shape
     n_rows = w.shape[1]
@@ -446,10 +438,11 @@ def expert_gemm(
         return out
     num_work = num_m_tiles * _cdiv(N, cfg.block_n)
     device_index = x.device.index or 0
-    if not cfg.persistent and x.is_cuda and _gemm_sm_count(device_index) < _sm_count(device_index):
+    gemm_sms = _gemm_sm_count(device_index) if x.is_cuda else 0
+    if not cfg.persistent and x.is_cuda and gemm_sms < _sm_count(device_index):
         cfg = dataclasses.replace(cfg, persistent=True)  # only a persistent grid leaves SMs free
     if cfg.persistent and x.is_cuda:
-        grid_size = min(num_work, _gemm_sm_count(device_index) * cfg.ctas_per_sm)
+        grid_size = min(num_work, gemm_sms * cfg.ctas_per_sm)
     elif cfg.persistent:  # interpreter: a few programs still exercise the persistent loop
         grid_size = min(num_work, 3)
     else:

@@ -11,7 +11,6 @@ and never reaches back into the layer:
 
 from __future__ import annotations
 
-import itertools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -93,10 +92,10 @@ class ExpertRunner:
         """Before the first chunk: stage every chunk's expert row offsets in one copy.
         ``beside_copy``: this forward's chunks run beside transfers (pipelined over a link), so
         ``auto`` chooses and calibrates for that condition."""
-        from megatron_eps.experts.gemm_common import stage_int32_batch
+        from megatron_eps.experts.gemm_common import row_ends, stage_int32_batch
 
         self._beside_copy = beside_copy
-        offsets = [list(itertools.accumulate(counts)) for counts in layout.tokens_per_expert]
+        offsets = [row_ends(counts) for counts in layout.tokens_per_expert]
         device = self.local_experts.module_device()
         self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
 
