@@ -397,8 +397,8 @@ def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gemm_launchers() -> Dict[str, CachedLauncher]:
-    """Both GEMM kernels are launched twice per expert call; the JIT's per-call dispatch would
-    cost about as much host time as a weight-bound call takes on the GPU."""
+    """The GEMM kernels launch twice per expert call; these skip the JIT's per-call binding and
+    specialization of every argument after a specialization's first launch."""
     return {"pointer": CachedLauncher(_expert_gemm_kernel),
             "tma": CachedLauncher(_expert_gemm_tma_kernel)}
 
@@ -447,7 +447,7 @@ def expert_gemm(
         grid_size = min(num_work, 3)
     else:
         grid_size = num_work
-    epilogue = (
+    shared_args = (  # the parameters both kernels take in the same order
         out,
         probs if probs is not None else x,
         offs,
@@ -475,7 +475,7 @@ def expert_gemm(
                                               [cfg.block_n, cfg.block_k])
         _gemm_launchers()["tma"](
             (grid_size,),
-            (x_desc, w_desc, *epilogue, w_rows, N if gated else 0, out.stride(0), *scalars),
+            (x_desc, w_desc, *shared_args, w_rows, N if gated else 0, out.stride(0), *scalars),
             {**flags, **tiles},
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
@@ -491,7 +491,7 @@ def expert_gemm(
     pointer_flags = {**flags, "IEEE": x.dtype == torch.float32, "EVEN_K": K % cfg.block_k == 0}
     _gemm_launchers()["pointer"](
         (grid_size,),
-        (x, w, *epilogue, N if gated else 0, *strides, *scalars),
+        (x, w, *shared_args, N if gated else 0, *strides, *scalars),
         {**pointer_flags, **tiles},
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
