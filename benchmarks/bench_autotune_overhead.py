@@ -7,8 +7,9 @@ DeepSeek-V2-Lite) at ``--tokens`` tokens (8K). Each mode runs in its own process
 forward pays what a real first forward pays (CUDA and cuBLAS start-up, Triton compilation or
 loading). Modes:
 
+  off_cold     kernel_autotune off, empty Triton cache of its own: a first run ever without it
   cold         kernel_autotune on, empty decision cache and empty Triton cache: a first run ever
-  off          kernel_autotune off: the tables alone
+  off          kernel_autotune off: the tables alone (Triton cache as "cold" left it)
   warm_triton  kernel_autotune on, empty decision cache, Triton kernels already compiled
   cached       kernel_autotune on, the decisions the previous mode wrote: nothing is timed
 
@@ -33,7 +34,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODES = ("cold", "off", "warm_triton", "cached")  # run in this order: "cold" needs an empty Triton cache
+# Run in this order: "cold" needs an empty Triton cache, "warm_triton" the one "cold" filled.
+MODES = ("off_cold", "cold", "off", "warm_triton", "cached")
+# Modes that start from a Triton cache of their own (empty), not the shared one.
+OWN_TRITON_CACHE = ("off_cold",)
 
 
 def run_one(args) -> dict:
@@ -55,7 +59,7 @@ def run_one(args) -> dict:
     dtype = torch.bfloat16
     config = moe_config(num_experts=args.experts, topk=args.topk, hidden_size=args.hidden,
                         ffn_hidden_size=args.ffn, dtype=dtype)
-    eps_config = EPSConfig(kernel_autotune="off" if args.mode == "off" else "on",
+    eps_config = EPSConfig(kernel_autotune="off" if args.mode.startswith("off") else "on",
                            kernel_cache=args.kernel_cache)
     submodules = compat.moe_submodules_from_spec(compat.local_moe_spec(args.experts))
     Utils.set_seed(1)
@@ -81,15 +85,16 @@ def run_one(args) -> dict:
         t0 = time.perf_counter()
         forward()
         forwards.append({"seconds": time.perf_counter() - t0, "tuning_s": tuner.tuning_seconds - tuning,
-                         "untimed_calls": tuner.untimed_calls - untimed})
+                         "untimed_calls": tuner.untimed_calls - untimed,
+                         "buckets_waiting": len(tuner.waiting_buckets)})
     backends = sorted({b for layer in layers for b in layer.expert_runner.backends_used})
-    decided = [i for i, f in enumerate(forwards) if f["untimed_calls"] == 0]
+    decided = [i for i, f in enumerate(forwards) if f["buckets_waiting"] == 0]
     return {"mode": args.mode, "first_s": forwards[0]["seconds"],
             "steady_s": min(f["seconds"] for f in forwards[1:]),
             "timed_candidates": tuner.timed_calls, "tuning_s": tuner.tuning_seconds,
             "first_forward_tuning_s": forwards[0]["tuning_s"],
             "untimed_calls": tuner.untimed_calls,
-            "decided_from_forward": decided[0] + 1 if decided else None,
+            "decided_by_end_of_forward": decided[0] + 1 if decided else None,
             "forwards": forwards,
             "buckets": sorted(tuner.decisions), "backends_last_forward": backends}
 
@@ -128,7 +133,8 @@ def main(argv=None):
         for mode in MODES:
             if mode in ("cold", "warm_triton") and os.path.exists(cache):
                 os.remove(cache)
-            env = dict(os.environ, TRITON_CACHE_DIR=triton_cache)
+            env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(root, "triton_" + mode)
+                       if mode in OWN_TRITON_CACHE else triton_cache)
             proc = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--mode", mode, "--kernel-cache", cache] + shape_args,
                 env=env, capture_output=True, text=True, timeout=600)
@@ -142,14 +148,23 @@ def main(argv=None):
                   f"timed candidates {record['timed_candidates']:3d} in {len(record['buckets'])} bucket(s), "
                   f"calibrating {record['first_forward_tuning_s'] * 1e3:7.1f} ms in the first forward "
                   f"= {100 * record['share_of_first_forward']:.1f}% of it, {record['tuning_s'] * 1e3:7.1f} ms "
-                  f"in all; decided from forward {record['decided_from_forward']} "
+                  f"in all; every bucket decided by the end of forward {record['decided_by_end_of_forward']} "
                   f"({record['untimed_calls']} untimed calls before); backends {record['backends_last_forward']}",
                   flush=True)
+    by_mode = {r["mode"]: r for r in results}
+    first_forward = {
+        "empty_triton_cache": {"with": by_mode["cold"]["first_s"], "without": by_mode["off_cold"]["first_s"]},
+        "warm_triton_cache": {"with": by_mode["warm_triton"]["first_s"], "without": by_mode["off"]["first_s"]},
+    }
+    for case, pair in first_forward.items():
+        pair["extra_share"] = pair["with"] / pair["without"] - 1
+        print(f"first forward with / without self-calibration, {case.replace('_', ' ')}: "
+              f"{pair['with'] * 1e3:.1f} / {pair['without'] * 1e3:.1f} ms (+{100 * pair['extra_share']:.1f}%)")
     device = torch.device("cuda", 0)
     result = {"benchmark": "bench_autotune_overhead", "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "git_commit": args.git_commit or git_commit(), "device": cal.device_info(device),
               "versions": cal.versions(), "shape": {k: getattr(args, k) for k in ("layers", "tokens", "hidden", "ffn", "experts", "topk")},
-              "modes": results}
+              "modes": results, "first_forward_with_and_without": first_forward}
     write_result(args.out, result)
     return result
 

@@ -111,7 +111,8 @@ class AutotuneSelection:
                 runner.run(x, counts, probs, 0)
         for key in set(self.tuner.decisions) - before[2]:
             self.buckets[key] = {"timed_candidates": self.tuner.timed_calls - before[0],
-                                 "seconds": self.tuner.tuning_seconds - before[1]}
+                                 "seconds": self.tuner.tuning_seconds - before[1],
+                                 **self.tuner.decisions[key]}
         return runner.backends_used[-1]
 
 
