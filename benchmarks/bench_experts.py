@@ -135,8 +135,9 @@ def run_grid(args, device, dtype, profile, autotune):
                     "profile": selector.choose_backend("auto", experts, counts, device, dtype, profile),
                     "default": selector.default_backend(device, names),
                 }
-                # Two passes, backends in opposite orders, the faster median kept: a host stall
-                # during one pass (launch-bound calls) does not make a backend look slow.
+                # Two passes (each interleaves the backends' batches), backends in opposite
+                # orders, the faster median kept: a host stall during one pass (launch-bound
+                # calls) does not make a backend look slow.
                 first = cal.measure_point(experts, names, counts, inputs, device, args.target_ms / 1e3)
                 second = cal.measure_point(experts, names[::-1], counts, inputs, device, args.target_ms / 1e3)
                 seconds = {b: min(first[b], second[b]) for b in names}

@@ -4,9 +4,10 @@ For each expert shape (hidden H, ffn F, local experts n; SwiGLU experts as in ev
 model) and each available GEMM backend, times the whole expert computation (fc1 + activation +
 probs + fc2, exactly what a backend's forward does) over a grid of loads: mean tokens per expert
 (default 8 .. 8192, powers of two) x skew (Zipf exponents 0, 0.5, 1.0, 1.5 of the per-expert
-shares; expert order shuffled with a fixed seed). Timing: CUDA events around each call, warm-up
-first, several input sets rotated so no call reads the previous call's input from L2, median of
-the repeats (host clock on CPU). The profile records the device name, torch/triton/megatron-core
+shares; expert order shuffled with a fixed seed). Timing: batches of calls issued back to back
+from an idle GPU (calibrate.timing), warm-up first, the backends' batches interleaved, several
+input sets rotated so no call reads the previous call's input from L2, median of the batches
+(host clock on CPU). The profile records the device name, torch/triton/megatron-core
 versions, the shapes, the grid and the medians; megatron_eps.experts.selector reads it.
 
 Examples:
@@ -88,17 +89,44 @@ def time_call(
     """Median seconds per call of ``fn(i)`` (i = call index, used to rotate inputs) over batches
     of ``BACK_TO_BACK_CALLS`` calls issued back to back (timing.back_to_back_seconds, the timing
     the self-calibration uses); about ``target_s`` in all, ``min_reps`` to ``max_reps`` calls."""
+    return time_calls_interleaved({"call": fn}, device, target_s, min_reps, max_reps, warmup)["call"]
+
+
+def time_calls_interleaved(
+    fns: Dict[str, Callable[[int], object]],
+    device: torch.device,
+    target_s: float = 0.03,
+    min_reps: int = 5,
+    max_reps: int = 50,
+    warmup: int = 2,
+) -> Dict[str, float]:
+    """``time_call`` for several callables at once, their batches interleaved in rounds whose
+    order alternates (the self-calibration's order too).
+
+    A GPU's clock drifts while a compute-bound point is measured (its power limit): timed one
+    after the other, the callable timed first ran on a faster clock. On the H200, grouped and
+    triton measured 8.3 and 8.9 ms interleaved but 9.4 and 8.5 ms one after the other at the
+    same load (bench_experts_h200_qwen3_tuner_vs_bench.json). Interleaved, a drift shifts
+    every callable alike.
+    """
     from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
-    for i in range(warmup):
-        fn(i)
-    probe, _ = back_to_back_seconds(fn, device, 1, first_index=warmup)
-    calls = min(max(target_s / max(probe, 1e-6), min_reps), max_reps)
-    batches = max(3, int(calls) // BACK_TO_BACK_CALLS)
-    return statistics.median(
-        back_to_back_seconds(fn, device, first_index=b * BACK_TO_BACK_CALLS)[0]
-        for b in range(batches)
-    )
+    batches = {}
+    for name, fn in fns.items():
+        for i in range(warmup):
+            fn(i)
+        probe, _ = back_to_back_seconds(fn, device, 1, first_index=warmup)
+        calls = min(max(target_s / max(probe, 1e-6), min_reps), max_reps)
+        batches[name] = max(3, int(calls) // BACK_TO_BACK_CALLS)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_index in range(max(batches.values(), default=0)):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            if round_index < batches[name]:
+                seconds, _ = back_to_back_seconds(fns[name], device,
+                                                  first_index=round_index * BACK_TO_BACK_CALLS)
+                samples[name].append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def warm_gpu(device: torch.device, seconds: float = 1.0) -> None:
@@ -129,21 +157,21 @@ def measurable_backends(experts, device, dtype, requested: Optional[Sequence[str
 
 
 def measure_point(experts, backends, counts, inputs, device, target_s) -> Dict[str, float]:
-    """Median seconds of each backend on one load (inputs rotated between repeats)."""
+    """Median seconds of each backend on one load (inputs rotated between repeats, backends
+    interleaved: ``time_calls_interleaved``)."""
     from megatron_eps.experts.base import get_backend
 
     rows = sum(counts)
-    seconds = {}
+
+    def runner(backend):
+        def run(i):
+            x, p = inputs[i % len(inputs)]
+            return backend.forward(experts, x[:rows], counts, p[:rows], 0)
+        return run
+
     with torch.no_grad():
-        for name in backends:
-            backend = get_backend(name)
-
-            def run(i, backend=backend):
-                x, p = inputs[i % len(inputs)]
-                return backend.forward(experts, x[:rows], counts, p[:rows], 0)
-
-            seconds[name] = time_call(run, device, target_s=target_s)
-    return seconds
+        return time_calls_interleaved({name: runner(get_backend(name)) for name in backends},
+                                      device, target_s=target_s)
 
 
 class CopyBeside:
@@ -190,18 +218,19 @@ def measure_point_beside_copy(experts, backends, counts, inputs, device, target_
     from megatron_eps.experts.base import get_backend
 
     rows = sum(counts)
-    seconds = {}
+
+    def runner(backend, lasting):
+        def run(i):
+            beside.issue(lasting)
+            x, p = inputs[i % len(inputs)]
+            return backend.forward(experts, x[:rows], counts, p[:rows], 0)
+        return run
+
     with torch.no_grad():
-        for name in backends:
-            backend = get_backend(name)
-
-            def run(i, backend=backend, lasting=1.5 * alone[name]):
-                beside.issue(lasting)
-                x, p = inputs[i % len(inputs)]
-                return backend.forward(experts, x[:rows], counts, p[:rows], 0)
-
-            seconds[name] = time_call(run, device, target_s=target_s)
-            beside.drain()
+        seconds = time_calls_interleaved(
+            {name: runner(get_backend(name), 1.5 * alone[name]) for name in backends},
+            device, target_s=target_s)
+    beside.drain()
     return seconds
 
 
@@ -376,8 +405,8 @@ def calibrate(
         "device": device_info(device),
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
-        "timing": {"method": ("median of back-to-back batches of calls "
-                              "(calibrate.timing.back_to_back_seconds)"),
+        "timing": {"method": ("median of back-to-back batches of calls, the backends' batches "
+                              "interleaved (experts.calibrate.time_calls_interleaved)"),
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
         "beside_copy": copy_engine_check(beside) if beside is not None else None,

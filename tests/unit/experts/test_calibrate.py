@@ -87,3 +87,18 @@ def test_time_call_rotates_the_call_index_over_its_batches():
     assert seconds >= 0.0
     # two warm-up calls, a one-call probe, then 3 batches of 3 calls with their own indices
     assert seen == [0, 1, 2] + list(range(9))
+
+
+def test_interleaved_timing_alternates_the_callables_round_by_round():
+    from megatron_eps.experts.calibrate import time_calls_interleaved
+
+    order = []
+    fns = {name: (lambda i, name=name: order.append((name, i))) for name in ("a", "b")}
+    seconds = time_calls_interleaved(fns, torch.device("cpu"), target_s=1e-4, min_reps=9,
+                                     max_reps=9, warmup=1)
+    assert set(seconds) == {"a", "b"} and all(s >= 0.0 for s in seconds.values())
+    # per callable: a warm-up call and a one-call probe; then rounds of 3-call batches
+    # whose order alternates, a, b / b, a / a, b
+    timed = [name for name, _ in order[4:]]
+    assert timed == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [i for name, i in order[4:] if name == "a"] == list(range(9))
