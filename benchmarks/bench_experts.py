@@ -102,7 +102,7 @@ class AutotuneSelection:
         runner = ExpertRunner(experts, self.eps_config)
         before = (self.tuner.timed_calls, self.tuner.tuning_seconds, set(self.tuner.decisions))
         deadline = time.monotonic() + 120
-        with torch.no_grad():
+        with torch.no_grad(), cal.offsets_staged(experts, counts, x.device):
             runner.run(x, counts, probs, 0)
             # A layer's later forwards time the bucket once its candidates have compiled in
             # the background: the choice scored is the one it settles on.

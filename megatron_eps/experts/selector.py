@@ -168,6 +168,9 @@ class CostProfile:
             # beside it), so they describe contention a copy-engine transfer does not cause.
             self.tables_beside_copy = {}
         self.backends = sorted({k[0] for k in self.tables})
+        # _predicted_times' memo: it lives and dies with these tables (a module-level memo
+        # keyed by id() would hand a later profile at the same address these predictions).
+        self.predictions: Dict[tuple, Dict[str, float]] = {}
 
     @staticmethod
     def _tables(shapes, field: str) -> Dict[Tuple[str, int, int, int], _ShapeTable]:
@@ -263,7 +266,6 @@ def load_cost_profile(path: Optional[str], device) -> Optional[CostProfile]:
 
 def clear_caches() -> None:
     _AVAILABLE.clear()
-    _PREDICTIONS.clear()
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -396,9 +398,6 @@ def calibration_candidates(local_experts, device, dtype: torch.dtype, profile=No
     return close if len(close) > 1 else []
 
 
-_PREDICTIONS: Dict[tuple, Dict[str, float]] = {}
-
-
 def _predicted_times(profile, candidates, weights, tokens_per_expert, beside_copy) -> Dict[str, float]:
     """Predicted seconds per candidate, cached on a fine grid of the load summary (1/8 octave
     of load, 0.05 skew) so that the hot path is a dict lookup. {} for an empty call."""
@@ -406,13 +405,12 @@ def _predicted_times(profile, candidates, weights, tokens_per_expert, beside_cop
     mean, skew = load_summary(tokens_per_expert)
     if mean == 0:
         return {}
-    key = (id(profile), tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20),
-           beside_copy)
-    times = _PREDICTIONS.get(key)
+    key = (tuple(candidates), hidden, ffn, n, round(math.log2(mean) * 8), round(skew * 20), beside_copy)
+    times = profile.predictions.get(key)
     if times is None:
         times = {name: _predict(profile, name, hidden, ffn, n, mean, skew, beside_copy)
                  for name in candidates}
-        _PREDICTIONS[key] = times
+        profile.predictions[key] = times
     return times
 
 

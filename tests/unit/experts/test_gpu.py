@@ -160,3 +160,21 @@ def _background_compile_rank(triton_cache):
     torch.cuda.synchronize()
     first_call = time.perf_counter() - first_started
     return returned_before_done, seconds, launcher_errors, first_call, relative_error(out, ref)
+
+
+def test_calibration_times_calls_with_their_offsets_staged_as_a_layer_does():
+    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.experts.gemm_common import expert_offsets
+
+    device = torch.device("cuda")
+    experts = cal.synthetic_experts(256, 128, 4, torch.bfloat16, device, seed=1)
+    counts = [5, 0, 17, 3]
+    with cal.offsets_staged(experts, counts, device):
+        staged = expert_offsets(counts, device, experts.staged_int32)
+        assert staged is expert_offsets(counts, device, experts.staged_int32)  # no copy per call
+        assert staged.tolist() == [5, 5, 22, 25]
+    assert experts.staged_int32 == {}
+    inputs = cal.make_inputs(sum(counts), 256, torch.bfloat16, device, sets=2, seed=1)
+    seconds = cal.measure_point(experts, ["grouped", "triton"], counts, inputs, device, 1e-3)
+    assert set(seconds) == {"grouped", "triton"} and all(s > 0 for s in seconds.values())
+    assert experts.staged_int32 == {}

@@ -396,3 +396,13 @@ def test_beside_copy_tables_measured_beside_an_sm_copy_are_not_used(experts):
     h200 = selector.CostProfile.from_file(os.path.join(PROFILES_DIR, "nvidia_h200.json"))
     assert h200.data["beside_copy"]["stand_in"] == "pinned host-to-device copy"
     assert h200.tables_beside_copy and h200.tables
+
+
+def test_predictions_are_memoised_per_profile_not_per_address(experts):
+    # A memo keyed by id(profile) gave a new profile the freed one's predictions.
+    cpu = torch.device("cpu")
+    for dense_factor, expected in ((1.0, "dense"), (4.0, "grouped")):
+        profile = synthetic_profile(lambda b, m, s: 1e-2 * (dense_factor if b == "dense" else 2.0))
+        assert selector.choose_backend("auto", experts, [16] * N, cpu, torch.float32, profile) == expected
+        assert profile.predictions
+        del profile
