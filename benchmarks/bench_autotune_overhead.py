@@ -159,7 +159,7 @@ def main(argv=None):
     for case, pair in first_forward.items():
         pair["extra_share"] = pair["with"] / pair["without"] - 1
         print(f"first forward with / without self-calibration, {case.replace('_', ' ')}: "
-              f"{pair['with'] * 1e3:.1f} / {pair['without'] * 1e3:.1f} ms (+{100 * pair['extra_share']:.1f}%)")
+              f"{pair['with'] * 1e3:.1f} / {pair['without'] * 1e3:.1f} ms ({100 * pair['extra_share']:+.1f}%)")
     device = torch.device("cuda", 0)
     result = {"benchmark": "bench_autotune_overhead", "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "git_commit": args.git_commit or git_commit(), "device": cal.device_info(device),

@@ -4,8 +4,8 @@ The source rank sends a token once to each rank that holds at least one of its e
 chunk, with the token's expert indices (relative to the chunk's first expert on that rank) and
 their routing weights packed behind the hidden state. The expert rank expands each received row
 into one row per (row, expert), runs the experts, and sums a row's weighted expert outputs in
-fp32 (``sum_slots``) before sending one row back; the source sums the returned rows of each token
-the same way. Every sum adds its terms in a fixed order, so the result is deterministic.
+fp32 (``permute_kernels.sum_rows``) before sending one row back; the source sums the returned
+rows of each token the same way. Every sum adds its terms in a fixed order, so the result is deterministic.
 
 Everything here is sized from host numbers every rank derives from the all-gathered statistics
 (``range_unique_counts``), so no step waits on the device for a size.
@@ -202,41 +202,3 @@ def expand_rows(
     pair_weights.scatter_(0, position, dense_weights[: num_experts * num_rows])
     pair_row = pair_row[:num_pairs]
     return received[:, :hidden].index_select(0, pair_row), pair_weights[:num_pairs], pair_row
-
-
-def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
-    """[num_owners, slots] int64: the rows of each owner in row order, padded with
-    ``owner.numel()`` (an all-zero row ``sum_slots`` appends). owner: [Q] in [0, num_owners);
-    no owner may have more than ``slots`` rows."""
-    num = owner.numel()
-    device = owner.device
-    table = torch.full((num_owners, slots), num, dtype=torch.long, device=device)
-    if num == 0:
-        return table
-    order = torch.argsort(owner, stable=True)
-    sorted_owner = owner.index_select(0, order)
-    per_owner = _count_values(owner, num_owners)
-    first = torch.cumsum(per_owner, dim=0) - per_owner
-    rank = torch.arange(num, device=device) - first.index_select(0, sorted_owner)
-    table[sorted_owner, rank] = order
-    return table
-
-
-def sum_slots(rows: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype,
-              shared: torch.Tensor = None) -> torch.Tensor:
-    """[N, H]: out[n] = sum of rows[table[n, j]] over j, accumulated in fp32 (fp64 for fp64
-    rows) in slot order and rounded once to ``out_dtype``, then ``shared`` [N, H] added.
-
-    rows: [Q, H]; table: [N, S] from ``slot_table``.
-    """
-    num_out, slots = table.shape
-    hidden = rows.shape[1]
-    accumulate = torch.promote_types(rows.dtype, torch.float32)
-    total = torch.zeros((num_out, hidden), dtype=accumulate, device=rows.device)
-    padded = torch.cat([rows, rows.new_zeros((1, hidden))], dim=0)
-    for j in range(slots):
-        total += padded.index_select(0, table[:, j]).to(accumulate)
-    out = total.to(out_dtype)
-    if shared is not None:
-        out = out + shared.reshape(num_out, hidden)
-    return out

@@ -19,7 +19,7 @@ from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pa
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.config import EPSConfig
-from megatron_eps.pipeline.permute_kernels import sum_expert_rows
+from megatron_eps.pipeline import permute_kernels
 from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
 from megatron_eps.pipeline.runner import run_plan
@@ -358,8 +358,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 received, hidden, layout.slots, end - start, layout.pair_rows(chunk), probs.dtype
             )
             out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
-            table = dedup_rows.slot_table(pair_row, received.shape[0], layout.slots)
-            transport.hand_back(chunk, dedup_rows.sum_slots(out, table, combine_dtype))
+            table = permute_kernels.slot_table(pair_row, received.shape[0], layout.slots)
+            transport.hand_back(chunk, permute_kernels.sum_rows(out, table, combine_dtype))
 
         stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
                   COMBINE: transport.combine}
@@ -368,8 +368,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         with self._phase("unpermute"):
             owners = torch.cat(token_of_row) if token_of_row else torch.empty(
                 0, dtype=torch.long, device=tokens.device)
-            table = dedup_rows.slot_table(owners, tokens.shape[0], layout.return_slots)
-            output = dedup_rows.sum_slots(partials, table, tokens.dtype, shared_output)
+            table = permute_kernels.slot_table(owners, tokens.shape[0], layout.return_slots)
+            output = permute_kernels.sum_rows(partials, table, tokens.dtype, shared_output)
         transport.end()
         return output
 
@@ -391,7 +391,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def _unpermute(self, combined, sorted_indices, tokens, routing_map, shared_output):
         if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:
-            return sum_expert_rows(combined, sorted_indices, tokens.shape[0], shared_output)
+            return permute_kernels.sum_expert_rows(combined, sorted_indices, tokens.shape[0], shared_output)
         # some tokens route to fewer than top-k experts (padding mask): Megatron's way
         output = compat.unpermute_tokens(
             combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map

@@ -4,8 +4,10 @@
   its routing weight, written to its row of the send (or receive) buffer. Torch needs three
   passes for it: widen the tokens by the weight columns, gather the rows, write the weights
   (and, for rows placed straight into a receive area, an extra index_copy).
-* ``sum_expert_rows``: every token's k expert outputs summed in fp32 in a fixed order (one
-  rounding, deterministic), plus the shared experts' output. Torch: gather, reduce, cast, add.
+* ``sum_rows``: rows summed per output row (a token's k expert outputs; in the deduplicated
+  scheme, a received row's expert outputs and a token's returned partial sums) in fp32 in a
+  fixed order (one rounding, deterministic), plus the shared experts' output. Torch: a gather,
+  an add, a cast and an add per slot.
 
 Each has a torch path (CPU, and the reference the GPU tests compare against) with the same
 arithmetic.
@@ -53,16 +55,19 @@ def _kernels():
             tl.store(out_probs + dst * probs_stride, tl.load(probs + i))
 
     @triton.jit
-    def sum_rows_kernel(rows, row_of, shared, out, hidden, rows_stride,
-                        TOPK: tl.constexpr, BLOCK: tl.constexpr, WITH_SHARED: tl.constexpr):
+    def sum_rows_kernel(rows, table, shared, out, hidden, rows_stride, num_rows,
+                        SLOTS: tl.constexpr, BLOCK: tl.constexpr, WITH_SHARED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < hidden
             acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for j in tl.static_range(TOPK):
-                r = tl.load(row_of + t * TOPK + j).to(tl.int64)
-                acc += tl.load(rows + r * rows_stride + cols, mask=mask).to(tl.float32)
+            for j in tl.static_range(SLOTS):
+                r = tl.load(table + t * SLOTS + j).to(tl.int64)
+                # an empty slot (r >= num_rows) reads no column
+                width = tl.where(r < num_rows, hidden, 0)
+                acc += tl.load(rows + r * rows_stride + cols, mask=cols < width,
+                               other=0.0).to(tl.float32)
             result = acc.to(out.dtype.element_ty)
             if WITH_SHARED:
                 s = tl.load(shared + t * hidden + cols, mask=mask)
@@ -132,28 +137,67 @@ def sum_expert_rows(
     shared: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """[T, H]: each token's rows (``sorted_indices`` [T*k]: the token of each row; every token
-    has exactly k) summed in fp32 (fp64 for fp64 rows) in row order, rounded once, plus
-    ``shared`` [T, H] if given (added after the rounding, as the stock layer adds it)."""
+    has exactly k) summed as ``sum_rows`` sums them, in row order, rounded to the rows' dtype."""
     hidden = rows.shape[1]
     if num_tokens == 0:
-        out = rows.new_zeros((0, hidden))
-        return out
+        return rows.new_zeros((0, hidden))
     top_k = rows.shape[0] // num_tokens
-    row_of = torch.argsort(sorted_indices, stable=True)
-    if _triton_ok(rows) and rows.stride(1) == 1 and rows.dtype != torch.float64:
+    table = torch.argsort(sorted_indices, stable=True).view(num_tokens, top_k)
+    return sum_rows(rows, table, rows.dtype, shared)
+
+
+def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
+    """[num_owners, slots] int64: the rows of each owner in row order, padded with
+    ``owner.numel()`` (an empty slot for ``sum_rows``). owner: [Q] in [0, num_owners); no owner
+    may have more than ``slots`` rows."""
+    num = owner.numel()
+    device = owner.device
+    table = torch.full((num_owners, slots), num, dtype=torch.long, device=device)
+    if num == 0:
+        return table
+    order = torch.argsort(owner, stable=True)
+    sorted_owner = owner.index_select(0, order)
+    per_owner = torch.zeros(num_owners, dtype=torch.int64, device=device).scatter_add_(
+        0, owner, torch.ones_like(owner))
+    first = torch.cumsum(per_owner, dim=0) - per_owner
+    rank = torch.arange(num, device=device) - first.index_select(0, sorted_owner)
+    table[sorted_owner, rank] = order
+    return table
+
+
+def sum_rows(rows: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype,
+             shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, H]: out[n] = the sum of rows[table[n, j]] over the slots j, accumulated in fp32 (fp64
+    for fp64 rows) in slot order and rounded once to ``out_dtype``, then ``shared`` [N, H]
+    added (after the rounding, as the stock layer adds the shared experts' output).
+
+    rows: [Q, H]; table: [N, S] int64, an entry >= Q an empty slot (``slot_table``). One pass
+    over the output on GPUs; deterministic everywhere (a fixed order of additions).
+    """
+    num_out, slots = table.shape
+    num_rows, hidden = rows.shape
+    if num_out == 0:
+        return rows.new_zeros((0, hidden), dtype=out_dtype)
+    if _triton_ok(rows, table) and rows.stride(1) == 1 and rows.dtype != torch.float64:
         _, summer = _kernels()
-        out = rows.new_empty((num_tokens, hidden))
-        shared_c = shared.reshape(num_tokens, hidden).contiguous() if shared is not None else None
+        out = rows.new_empty((num_out, hidden), dtype=out_dtype)
+        shared_c = shared.reshape(num_out, hidden).contiguous() if shared is not None else None
         summer(
-            (num_tokens,),
-            (rows, row_of, shared_c if shared_c is not None else out, out, hidden, rows.stride(0)),
-            {"TOPK": top_k, "BLOCK": _block(hidden), "WITH_SHARED": shared is not None},
+            (num_out,),
+            (rows, table.contiguous(), shared_c if shared_c is not None else out, out, hidden,
+             rows.stride(0), num_rows),
+            {"SLOTS": slots, "BLOCK": _block(hidden), "WITH_SHARED": shared is not None},
             num_warps=4,
         )
         return out
-    gathered = rows.index_select(0, row_of).view(num_tokens, top_k, hidden)
     accumulate = torch.promote_types(rows.dtype, torch.float32)
-    out = gathered.sum(dim=1, dtype=accumulate).to(rows.dtype)
+    total = torch.zeros((num_out, hidden), dtype=accumulate, device=rows.device)
+    zero = torch.zeros((), dtype=accumulate, device=rows.device)
+    for j in range(slots if num_rows else 0):
+        index = table[:, j]
+        picked = rows.index_select(0, index.clamp(max=num_rows - 1)).to(accumulate)
+        total += torch.where((index < num_rows).unsqueeze(1), picked, zero)
+    out = total.to(out_dtype)
     if shared is not None:
-        out = out + shared.reshape(num_tokens, hidden)
+        out = out + shared.reshape(num_out, hidden)
     return out

@@ -191,6 +191,7 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     rank then token, every token with an expert of the chunk here (once), and after the
     pre-reduced combine each token's rows sum to its weighted expert outputs."""
     from megatron_eps.comm import dedup_rows
+    from megatron_eps.pipeline import permute_kernels
     from megatron_eps.comm.dedup_layout import DedupChunkLayout
 
     hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
@@ -219,15 +220,15 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
             assert torch.equal(received[:, :HIDDEN], want), scenario
             x, p, pair_row = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
                                                     layouts[r].pair_rows(chunk), torch.float32)
-            table = dedup_rows.slot_table(pair_row, received.shape[0], layouts[r].slots)
-            sums = dedup_rows.sum_slots(x * p.unsqueeze(1), table, torch.float32)
+            table = permute_kernels.slot_table(pair_row, received.shape[0], layouts[r].slots)
+            sums = permute_kernels.sum_rows(x * p.unsqueeze(1), table, torch.float32)
             transports[r].hand_back(chunk, sums)
         finals = [transports[r].combine(chunk) for r in range(ep)]
     for r in range(ep):
         finals[r].wait(None)
         owner = torch.cat(owners[r])
-        table = dedup_rows.slot_table(owner, tokens[r], layouts[r].return_slots)
-        out = dedup_rows.sum_slots(transports[r].combined_rows(), table, torch.float64)
+        table = permute_kernels.slot_table(owner, tokens[r], layouts[r].return_slots)
+        out = permute_kernels.sum_rows(transports[r].combined_rows(), table, torch.float64)
         want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
         transports[r].end()

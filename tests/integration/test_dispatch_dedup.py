@@ -10,6 +10,7 @@ import torch
 
 from megatron_eps import EPSConfig
 from megatron_eps.comm import dedup_rows
+from megatron_eps.pipeline import permute_kernels
 from megatron_eps.comm.dedup_layout import DedupChunkLayout
 from megatron_eps.comm.traffic import routed_traffic
 from megatron_eps.config import EPSConfigError
@@ -100,8 +101,8 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                     expected_rows.append(tokens[src][mask])
             assert torch.equal(x, torch.cat(expected_rows))
             out = (x.double() * p.double().unsqueeze(1))
-            table = dedup_rows.slot_table(pair_row, received.shape[0], lay.slots)
-            sums = dedup_rows.sum_slots(out, table, torch.float64)
+            table = permute_kernels.slot_table(pair_row, received.shape[0], lay.slots)
+            sums = permute_kernels.sum_rows(out, table, torch.float64)
             start = 0
             for src in range(ep_size):
                 n = dedup[src].send_splits[g][me]
@@ -109,8 +110,8 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                 start += n
     for rank in range(ep_size):
         owner = torch.cat(owners[rank])
-        table = dedup_rows.slot_table(owner, lengths[rank], dedup[rank].return_slots)
-        result = dedup_rows.sum_slots(returned[rank], table, torch.float64)
+        table = permute_kernels.slot_table(owner, lengths[rank], dedup[rank].return_slots)
+        result = permute_kernels.sum_rows(returned[rank], table, torch.float64)
         # probs are zero off the routing map: each token's weighted rows sum to this
         expected = probs[rank].double().sum(dim=1, keepdim=True) * tokens[rank].double()
         torch.testing.assert_close(result, expected)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, sum_expert_rows
+from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, slot_table, sum_expert_rows, sum_rows
 
 
 def _devices():
@@ -65,3 +65,35 @@ def test_sum_expert_rows(device, dtype, topk, shared):
     assert got.dtype == dtype
     assert torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)
     assert sum_expert_rows(rows_d[:0], token_of_row[:0].to(device), 0).shape == (0, hidden)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_sum_rows_skips_empty_slots(device, dtype, out_dtype, shared):
+    # Owners with 0 to 3 rows (slots 3), as the deduplicated scheme's sums have; owner 5 none.
+    gen = torch.Generator().manual_seed(3)
+    num_owners, hidden = 9, 700
+    owner = torch.tensor([0, 3, 3, 1, 8, 0, 3, 2, 7, 7, 4, 6, 0, 1], dtype=torch.long)
+    rows = torch.randn(owner.numel(), hidden, generator=gen, dtype=torch.float64)
+    rows_d = rows.to(device=device, dtype=dtype)
+    extra = torch.randn(num_owners, hidden, generator=gen, dtype=torch.float64)
+    extra_d = extra.to(device=device, dtype=out_dtype) if shared else None
+    table = slot_table(owner.to(device), num_owners, 3)
+    assert table.shape == (num_owners, 3)
+    assert table[5].tolist() == [owner.numel()] * 3  # an owner with no rows: empty slots only
+    assert table[3].tolist() == [1, 2, 6]  # rows in row order
+    got = sum_rows(rows_d, table, out_dtype, extra_d)
+    want = torch.zeros(num_owners, hidden, dtype=torch.float64)
+    want.index_add_(0, owner, rows_d.double().cpu())
+    if shared:
+        want = want.to(out_dtype).double() + extra_d.double().cpu()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[
+        out_dtype if dtype != torch.bfloat16 or out_dtype != torch.float32 else torch.float32]
+    assert got.dtype == out_dtype and got.shape == (num_owners, hidden)
+    assert torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)
+    assert bool((got[5].double().cpu() == (extra_d[5].double().cpu() if shared else 0.0)).all())
+    # no rows at all: every slot empty
+    empty = sum_rows(rows_d[:0], slot_table(owner[:0].to(device), num_owners, 2), out_dtype)
+    assert empty.shape == (num_owners, hidden) and not bool(empty.any())

@@ -112,6 +112,21 @@ def main():
                 ref = spec.apply_torch(h.double(), probs.double())
                 key = f"fused_activation/{getattr(fn, '__name__', fn)}/gated={gated}/clamp={clamp}"
                 results[key] = relative_error(out, ref)
+    # The permutation's row-sum kernel (permute_kernels.sum_rows): owners with 0 to 3 rows.
+    from megatron_eps.pipeline import permute_kernels as pk
+
+    _, summer = pk._kernels()
+    owner = torch.tensor([0, 3, 3, 1, 8, 0, 3, 2, 7, 7, 4, 6, 0, 1])
+    rows, shared = torch.randn(owner.numel(), 300), torch.randn(9, 300)
+    table = pk.slot_table(owner, 9, 3)
+    for with_shared in (False, True):
+        out = torch.empty(9, 300)
+        summer.kernel[(9,)](rows, table, shared if with_shared else out, out, 300, rows.stride(0),
+                            rows.shape[0], SLOTS=3, BLOCK=pk._block(300), WITH_SHARED=with_shared)
+        ref = torch.zeros(9, 300, dtype=torch.float64).index_add_(0, owner, rows.double())
+        if with_shared:
+            ref += shared.double()
+        results[f"permute/sum_rows/shared={with_shared}"] = relative_error(out, ref)
     json.dump(results, sys.stdout)
 
 
