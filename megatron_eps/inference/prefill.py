@@ -59,11 +59,26 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# torchrun stops every rank as soon as one exits with an error, so a rank that does not print
+# leaves rank 0 this long to print the error first (under load, rank 0 can reach the check
+# seconds later). When rank 0 has printed and exited, torchrun ends the wait at once.
+PRINTING_RANK_GRACE_S = 30.0
+
+
+def _report_once(line: str) -> None:
+    """``line`` on stderr from rank 0; any other rank waits for rank 0 to print it (and exit)."""
+    if _is_main_rank():
+        print(line, file=sys.stderr, flush=True)
+    else:
+        import time
+
+        time.sleep(PRINTING_RANK_GRACE_S)
+
+
 def _fail(prog: str, message: str, code: int = 2):
     """One line naming the problem, printed once (rank 0), then exit: no traceback, no usage
     block per rank."""
-    if _is_main_rank():
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    _report_once(f"{prog}: error: {message}")
     sys.exit(code)
 
 
@@ -1031,8 +1046,7 @@ def main(argv=None) -> int:
         report = run(args)
     except (EPSConfigError, ModelConfigError, PrefillError) as exc:
         # A check only the running job can make: still one line, from rank 0.
-        if _is_main_rank():
-            print(f"megatron-eps-prefill: error: {exc}", file=sys.stderr, flush=True)
+        _report_once(f"megatron-eps-prefill: error: {exc}")
         return 2
     finally:
         if dist.is_initialized():

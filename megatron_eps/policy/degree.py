@@ -99,7 +99,7 @@ def choose_chunking(
         eps_config.dedup_combine_dtype,
         shape,
         profile,
-        id(kernel_profile),
+        kernel_profile,  # by identity, and held: an id() could be a freed profile's
         dispatch_ahead,
         split,
         eps_config.max_pipeline_degree,

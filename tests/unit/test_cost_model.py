@@ -575,3 +575,22 @@ def test_profiles_fitted_against_the_roofline_keep_it():
     assert PipelineProfile.from_dict({**base, "use_kernel_tables": False}).use_kernel_tables is False
     with pytest.raises(ValueError, match="use_kernel_tables"):
         PipelineProfile.from_dict({**base, "use_kernel_tables": "no"})
+
+
+def test_the_decision_cache_holds_the_kernel_tables_it_is_keyed_by():
+    # Keyed by id(), a later set of tables at a freed one's address would get its decisions
+    # (and two ranks could then disagree on the chunks).
+    import gc
+    import weakref
+
+    class Tables:
+        pass
+
+    tables = Tables()
+    alive = weakref.ref(tables)
+    counts = balanced_counts(DSV2, 8192)
+    chosen = choose_chunking(counts, DSV2, AUTO, profile(), kernel_profile=tables)
+    del tables
+    gc.collect()
+    assert alive() is not None
+    assert choose_chunking(counts, DSV2, AUTO, profile(), kernel_profile=alive()) == chosen
