@@ -104,11 +104,11 @@ def time_calls_interleaved(
     """``time_call`` for several callables at once, their batches interleaved in rounds whose
     order alternates (the self-calibration's order too).
 
-    A GPU's clock drifts while a compute-bound point is measured (its power limit): timed one
-    after the other, the callable timed first ran on a faster clock. On the H200, grouped and
-    triton measured 8.3 and 8.9 ms interleaved but 9.4 and 8.5 ms one after the other at the
-    same load (bench_experts_h200_qwen3_tuner_vs_bench.json). Interleaved, a drift shifts
-    every callable alike.
+    Timed one after the other, the backends of one compute-bound point were timed under
+    different conditions: on the H200, grouped and triton measured 8.3 and 8.9 ms interleaved
+    but 9.4 and 8.5 ms in turn, at the same load (bench_experts_h200_qwen3_tuner_vs_bench.json).
+    A clock that drifts under the power limit is the likely cause (not traced); interleaved,
+    any drift shifts every callable alike.
     """
     from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
