@@ -17,6 +17,8 @@ from typing import Tuple
 
 import torch
 
+from megatron_eps.pipeline.permute_kernels import count_values
+
 # Index of an empty slot in the packed expert indices.
 NO_EXPERT = -1
 _ALIGN_BYTES = 16
@@ -39,19 +41,12 @@ def range_unique_counts(routing_map: torch.Tensor, ep_size: int) -> torch.Tensor
     base = (torch.arange(ep_size * local, device=routing_map.device) * (local + 1)).view(
         1, ep_size, local
     )
-    histogram = _count_values((base + next_expert).reshape(-1), ep_size * local * (local + 1))
+    histogram = count_values((base + next_expert).reshape(-1), ep_size * local * (local + 1))
     histogram = histogram.view(ep_size, local, local + 1)
     table = torch.zeros_like(histogram)
     # A token counts for [a, b) when its next expert from a lies below b.
     table[:, :, 1:] = torch.cumsum(histogram, dim=2)[:, :, :-1]
     return table
-
-
-def _count_values(values: torch.Tensor, size: int) -> torch.Tensor:
-    """[size] int64 occurrences of each value in ``values`` (all in [0, size)); unlike
-    ``torch.bincount`` no host sync on GPUs (bincount reads the maximum to size its output)."""
-    counts = torch.zeros(size, dtype=torch.int64, device=values.device)
-    return counts.scatter_add_(0, values.reshape(-1), torch.ones_like(values.reshape(-1)))
 
 
 def routing_statistics(routing_map: torch.Tensor, ep_size: int,

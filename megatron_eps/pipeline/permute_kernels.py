@@ -146,6 +146,13 @@ def sum_expert_rows(
     return sum_rows(rows, table, rows.dtype, shared)
 
 
+def count_values(values: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] int64 occurrences of each value in ``values`` (all in [0, size)); unlike
+    ``torch.bincount`` no host sync on GPUs (bincount reads the maximum to size its output)."""
+    counts = torch.zeros(size, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(0, values.reshape(-1), torch.ones_like(values.reshape(-1)))
+
+
 def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
     """[num_owners, slots] int64: the rows of each owner in row order, padded with
     ``owner.numel()`` (an empty slot for ``sum_rows``). owner: [Q] in [0, num_owners); no owner
@@ -157,8 +164,7 @@ def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor
         return table
     order = torch.argsort(owner, stable=True)
     sorted_owner = owner.index_select(0, order)
-    per_owner = torch.zeros(num_owners, dtype=torch.int64, device=device).scatter_add_(
-        0, owner, torch.ones_like(owner))
+    per_owner = count_values(owner, num_owners)
     first = torch.cumsum(per_owner, dim=0) - per_owner
     rank = torch.arange(num, device=device) - first.index_select(0, sorted_owner)
     table[sorted_owner, rank] = order
