@@ -16,6 +16,8 @@
 #   prefill    benchmarks/gpu_prefill.sh (its env: LAYERS, PROMPTS, NPROC, EXTRA_ARGS, ...)
 #   accuracy   benchmarks/accuracy_check.py (EPS and stock vs fp32, one DSV2-Lite layer)
 #   diag       benchmarks/diag_overlap.py (host costs, carve-out, emulator fidelity)
+#   layer      benchmarks/bench_layer_multigpu.py at EP = #GPUs (args passed on; LAYER_TIMEOUT)
+#   split      benchmarks/chunk_split_tradeoff.py: expert vs token chunks (args passed on)
 #
 # Everything it writes goes under $OUT. MEGATRON_EPS_GIT_COMMIT names the commit of the tree
 # (the device's copy has no .git). NVLink multicast stays off here and in every subprocess.
@@ -28,9 +30,9 @@ export PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 case "$COMMAND" in
   help|-h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag) ;;
+  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split) ;;
   *) echo "gpu.sh: unknown subcommand '$COMMAND'; allowed: tests, kernels, transport, multigpu," \
-          "pipeline, calibrate, prefill, accuracy, diag, help" >&2
+          "pipeline, calibrate, prefill, accuracy, diag, layer, split, help" >&2
      exit 2 ;;
 esac
 if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
@@ -64,4 +66,12 @@ case "$COMMAND" in
   diag)
     timeout "${DIAG_TIMEOUT:-400}" python3 benchmarks/diag_overlap.py --out "$OUT/diag.json" "$@" 2>&1 \
       | grep -v -i warn | tee "$OUT/diag.log" ;;
+  layer)
+    timeout "${LAYER_TIMEOUT:-400}" torchrun --standalone --nproc-per-node "$NGPU" \
+      benchmarks/bench_layer_multigpu.py --out "$OUT/layer_ep$NGPU.json" "$@" 2>&1 \
+      | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_ep$NGPU.log" | tail -14 ;;
+  split)
+    timeout "${SPLIT_TIMEOUT:-400}" python3 benchmarks/chunk_split_tradeoff.py \
+      --out "$OUT/chunk_split_tradeoff.json" "$@" 2>&1 | grep -v -i warn \
+      | tee "$OUT/chunk_split_tradeoff.log" ;;
 esac
