@@ -1,0 +1,171 @@
+"""Where one EPS forward's device and host time goes, by op, for two settings side by side.
+
+    torchrun --standalone --nproc-per-node 1 benchmarks/trace_layer_ops.py --out ops.json
+    torchrun --standalone --nproc-per-node 1 benchmarks/trace_layer_ops.py --smoke --out x.json (CPU)
+
+EP = world size. For each point (``model:tokens``) and each variant (``--variants``, EPSConfig
+overrides such as ``dispatch_dedup=on``), it times forwards with CUDA events, then profiles a
+few forwards (torch.profiler, CPU and CUDA) and reports per op: device time (self, per
+forward), calls per forward, and the host time of the forward. The table lists the ops whose
+device time differs most between the first variant and each other one: the trace that says
+where an extra millisecond comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_layer_multigpu import MODELS, SMOKE  # noqa: E402
+
+
+def parse_variant(text: str):
+    """'dispatch_dedup=on,pipeline_degree=2' -> {'dispatch_dedup': 'on', 'pipeline_degree': 2}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def op_table(prof, forwards: int, cuda: bool):
+    """{op name: (device us per forward, calls per forward)} from the profiler's averages (on
+    CPU, the ops' own host time stands in for device time)."""
+    table = {}
+    for event in prof.key_averages():
+        if not cuda:
+            device_us = event.self_cpu_time_total
+        else:
+            device_us = getattr(event, "self_device_time_total", None)
+            if device_us is None:
+                device_us = getattr(event, "self_cuda_time_total", 0)
+        if device_us <= 0:
+            continue
+        table[event.key] = (device_us / forwards, event.count / forwards)
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--points", default="mixtral:8192,dsv2:4096,dsv2:16384")
+    ap.add_argument("--variants", default="dispatch_dedup=off;dispatch_dedup=on",
+                    help="';'-separated EPSConfig overrides, the first is the reference")
+    ap.add_argument("--base", default="pipeline_degree=1,transport=nccl",
+                    help="EPSConfig overrides every variant shares")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--profiled", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+
+    from megatron_eps import EPSConfig
+    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.testing import Utils
+    from megatron_eps.testing.models import build_moe_pair, moe_config
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    Utils.initialize_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = SMOKE if args.smoke else MODELS
+    variants = [parse_variant(v) for v in args.variants.split(";")]
+    base = EPSConfig(min_tokens_to_pipeline=0, **parse_variant(args.base))
+    for v in variants:
+        base.replace(**v)  # a bad setting fails here, before any forward
+    results = []
+    for point in args.points.split(","):
+        name, tokens = point.split(":")
+        tokens = 64 if args.smoke else int(tokens)
+        s = shapes[name]
+        config = moe_config(num_experts=s["experts"], topk=s["topk"], hidden_size=s["hidden"],
+                            ffn_hidden_size=s["ffn"], shared_expert_size=s["shared"],
+                            ep_size=world, dtype=dtype)
+        _, layer = build_moe_pair(config, base)
+        gen = torch.Generator().manual_seed(1000 + rank)
+        x = torch.randn(tokens, 1, s["hidden"], generator=gen).to(
+            device="cuda" if cuda else "cpu", dtype=dtype)
+        row = {"model": name, "tokens_per_rank": tokens, "ep": world, "variants": []}
+        with torch.no_grad():
+            for v in variants:
+                layer.eps_config = base.replace(**v)
+                for _ in range(3):
+                    layer(x)
+                times, host = [], []
+                for _ in range(args.repeats):
+                    dist.barrier()
+                    if cuda:
+                        torch.cuda.synchronize()
+                        start = torch.cuda.Event(enable_timing=True)
+                        end = torch.cuda.Event(enable_timing=True)
+                        start.record()
+                    t0 = time.perf_counter()
+                    layer(x)
+                    host.append(time.perf_counter() - t0)
+                    if cuda:
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end) / 1e3)
+                    else:
+                        times.append(host[-1])
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                with torch.profiler.profile(activities=activities) as prof:
+                    for _ in range(args.profiled):
+                        layer(x)
+                    if cuda:
+                        torch.cuda.synchronize()
+                record = layer.token_dispatcher.last_record
+                row["variants"].append({
+                    "settings": v, "forward_ms": statistics.median(times) * 1e3,
+                    "host_ms": statistics.median(host) * 1e3,
+                    "chunks": list(record.experts_per_chunk), "dedup": bool(record.dedup),
+                    "ops": op_table(prof, args.profiled, cuda),
+                })
+        results.append(row)
+        if rank == 0:
+            print_point(row, args.top)
+        del layer
+        if cuda:
+            torch.cuda.empty_cache()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",
+                       "torch": torch.__version__, "git_commit": git_commit(),
+                       "command": " ".join(sys.argv), "world_size": world,
+                       "timing": "CUDA events per forward (median); host: the forward's own wall "
+                                 "time; ops: torch.profiler self device time per forward",
+                       "points": results}, f, indent=1)
+    Utils.destroy_model_parallel()
+
+
+def print_point(row, top):
+    ref = row["variants"][0]
+    print(f"== {row['model']} {row['tokens_per_rank']} tokens/rank, EP={row['ep']}")
+    for v in row["variants"]:
+        device = sum(us for us, _ in v["ops"].values()) / 1e3
+        print(f"   {v['settings']}: forward {v['forward_ms']:.2f} ms, host {v['host_ms']:.2f} ms, "
+              f"device ops {device:.2f} ms, chunks {v['chunks']}, dedup {v['dedup']}")
+    for v in row["variants"][1:]:
+        names = set(ref["ops"]) | set(v["ops"])
+        diff = sorted(names, key=lambda k: -abs(v["ops"].get(k, (0, 0))[0] - ref["ops"].get(k, (0, 0))[0]))
+        print(f"   ops whose device time differs most, {v['settings']} vs {ref['settings']} "
+              "(us per forward, calls):")
+        for k in diff[:top]:
+            a, b = ref["ops"].get(k, (0.0, 0.0)), v["ops"].get(k, (0.0, 0.0))
+            print(f"     {b[0] - a[0]:+9.1f}  {a[0]:8.1f} ({a[1]:4.0f}) -> {b[0]:8.1f} ({b[1]:4.0f})  {k[:90]}")
+
+
+if __name__ == "__main__":
+    main()
