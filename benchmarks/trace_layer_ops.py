@@ -38,19 +38,24 @@ def parse_variant(text: str):
 
 
 def op_table(prof, forwards: int, cuda: bool):
-    """{op name: (device us per forward, calls per forward)} from the profiler's averages (on
-    CPU, the ops' own host time stands in for device time)."""
+    """{op name: (device us, calls, host us)} per forward from the profiler's averages: the op's
+    self device time (on CPU, its self host time) and its self host time (CUDA runtime calls,
+    such as a synchronize, are ops of their own here; the dispatcher's ``eps.*`` phases count
+    their whole host time)."""
     table = {}
     for event in prof.key_averages():
+        host_us = event.self_cpu_time_total
         if not cuda:
-            device_us = event.self_cpu_time_total
+            device_us = host_us
         else:
             device_us = getattr(event, "self_device_time_total", None)
             if device_us is None:
                 device_us = getattr(event, "self_cuda_time_total", 0)
-        if device_us <= 0:
+        if device_us <= 0 and host_us <= 0:
             continue
-        table[event.key] = (device_us / forwards, event.count / forwards)
+        if event.key.startswith("eps."):  # the dispatcher's phases: their whole host time
+            host_us = event.cpu_time_total
+        table[event.key] = (device_us / forwards, event.count / forwards, host_us / forwards)
     return table
 
 
@@ -65,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profiled", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--trace-dir", default=None,
+                    help="also write each variant's chrome trace of the first point here")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
 
@@ -121,11 +128,17 @@ def main(argv=None):
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
+                layer.token_dispatcher.profiler_ranges = True
                 with torch.profiler.profile(activities=activities) as prof:
                     for _ in range(args.profiled):
                         layer(x)
                     if cuda:
                         torch.cuda.synchronize()
+                layer.token_dispatcher.profiler_ranges = False
+                if args.trace_dir and not results and rank == 0:
+                    os.makedirs(args.trace_dir, exist_ok=True)
+                    label = "_".join(f"{k}-{val}" for k, val in v.items()) or "base"
+                    prof.export_chrome_trace(os.path.join(args.trace_dir, f"ops_{name}_{label}.json"))
                 record = layer.token_dispatcher.last_record
                 row["variants"].append({
                     "settings": v, "forward_ms": statistics.median(times) * 1e3,
@@ -154,17 +167,20 @@ def print_point(row, top):
     ref = row["variants"][0]
     print(f"== {row['model']} {row['tokens_per_rank']} tokens/rank, EP={row['ep']}")
     for v in row["variants"]:
-        device = sum(us for us, _ in v["ops"].values()) / 1e3
+        device = sum(op[0] for op in v["ops"].values()) / 1e3
         print(f"   {v['settings']}: forward {v['forward_ms']:.2f} ms, host {v['host_ms']:.2f} ms, "
               f"device ops {device:.2f} ms, chunks {v['chunks']}, dedup {v['dedup']}")
     for v in row["variants"][1:]:
         names = set(ref["ops"]) | set(v["ops"])
-        diff = sorted(names, key=lambda k: -abs(v["ops"].get(k, (0, 0))[0] - ref["ops"].get(k, (0, 0))[0]))
-        print(f"   ops whose device time differs most, {v['settings']} vs {ref['settings']} "
-              "(us per forward, calls):")
-        for k in diff[:top]:
-            a, b = ref["ops"].get(k, (0.0, 0.0)), v["ops"].get(k, (0.0, 0.0))
-            print(f"     {b[0] - a[0]:+9.1f}  {a[0]:8.1f} ({a[1]:4.0f}) -> {b[0]:8.1f} ({b[1]:4.0f})  {k[:90]}")
+        for column, what in ((0, "device"), (2, "host")):
+            def change(k):
+                return v["ops"].get(k, (0, 0, 0))[column] - ref["ops"].get(k, (0, 0, 0))[column]
+            print(f"   ops whose {what} time differs most, {v['settings']} vs {ref['settings']} "
+                  "(us per forward, calls):")
+            for k in sorted(names, key=lambda k: -abs(change(k)))[:top]:
+                a, b = ref["ops"].get(k, (0.0, 0.0, 0.0)), v["ops"].get(k, (0.0, 0.0, 0.0))
+                print(f"     {change(k):+9.1f}  {a[column]:8.1f} ({a[1]:4.0f}) -> "
+                      f"{b[column]:8.1f} ({b[1]:4.0f})  {k[:90]}")
 
 
 if __name__ == "__main__":
