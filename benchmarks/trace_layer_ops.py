@@ -144,6 +144,7 @@ def main(argv=None):
                     "settings": v, "forward_ms": statistics.median(times) * 1e3,
                     "host_ms": statistics.median(host) * 1e3,
                     "chunks": list(record.experts_per_chunk), "dedup": bool(record.dedup),
+                    "backends": list(layer.expert_runner.backends_used),
                     "ops": op_table(prof, args.profiled, cuda),
                 })
         results.append(row)
@@ -169,7 +170,8 @@ def print_point(row, top):
     for v in row["variants"]:
         device = sum(op[0] for op in v["ops"].values()) / 1e3
         print(f"   {v['settings']}: forward {v['forward_ms']:.2f} ms, host {v['host_ms']:.2f} ms, "
-              f"device ops {device:.2f} ms, chunks {v['chunks']}, dedup {v['dedup']}")
+              f"device ops {device:.2f} ms, chunks {v['chunks']}, dedup {v['dedup']}, "
+              f"kernels {v['backends']}")
     for v in row["variants"][1:]:
         names = set(ref["ops"]) | set(v["ops"])
         for column, what in ((0, "device"), (2, "host")):
