@@ -176,13 +176,10 @@ class CopyEngineTransport(ExpertTransport):
                 self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
             )
         first, end = self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1]
-        rows = tokens.new_empty((end - first, self._dispatch_rows.shape[1]))
         token_index = place_unique_rows(
             tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
-            rows, self.layout.slots,
+            self._dispatch_rows, self.layout.slots, dst_rows=self._buffer_rows[first:end],
         )
-        order = torch.arange(end - first, device=tokens.device)
-        copy_rows(rows, order, self._dispatch_rows, self._buffer_rows[first:end])
         self._record_placed(chunk, tokens)
         return token_index
 

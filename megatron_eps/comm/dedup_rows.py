@@ -13,11 +13,13 @@ Everything here is sized from host numbers every rank derives from the all-gathe
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 
-from megatron_eps.pipeline.permute_kernels import count_values
+from megatron_eps.pipeline.permute_kernels import count_values, row_block, use_triton
+from megatron_eps.triton_launch import CachedLauncher
 
 # Index of an empty slot in the packed expert indices.
 NO_EXPERT = -1
@@ -97,6 +99,61 @@ def _meta_views(rows: torch.Tensor, hidden: int, slots: int, probs_dtype: torch.
     return experts, weights
 
 
+def _power_of_two(n: int) -> int:
+    return 1 << max(1, (max(n, 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _place_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def place_unique_rows_kernel(tokens, routing_map, probs, sent_row, dst_rows, out,
+                                 out_experts, out_weights, token_index, num_tokens, hidden,
+                                 token_stride, map_stride, probs_stride, out_stride,
+                                 experts_stride, weights_stride, local, first, width,
+                                 BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, SLOTS: tl.constexpr,
+                                 SLOTS_P2: tl.constexpr, IDENTITY: tl.constexpr):
+        # One program per (destination rank d, token t), d-major. sent_row: the chunk's send
+        # row that (d, t) fills, or -1 when t has no expert of the chunk on d.
+        i = tl.program_id(0).to(tl.int64)
+        r = tl.load(sent_row + i)
+        if r >= 0:
+            t = i % num_tokens
+            d = i // num_tokens
+            tl.store(token_index + r, t)
+            if IDENTITY:
+                dst = r
+            else:
+                dst = tl.load(dst_rows + r)
+            j = tl.arange(0, BLOCK_W)
+            in_chunk = j < width
+            column = d * local + first + j
+            routed = tl.load(routing_map + t * map_stride + column, mask=in_chunk, other=0)
+            routed = (routed != 0).to(tl.int32)
+            weight = tl.load(probs + t * probs_stride + column, mask=in_chunk, other=0.0)
+            # Slot k of the row: its k-th expert of the chunk, in expert order.
+            slot = tl.cumsum(routed, axis=0) - 1
+            k = tl.arange(0, SLOTS_P2)
+            hit = (slot[None, :] == k[:, None]) & (routed[None, :] > 0)
+            expert = tl.sum(tl.where(hit, j[None, :], 0), axis=1)
+            found = tl.sum(hit.to(tl.int32), axis=1) > 0
+            expert = tl.where(found, expert, -1)
+            slot_weight = tl.sum(tl.where(hit, weight[None, :], 0.0), axis=1)
+            keep = k < SLOTS
+            tl.store(out_experts + dst * experts_stride + k, expert, mask=keep)
+            tl.store(out_weights + dst * weights_stride + k,
+                     slot_weight.to(out_weights.dtype.element_ty), mask=keep)
+            for start in range(0, hidden, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < hidden
+                row = tl.load(tokens + t * token_stride + cols, mask=mask)
+                tl.store(out + dst * out_stride + cols, row, mask=mask)
+
+    return CachedLauncher(place_unique_rows_kernel)
+
+
 def place_unique_rows(
     tokens: torch.Tensor,
     probs: torch.Tensor,
@@ -105,19 +162,80 @@ def place_unique_rows(
     expert_range: Tuple[int, int],
     out: torch.Tensor,
     slots: int,
+    dst_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Write one chunk's send rows, ordered by (destination rank, token), into ``out``.
 
     Args:
         tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
         expert_range: [start, end) local experts of the chunk (the same on every rank).
-        out: [Q, W] rows of the chunk's send buffer, Q = tokens with an expert of the chunk,
-            summed over the destination ranks (the host knows it from the gathered counts);
-            W = H + meta_columns(...).
+        out: [R, W] rows, W = H + meta_columns(...): the chunk's send rows, or (``dst_rows``)
+            a buffer the rows are placed into.
         slots: most experts one token has in one chunk of one rank.
+        dst_rows: [Q] int64, the row of ``out`` each send row goes to; None: row q of ``out``.
+            Q = tokens with an expert of the chunk, summed over the destination ranks (the host
+            knows it from the gathered counts).
     Returns:
         [Q] int64 token index of each row (where its returned partial sum belongs).
+
+    On GPUs a scan numbers the rows and one Triton pass writes each row (hidden state and
+    packed fields) straight to its place; elsewhere torch does the same in several passes.
     """
+    num_rows = out.shape[0] if dst_rows is None else dst_rows.numel()
+    if (use_triton(tokens, out, probs, routing_map) and tokens.stride(1) == 1
+            and out.stride(1) == 1 and routing_map.is_contiguous() and probs.stride(1) == 1):
+        return _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range, out,
+                                         slots, dst_rows, num_rows)
+    if dst_rows is None:
+        return _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out,
+                                        slots)
+    rows = out.new_empty((num_rows, out.shape[1]))
+    token_index = _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range,
+                                           rows, slots)
+    out.index_copy_(0, dst_rows, rows)
+    return token_index
+
+
+def _send_rows(routing_map: torch.Tensor, ep_size: int, expert_range: Tuple[int, int]):
+    """[D * T] int64, d-major: the send row of (destination rank d, token t), or -1 when t has
+    no expert of the chunk on d."""
+    num_tokens, num_experts = routing_map.shape
+    start, end = expert_range
+    chunk_map = routing_map.view(num_tokens, ep_size, num_experts // ep_size)[:, :, start:end]
+    sent = chunk_map.any(dim=2).t().reshape(-1)
+    row = torch.cumsum(sent, dim=0) - 1
+    return torch.where(sent, row, -1)
+
+
+def _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range, out, slots,
+                              dst_rows, num_rows, through_jit: bool = False):
+    """The GPU path of place_unique_rows (``through_jit``: launched through Triton's JIT, as
+    Triton's CPU interpreter needs)."""
+    num_tokens, num_experts = routing_map.shape
+    hidden = tokens.shape[1]
+    token_index = torch.empty(num_rows, dtype=torch.long, device=tokens.device)
+    if num_rows == 0:
+        return token_index
+    start, end = expert_range
+    sent_row = _send_rows(routing_map, ep_size, expert_range)
+    out_experts, out_weights = _meta_views(out, hidden, slots, probs.dtype)
+    grid = (ep_size * num_tokens,)
+    args = (tokens, routing_map.view(torch.uint8), probs, sent_row,
+            dst_rows if dst_rows is not None else sent_row, out, out_experts, out_weights,
+            token_index, num_tokens, hidden, tokens.stride(0), routing_map.stride(0),
+            probs.stride(0), out.stride(0), out_experts.stride(0), out_weights.stride(0),
+            num_experts // ep_size, start, end - start)
+    constants = {"BLOCK": row_block(hidden), "BLOCK_W": _power_of_two(end - start),
+                 "SLOTS": slots, "SLOTS_P2": _power_of_two(slots), "IDENTITY": dst_rows is None}
+    if through_jit:
+        _place_kernel().kernel[grid](*args, **constants, num_warps=4)
+    else:
+        _place_kernel()(grid, args, constants, num_warps=4)
+    return token_index
+
+
+def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out, slots):
+    """place_unique_rows in torch (CPU, and the reference of the GPU kernel's tests)."""
     num_tokens, num_experts = routing_map.shape
     hidden = tokens.shape[1]
     local = num_experts // ep_size
@@ -161,39 +279,33 @@ def expand_rows(
     received: torch.Tensor, hidden: int, slots: int, num_experts: int, num_pairs: int,
     probs_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row per (received row, expert), grouped by expert.
+    """One row per (received row, expert), grouped by expert, and where each output goes back.
 
     Args:
         received: [R, W] one chunk's received rows, by source rank, then token.
         num_experts: experts in the chunk on this rank; num_pairs: M, the (row, expert) pairs
             (the chunk's tokens_per_expert summed).
     Returns:
-        (rows [M, H], weights [M], received row of each pair [M]); rows ordered by expert,
-        then source rank, then token: the order Megatron's dispatcher hands its experts.
+        rows [M, H] and weights [M], ordered by expert, then source rank, then token (the order
+        Megatron's dispatcher hands its experts), and the slot table [R, slots] int64 of the
+        pre-reduction (``permute_kernels.sum_rows``): entry [r, k] is the pair of row r's k-th
+        expert (in expert order), M for an empty slot.
+
+    The pairs are the filled slots sorted by expert, stably (so by row within an expert); the
+    table is that order inverted. No step reads a size from the device.
     """
     num_rows = received.shape[0]
     device = received.device
     if num_rows == 0 or num_pairs == 0:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return received.new_empty((0, hidden)), torch.empty(0, dtype=probs_dtype,
-                                                            device=device), empty
+        return (received.new_empty((0, hidden)), torch.empty(0, dtype=probs_dtype, device=device),
+                torch.full((num_rows, slots), num_pairs, dtype=torch.long, device=device))
     experts, weights = _meta_views(received, hidden, slots, probs_dtype)
-    experts = experts.to(torch.long)
-    row_ids = torch.arange(num_rows, device=device).unsqueeze(1).expand(-1, slots)
-    # (expert, row) cells, expert-major; empty slots go to cells of their own past the end, so
-    # no cell is written twice (index_fill_/index_copy_ take no host value: no host sync).
-    spare = num_experts * num_rows + torch.arange(num_rows * slots, device=device).view(num_rows, slots)
-    cell = torch.where(experts >= 0, experts * num_rows + row_ids, spare).reshape(-1)
-    cells = num_experts * num_rows + num_rows * slots
-    routed = torch.zeros(cells, dtype=torch.bool, device=device).index_fill_(0, cell, True)
-    dense_weights = torch.zeros(cells, dtype=probs_dtype, device=device).index_copy_(
-        0, cell, weights.reshape(-1))
-    routed = routed[: num_experts * num_rows]
-    position = torch.cumsum(routed, dim=0) - 1
-    position = torch.where(routed, position, torch.full_like(position, num_pairs))
-    pair_row = torch.empty(num_pairs + 1, dtype=torch.long, device=device)
-    pair_row.scatter_(0, position, torch.arange(num_rows, device=device).repeat(num_experts))
-    pair_weights = torch.empty(num_pairs + 1, dtype=probs_dtype, device=device)
-    pair_weights.scatter_(0, position, dense_weights[: num_experts * num_rows])
-    pair_row = pair_row[:num_pairs]
-    return received[:, :hidden].index_select(0, pair_row), pair_weights[:num_pairs], pair_row
+    expert_of_cell = experts.reshape(-1).to(torch.long)  # cells (row, slot), row-major
+    expert_of_cell = torch.where(expert_of_cell >= 0, expert_of_cell, num_experts)
+    pair_cell = torch.sort(expert_of_cell, stable=True).indices[:num_pairs]
+    pair_row = torch.div(pair_cell, slots, rounding_mode="floor")
+    pair_weights = weights.reshape(-1).index_select(0, pair_cell)
+    table = torch.full((num_rows * slots,), num_pairs, dtype=torch.long, device=device)
+    table.scatter_(0, pair_cell, torch.arange(num_pairs, device=device))
+    return (received[:, :hidden].index_select(0, pair_row), pair_weights,
+            table.view(num_rows, slots))

@@ -354,11 +354,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         def run_experts(chunk):
             received, _ = transport.received(chunk)
             start, end = layout.expert_ranges[chunk]
-            x, p, pair_row = dedup_rows.expand_rows(
+            x, p, table = dedup_rows.expand_rows(
                 received, hidden, layout.slots, end - start, layout.pair_rows(chunk), probs.dtype
             )
             out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
-            table = permute_kernels.slot_table(pair_row, received.shape[0], layout.slots)
             transport.hand_back(chunk, permute_kernels.sum_rows(out, table, combine_dtype))
 
         stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,

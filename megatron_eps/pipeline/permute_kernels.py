@@ -23,7 +23,7 @@ import torch
 from megatron_eps.triton_launch import CachedLauncher
 
 
-def _triton_ok(*tensors) -> bool:
+def use_triton(*tensors) -> bool:
     if not all(t.is_cuda for t in tensors if t is not None):
         return False
     from megatron_eps.experts.triton_kernels import triton_available
@@ -77,7 +77,8 @@ def _kernels():
     return CachedLauncher(scatter_rows_kernel), CachedLauncher(sum_rows_kernel)
 
 
-def _block(hidden: int) -> int:
+def row_block(hidden: int) -> int:
+    """Columns a row kernel's program moves per step: a power of two, 16 to 2048."""
     return min(2048, 1 << max(4, (hidden - 1).bit_length()))
 
 
@@ -103,14 +104,14 @@ def scatter_routed_rows(
     if prob_columns:
         width = probs.element_size() // out.element_size()
         out_probs = out[:, hidden : hidden + width].view(probs.dtype)[:, 0]
-    if _triton_ok(tokens, out) and tokens.stride(1) == 1 and out.stride(1) == 1:
+    if use_triton(tokens, out) and tokens.stride(1) == 1 and out.stride(1) == 1:
         scatter, _ = _kernels()
         scatter(
             (num,),
             (tokens, token_index, dst_rows if dst_rows is not None else token_index, probs, out,
              out_probs if out_probs is not None else probs, hidden, tokens.stride(0),
              out.stride(0), out_probs.stride(0) if out_probs is not None else 0),
-            {"BLOCK": _block(hidden), "IDENTITY": dst_rows is None, "WITH_PROBS": bool(prob_columns)},
+            {"BLOCK": row_block(hidden), "IDENTITY": dst_rows is None, "WITH_PROBS": bool(prob_columns)},
             num_warps=4,
         )
         return
@@ -184,7 +185,7 @@ def sum_rows(rows: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype,
     num_rows, hidden = rows.shape
     if num_out == 0:
         return rows.new_zeros((0, hidden), dtype=out_dtype)
-    if _triton_ok(rows, table) and rows.stride(1) == 1 and rows.dtype != torch.float64:
+    if use_triton(rows, table) and rows.stride(1) == 1 and rows.dtype != torch.float64:
         _, summer = _kernels()
         out = rows.new_empty((num_out, hidden), dtype=out_dtype)
         shared_c = shared.reshape(num_out, hidden).contiguous() if shared is not None else None
@@ -192,7 +193,7 @@ def sum_rows(rows: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype,
             (num_out,),
             (rows, table.contiguous(), shared_c if shared_c is not None else out, out, hidden,
              rows.stride(0), num_rows),
-            {"SLOTS": slots, "BLOCK": _block(hidden), "WITH_SHARED": shared is not None},
+            {"SLOTS": slots, "BLOCK": row_block(hidden), "WITH_SHARED": shared is not None},
             num_warps=4,
         )
         return out

@@ -218,9 +218,8 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
             want = torch.cat([hidden_states[s][routings[s][:, experts].any(dim=1)]
                               for s in range(ep)])
             assert torch.equal(received[:, :HIDDEN], want), scenario
-            x, p, pair_row = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
-                                                    layouts[r].pair_rows(chunk), torch.float32)
-            table = permute_kernels.slot_table(pair_row, received.shape[0], layouts[r].slots)
+            x, p, table = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
+                                                 layouts[r].pair_rows(chunk), torch.float32)
             sums = permute_kernels.sum_rows(x * p.unsqueeze(1), table, torch.float32)
             transports[r].hand_back(chunk, sums)
         finals = [transports[r].combine(chunk) for r in range(ep)]

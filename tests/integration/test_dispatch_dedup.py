@@ -91,7 +91,7 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                 pieces.append(sent[src][first:first + dedup[src].send_splits[g][me]])
                 where.append(first)
             received = torch.cat(pieces)
-            x, p, pair_row = dedup_rows.expand_rows(
+            x, p, table = dedup_rows.expand_rows(
                 received, hidden, lay.slots, b - a, lay.pair_rows(g), torch.float32)
             # Megatron's order: by expert, then source rank, then token.
             expected_rows = []
@@ -101,7 +101,12 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                     expected_rows.append(tokens[src][mask])
             assert torch.equal(x, torch.cat(expected_rows))
             out = (x.double() * p.double().unsqueeze(1))
-            table = permute_kernels.slot_table(pair_row, received.shape[0], lay.slots)
+            # The slot table lists each received row's pairs in expert order.
+            experts_of_pair = torch.cat([torch.full((n,), e) for e, n in
+                                         enumerate(lay.tokens_per_expert[g])])
+            for r in range(received.shape[0]):
+                filled = table[r][table[r] < x.shape[0]]
+                assert torch.all(experts_of_pair[filled][1:] > experts_of_pair[filled][:-1])
             sums = permute_kernels.sum_rows(out, table, torch.float64)
             start = 0
             for src in range(ep_size):
@@ -115,6 +120,66 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
         # probs are zero off the routing map: each token's weighted rows sum to this
         expected = probs[rank].double().sum(dim=1, keepdim=True) * tokens[rank].double()
         torch.testing.assert_close(result, expected)
+
+
+def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num_tokens, hot,
+                    scattered):
+    """(rows and token index of the device path, the same of the torch path) for one chunk;
+    ``scattered``: the rows go to shuffled rows of a larger buffer (the copy-engine transport)."""
+    num_experts, topk, hidden = 16, 4, 40
+    routing_map, probs = random_routing(num_tokens, num_experts, topk, seed=num_tokens, hot=hot)
+    tokens = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(7))
+    local = num_experts // ep_size
+    start, end = expert_range
+    chunk = routing_map.reshape(num_tokens, ep_size, local)[:, :, start:end]
+    num_rows = int(chunk.any(dim=2).sum())
+    slots = min(topk, end - start)
+    width = hidden + dedup_rows.meta_columns(hidden, token_dtype, probs_dtype, slots)
+    tokens, probs = tokens.to(device, token_dtype), probs.to(device, probs_dtype)
+    routing_map = routing_map.to(device)
+    results = []
+    for path in ("device", "torch"):
+        out = torch.full((num_rows + 5 if scattered else num_rows, width), -7.0, dtype=token_dtype,
+                         device=device)
+        dst = torch.randperm(num_rows + 5, generator=torch.Generator().manual_seed(1))[:num_rows]
+        dst = dst.to(device) if scattered else None
+        if path == "device":
+            index = dedup_rows.place_unique_rows(tokens, probs, routing_map, ep_size,
+                                                 expert_range, out, slots, dst_rows=dst)
+        else:
+            rows = torch.full((num_rows, width), -7.0, dtype=token_dtype, device=device)
+            index = dedup_rows._place_unique_rows_torch(tokens, probs, routing_map, ep_size,
+                                                        expert_range, rows, slots)
+            if scattered:
+                out[dst] = rows
+            else:
+                out = rows
+        results.append((out, index))
+    return results
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_place_rows_into_given_rows(scattered):
+    """dst_rows places the same rows where it says (CPU: the torch path both ways)."""
+    (out, index), (want, want_index) = place_both_ways(
+        "cpu", torch.float32, torch.float32, 2, (1, 6), 29, None, scattered)
+    assert torch.equal(index, want_index)
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ep_size,expert_range,num_tokens,hot,scattered", [
+    (1, (0, 16), 53, None, False), (2, (0, 8), 53, 3, True), (2, (5, 6), 53, None, False),
+    (4, (1, 3), 200, 9, True), (4, (0, 4), 0, None, False), (2, (2, 7), 1, None, True)])
+def test_place_rows_kernel_matches_torch(probs_dtype, ep_size, expert_range, num_tokens, hot,
+                                         scattered):
+    """The Triton placement writes the torch path's bytes: rows, packed experts and weights."""
+    (out, index), (want, want_index) = place_both_ways(
+        "cuda", torch.bfloat16, probs_dtype, ep_size, expert_range, num_tokens, hot, scattered)
+    assert torch.equal(index, want_index)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("ep_size", [2, 4, 8])

@@ -122,11 +122,41 @@ def main():
     for with_shared in (False, True):
         out = torch.empty(9, 300)
         summer.kernel[(9,)](rows, table, shared if with_shared else out, out, 300, rows.stride(0),
-                            rows.shape[0], SLOTS=3, BLOCK=pk._block(300), WITH_SHARED=with_shared)
+                            rows.shape[0], SLOTS=3, BLOCK=pk.row_block(300), WITH_SHARED=with_shared)
         ref = torch.zeros(9, 300, dtype=torch.float64).index_add_(0, owner, rows.double())
         if with_shared:
             ref += shared.double()
         results[f"permute/sum_rows/shared={with_shared}"] = relative_error(out, ref)
+    # The deduplicated scheme's placement kernel (dedup_rows.place_unique_rows): the torch
+    # path's bytes, rows placed in order and scattered, a hot expert, empty chunks.
+    from megatron_eps.comm import dedup_rows
+
+    gen = torch.Generator().manual_seed(5)
+    for ep_size, (start, end), hot in ((1, (0, 12), None), (2, (1, 5), 2), (3, (0, 1), None)):
+        tokens = torch.randn(23, 40, generator=gen)
+        scores = torch.rand(23, 12, generator=gen)
+        if hot is not None:
+            scores[:, hot] += 10.0
+        routing = torch.zeros(23, 12, dtype=torch.bool).scatter_(1, scores.topk(3, dim=1).indices, True)
+        probs = torch.rand(23, 12, generator=gen) * routing
+        local = 12 // ep_size
+        num_rows = int(routing.view(23, ep_size, local)[:, :, start:end].any(dim=2).sum())
+        slots = min(3, end - start)
+        width = 40 + dedup_rows.meta_columns(40, torch.float32, torch.float32, slots)
+        want = torch.full((num_rows, width), -7.0)  # the padding past the fields stays
+        want_index = dedup_rows._place_unique_rows_torch(tokens, probs, routing, ep_size,
+                                                         (start, end), want, slots)
+        for scattered in (False, True):
+            dst = torch.randperm(num_rows + 4, generator=gen)[:num_rows] if scattered else None
+            out = torch.full((num_rows + 4 if scattered else num_rows, width), -7.0)
+            index = dedup_rows._place_unique_rows_triton(tokens, probs, routing, ep_size,
+                                                         (start, end), out, slots, dst, num_rows,
+                                                         through_jit=True)
+            placed = out[dst] if scattered else out
+            same = torch.equal(index, want_index) and torch.equal(placed.view(torch.int32),
+                                                                   want.view(torch.int32))
+            results[f"dedup/place/ep={ep_size}/chunk={start}-{end}/scattered={scattered}"] = (
+                0.0 if same else float("inf"))
     json.dump(results, sys.stdout)
 
 
