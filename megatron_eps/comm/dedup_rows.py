@@ -26,39 +26,102 @@ NO_EXPERT = -1
 _ALIGN_BYTES = 16
 
 
-def range_unique_counts(routing_map: torch.Tensor, ep_size: int) -> torch.Tensor:
+def _power_of_two(n: int) -> int:
+    return 1 << max(1, (max(n, 1) - 1).bit_length())
+
+
+def range_unique_counts(routing_map: torch.Tensor, ep_size: int,
+                        top_k: Optional[int] = None) -> torch.Tensor:
     """[D, L, L + 1] int64: entry [d, a, b] (a < b) counts the tokens routed to at least one of
     rank d's local experts a .. b-1, for every contiguous range of local experts.
 
     Any chunking of the local experts into contiguous ranges reads its unique-token counts from
-    this table, so it can be gathered before the chunks are chosen. routing_map: [T, E] bool.
+    this table, so it can be gathered before the chunks are chosen. routing_map: [T, E] bool;
+    top_k: the most experts a token is routed to (the router's k), which the GPU path needs.
+
+    Each token adds one to bin [d, a, next] for every a, where next is its first expert at or
+    after a on rank d (L: none): it counts for [a, b) exactly when next < b, so a prefix sum of
+    the bins over next gives the table. On GPUs one Triton pass fills the bins (this runs before
+    the forward's one host sync, where each launch delays it); elsewhere torch does.
     """
+    num_tokens, num_experts = routing_map.shape
+    local = num_experts // ep_size
+    if (top_k is not None and use_triton(routing_map) and routing_map.is_contiguous()
+            and num_tokens):
+        histogram = _next_expert_histogram_triton(routing_map, ep_size, top_k)
+    else:
+        histogram = _next_expert_histogram_torch(routing_map, ep_size)
+    below = torch.cumsum(histogram.view(ep_size, local, local + 1), dim=2)
+    return torch.nn.functional.pad(below[:, :, :-1], (1, 0))
+
+
+def _next_expert_histogram_torch(routing_map: torch.Tensor, ep_size: int) -> torch.Tensor:
     num_tokens, num_experts = routing_map.shape
     local = num_experts // ep_size
     mask = routing_map.reshape(num_tokens, ep_size, local)
     ids = torch.arange(local, device=routing_map.device).expand_as(mask)
     ids = torch.where(mask, ids, torch.full_like(ids, local))
-    # next_expert[t, d, a]: the token's first expert at or after a on rank d (local: none).
     next_expert = torch.flip(torch.cummin(torch.flip(ids, [2]), dim=2).values, [2])
     base = (torch.arange(ep_size * local, device=routing_map.device) * (local + 1)).view(
         1, ep_size, local
     )
-    histogram = count_values((base + next_expert).reshape(-1), ep_size * local * (local + 1))
-    histogram = histogram.view(ep_size, local, local + 1)
-    table = torch.zeros_like(histogram)
-    # A token counts for [a, b) when its next expert from a lies below b.
-    table[:, :, 1:] = torch.cumsum(histogram, dim=2)[:, :, :-1]
-    return table
+    return count_values((base + next_expert).reshape(-1), ep_size * local * (local + 1))
 
 
-def routing_statistics(routing_map: torch.Tensor, ep_size: int,
-                       with_range_counts: bool) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _histogram_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def next_expert_histogram_kernel(routing_map, histogram, map_stride, ep_size, local,
+                                     BLOCK_L: tl.constexpr, TOP_K: tl.constexpr):
+        # One program per token. Per rank d: its routed local experts in order (at most TOP_K),
+        # then for every local expert a the first of them at or after a (local: none).
+        t = tl.program_id(0).to(tl.int64)
+        a = tl.arange(0, BLOCK_L)
+        valid = a < local
+        k = tl.arange(0, TOP_K)
+        for d in range(ep_size):
+            routed = tl.load(routing_map + t * map_stride + d * local + a, mask=valid, other=0)
+            routed = (routed != 0).to(tl.int32)
+            rank = tl.cumsum(routed, axis=0) - 1
+            hit = (rank[None, :] == k[:, None]) & (routed[None, :] > 0)  # [TOP_K, BLOCK_L]
+            kth = tl.sum(tl.where(hit, a[None, :], 0), axis=1)
+            kth = tl.where(tl.sum(hit.to(tl.int32), axis=1) > 0, kth, local)  # [TOP_K]
+            after = tl.where(kth[None, :] >= a[:, None], kth[None, :], local)  # [BLOCK_L, TOP_K]
+            first = tl.min(after, axis=1)
+            tl.atomic_add(histogram + (d * local + a) * (local + 1) + first, 1, mask=valid)
+
+    return CachedLauncher(next_expert_histogram_kernel)
+
+
+def _next_expert_histogram_triton(routing_map: torch.Tensor, ep_size: int, top_k: int,
+                                  through_jit: bool = False) -> torch.Tensor:
+    """The GPU path of the bins (``through_jit``: launched through Triton's JIT, as Triton's
+    CPU interpreter needs)."""
+    num_tokens, num_experts = routing_map.shape
+    local = num_experts // ep_size
+    histogram = torch.zeros(ep_size * local * (local + 1), dtype=torch.int64,
+                            device=routing_map.device)
+    grid = (num_tokens,)
+    args = (routing_map.view(torch.uint8), histogram, routing_map.stride(0), ep_size, local)
+    constants = {"BLOCK_L": _power_of_two(local), "TOP_K": _power_of_two(min(top_k, local))}
+    if through_jit:
+        _histogram_kernel().kernel[grid](*args, **constants, num_warps=4)
+    else:
+        _histogram_kernel()(grid, args, constants, num_warps=4)
+    return histogram
+
+
+def routing_statistics(routing_map: torch.Tensor, ep_size: int, with_range_counts: bool,
+                       top_k: Optional[int] = None) -> torch.Tensor:
     """The vector each rank contributes to the forward's one all-gather: its [E] token counts
     per expert, followed (``with_range_counts``) by its flattened ``range_unique_counts``."""
     counts = routing_map.sum(dim=0).to(torch.int64)
     if not with_range_counts:
         return counts
-    return torch.cat([counts, range_unique_counts(routing_map, ep_size).reshape(-1)])
+    return torch.cat([counts, range_unique_counts(routing_map, ep_size, top_k).reshape(-1)])
 
 
 def split_statistics(gathered, ep_size: int, num_experts: int):
@@ -97,10 +160,6 @@ def _meta_views(rows: torch.Tensor, hidden: int, slots: int, probs_dtype: torch.
         experts = raw[:, : 4 * slots].view(torch.int32)
         weights = raw[:, 4 * slots : (prob_bytes + 4) * slots].view(probs_dtype)
     return experts, weights
-
-
-def _power_of_two(n: int) -> int:
-    return 1 << max(1, (max(n, 1) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)

@@ -162,7 +162,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
         """
-        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts)
+        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts,
+                                               self.config.moe_router_topk)
         if self.ep_size > 1:
             gathered = torch.empty(
                 self.ep_size * local.numel(), dtype=local.dtype, device=local.device

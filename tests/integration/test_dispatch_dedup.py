@@ -44,10 +44,18 @@ def group_layouts(maps, ep_size, chunking, topk):
     return out
 
 
+def _devices():
+    gpu = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+    return ["cpu", gpu]
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("tokens", [0, 1, 37])
-def test_range_unique_counts_brute_force(tokens):
+def test_range_unique_counts_brute_force(tokens, device):
     routing_map, _ = random_routing(tokens, 24, 5, seed=tokens)
-    table = dedup_rows.range_unique_counts(routing_map, 3)
+    table = dedup_rows.range_unique_counts(routing_map.to(device), 3, top_k=5).cpu()
+    assert table.dtype == torch.int64
     per_rank = routing_map.reshape(tokens, 3, 8)
     for d in range(3):
         for a in range(8):

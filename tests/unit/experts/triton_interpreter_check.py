@@ -157,6 +157,15 @@ def main():
                                                                    want.view(torch.int32))
             results[f"dedup/place/ep={ep_size}/chunk={start}-{end}/scattered={scattered}"] = (
                 0.0 if same else float("inf"))
+    # Its histogram of each token's next expert (dedup_rows.range_unique_counts): the torch path.
+    for ep_size, experts, tokens_n in ((1, 12, 23), (3, 12, 23), (2, 10, 1)):
+        scores = torch.rand(tokens_n, experts, generator=gen)
+        routing = torch.zeros(tokens_n, experts, dtype=torch.bool).scatter_(
+            1, scores.topk(3, dim=1).indices, True)
+        got = dedup_rows._next_expert_histogram_triton(routing, ep_size, 3, through_jit=True)
+        want = dedup_rows._next_expert_histogram_torch(routing, ep_size)
+        results[f"dedup/next_expert_histogram/ep={ep_size}/experts={experts}"] = (
+            0.0 if torch.equal(got, want) else float("inf"))
     json.dump(results, sys.stdout)
 
 
