@@ -90,8 +90,9 @@ class ExpertTransport:
         routing_map: torch.Tensor,
     ) -> torch.Tensor:
         """Deduplicated scheme: chunk g's send rows (``dedup_rows.place_unique_rows``) into
-        send rows ``L.send_offsets[g]`` to ``L.send_offsets[g + 1]``; returns the [rows of g]
-        token index of each row. tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool."""
+        send rows ``L.send_offsets[g]`` to ``L.send_offsets[g + 1]``; returns the [D * T] send
+        row within chunk g of each (destination rank, token), -1 where none.
+        tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool."""
         raise NotImplementedError
 
     def dispatch(self, chunk: int) -> Optional[Completion]:

@@ -176,12 +176,12 @@ class CopyEngineTransport(ExpertTransport):
                 self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
             )
         first, end = self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1]
-        token_index = place_unique_rows(
+        sent_rows = place_unique_rows(
             tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
             self._dispatch_rows, self.layout.slots, dst_rows=self._buffer_rows[first:end],
         )
         self._record_placed(chunk, tokens)
-        return token_index
+        return sent_rows
 
     def _record_placed(self, chunk, tokens):
         if tokens.is_cuda:

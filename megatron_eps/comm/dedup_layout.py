@@ -32,7 +32,6 @@ class DedupChunkLayout(ChunkLayout):
 
     pairs: Optional[ChunkLayout] = None  # the per-(token, expert) layout of the same chunks
     slots: int = 1  # most experts one received row carries (one token, one chunk, one rank)
-    return_slots: int = 1  # most rows one token gets back (one per (rank, chunk) it reached)
     combine_dtype: Optional[torch.dtype] = None  # dtype of the returned sums (None: the model's)
     # [src, dst, chunk] unique rows of every rank, for decisions every rank must share.
     unique_rows: Optional[np.ndarray] = None
@@ -65,7 +64,6 @@ class DedupChunkLayout(ChunkLayout):
             **shared,
             pairs=pairs,
             slots=max(1, min(top_k, widest)),
-            return_slots=max(1, min(top_k, ep_size * pairs.num_chunks)),
             combine_dtype=combine_dtype,
             unique_rows=unique,
             pair_rows_sent=np.asarray(counts, dtype=np.int64).reshape(

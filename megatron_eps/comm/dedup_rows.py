@@ -169,7 +169,7 @@ def _place_kernel():
 
     @triton.jit
     def place_unique_rows_kernel(tokens, routing_map, probs, sent_row, dst_rows, out,
-                                 out_experts, out_weights, token_index, num_tokens, hidden,
+                                 out_experts, out_weights, num_tokens, hidden,
                                  token_stride, map_stride, probs_stride, out_stride,
                                  experts_stride, weights_stride, local, first, width,
                                  BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, SLOTS: tl.constexpr,
@@ -181,7 +181,6 @@ def _place_kernel():
         if r >= 0:
             t = i % num_tokens
             d = i // num_tokens
-            tl.store(token_index + r, t)
             if IDENTITY:
                 dst = r
             else:
@@ -235,24 +234,27 @@ def place_unique_rows(
             Q = tokens with an expert of the chunk, summed over the destination ranks (the host
             knows it from the gathered counts).
     Returns:
-        [Q] int64 token index of each row (where its returned partial sum belongs).
+        [D * T] int64, destination-major: the send row (0 .. Q-1) of (rank d, token t), -1 where
+        t has no expert of the chunk on d (``return_table`` turns these into the final sum).
 
     On GPUs a scan numbers the rows and one Triton pass writes each row (hidden state and
     packed fields) straight to its place; elsewhere torch does the same in several passes.
     """
     num_rows = out.shape[0] if dst_rows is None else dst_rows.numel()
+    sent_row = _send_rows(routing_map, ep_size, expert_range)
     if (use_triton(tokens, out, probs, routing_map) and tokens.stride(1) == 1
             and out.stride(1) == 1 and routing_map.is_contiguous() and probs.stride(1) == 1):
-        return _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range, out,
-                                         slots, dst_rows, num_rows)
-    if dst_rows is None:
-        return _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out,
-                                        slots)
-    rows = out.new_empty((num_rows, out.shape[1]))
-    token_index = _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range,
-                                           rows, slots)
-    out.index_copy_(0, dst_rows, rows)
-    return token_index
+        _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range, out, slots,
+                                  dst_rows, num_rows, sent_row)
+    elif dst_rows is None:
+        _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out, slots,
+                                 sent_row)
+    else:
+        rows = out.new_empty((num_rows, out.shape[1]))
+        _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, rows, slots,
+                                 sent_row)
+        out.index_copy_(0, dst_rows, rows)
+    return sent_row
 
 
 def _send_rows(routing_map: torch.Tensor, ep_size: int, expert_range: Tuple[int, int]):
@@ -267,21 +269,19 @@ def _send_rows(routing_map: torch.Tensor, ep_size: int, expert_range: Tuple[int,
 
 
 def _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range, out, slots,
-                              dst_rows, num_rows, through_jit: bool = False):
+                              dst_rows, num_rows, sent_row, through_jit: bool = False):
     """The GPU path of place_unique_rows (``through_jit``: launched through Triton's JIT, as
     Triton's CPU interpreter needs)."""
     num_tokens, num_experts = routing_map.shape
     hidden = tokens.shape[1]
-    token_index = torch.empty(num_rows, dtype=torch.long, device=tokens.device)
     if num_rows == 0:
-        return token_index
+        return
     start, end = expert_range
-    sent_row = _send_rows(routing_map, ep_size, expert_range)
     out_experts, out_weights = _meta_views(out, hidden, slots, probs.dtype)
     grid = (ep_size * num_tokens,)
     args = (tokens, routing_map.view(torch.uint8), probs, sent_row,
             dst_rows if dst_rows is not None else sent_row, out, out_experts, out_weights,
-            token_index, num_tokens, hidden, tokens.stride(0), routing_map.stride(0),
+            num_tokens, hidden, tokens.stride(0), routing_map.stride(0),
             probs.stride(0), out.stride(0), out_experts.stride(0), out_weights.stride(0),
             num_experts // ep_size, start, end - start)
     constants = {"BLOCK": row_block(hidden), "BLOCK_W": _power_of_two(end - start),
@@ -290,11 +290,12 @@ def _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range,
         _place_kernel().kernel[grid](*args, **constants, num_warps=4)
     else:
         _place_kernel()(grid, args, constants, num_warps=4)
-    return token_index
 
 
-def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out, slots):
-    """place_unique_rows in torch (CPU, and the reference of the GPU kernel's tests)."""
+def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out, slots,
+                             sent_row):
+    """place_unique_rows in torch into ``out`` [Q, W] (CPU, and the reference of the GPU
+    kernel's tests); ``sent_row``: ``_send_rows``."""
     num_tokens, num_experts = routing_map.shape
     hidden = tokens.shape[1]
     local = num_experts // ep_size
@@ -302,19 +303,17 @@ def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, 
     width = end - start
     num_rows = out.shape[0]
     device = routing_map.device
+    if num_rows == 0:
+        return
     chunk_map = routing_map.reshape(num_tokens, ep_size, local)[:, :, start:end]
     chunk_probs = probs.reshape(num_tokens, ep_size, local)[:, :, start:end]
     chunk_map = chunk_map.transpose(0, 1).reshape(ep_size * num_tokens, width)  # [(d, t), c]
     chunk_probs = chunk_probs.transpose(0, 1).reshape(ep_size * num_tokens, width)
-    sent = chunk_map.any(dim=1)
-    row = torch.cumsum(sent, dim=0) - 1
     # Pairs that send nothing land in a spare row past the end, which is dropped.
-    row = torch.where(sent, row, torch.full_like(row, num_rows))
+    row = torch.where(sent_row >= 0, sent_row, num_rows)
     token_index = torch.empty(num_rows + 1, dtype=torch.long, device=device)
     token_index.scatter_(0, row, torch.arange(num_tokens, device=device).repeat(ep_size))
     token_index = token_index[:num_rows]
-    if num_rows == 0:
-        return token_index
     # Slot j of a row holds the row's j-th expert in the chunk, in expert order.
     slot = torch.cumsum(chunk_map, dim=1) - 1
     slot = torch.where(chunk_map, slot, torch.full_like(slot, slots))
@@ -326,12 +325,26 @@ def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, 
     weights.scatter_(1, slot, chunk_probs)
     out_experts, out_weights = _meta_views(out, hidden, slots, probs.dtype)
     out[:, :hidden] = tokens.index_select(0, token_index)
-    # The spare row past the end collects the pairs that send nothing.
     placed_experts = experts.new_empty((num_rows + 1, slots)).index_copy_(0, row, experts[:, :slots])
     placed_weights = weights.new_empty((num_rows + 1, slots)).index_copy_(0, row, weights[:, :slots])
     out_experts.copy_(placed_experts[:num_rows])
     out_weights.copy_(placed_weights[:num_rows])
-    return token_index
+
+
+def return_table(sent_rows, chunk_offsets, num_tokens: int, num_returned: int) -> torch.Tensor:
+    """[T, C * D] int64: the slot table (``permute_kernels.sum_rows``) of the source's final sum.
+
+    sent_rows: per chunk (C of them), ``place_unique_rows``'s [D * T] send rows; chunk_offsets:
+    the first row of each chunk among the ``num_returned`` returned rows, which come back in
+    send order. Token t's slots are its returned rows in (chunk, rank) order, ``num_returned``
+    (an empty slot) where it sent nothing, so the sum adds them in that order.
+    """
+    rows = [torch.where(sent >= 0, sent + int(offset), num_returned)
+            for sent, offset in zip(sent_rows, chunk_offsets)]
+    slots = sum(r.numel() for r in rows) // num_tokens if num_tokens else len(rows)
+    if not num_tokens:
+        return torch.empty((0, slots), dtype=torch.long, device=rows[0].device)
+    return torch.stack(rows).view(slots, num_tokens).t()
 
 
 def expand_rows(
@@ -359,12 +372,11 @@ def expand_rows(
         return (received.new_empty((0, hidden)), torch.empty(0, dtype=probs_dtype, device=device),
                 torch.full((num_rows, slots), num_pairs, dtype=torch.long, device=device))
     experts, weights = _meta_views(received, hidden, slots, probs_dtype)
-    expert_of_cell = experts.reshape(-1).to(torch.long)  # cells (row, slot), row-major
-    expert_of_cell = torch.where(expert_of_cell >= 0, expert_of_cell, num_experts)
+    # Empty slots (-1) sort after every expert.
+    expert_of_cell = experts.reshape(-1).remainder(num_experts + 1)  # cells (row, slot)
     pair_cell = torch.sort(expert_of_cell, stable=True).indices[:num_pairs]
     pair_row = torch.div(pair_cell, slots, rounding_mode="floor")
-    pair_weights = weights.reshape(-1).index_select(0, pair_cell)
     table = torch.full((num_rows * slots,), num_pairs, dtype=torch.long, device=device)
     table.scatter_(0, pair_cell, torch.arange(num_pairs, device=device))
-    return (received[:, :hidden].index_select(0, pair_row), pair_weights,
+    return (received[:, :hidden].index_select(0, pair_row), torch.take(weights, pair_cell),
             table.view(num_rows, slots))

@@ -344,13 +344,13 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                             tokens.dtype, tokens.device)
         comm_stream = self._comm_stream(tokens, transport)
         compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        token_of_row: List[torch.Tensor] = []
+        sent_rows: List[torch.Tensor] = []
 
         def place_rows(chunk):
-            index = transport.place_unique_rows(chunk, tokens, probs, routing_map)
+            sent = transport.place_unique_rows(chunk, tokens, probs, routing_map)
             if compute_stream is not None:
-                index.record_stream(compute_stream)  # read by the final sum
-            token_of_row.append(index)
+                sent.record_stream(compute_stream)  # read by the final sum
+            sent_rows.append(sent)
 
         def run_experts(chunk):
             received, _ = transport.received(chunk)
@@ -366,9 +366,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._run_stages(layout.num_chunks, stages, transport, comm_stream, compute_stream, routed)
         partials = transport.combined_rows()
         with self._phase("unpermute"):
-            owners = torch.cat(token_of_row) if token_of_row else torch.empty(
-                0, dtype=torch.long, device=tokens.device)
-            table = permute_kernels.slot_table(owners, tokens.shape[0], layout.return_slots)
+            table = dedup_rows.return_table(sent_rows, layout.send_offsets[:-1], tokens.shape[0],
+                                            layout.send_offsets[-1])
             output = permute_kernels.sum_rows(partials, table, tokens.dtype, shared_output)
         transport.end()
         return output

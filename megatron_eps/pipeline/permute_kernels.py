@@ -154,31 +154,13 @@ def count_values(values: torch.Tensor, size: int) -> torch.Tensor:
     return counts.scatter_add_(0, values.reshape(-1), torch.ones_like(values.reshape(-1)))
 
 
-def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
-    """[num_owners, slots] int64: the rows of each owner in row order, padded with
-    ``owner.numel()`` (an empty slot for ``sum_rows``). owner: [Q] in [0, num_owners); no owner
-    may have more than ``slots`` rows."""
-    num = owner.numel()
-    device = owner.device
-    table = torch.full((num_owners, slots), num, dtype=torch.long, device=device)
-    if num == 0:
-        return table
-    order = torch.argsort(owner, stable=True)
-    sorted_owner = owner.index_select(0, order)
-    per_owner = count_values(owner, num_owners)
-    first = torch.cumsum(per_owner, dim=0) - per_owner
-    rank = torch.arange(num, device=device) - first.index_select(0, sorted_owner)
-    table[sorted_owner, rank] = order
-    return table
-
-
 def sum_rows(rows: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype,
              shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, H]: out[n] = the sum of rows[table[n, j]] over the slots j, accumulated in fp32 (fp64
     for fp64 rows) in slot order and rounded once to ``out_dtype``, then ``shared`` [N, H]
     added (after the rounding, as the stock layer adds the shared experts' output).
 
-    rows: [Q, H]; table: [N, S] int64, an entry >= Q an empty slot (``slot_table``). One pass
+    rows: [Q, H]; table: [N, S] int64, an entry >= Q an empty slot. One pass
     over the output on GPUs; deterministic everywhere (a fixed order of additions).
     """
     num_out, slots = table.shape

@@ -202,13 +202,13 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     layouts = [DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
                                            ranges, topk, torch.float32) for r in range(ep)]
     width = HIDDEN + dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
-    owners = [[] for _ in range(ep)]
+    sent_rows = [[] for _ in range(ep)]
     for r in range(ep):
         transports[r].begin(layouts[r], counts, width, HIDDEN, torch.float32, torch.device("cpu"))
     for chunk in range(len(sizes)):
         for r in range(ep):
-            owners[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
-                                                             routings[r]))
+            sent_rows[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
+                                                                routings[r]))
         completions = [transports[r].dispatch(chunk) for r in range(ep)]
         for r in range(ep):
             completions[r].wait(None)
@@ -225,8 +225,8 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
         finals = [transports[r].combine(chunk) for r in range(ep)]
     for r in range(ep):
         finals[r].wait(None)
-        owner = torch.cat(owners[r])
-        table = permute_kernels.slot_table(owner, tokens[r], layouts[r].return_slots)
+        table = dedup_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], tokens[r],
+                                        layouts[r].send_offsets[-1])
         out = permute_kernels.sum_rows(transports[r].combined_rows(), table, torch.float64)
         want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)

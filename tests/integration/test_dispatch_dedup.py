@@ -79,11 +79,11 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
     layouts = group_layouts(maps, ep_size, chunking, topk)
     dedup = [d for _, d in layouts]
     width = hidden + dedup_rows.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
-    sent, owners = [], []
+    sent, sent_rows = [], []
     for rank in range(ep_size):
         lay = dedup[rank]
         send = torch.zeros(lay.send_offsets[-1], width)
-        owners.append([dedup_rows.place_unique_rows(
+        sent_rows.append([dedup_rows.place_unique_rows(
             tokens[rank], probs[rank], maps[rank], ep_size, lay.expert_ranges[g],
             send[lay.send_offsets[g]:lay.send_offsets[g + 1]], lay.slots)
             for g in range(lay.num_chunks)])
@@ -122,8 +122,8 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                 returned[src][where[src]:where[src] + n] = sums[start:start + n]
                 start += n
     for rank in range(ep_size):
-        owner = torch.cat(owners[rank])
-        table = permute_kernels.slot_table(owner, lengths[rank], dedup[rank].return_slots)
+        table = dedup_rows.return_table(sent_rows[rank], dedup[rank].send_offsets[:-1],
+                                        lengths[rank], dedup[rank].send_offsets[-1])
         result = permute_kernels.sum_rows(returned[rank], table, torch.float64)
         # probs are zero off the routing map: each token's weighted rows sum to this
         expected = probs[rank].double().sum(dim=1, keepdim=True) * tokens[rank].double()
@@ -132,7 +132,7 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
 
 def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num_tokens, hot,
                     scattered):
-    """(rows and token index of the device path, the same of the torch path) for one chunk;
+    """(rows and send rows of the device path, the same of the torch path) for one chunk;
     ``scattered``: the rows go to shuffled rows of a larger buffer (the copy-engine transport)."""
     num_experts, topk, hidden = 16, 4, 40
     routing_map, probs = random_routing(num_tokens, num_experts, topk, seed=num_tokens, hot=hot)
@@ -152,26 +152,30 @@ def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num
         dst = torch.randperm(num_rows + 5, generator=torch.Generator().manual_seed(1))[:num_rows]
         dst = dst.to(device) if scattered else None
         if path == "device":
-            index = dedup_rows.place_unique_rows(tokens, probs, routing_map, ep_size,
-                                                 expert_range, out, slots, dst_rows=dst)
+            sent = dedup_rows.place_unique_rows(tokens, probs, routing_map, ep_size,
+                                                expert_range, out, slots, dst_rows=dst)
         else:
             rows = torch.full((num_rows, width), -7.0, dtype=token_dtype, device=device)
-            index = dedup_rows._place_unique_rows_torch(tokens, probs, routing_map, ep_size,
-                                                        expert_range, rows, slots)
+            sent = dedup_rows._send_rows(routing_map, ep_size, expert_range)
+            dedup_rows._place_unique_rows_torch(tokens, probs, routing_map, ep_size,
+                                                expert_range, rows, slots, sent)
             if scattered:
                 out[dst] = rows
             else:
                 out = rows
-        results.append((out, index))
+        results.append((out, sent))
     return results
 
 
 @pytest.mark.parametrize("scattered", [False, True])
 def test_place_rows_into_given_rows(scattered):
     """dst_rows places the same rows where it says (CPU: the torch path both ways)."""
-    (out, index), (want, want_index) = place_both_ways(
+    (out, sent), (want, want_sent) = place_both_ways(
         "cpu", torch.float32, torch.float32, 2, (1, 6), 29, None, scattered)
-    assert torch.equal(index, want_index)
+    assert torch.equal(sent, want_sent)
+    # each (rank, token) with an expert of the chunk has its own row, numbered in order
+    filled = sent[sent >= 0]
+    assert torch.equal(filled, torch.arange(filled.numel()))
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))
 
 
@@ -184,9 +188,9 @@ def test_place_rows_into_given_rows(scattered):
 def test_place_rows_kernel_matches_torch(probs_dtype, ep_size, expert_range, num_tokens, hot,
                                          scattered):
     """The Triton placement writes the torch path's bytes: rows, packed experts and weights."""
-    (out, index), (want, want_index) = place_both_ways(
+    (out, sent), (want, want_sent) = place_both_ways(
         "cuda", torch.bfloat16, probs_dtype, ep_size, expert_range, num_tokens, hot, scattered)
-    assert torch.equal(index, want_index)
+    assert torch.equal(sent, want_sent)
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 

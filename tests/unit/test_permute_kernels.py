@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, slot_table, sum_expert_rows, sum_rows
+from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, sum_expert_rows, sum_rows
+
+
+def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
+    """[num_owners, slots]: each owner's rows in row order, padded with owner.numel() (empty)."""
+    table = torch.full((num_owners, slots), owner.numel(), dtype=torch.long)
+    for row, o in enumerate(owner.tolist()):
+        free = int((table[o] < owner.numel()).sum())
+        table[o, free] = row
+    return table.to(owner.device)
 
 
 def _devices():
