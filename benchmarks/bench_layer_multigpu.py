@@ -100,14 +100,9 @@ def main(argv=None):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
     from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.testing.models import build_moe_pair
 
-    cuda = torch.cuda.is_available() and not args.smoke
-    Utils.initialize_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = SMOKE if args.smoke else MODELS
+    cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
     transports = args.transports.split(",") if cuda else ["nccl"]
     trace_points = {tuple(p.split(":")) for p in args.trace_points.split(",") if p}
     rows = []
@@ -116,9 +111,7 @@ def main(argv=None):
         if s["experts"] % world:
             continue
         local = s["experts"] // world
-        config = moe_config(num_experts=s["experts"], topk=s["topk"], hidden_size=s["hidden"],
-                            ffn_hidden_size=s["ffn"], shared_expert_size=s["shared"],
-                            ep_size=world, dtype=dtype)
+        config = layer_config(s, world, dtype)
         degrees = sorted({min(int(d), local) for d in args.degrees.split(",")})
         base = EPSConfig(min_tokens_to_pipeline=0, expert_kernel=args.kernel,
                          cost_profile=args.cost_profile)
@@ -197,6 +190,27 @@ def main(argv=None):
     if rank == 0:
         write_result(args, rows, cuda, world)
     Utils.destroy_model_parallel()
+
+
+def start_expert_group(smoke: bool):
+    """(cuda, world, rank, dtype, shapes) after initializing torch.distributed and one expert-
+    parallel group over the whole world (EP = world size)."""
+    from megatron_eps.testing import Utils
+
+    cuda = torch.cuda.is_available() and not smoke
+    Utils.initialize_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    return cuda, world, rank, (torch.bfloat16 if cuda else torch.float32), (SMOKE if smoke else MODELS)
+
+
+def layer_config(shape: dict, ep_size: int, dtype):
+    """Megatron's TransformerConfig of one MoE layer of ``shape`` (MODELS / SMOKE) at EP ``ep_size``."""
+    from megatron_eps.testing.models import moe_config
+
+    return moe_config(num_experts=shape["experts"], topk=shape["topk"], hidden_size=shape["hidden"],
+                      ffn_hidden_size=shape["ffn"], shared_expert_size=shape["shared"],
+                      ep_size=ep_size, dtype=dtype)
 
 
 def _label(transport: str, dispatch_dedup: str) -> str:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_layer_multigpu import MODELS, SMOKE  # noqa: E402
+from bench_layer_multigpu import layer_config, start_expert_group  # noqa: E402
 
 
 def parse_variant(text: str):
@@ -78,14 +78,9 @@ def main(argv=None):
     from megatron_eps import EPSConfig
     from megatron_eps.calibrate.provenance import git_commit
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.testing.models import build_moe_pair
 
-    cuda = torch.cuda.is_available() and not args.smoke
-    Utils.initialize_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = SMOKE if args.smoke else MODELS
+    cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
     variants = [parse_variant(v) for v in args.variants.split(";")]
     base = EPSConfig(min_tokens_to_pipeline=0, **parse_variant(args.base))
     for v in variants:
@@ -95,9 +90,7 @@ def main(argv=None):
         name, tokens = point.split(":")
         tokens = 64 if args.smoke else int(tokens)
         s = shapes[name]
-        config = moe_config(num_experts=s["experts"], topk=s["topk"], hidden_size=s["hidden"],
-                            ffn_hidden_size=s["ffn"], shared_expert_size=s["shared"],
-                            ep_size=world, dtype=dtype)
+        config = layer_config(s, world, dtype)
         _, layer = build_moe_pair(config, base)
         gen = torch.Generator().manual_seed(1000 + rank)
         x = torch.randn(tokens, 1, s["hidden"], generator=gen).to(

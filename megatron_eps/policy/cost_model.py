@@ -161,7 +161,9 @@ def chunk_comm_times(
     if profile.link_piece_us:
         # Copy-engine transports copy one piece per (peer, expert) of the chunk (the combine
         # also one per expert for this rank's own rows); each costs the copy engine a fixed time.
-        experts = np.array([b - a for a, b in ranges], dtype=np.float64)
+        # Deduplicated rows travel as one piece per (peer, chunk) (for_unique_rows).
+        experts = np.array([1 if range_counts is not None else b - a for a, b in ranges],
+                           dtype=np.float64)
         piece = profile.link_piece_us * 1e-6 * experts
         dispatch = dispatch + piece * (shape.ep_size - 1)
         combine = combine + piece * shape.ep_size

@@ -249,6 +249,15 @@ def test_cost_model_counts_unique_rows():
     # fp32 partial sums (dedup_combine_dtype: fp32) double the bf16 combine's bytes
     fp32 = sum(chunk_comm_times(counts, shape, profile, 1, ranges, partial_sum_bytes=4)[1])
     assert fp32 == pytest.approx(2 * unique[0])
+    # On the copy engines a deduplicated chunk is one piece per peer (combine: per rank), the
+    # per-pair scheme one per (peer, expert)
+    pieces = PipelineProfile(link_bandwidth_gbps=1e9, link_latency_us=0.0, chunk_overhead_us=0.0,
+                             expert_tflops=1.0, link_piece_us=5.0)
+    dispatch, combine = chunk_comm_times(counts, shape, pieces, 4, ranges)
+    assert dispatch == pytest.approx([5e-6] * 4, rel=1e-3)
+    assert combine == pytest.approx([2 * 5e-6] * 4, rel=1e-3)
+    dispatch, _ = chunk_comm_times(counts, shape, pieces, 4)
+    assert dispatch == pytest.approx([4 * 5e-6] * 4, rel=1e-3)
 
 
 @pytest.mark.parametrize("world", ranks(1, 2, 4))
