@@ -32,6 +32,7 @@ def permute_chunk_major(
     expert_order: np.ndarray,
     num_rows: int,
     gather_tokens: bool = True,
+    rows_per_expert: Optional[np.ndarray] = None,
 ):
     """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
 
@@ -44,6 +45,10 @@ def permute_chunk_major(
         tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
         expert_order: [E] expert ids, chunk-major (ChunkLayout.expert_order).
         num_rows: number of routed pairs (sum of routing_map).
+        rows_per_expert: [E] this rank's routed pairs per expert (its row of the count
+            matrix), if known: on GPUs the rows are then numbered in one Triton pass
+            (``permute_kernels.route_rows``) instead of a dozen torch ops on the host's
+            critical path.
     Returns:
         (permuted tokens [num_rows, H] (None with ``gather_tokens`` False: the caller gathers
         them itself), permuted probs [num_rows], token index per row [num_rows], the
@@ -51,6 +56,16 @@ def permute_chunk_major(
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
+    if (rows_per_expert is not None and permute_kernels.use_triton(routing_map, probs)
+            and routing_map.is_contiguous() and probs.stride(1) == 1):
+        sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
+        first_row = np.empty(num_experts, dtype=np.int64)
+        first_row[expert_order] = np.cumsum(sizes) - sizes
+        staged = torch.from_numpy(first_row).pin_memory().to(device, non_blocking=True)
+        sorted_indices, permuted_probs = permute_kernels.route_rows(routing_map, probs, staged,
+                                                                   num_rows)
+        permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
+        return permuted, permuted_probs, sorted_indices
     identity = bool((expert_order == np.arange(num_experts)).all())
     order = None if identity else torch.as_tensor(expert_order, device=device)
     mask = routing_map if order is None else routing_map.index_select(1, order)
@@ -282,7 +297,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 # (or, on the copy engines, land in their final rows).
                 _, permuted_probs, sorted_indices = permute_chunk_major(
                     tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
-                    gather_tokens=False,
+                    gather_tokens=False, rows_per_expert=counts[self.ep_rank],
                 )
                 if compute_stream is not None:
                     # Made on the comm stream, read by the final sum on the compute stream.

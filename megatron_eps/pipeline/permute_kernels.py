@@ -77,6 +77,57 @@ def _kernels():
     return CachedLauncher(scatter_rows_kernel), CachedLauncher(sum_rows_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _route_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["num_tokens"])
+    def route_rows_kernel(routing_map, probs, first_row, sorted_indices, permuted_probs,
+                          num_tokens, map_stride, probs_stride, BLOCK_T: tl.constexpr):
+        # One program per expert e: its routed tokens, in token order, take the rows from
+        # first_row[e] on (a running count over blocks of tokens numbers them).
+        e = tl.program_id(0).to(tl.int64)
+        row = tl.load(first_row + e)
+        for start in range(0, num_tokens, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            routed = tl.load(routing_map + t.to(tl.int64) * map_stride + e, mask=t < num_tokens,
+                             other=0) != 0
+            rows = row + tl.cumsum(routed.to(tl.int64), axis=0) - 1
+            tl.store(sorted_indices + rows, t.to(tl.int64), mask=routed)
+            weight = tl.load(probs + t.to(tl.int64) * probs_stride + e, mask=routed)
+            tl.store(permuted_probs + rows, weight, mask=routed)
+            row += tl.sum(routed.to(tl.int64), axis=0)
+
+    return CachedLauncher(route_rows_kernel)
+
+
+def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.Tensor,
+               num_rows: int, through_jit: bool = False):
+    """(token of each row [num_rows] int64, its routing weight [num_rows]): every routed
+    (token, expert) pair numbered from ``first_row[expert]`` on in token order, in one pass.
+
+    routing_map: [T, E] bool (contiguous); probs: [T, E]; first_row: [E] int64 on the device,
+    the first row of each expert (the experts' rows laid out in any order, without gaps).
+    ``through_jit``: launched through Triton's JIT, as Triton's CPU interpreter needs.
+    """
+    num_tokens, num_experts = routing_map.shape
+    device = routing_map.device
+    sorted_indices = torch.empty(num_rows, dtype=torch.long, device=device)
+    permuted_probs = torch.empty(num_rows, dtype=probs.dtype, device=device)
+    if num_rows == 0:
+        return sorted_indices, permuted_probs
+    grid = (num_experts,)
+    args = (routing_map.view(torch.uint8), probs, first_row, sorted_indices, permuted_probs,
+            num_tokens, routing_map.stride(0), probs.stride(0))
+    constants = {"BLOCK_T": 1024}
+    if through_jit:
+        _route_kernel().kernel[grid](*args, **constants, num_warps=4)
+    else:
+        _route_kernel()(grid, args, constants, num_warps=4)
+    return sorted_indices, permuted_probs
+
+
 def row_block(hidden: int) -> int:
     """Columns a row kernel's program moves per step: a power of two, 16 to 2048."""
     return min(2048, 1 << max(4, (hidden - 1).bit_length()))

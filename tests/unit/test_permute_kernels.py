@@ -1,5 +1,6 @@
 """The permutation kernels against brute force (CPU: the torch path; GPU: the Triton kernels)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,36 @@ def test_sum_rows_skips_empty_slots(device, dtype, out_dtype, shared):
     # no rows at all: every slot empty
     empty = sum_rows(rows_d[:0], slot_table(owner[:0].to(device), num_owners, 2), out_dtype)
     assert empty.shape == (num_owners, hidden) and not bool(empty.any())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens,num_experts,topk,ep_size,chunks,hot", [
+    (1000, 16, 4, 2, 3, None), (37, 8, 2, 1, 1, 5), (3000, 160, 6, 2, 4, 7), (0, 8, 2, 2, 2, None),
+    (5, 16, 4, 4, 2, None)])
+def test_route_rows_kernel_matches_torch(probs_dtype, num_tokens, num_experts, topk, ep_size,
+                                         chunks, hot):
+    """The one-pass numbering of the routed rows (chunk-major expert order, empty experts, one hot
+    expert, no tokens) gives the torch path's rows and weights exactly."""
+    from megatron_eps.pipeline.dispatcher import permute_chunk_major
+    from megatron_eps.pipeline.layout import ChunkLayout
+
+    gen = torch.Generator().manual_seed(num_tokens + num_experts)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    if hot is not None:
+        scores[:, hot] += 10.0
+    routing = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    routing.scatter_(1, scores.topk(topk, dim=1).indices, True)
+    probs = (torch.rand(num_tokens, num_experts, generator=gen) * routing).to(probs_dtype)
+    counts = routing.sum(dim=0).numpy()
+    matrix = np.stack([counts] * ep_size)
+    layout = ChunkLayout.build(matrix, 0, num_experts // ep_size, chunks)
+    tokens = torch.randn(num_tokens, 8, generator=gen).cuda()
+    routing, probs = routing.cuda(), probs.cuda()
+    num_rows = int(counts.sum())
+    want = permute_chunk_major(tokens, probs, routing, layout.expert_order, num_rows)
+    got = permute_chunk_major(tokens, probs, routing, layout.expert_order, num_rows,
+                              rows_per_expert=counts)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

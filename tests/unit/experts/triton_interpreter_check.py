@@ -12,6 +12,7 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -167,6 +168,28 @@ def main():
         want = dedup_rows._next_expert_histogram_torch(routing, ep_size)
         results[f"dedup/next_expert_histogram/ep={ep_size}/experts={experts}"] = (
             0.0 if torch.equal(got, want) else float("inf"))
+    # The per-pair scheme's numbering of the routed rows (permute_kernels.route_rows) against
+    # the torch path, experts laid out chunk-major (tokens more than one block: 1500 > 1024).
+    from megatron_eps.pipeline.dispatcher import permute_chunk_major
+    from megatron_eps.pipeline.layout import ChunkLayout
+
+    for num_tokens, ep_size, chunks in ((1500, 2, 3), (7, 1, 1)):
+        scores = torch.rand(num_tokens, 12, generator=gen)
+        routing = torch.zeros(num_tokens, 12, dtype=torch.bool).scatter_(
+            1, scores.topk(3, dim=1).indices, True)
+        probs = torch.rand(num_tokens, 12, generator=gen) * routing
+        counts = routing.sum(dim=0).numpy()
+        layout = ChunkLayout.build(np.stack([counts] * ep_size), 0, 12 // ep_size, chunks)
+        _, want_probs, want_rows = permute_chunk_major(torch.zeros(num_tokens, 4), probs, routing,
+                                                       layout.expert_order, int(counts.sum()))
+        sizes = counts[layout.expert_order]
+        first = np.empty(12, dtype=np.int64)
+        first[layout.expert_order] = np.cumsum(sizes) - sizes
+        rows, weights = pk.route_rows(routing, probs, torch.from_numpy(first), int(counts.sum()),
+                                      through_jit=True)
+        same = torch.equal(rows, want_rows) and torch.equal(weights, want_probs)
+        results[f"permute/route_rows/tokens={num_tokens}/ep={ep_size}/chunks={chunks}"] = (
+            0.0 if same else float("inf"))
     json.dump(results, sys.stdout)
 
 
