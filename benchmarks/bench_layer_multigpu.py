@@ -12,8 +12,11 @@ divided over the ranks. Per point it times, on the same input and the same weigh
                what a Megatron user with TE grouped GEMMs gets, no overlap. The ratio that counts.
 * EPS       -- EPSMoELayer per transport (``--transports``), at fixed N and with N = auto
 
-(CUDA events, median of ``--repeats`` after 2 warm-ups, slowest rank; the variants of a point
-are timed in rotating order, round by round.) Every output is checked against stock. With
+(CUDA events around ``--forwards-per-sample`` forwards issued back to back, median of
+``--repeats`` samples after 2 warm-ups, slowest rank; the variants of a point are timed in
+rotating order, round by round. Each row also records every variant's spread (IQR / median) and,
+where auto chose the chunks of a fixed N, how far apart the two timings of that one setting came:
+the noise any ratio of the row carries.) Every output is checked against stock. With
 ``--trace-dir`` one forward of chosen points is profiled and the overlap efficiency (transfer
 time hidden under compute kernels / transfer time) is computed from the trace.
 """
@@ -47,17 +50,43 @@ def _sync(cuda):
         torch.cuda.synchronize()
 
 
-def time_once(fn, x, cuda):
+def time_once(fn, x, cuda, forwards: int = 1):
+    """(seconds per forward of ``forwards`` forwards issued back to back, as a model's layers
+    follow each other, and the last output)."""
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out, _ = fn(x)
+        for _ in range(forwards):
+            out, _ = fn(x)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3, out
+        return start.elapsed_time(end) / 1e3 / forwards, out
     t0 = time.perf_counter()
-    out, _ = fn(x)
-    return time.perf_counter() - t0, out
+    for _ in range(forwards):
+        out, _ = fn(x)
+    return (time.perf_counter() - t0) / forwards, out
+
+
+def relative_spread(values) -> float:
+    """Interquartile range / median of a variant's samples (0 with fewer than 4)."""
+    if len(values) < 4:
+        return 0.0
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / q2 if q2 > 0 else 0.0
+
+
+def same_setting_gaps(times, auto_chunks, labels, degrees, local):
+    """{label: |t(auto) / t(N) - 1|} where auto chose the chunks of a fixed N: the same setting
+    timed twice in one run, so the benchmark's own noise at that point."""
+    from megatron_eps.pipeline.layout import chunk_sizes
+
+    gaps = {}
+    for label in labels:
+        chosen = tuple(auto_chunks.get(f"{label}:auto", ()))
+        for n in degrees:
+            if chosen and chosen == chunk_sizes(local, n):
+                gaps[label] = abs(times[f"{label}:auto"] / times[f"{label}:{n}"] - 1.0)
+    return gaps
 
 
 def slowest(value, cuda):
@@ -84,6 +113,8 @@ def main(argv=None):
                     help="comma list of off,on: each transport also runs with one row per (token, "
                     "rank, chunk) and pre-reduced combine (keys '<transport>+dedup:<N>')")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--forwards-per-sample", type=int, default=1,
+                    help="forwards timed back to back per sample (as consecutive layers run)")
     ap.add_argument("--cost-profile", default=None)
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--trace-points", default="dsv2:8192,dsv2:16384,dsv2:32768")
@@ -148,7 +179,7 @@ def main(argv=None):
                     fn = layer
                 else:
                     fn = v
-                return time_once(fn, x, cuda)
+                return time_once(fn, x, cuda, args.forwards_per_sample)
 
             with torch.no_grad():
                 _, ref = run("stock")
@@ -170,7 +201,10 @@ def main(argv=None):
             times = {k: slowest(statistics.median(v), cuda) for k, v in samples.items()}
             row = {"model": name, "ep": world, "tokens_per_rank": tokens, "local_experts": local,
                    "ms": {k: v * 1e3 for k, v in times.items()}, "rel_err_vs_stock": errors,
-                   "auto_chunks": auto_n, "transport_used": used}
+                   "auto_chunks": auto_n, "transport_used": used,
+                   "spread": {k: relative_spread(v) for k, v in samples.items()},
+                   "same_setting_gap": same_setting_gaps(times, auto_n, list(eps_layers), degrees,
+                                                         local)}
             for t in eps_layers:
                 fixed = {d: times[f"{t}:{d}"] for d in degrees}
                 best = min(fixed, key=fixed.get)
@@ -254,7 +288,8 @@ def write_result(args, rows, cuda, world):
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "megatron_core": __import__("megatron.core").core.__version__,
         "command": " ".join(sys.argv), "git_commit": git_commit(), "kernel": args.kernel,
-        "timing": "CUDA events, median of repeats after 2 warm-ups, rotating order, slowest rank",
+        "timing": f"CUDA events around {args.forwards_per_sample} forwards back to back, median of "
+                  f"{args.repeats} samples after 2 warm-ups, rotating order, slowest rank",
         "rows": rows,
     }
     with open(args.out, "w") as f:
@@ -284,6 +319,13 @@ def print_table(result):
                      f"({len(auto_chunks)}) {s['auto_vs_grouped']:>5.2f}x {s['auto_vs_stock']:>5.2f}x")
         worst = max(r["rel_err_vs_stock"].values())
         print(line + f"  err<={worst:.1e}")
+    spreads = [v for r in rows for v in r.get("spread", {}).values()]
+    gaps = [v for r in rows for v in r.get("same_setting_gap", {}).values()]
+    if spreads:
+        print(f"noise: samples' IQR/median up to {max(spreads):.1%} (median "
+              f"{statistics.median(spreads):.1%})"
+              + (f"; one setting timed twice (auto = a fixed N) differed by up to {max(gaps):.1%}"
+                 if gaps else ""))
 
 
 if __name__ == "__main__":
