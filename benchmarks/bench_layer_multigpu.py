@@ -131,6 +131,7 @@ def main(argv=None):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
     from megatron_eps.testing.baselines import with_grouped_experts
+    from megatron_eps.pipeline.layout import chunk_sizes
     from megatron_eps.testing.models import build_moe_pair
 
     cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
@@ -216,6 +217,13 @@ def main(argv=None):
                     "auto_vs_best": times[f"{t}:auto"] / fixed[best],
                     "auto_vs_n1": times[f"{t}:auto"] / fixed[1],
                 }
+                # The decision itself: where auto chose a fixed N's chunks, that N's own timing
+                # against the best (the noise between two timings of one setting left out).
+                chose = [d for d in degrees if tuple(auto_n.get(f"{t}:auto", ())) ==
+                         chunk_sizes(local, d)]
+                row[t]["auto_chose"] = chose[0] if chose else None
+                row[t]["auto_choice_vs_best"] = (fixed[chose[0]] / fixed[best] if chose
+                                                 else row[t]["auto_vs_best"])
             if args.trace_dir and cuda and (name, str(tokens)) in trace_points:
                 row["trace"] = trace_point(eps_layers, x, args.trace_dir, name, tokens, rank)
             rows.append(row)
@@ -319,6 +327,11 @@ def print_table(result):
                      f"({len(auto_chunks)}) {s['auto_vs_grouped']:>5.2f}x {s['auto_vs_stock']:>5.2f}x")
         worst = max(r["rel_err_vs_stock"].values())
         print(line + f"  err<={worst:.1e}")
+    choices = [r[t] for r in rows for t in transports if "auto_choice_vs_best" in r[t]]
+    if choices:
+        within = sum(c["auto_choice_vs_best"] <= 1.03 for c in choices)
+        print(f"auto's choice within 3% of the best fixed N at {within} of {len(choices)} points "
+              f"(worst {max(c['auto_choice_vs_best'] for c in choices):.3f}x the best)")
     spreads = [v for r in rows for v in r.get("spread", {}).values()]
     gaps = [v for r in rows for v in r.get("same_setting_gap", {}).values()]
     if spreads:
