@@ -1,0 +1,68 @@
+"""The GPU benchmark drivers run end to end on CPU (``--smoke``: tiny shapes, gloo ranks), so a
+broken driver shows up here and not in a device call; each result file holds what it reports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_eps.testing import skip_unless_ranks_fit
+from megatron_eps.testing.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args, nproc=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK"):
+        env.pop(name, None)
+    if nproc is None:
+        cmd = [sys.executable, *args]
+    else:
+        skip_unless_ranks_fit(nproc)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_layer_benchmark_smoke(tmp_path):
+    out = tmp_path / "layer.json"
+    proc = _run(["benchmarks/bench_layer_multigpu.py", "--smoke", "--out", str(out),
+                 "--degrees", "1,2", "--dispatch-dedup", "off,on", "--repeats", "4"], nproc=2)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"dsv2", "mixtral"}
+    for row in rows:
+        assert max(row["rel_err_vs_stock"].values()) < 1e-5
+        for label in ("nccl", "nccl+dedup"):
+            assert row[label]["auto_choice_vs_best"] >= 1.0
+        assert set(row["spread"]) == set(row["ms"])
+    assert "auto's choice within 3%" in proc.stdout
+
+
+def test_layer_ops_trace_smoke(tmp_path):
+    out = tmp_path / "ops.json"
+    _run(["benchmarks/trace_layer_ops.py", "--smoke", "--out", str(out), "--points", "dsv2:8",
+          "--repeats", "2", "--profiled", "1"], nproc=1)
+    point = json.loads(out.read_text())["points"][0]
+    flags = [(v["settings"]["dispatch_dedup"], v["dedup"]) for v in point["variants"]]
+    assert flags == [("off", False), ("on", True)]
+    assert all(v["ops"] and v["backends"] for v in point["variants"])
+
+
+def test_chunk_split_tradeoff_smoke(tmp_path):
+    out = tmp_path / "split.json"
+    _run(["benchmarks/chunk_split_tradeoff.py", "--smoke", "--out", str(out)])
+    for point in json.loads(out.read_text())["points"]:
+        token_rows = {v["remote_rows"] for v in point["token_chunks"].values()}
+        expert_rows = [point["expert_chunks"][n]["remote_rows"]
+                       for n in sorted(point["expert_chunks"], key=int)]
+        # token chunks keep the saving whole; expert chunks lose it as N grows
+        assert len(token_rows) == 1 and expert_rows == sorted(expert_rows)
+        assert expert_rows[-1] <= point["per_pair_remote_rows"]
