@@ -122,6 +122,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from megatron_eps.config import DISPATCH_DEDUPS, TRANSPORTS
 
+    for flag, value in (("--repeats", args.repeats), ("--forwards-per-sample", args.forwards_per_sample)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be an integer >= 1")
     for flag, given, allowed in (("--dispatch-dedup", args.dispatch_dedup, DISPATCH_DEDUPS),
                                  ("--transports", args.transports, TRANSPORTS)):
         bad = [v for v in given.split(",") if v not in allowed]

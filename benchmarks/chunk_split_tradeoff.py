@@ -21,7 +21,7 @@ For each shape and load this script
    ``policy.cost_model.predict`` does: the plan simulated on two streams, the overlap
    efficiency and the per-chunk overhead applied.
 
-Steps 3 is measured; step 4 is the calibrated model of the link, since one GPU has no peer. The
+Step 3 is measured; step 4 is the calibrated model of the link, since one GPU has no peer. The
 output says which chunking the model prefers at each point with measured GEMM times, and by
 how much the token chunks inflate the GEMMs: the half of the trade-off one GPU can measure.
 """
@@ -83,29 +83,6 @@ def token_chunk_counts(maps, ep: int, num_chunks: int):
     return torch.stack(unique, dim=2).cpu().numpy(), loads
 
 
-def chunk_link_seconds(unique, row_bytes: float, link) -> np.ndarray:
-    """[chunk] seconds of one direction: the busiest rank's remote rows over the link, the
-    call's latency and one copy per peer (the deduplicated copy-engine layout)."""
-    ep = unique.shape[0]
-    local = np.einsum("iig->ig", unique)
-    rows = np.maximum(unique.sum(axis=1) - local, unique.sum(axis=0) - local).max(axis=0)
-    t = (rows * row_bytes / (link["link_bandwidth_gbps"] * 1e9) + link["link_latency_us"] * 1e-6
-         + link.get("link_piece_us", 0.0) * 1e-6 * (ep - 1))
-    return np.where(rows > 0, t, 0.0)
-
-
-def modeled_forward(dispatch, compute, combine, shared, link, pipeline) -> float:
-    """cost_model.predict's GPU time for these per-chunk times (seconds)."""
-    from megatron_eps.pipeline.schedule import simulate_plan
-
-    n = len(compute)
-    serial = float(sum(dispatch) + sum(combine) + sum(compute) + shared)
-    ideal = simulate_plan(list(dispatch), list(compute), list(combine), shared)
-    overhead = link.get("chunk_overhead_us", pipeline["chunk_overhead_us"]) * 1e-6 * (n - 1)
-    efficiency = link.get("overlap_efficiency", pipeline["overlap_efficiency"])
-    return serial - (serial - ideal) * efficiency + overhead
-
-
 class GemmTimer:
     """Seconds of one expert call per load on this device: fastest available backend."""
 
@@ -143,23 +120,21 @@ class GemmTimer:
         return times
 
 
-def measure_shape(name, spec, tokens_list, degrees, link, pipeline, dtype, device, args):
+def measure_shape(name, spec, tokens_list, degrees, profile, dtype, device, args):
     from megatron_eps.pipeline.layout import split_local_experts
-    from megatron_eps.policy.cost_model import LayerShape, dedup_meta_bytes, shared_experts_time
-    from megatron_eps.policy.profile import PipelineProfile
+    from megatron_eps.policy.cost_model import (LayerShape, overlapped_time, shared_experts_time,
+                                                unique_rows_comm_times)
 
     hidden, ffn, experts, topk, ep, shared_ffn = spec
     local = experts // ep
     element = torch.empty((), dtype=dtype).element_size()
     shape = LayerShape(hidden, ffn, local, ep, topk, True, element, shared_ffn)
-    profile = PipelineProfile.from_dict(pipeline)
     max_rows = max(tokens_list) * topk * 2  # rank 0's received rows stay well under this
     timer = GemmTimer(hidden, ffn, local, dtype, device, max_rows, args.backends, args.target_s)
     rows = []
     for tokens in tokens_list:
         maps = sample_routing(tokens, experts, topk, ep, seed=tokens, device=device)
         shared = shared_experts_time(tokens, shape, profile)
-        combine_row = hidden * element  # bf16 partial sums
         point = {"shape": name, "tokens_per_rank": tokens, "ep": ep, "local_experts": local,
                  "shared_s": shared, "expert_chunks": {}, "token_chunks": {}}
         for n in sorted({min(d, local) for d in degrees}):
@@ -169,18 +144,16 @@ def measure_shape(name, spec, tokens_list, degrees, link, pipeline, dtype, devic
                 ("token_chunks", token_chunk_counts(maps, ep, n), [0] * n),
             ):
                 widest = max(b - a for a, b in ranges) if split == "expert_chunks" else local
-                dispatch_row = hidden * element + dedup_meta_bytes(shape, widest)
-                dispatch = chunk_link_seconds(unique, dispatch_row, link)
-                combine = chunk_link_seconds(unique, combine_row, link)
+                # bf16 partial sums (dedup_combine_dtype: model)
+                dispatch, combine = unique_rows_comm_times(unique, shape, profile, widest)
                 timed = [timer.seconds(c, f) for c, f in zip(loads, firsts)]
                 compute = [t["best"] for t in timed]
                 remote = ~np.eye(ep, dtype=bool)
                 point[split][str(n)] = {
                     "remote_rows": int(unique.sum(axis=2)[remote].sum()),
-                    "dispatch_s": dispatch.tolist(), "combine_s": combine.tolist(),
-                    "gemm_s": compute,
+                    "dispatch_s": dispatch, "combine_s": combine, "gemm_s": compute,
                     "gemm_by_backend_s": [{k: v for k, v in t.items() if k != "best"} for t in timed],
-                    "forward_s": modeled_forward(dispatch, compute, combine, shared, link, pipeline),
+                    "forward_s": overlapped_time(dispatch, compute, combine, shared, profile),
                 }
         pair_remote = int(maps.reshape(ep, tokens, ep, local).sum(dim=(1, 3)).cpu().numpy()[
             ~np.eye(ep, dtype=bool)].sum())
@@ -221,7 +194,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from megatron_eps.calibrate.provenance import git_commit
     from megatron_eps.experts.calibrate import device_info, versions, warm_gpu
-    from megatron_eps.policy.profile import PROFILES_DIR
+    from megatron_eps.policy.profile import PROFILES_DIR, open_profile
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     unknown = [s for s in args.shapes.split(",") if s not in shapes] if not args.smoke else []
@@ -231,9 +204,10 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    with open(args.profile or os.path.join(PROFILES_DIR, "nvidia_h200.json")) as f:
-        profile = json.load(f)
-    link = dict(profile["links"]["copy_engine"])
+    path = args.profile or os.path.join(PROFILES_DIR, "nvidia_h200.json")
+    profile = open_profile(path).pipeline_for("copy_engine")
+    if profile is None:
+        raise SystemExit(f"--profile {path}: no pipeline section to model the link with")
     args.backends = [b for b in args.backends.split(",") if b]
     tokens_list = [64, 256] if args.smoke else [int(t) for t in args.tokens.split(",")]
     degrees = [int(d) for d in args.degrees.split(",")]
@@ -241,14 +215,14 @@ def main(argv=None):
     t0 = time.time()
     points = []
     for name in names:
-        points += measure_shape(name, shapes[name], tokens_list, degrees, link,
-                                profile["pipeline"], dtype, device, args)
+        points += measure_shape(name, shapes[name], tokens_list, degrees, profile, dtype, device,
+                                args)
         if cuda:
             torch.cuda.empty_cache()
     result = {
         "device": device_info(device), "versions": versions(), "git_commit": git_commit(),
         "command": " ".join(sys.argv), "seconds": time.time() - t0,
-        "link": {"transport": "copy_engine", **link},
+        "link": {"transport": "copy_engine", "profile": path, **profile.to_dict()},
         "method": "routing sampled; unique rows counted exactly; GEMMs timed on this device "
                   "(fastest backend, interleaved); link and forward modeled (cost_model)",
         "points": points,

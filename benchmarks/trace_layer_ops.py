@@ -14,6 +14,7 @@ where an extra millisecond comes from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_layer_multigpu import layer_config, start_expert_group  # noqa: E402
+from bench_layer_multigpu import MODELS, layer_config, start_expert_group  # noqa: E402
 
 
 def parse_variant(text: str):
@@ -80,11 +81,31 @@ def main(argv=None):
     from megatron_eps.testing import Utils
     from megatron_eps.testing.models import build_moe_pair
 
-    cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
+    from megatron_eps.config import EPSConfigError
+
+    for flag, value in (("--repeats", args.repeats), ("--profiled", args.profiled)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be an integer >= 1")
     variants = [parse_variant(v) for v in args.variants.split(";")]
-    base = EPSConfig(min_tokens_to_pipeline=0, **parse_variant(args.base))
-    for v in variants:
-        base.replace(**v)  # a bad setting fails here, before any forward
+    settings = {f.name for f in dataclasses.fields(EPSConfig)}
+    for given in [parse_variant(args.base)] + variants:
+        unknown = sorted(set(given) - settings)
+        if unknown:
+            raise SystemExit(f"--base / --variants: unknown setting(s) {', '.join(unknown)}; "
+                             f"EPSConfig has {', '.join(sorted(settings))}")
+    try:  # a bad value fails here, before any collective
+        base = EPSConfig(min_tokens_to_pipeline=0, **parse_variant(args.base))
+        for v in variants:
+            base.replace(**v)
+    except (EPSConfigError, TypeError, ValueError) as exc:
+        raise SystemExit(f"--base / --variants: {exc}") from None
+    known = tuple(MODELS)
+    for point in args.points.split(","):
+        name, _, tokens = point.partition(":")
+        if name not in known or not tokens.isdigit():
+            raise SystemExit(f"--points {point!r}: each point is MODEL:TOKENS, MODEL one of "
+                             f"{', '.join(known)}")
+    cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
     results = []
     for point in args.points.split(","):
         name, tokens = point.split(":")

@@ -177,6 +177,10 @@ class CachedLauncher:
         if self.direct and compiled is not None and hasattr(compiled, "__getitem__"):
             self._compiled[key] = compiled
 
+    def through_jit(self, grid, runtime_args: Sequence, constexprs: Dict[str, Any], **options):
+        """The same launch through Triton's JIT, every time (Triton's CPU interpreter needs it)."""
+        self.kernel[grid](*runtime_args, **constexprs, **options)
+
     def compiled_kernels(self) -> List[Any]:
         """The compiled kernels launched so far, one per specialization (for diagnostics)."""
         return list(self._compiled.values())

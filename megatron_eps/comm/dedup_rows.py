@@ -107,10 +107,8 @@ def _next_expert_histogram_triton(routing_map: torch.Tensor, ep_size: int, top_k
     grid = (num_tokens,)
     args = (routing_map.view(torch.uint8), histogram, routing_map.stride(0), ep_size, local)
     constants = {"BLOCK_L": _power_of_two(local), "TOP_K": _power_of_two(min(top_k, local))}
-    if through_jit:
-        _histogram_kernel().kernel[grid](*args, **constants, num_warps=4)
-    else:
-        _histogram_kernel()(grid, args, constants, num_warps=4)
+    launcher = _histogram_kernel()
+    (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
     return histogram
 
 
@@ -286,10 +284,8 @@ def _place_unique_rows_triton(tokens, probs, routing_map, ep_size, expert_range,
             num_experts // ep_size, start, end - start)
     constants = {"BLOCK": row_block(hidden), "BLOCK_W": _power_of_two(end - start),
                  "SLOTS": slots, "SLOTS_P2": _power_of_two(slots), "IDENTITY": dst_rows is None}
-    if through_jit:
-        _place_kernel().kernel[grid](*args, **constants, num_warps=4)
-    else:
-        _place_kernel()(grid, args, constants, num_warps=4)
+    launcher = _place_kernel()
+    (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
 
 
 def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, out, slots,

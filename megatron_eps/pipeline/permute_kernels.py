@@ -121,10 +121,8 @@ def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.
     args = (routing_map.view(torch.uint8), probs, first_row, sorted_indices, permuted_probs,
             num_tokens, routing_map.stride(0), probs.stride(0))
     constants = {"BLOCK_T": 1024}
-    if through_jit:
-        _route_kernel().kernel[grid](*args, **constants, num_warps=4)
-    else:
-        _route_kernel()(grid, args, constants, num_warps=4)
+    launcher = _route_kernel()
+    (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
     return sorted_indices, permuted_probs
 
 

@@ -144,27 +144,38 @@ def chunk_comm_times(
     two chunks of a rank travels twice, so more chunks save less. ``partial_sum_bytes``: bytes
     per element of the combine's partial sums (None: the model's)."""
     ranges = _chunk_ranges(shape, chunking)
-    starts = [s for s, _ in ranges]
-    if range_counts is None:
-        rows = _remote_rows_per_chunk(_per_dst(counts, shape), starts, profile)
-        dispatch_row = shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW
-    else:
-        unique = _unique_rows(range_counts, ranges)  # [src, dst, chunk] like per_dst's chunks
-        rows = _remote_rows_per_chunk(unique, list(range(len(ranges))), profile)
+    if range_counts is not None:
         widest = max(b - a for a, b in ranges)
-        dispatch_row = shape.row_bytes + dedup_meta_bytes(shape, widest)
-    combine_row = shape.row_bytes
-    if range_counts is not None and partial_sum_bytes:
-        combine_row = shape.hidden_size * partial_sum_bytes
+        return unique_rows_comm_times(_unique_rows(range_counts, ranges), shape, profile, widest,
+                                      partial_sum_bytes)
+    rows = _remote_rows_per_chunk(_per_dst(counts, shape), [s for s, _ in ranges], profile)
+    experts = np.array([b - a for a, b in ranges], dtype=np.float64)
+    return _link_times(rows, shape.row_bytes + PACKED_PROBS_BYTES_PER_ROW, shape.row_bytes,
+                       experts, shape, profile)
+
+
+def unique_rows_comm_times(
+    unique: np.ndarray, shape: LayerShape, profile: PipelineProfile, experts_per_row: int,
+    partial_sum_bytes: Optional[int] = None,
+) -> Tuple[List[float], List[float]]:
+    """(dispatch, combine) seconds of each chunk of the deduplicated scheme, whatever the chunks
+    are: ``unique`` [src, dst, chunk] rows (one per token, rank and chunk); a row carries the
+    expert ids and weights of up to ``experts_per_row`` experts (the widest chunk's)."""
+    rows = _remote_rows_per_chunk(unique, list(range(unique.shape[2])), profile)
+    combine_row = shape.hidden_size * partial_sum_bytes if partial_sum_bytes else shape.row_bytes
+    # Deduplicated rows travel as one piece per (peer, chunk) (for_unique_rows).
+    return _link_times(rows, shape.row_bytes + dedup_meta_bytes(shape, experts_per_row),
+                       combine_row, np.ones(unique.shape[2]), shape, profile)
+
+
+def _link_times(rows, dispatch_row: float, combine_row: float, pieces, shape: LayerShape,
+                profile: PipelineProfile):
     dispatch = collective_time(rows, dispatch_row, profile)
     combine = collective_time(rows, combine_row, profile)
     if profile.link_piece_us:
-        # Copy-engine transports copy one piece per (peer, expert) of the chunk (the combine
-        # also one per expert for this rank's own rows); each costs the copy engine a fixed time.
-        # Deduplicated rows travel as one piece per (peer, chunk) (for_unique_rows).
-        experts = np.array([1 if range_counts is not None else b - a for a, b in ranges],
-                           dtype=np.float64)
-        piece = profile.link_piece_us * 1e-6 * experts
+        # Copy-engine transports copy ``pieces`` per peer of the chunk (the combine as many again
+        # for this rank's own rows); each costs the copy engine a fixed time.
+        piece = profile.link_piece_us * 1e-6 * np.asarray(pieces, dtype=np.float64)
         dispatch = dispatch + piece * (shape.ep_size - 1)
         combine = combine + piece * shape.ep_size
     return [float(x) for x in dispatch], [float(x) for x in combine]
@@ -322,15 +333,12 @@ def predict(
         # dispatcher: the carve-out holds only while chunks overlap (N > 1)
         slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
         compute, shared = compute * slowdown, shared * slowdown
-    overhead = profile.chunk_overhead_us * 1e-6 * (num_chunks - 1)
-    if num_chunks > 1:
-        overhead += profile.chunk_overhead_base_us * 1e-6
+    overhead = chunking_overhead(num_chunks, profile)
     t_comm = float(sum(dispatch) + sum(combine))
     slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
     s = float(shared.max(initial=0.0))
     serial = t_comm + float(sum(slowest)) + s
-    ideal = simulate_plan(dispatch, slowest, combine, s, dispatch_ahead)
-    gpu = serial - (serial - ideal) * profile.overlap_efficiency + overhead
+    gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead)
     # The host bound counts the layer's fixed host time; the GPU side leaves the same fixed
     # work (router, permutation) out, which only errs towards fewer chunks when host-bound.
     host = (profile.host_base_us + profile.host_chunk_us * num_chunks) * 1e-6
@@ -342,6 +350,26 @@ def predict(
         t_pipelined=max(gpu, host),
         enabled=enabled,
     )
+
+
+def chunking_overhead(num_chunks: int, profile: PipelineProfile) -> float:
+    """Seconds N chunks cost over one: ``k (N - 1)``, plus ``b`` when N > 1."""
+    overhead = profile.chunk_overhead_us * 1e-6 * (num_chunks - 1)
+    if num_chunks > 1:
+        overhead += profile.chunk_overhead_base_us * 1e-6
+    return overhead
+
+
+def overlapped_time(dispatch: Sequence[float], compute: Sequence[float],
+                    combine: Sequence[float], shared: float, profile: PipelineProfile,
+                    dispatch_ahead: Optional[int] = None) -> float:
+    """GPU seconds of the plan with these per-chunk times (the busiest rank's): the serial sum
+    less the part the simulated plan hides, times ``overlap_efficiency``, plus the chunking
+    overhead."""
+    serial = float(sum(dispatch) + sum(combine) + sum(compute) + shared)
+    ideal = simulate_plan(list(dispatch), list(compute), list(combine), shared, dispatch_ahead)
+    return (serial - (serial - ideal) * profile.overlap_efficiency
+            + chunking_overhead(len(compute), profile))
 
 
 def _enable_condition(chunked, comm_one, compute_one, profile: PipelineProfile) -> bool:
