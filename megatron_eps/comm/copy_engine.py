@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_eps import staging
 from megatron_eps.comm.base import Completion, ExpertTransport
 from megatron_eps.pipeline.permute_kernels import copy_rows, scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
@@ -245,10 +246,8 @@ def rows_of_runs(sizes: np.ndarray, device: torch.device, *starts: np.ndarray):
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     first_of_run = np.cumsum(sizes) - sizes
-    host = torch.from_numpy(np.stack([sizes] + [np.asarray(s) - first_of_run for s in starts]))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    runs = host.to(device, non_blocking=True)
+    runs = staging.to_device(np.stack([sizes] + [np.asarray(s) - first_of_run for s in starts]),
+                             device)
     total = int(sizes.sum())
     position = torch.arange(total, device=device)
     return tuple(position + torch.repeat_interleave(runs[i + 1], runs[0], output_size=total)

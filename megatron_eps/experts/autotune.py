@@ -271,3 +271,39 @@ def autotuner_for(device: torch.device, path: Optional[str], timer: Optional[Tim
     elif timer is not None:
         _TUNERS[key].timer = timer
     return _TUNERS[key]
+
+
+def calibration_activity() -> Tuple[int, int]:
+    """(candidate runs so far, buckets waiting for a compilation) over every autotuner of the
+    process. A forward after which the first number did not grow and the second is 0 ran
+    without calibrating: a benchmark warms up until then, so that its timed forwards do not
+    include the one-time calibration."""
+    runs = sum(t.timed_calls + t.untimed_calls for t in _TUNERS.values())
+    waiting = sum(len(t.waiting_buckets) for t in _TUNERS.values())
+    return runs, waiting
+
+
+def warm_up_while_calibrating(step: Callable[[], object], device: torch.device,
+                               limit_s: float = 120.0) -> int:
+    """Call ``step()`` (a forward) until one call ran, on every rank of the default group,
+    without calibrating expert kernels or waiting for their compilation; at most ``limit_s``
+    seconds on a rank. Returns the calls made (>= 1), the same on every rank.
+
+    Benchmarks warm up with it so that their timed forwards leave out the one-time
+    self-calibration: a Triton compilation takes a second or more, many fast forwards."""
+    import torch.distributed as dist
+
+    deadline = time.monotonic() + limit_s
+    calls = 0
+    while True:
+        runs_before = calibration_activity()[0]
+        step()
+        calls += 1
+        runs, waiting = calibration_activity()
+        busy = (runs != runs_before or waiting > 0) and time.monotonic() < deadline
+        flag = torch.tensor([float(busy)], dtype=torch.float64,
+                            device=device if device.type == "cuda" else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return calls

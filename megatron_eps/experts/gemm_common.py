@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_eps.experts.base import ExpertBackend
@@ -115,12 +116,14 @@ def stage_int32_batch(
     pipeline) with one per layer. Returns ``{(device, values): int32 device tensor}``, which the
     caller keeps for the forward (``LocalExperts.staged_int32``) and hands to pinned_int32.
     """
+    from megatron_eps.staging import to_device
+
     staged: Dict[tuple, torch.Tensor] = {}
     device = torch.device(device)
     flat = [v for values in value_lists for v in values]
     if device.type != "cuda" or not flat:
         return staged
-    on_device = torch.tensor(flat, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    on_device = to_device(flat, device, np.int32)
     start = 0
     for values in value_lists:
         staged.setdefault((device, tuple(values)), on_device[start : start + len(values)])
@@ -134,14 +137,14 @@ def pinned_int32(
     """Host ints -> int32 device tensor without a host sync (pinned, non-blocking copy).
 
     A plain ``torch.tensor(values, device=cuda)`` synchronizes the stream, which would stall the
-    expert pipeline; the pinned staging buffer is kept alive by the caching host allocator until
-    the copy has run. Values found in ``staged`` (stage_int32_batch) are returned without a copy.
+    expert pipeline; ``staging.to_device`` copies from a reused pinned slot instead. Values found in ``staged`` (stage_int32_batch) are returned without a copy.
     """
     if device.type == "cuda" and staged:
         found = staged.get((torch.device(device), tuple(values)))
         if found is not None:
             return found
-    host = torch.tensor(values, dtype=torch.int32)
     if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=torch.int32)
+    from megatron_eps.staging import to_device
+
+    return to_device(values, device, np.int32)

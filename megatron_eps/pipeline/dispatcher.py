@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_eps import compat
+from megatron_eps import compat, staging
 from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
 from megatron_eps.comm import dedup_rows
@@ -61,7 +61,7 @@ def permute_chunk_major(
         sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
         first_row = np.empty(num_experts, dtype=np.int64)
         first_row[expert_order] = np.cumsum(sizes) - sizes
-        staged = torch.from_numpy(first_row).pin_memory().to(device, non_blocking=True)
+        staged = staging.to_device(first_row, device)
         sorted_indices, permuted_probs = permute_kernels.route_rows(routing_map, probs, staged,
                                                                    num_rows)
         permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None

@@ -56,6 +56,17 @@ def test_layer_ops_trace_smoke(tmp_path):
     assert all(v["ops"] and v["backends"] for v in point["variants"])
 
 
+def test_trace_layer_ops_against_a_baseline_smoke(tmp_path):
+    out = tmp_path / "ops.json"
+    _run(["benchmarks/trace_layer_ops.py", "--smoke", "--out", str(out), "--points",
+          "dsv2lite:8", "--variants", "grouped;pipeline_degree=1", "--repeats", "2",
+          "--profiled", "1"], nproc=1)
+    grouped, eps = json.loads(out.read_text())["points"][0]["variants"]
+    assert grouped["settings"] == {"baseline": "grouped"} and grouped["backends"] == ["grouped"]
+    assert "aten::_grouped_mm" in grouped["ops"] and not grouped["chunks"]
+    assert eps["chunks"] == [8] and any(k.startswith("eps.") for k in eps["ops"])
+
+
 def test_chunk_split_tradeoff_smoke(tmp_path):
     out = tmp_path / "split.json"
     _run(["benchmarks/chunk_split_tradeoff.py", "--smoke", "--out", str(out)])

@@ -257,3 +257,38 @@ def test_sdpa_attention_refuses_unsupported_settings():
     cfg.softmax_type = "learnable"
     with pytest.raises(ValueError, match="softmax_type='learnable'"):
         SDPAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=_TP1())
+
+
+def _rank_warming_up(calibrating_steps, warmup, repeats):
+    """One rank of timed_prefills with a stand-in model: rank 1's expert-kernel tuner is busy
+    during its first ``calibrating_steps`` steps, rank 0's never."""
+    from megatron_eps.experts import autotune
+    from megatron_eps.inference import prefill
+
+    rank = torch.distributed.get_rank()
+    tuner = SimpleNamespace(timed_calls=0, untimed_calls=0, waiting_buckets=[])
+    autotune._TUNERS[("stand-in", str(rank))] = tuner
+    steps = []
+
+    class Wrapper:
+        def run_one_forward_step(self, window):
+            steps.append(1)
+            if rank == 1 and len(steps) <= calibrating_steps:
+                tuner.timed_calls += 1
+            return torch.zeros(1)
+
+    context = SimpleNamespace(reset=lambda: None)
+    prefill.run_prefill = lambda *a: (Wrapper(), context, None)
+    args = SimpleNamespace(warmup=warmup, repeats=repeats, check_logits="last")
+    times, _, warmup_steps = prefill.timed_prefills(None, None, None, 8, args,
+                                                   torch.device("cpu"))
+    return len(steps), len(times), warmup_steps
+
+
+@pytest.mark.parametrize("calibrating_steps, expected_warmup", [(0, 1), (3, 4), (12, 13)])
+def test_warmup_goes_on_on_every_rank_while_one_calibrates(calibrating_steps, expected_warmup):
+    from megatron_eps.testing import run_distributed
+
+    results = run_distributed(_rank_warming_up, 2, calibrating_steps, 1, 3, timeout_s=120)
+    for steps, timed, warmup_steps in results:
+        assert (steps, timed, warmup_steps) == (expected_warmup + 3, 3, expected_warmup)

@@ -6,6 +6,8 @@ import logging
 import os
 import time
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -359,3 +361,17 @@ def _keys_of_rank(folder, _unused):
         return out
     finally:
         Utils.destroy_model_parallel()
+
+
+def test_warm_up_stops_at_its_time_limit_while_calibration_goes_on(monkeypatch):
+    busy = SimpleNamespace(timed_calls=0, untimed_calls=0, waiting_buckets=["bucket"])
+    monkeypatch.setitem(autotune._TUNERS, ("stand-in", "busy"), busy)
+
+    def step():
+        busy.untimed_calls += 1
+        time.sleep(0.01)
+
+    calls = autotune.warm_up_while_calibrating(step, torch.device("cpu"), limit_s=0.05)
+    assert 2 <= calls <= 20
+    busy.waiting_buckets = []
+    assert autotune.warm_up_while_calibrating(lambda: None, torch.device("cpu")) == 1

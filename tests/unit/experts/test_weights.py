@@ -64,3 +64,23 @@ def test_already_stacked_parameters_are_viewed_not_copied(megatron_parallel):
     again = ExpertWeights.from_module(module, config)  # parameters already live in one stack
     assert again.fc1.data_ptr() == first.fc1.data_ptr()
     assert again.fc2.data_ptr() == first.fc2.data_ptr()
+
+
+def test_the_per_forward_check_sees_one_replaced_parameter(megatron_parallel):
+    from megatron_eps.experts import weights as weights_module
+
+    module, config = build_sequential_experts(num_experts=4, hidden=32, ffn=16)
+    experts = LocalExperts(module, config)
+    first = experts.weights()
+    fc1, fc2 = weights_module._per_expert_params(module, "sequential")
+    walked = tuple(w.data_ptr() for w in fc1) + tuple(w.data_ptr() for w in fc2)
+    assert weights_module._sequential_pointers(module) == walked
+    # load_state_dict(assign=True) puts new Parameter objects in place of the packed ones
+    state = {k: torch.randn_like(v) for k, v in module.state_dict().items() if torch.is_tensor(v)}
+    module.load_state_dict({"local_experts.2.linear_fc2.weight":
+                            state["local_experts.2.linear_fc2.weight"]}, strict=False, assign=True)
+    assert not first.is_current(module)
+    experts.begin_forward()
+    second = experts.weights()
+    assert second is not first
+    assert torch.equal(second.fc2[2], state["local_experts.2.linear_fc2.weight"])
