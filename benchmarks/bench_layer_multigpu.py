@@ -39,11 +39,14 @@ MODELS = {
     "dsv2": dict(hidden=5120, ffn=1536, experts=160, topk=6, shared=3072),
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2, shared=None),
     "dsv2lite": dict(hidden=2048, ffn=1408, experts=64, topk=6, shared=2816),
+    # GEMMs of microseconds: the forward's time is its host path (launches, Python, syncs).
+    "hostpath": dict(hidden=256, ffn=128, experts=64, topk=6, shared=256),
 }
 SMOKE = {
     "dsv2": dict(hidden=64, ffn=32, experts=8, topk=3, shared=64),
     "mixtral": dict(hidden=64, ffn=48, experts=4, topk=2, shared=None),
     "dsv2lite": dict(hidden=32, ffn=32, experts=8, topk=3, shared=64),
+    "hostpath": dict(hidden=32, ffn=16, experts=8, topk=3, shared=32),
 }
 
 

@@ -2,7 +2,8 @@
 # + grouped baseline. Steps switched by env (1 = run):
 #   TESTS  the tests marked gpu                                  -> host_pytest.log
 #   TRACE  trace_layer_ops: EPS N=1 vs stock + grouped, by op and
-#          by host function (TRACE_POINTS)                        -> ops_vs_grouped.json / .txt
+#          by host function (TRACE_POINTS; hostpath is a layer of
+#          microsecond GEMMs, whose forward time is its host path)  -> ops_vs_grouped.json / .txt
 #   LAYER  bench_layer_multigpu at EP=1 with both baselines
 #          (LAYER_MODELS, LAYER_TOKENS, MIXTRAL_TOKENS)           -> layer_ep1.json / .log
 if [ "${TESTS:-1}" = "1" ]; then
@@ -11,7 +12,7 @@ if [ "${TESTS:-1}" = "1" ]; then
 fi
 if [ "${TRACE:-1}" = "1" ]; then
   timeout "${TRACE_TIMEOUT:-200}" torchrun --standalone --nproc-per-node 1 benchmarks/trace_layer_ops.py \
-    --out "$OUT/ops_vs_grouped.json" --points "${TRACE_POINTS:-dsv2lite:4096,dsv2:4096,mixtral:8192}" \
+    --out "$OUT/ops_vs_grouped.json" --points "${TRACE_POINTS:-hostpath:1024,dsv2lite:4096,dsv2:4096,mixtral:8192}" \
     --variants "grouped;pipeline_degree=1" --python-profile 40 --top 12 2>&1 | grep -v -i warn \
     > "$OUT/ops_vs_grouped.txt"; grep "==\|{'" "$OUT/ops_vs_grouped.txt" | grep -v "ops whose\|host functions"
 fi

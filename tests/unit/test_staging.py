@@ -1,4 +1,6 @@
-"""staging.to_device: host arrays to the device through reused pinned slots."""
+"""staging.to_device: host arrays to the device without a host sync."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -15,23 +17,43 @@ def test_on_the_host_it_is_a_copy_with_the_dtype_asked():
     assert staging.to_device([], "cpu", np.int64).shape == (0,)
 
 
+@contextlib.contextmanager
+def no_synchronize():
+    """Fail on any host wait for the device (staging must never block)."""
+    names = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
+             (torch.cuda.Event, "synchronize")]
+    saved = [getattr(owner, name) for owner, name in names]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync while staging")
+
+    for owner, name in names:
+        setattr(owner, name, refuse)
+    try:
+        yield
+    finally:
+        for (owner, name), original in zip(names, saved):
+            setattr(owner, name, original)
+
+
 @pytest.mark.gpu
-def test_slots_are_reused_without_overwriting_a_pending_copy():
+def test_pinned_blocks_are_not_overwritten_while_their_copy_is_pending():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
     rng = np.random.default_rng(0)
     expected, staged = [], []
-    # A long kernel ahead of the copies keeps them pending while the ring wraps around.
+    # A long kernel ahead of the copies keeps them pending while more are staged.
     busy = torch.randn(4096, 4096, device=device)
     for _ in range(4):
         busy = busy @ busy / 64
-    for i in range(3 * staging.SLOTS + 1):
-        size = int(rng.integers(1, 3000))  # slots grow past their first size
+    for i in range(49):
+        size = int(rng.integers(1, 3000))
         dtype = (np.int32, np.int64, np.float32)[i % 3]
         values = rng.integers(-1000, 1000, size=(size,)).astype(dtype)
         expected.append(values.copy())
-        staged.append(staging.to_device(values, device))
+        with no_synchronize():
+            staged.append(staging.to_device(values, device))
         values[:] = 0  # the caller's array may change once to_device returned
     torch.cuda.synchronize()
     for values, out in zip(expected, staged):
