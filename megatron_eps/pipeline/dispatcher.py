@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,15 @@ from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
 from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
+class Permutation(NamedTuple):
+    """A forward's routed rows, chunk-major (``permute_chunk_major``)."""
+
+    tokens: Optional[torch.Tensor]  # [num_rows, H], or None where the caller gathers them
+    probs: torch.Tensor  # [num_rows] the routing weight of each row
+    sorted_indices: torch.Tensor  # [num_rows] the token of each row (Megatron's unpermute takes it)
+    token_rows: Optional[torch.Tensor]  # [T, k] each token's rows in row order, or None
+
+
 def permute_chunk_major(
     tokens: torch.Tensor,
     probs: torch.Tensor,
@@ -33,7 +42,8 @@ def permute_chunk_major(
     num_rows: int,
     gather_tokens: bool = True,
     rows_per_expert: Optional[np.ndarray] = None,
-):
+    top_k: int = 0,
+) -> Permutation:
     """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
 
     Megatron's unfused ``permute`` sizes its output with ``masked_select`` (a device sync); here
@@ -49,24 +59,26 @@ def permute_chunk_major(
             matrix), if known: on GPUs the rows are then numbered in one Triton pass
             (``permute_kernels.route_rows``) instead of a dozen torch ops on the host's
             critical path.
-    Returns:
-        (permuted tokens [num_rows, H] (None with ``gather_tokens`` False: the caller gathers
-        them itself), permuted probs [num_rows], token index per row [num_rows], the
-        ``sorted_indices`` Megatron's unpermute takes).
+        top_k: the router's k; with it, that pass also lists each token's rows (``token_rows``,
+            where every token has k), which the final sum reads instead of sorting.
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
+    identity = bool((expert_order == np.arange(num_experts)).all())
     if (rows_per_expert is not None and permute_kernels.use_triton(routing_map, probs)
             and routing_map.is_contiguous() and probs.stride(1) == 1):
         sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
-        first_row = np.empty(num_experts, dtype=np.int64)
-        first_row[expert_order] = np.cumsum(sizes) - sizes
-        staged = staging.to_device(first_row, device)
-        sorted_indices, permuted_probs = permute_kernels.route_rows(routing_map, probs, staged,
-                                                                   num_rows)
+        # One staging: each expert's first row, its place in the row order, the row order.
+        host = np.empty((3, num_experts), dtype=np.int64)
+        host[0, expert_order] = np.cumsum(sizes) - sizes
+        host[1, expert_order] = np.arange(num_experts)
+        host[2] = expert_order
+        staged = staging.to_device(host, device)
+        sorted_indices, permuted_probs, token_rows = permute_kernels.route_rows(
+            routing_map, probs, staged[0], num_rows, top_k=top_k,
+            expert_order=None if identity else staged[2], position=None if identity else staged[1])
         permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
-        return permuted, permuted_probs, sorted_indices
-    identity = bool((expert_order == np.arange(num_experts)).all())
+        return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
     order = None if identity else torch.as_tensor(expert_order, device=device)
     mask = routing_map if order is None else routing_map.index_select(1, order)
     mask = mask.t().reshape(-1)  # [E * T], expert-major
@@ -82,7 +94,7 @@ def permute_chunk_major(
     permuted_probs.scatter_(0, row, expert_probs.t().reshape(-1))
     permuted_probs = permuted_probs[:num_rows]
     permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
-    return permuted, permuted_probs, sorted_indices
+    return Permutation(permuted, permuted_probs, sorted_indices, None)
 
 
 def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
@@ -289,21 +301,25 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                             tokens.dtype, tokens.device)
         comm_stream = self._comm_stream(tokens, transport)
         compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        permuted: List[Optional[torch.Tensor]] = [None, None]  # sorted_indices, probs
+        permuted: List[Permutation] = []
 
         def place_rows(chunk):
             if chunk == 0:
                 # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice
                 # (or, on the copy engines, land in their final rows).
-                _, permuted_probs, sorted_indices = permute_chunk_major(
+                permutation = permute_chunk_major(
                     tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
                     gather_tokens=False, rows_per_expert=counts[self.ep_rank],
+                    top_k=self.config.moe_router_topk,
                 )
                 if compute_stream is not None:
                     # Made on the comm stream, read by the final sum on the compute stream.
-                    sorted_indices.record_stream(compute_stream)
-                permuted[:] = [sorted_indices, permuted_probs]
-            transport.place_rows(chunk, tokens, permuted[0], permuted[1], packed_columns)
+                    for made in (permutation.sorted_indices, permutation.token_rows):
+                        if made is not None:
+                            made.record_stream(compute_stream)
+                permuted.append(permutation)
+            transport.place_rows(chunk, tokens, permuted[0].sorted_indices, permuted[0].probs,
+                                 packed_columns)
 
         def run_experts(chunk):
             x, p = transport.received(chunk)
@@ -403,12 +419,15 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
 
-    def _unpermute(self, combined, sorted_indices, tokens, routing_map, shared_output):
+    def _unpermute(self, combined, permutation: Permutation, tokens, routing_map, shared_output):
         if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:
-            return permute_kernels.sum_expert_rows(combined, sorted_indices, tokens.shape[0], shared_output)
+            return permute_kernels.sum_expert_rows(combined, permutation.sorted_indices,
+                                                   tokens.shape[0], shared_output,
+                                                   permutation.token_rows)
         # some tokens route to fewer than top-k experts (padding mask): Megatron's way
         output = compat.unpermute_tokens(
-            combined, sorted_indices, restore_shape=tokens.shape, routing_map=routing_map
+            combined, permutation.sorted_indices, restore_shape=tokens.shape,
+            routing_map=routing_map
         )
         if shared_output is not None:
             output = output + shared_output.reshape(output.shape)

@@ -84,46 +84,77 @@ def _route_kernel():
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def route_rows_kernel(routing_map, probs, first_row, sorted_indices, permuted_probs,
-                          num_tokens, map_stride, probs_stride, BLOCK_T: tl.constexpr):
+                          routed_before, position, token_rows, num_tokens, map_stride,
+                          probs_stride, before_stride, top_k, BLOCK_T: tl.constexpr,
+                          WITH_TABLE: tl.constexpr):
         # One program per expert e: its routed tokens, in token order, take the rows from
         # first_row[e] on (a running count over blocks of tokens numbers them).
         e = tl.program_id(0).to(tl.int64)
         row = tl.load(first_row + e)
+        if WITH_TABLE:
+            column = tl.load(position + e).to(tl.int64)
         for start in range(0, num_tokens, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
-            routed = tl.load(routing_map + t.to(tl.int64) * map_stride + e, mask=t < num_tokens,
+            t64 = t.to(tl.int64)
+            routed = tl.load(routing_map + t64 * map_stride + e, mask=t < num_tokens,
                              other=0) != 0
             rows = row + tl.cumsum(routed.to(tl.int64), axis=0) - 1
-            tl.store(sorted_indices + rows, t.to(tl.int64), mask=routed)
-            weight = tl.load(probs + t.to(tl.int64) * probs_stride + e, mask=routed)
+            tl.store(sorted_indices + rows, t64, mask=routed)
+            weight = tl.load(probs + t64 * probs_stride + e, mask=routed)
             tl.store(permuted_probs + rows, weight, mask=routed)
+            if WITH_TABLE:
+                # The token's rows in row order: this pair is its slot-th (its routed experts
+                # up to e, counted in the experts' row order).
+                slot = tl.load(routed_before + t64 * before_stride + column, mask=routed,
+                               other=1).to(tl.int64) - 1
+                tl.store(token_rows + t64 * top_k + slot, rows, mask=routed)
             row += tl.sum(routed.to(tl.int64), axis=0)
 
     return CachedLauncher(route_rows_kernel)
 
 
 def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.Tensor,
-               num_rows: int, through_jit: bool = False):
-    """(token of each row [num_rows] int64, its routing weight [num_rows]): every routed
-    (token, expert) pair numbered from ``first_row[expert]`` on in token order, in one pass.
+               num_rows: int, through_jit: bool = False, top_k: int = 0,
+               expert_order: Optional[torch.Tensor] = None,
+               position: Optional[torch.Tensor] = None):
+    """(token of each row [num_rows] int64, its routing weight [num_rows], the rows of each
+    token [T, top_k] int64 or None): every routed (token, expert) pair numbered from
+    ``first_row[expert]`` on in token order, in one pass.
 
     routing_map: [T, E] bool (contiguous); probs: [T, E]; first_row: [E] int64 on the device,
-    the first row of each expert (the experts' rows laid out in any order, without gaps).
+    the first row of each expert (the experts' rows laid out in ``expert_order``, without gaps).
+    With ``top_k`` > 0, where every token has exactly ``top_k`` routed pairs
+    (``num_rows == T * top_k``), the same pass also writes each token's rows in row order: the
+    table ``sum_expert_rows`` sums by, without sorting ``sorted_indices`` for it.
+    ``expert_order`` [E] / ``position`` [E] (int64, on the device): the experts in row order and
+    each expert's place in it; None for both: identity order.
     ``through_jit``: launched through Triton's JIT, as Triton's CPU interpreter needs.
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
     sorted_indices = torch.empty(num_rows, dtype=torch.long, device=device)
     permuted_probs = torch.empty(num_rows, dtype=probs.dtype, device=device)
+    with_table = top_k > 0 and num_rows == num_tokens * top_k
     if num_rows == 0:
-        return sorted_indices, permuted_probs
+        table = torch.empty((num_tokens, max(top_k, 0)), dtype=torch.long, device=device)
+        return sorted_indices, permuted_probs, table if with_table else None
+    table = routed_before = None
+    if with_table:
+        ordered = routing_map if expert_order is None else routing_map.index_select(1, expert_order)
+        routed_before = ordered.cumsum(1, dtype=torch.int32)  # [T, E], experts in row order
+        table = torch.empty((num_tokens, top_k), dtype=torch.long, device=device)
+        if position is None:
+            position = torch.arange(num_experts, device=device)
     grid = (num_experts,)
     args = (routing_map.view(torch.uint8), probs, first_row, sorted_indices, permuted_probs,
-            num_tokens, routing_map.stride(0), probs.stride(0))
-    constants = {"BLOCK_T": 1024}
+            routed_before if with_table else first_row, position if with_table else first_row,
+            table if with_table else sorted_indices, num_tokens, routing_map.stride(0),
+            probs.stride(0), routed_before.stride(0) if with_table else 0,
+            top_k if with_table else 1)
+    constants = {"BLOCK_T": 1024, "WITH_TABLE": with_table}
     launcher = _route_kernel()
     (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
-    return sorted_indices, permuted_probs
+    return sorted_indices, permuted_probs, table
 
 
 def row_block(hidden: int) -> int:
@@ -184,15 +215,19 @@ def copy_rows(src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor,
 
 def sum_expert_rows(
     rows: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int,
-    shared: Optional[torch.Tensor] = None,
+    shared: Optional[torch.Tensor] = None, token_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """[T, H]: each token's rows (``sorted_indices`` [T*k]: the token of each row; every token
-    has exactly k) summed as ``sum_rows`` sums them, in row order, rounded to the rows' dtype."""
+    has exactly k) summed as ``sum_rows`` sums them, in row order, rounded to the rows' dtype.
+    ``token_rows`` [T, k]: each token's rows in row order, where the routing pass made them
+    (``route_rows``); else they are sorted out of ``sorted_indices``."""
     hidden = rows.shape[1]
     if num_tokens == 0:
         return rows.new_zeros((0, hidden))
     top_k = rows.shape[0] // num_tokens
-    table = torch.argsort(sorted_indices, stable=True).view(num_tokens, top_k)
+    table = token_rows
+    if table is None:
+        table = torch.argsort(sorted_indices, stable=True).view(num_tokens, top_k)
     return sum_rows(rows, table, rows.dtype, shared)
 
 

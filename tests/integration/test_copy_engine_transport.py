@@ -81,8 +81,9 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
         for r in range(ep):
             layout = ChunkLayout.build(counts, r, local, sizes)
             num_rows = layout.send_offsets[-1]
-            _, pp, si = permute_chunk_major(hidden_states[r], probs[r], routings[r],
-                                            layout.expert_order, num_rows, gather_tokens=False)
+            permutation = permute_chunk_major(hidden_states[r], probs[r], routings[r],
+                                              layout.expert_order, num_rows, gather_tokens=False)
+            pp, si = permutation.probs, permutation.sorted_indices
             columns = probs_columns(hidden_states[r], pp)
             assert columns
             transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,

@@ -137,6 +137,10 @@ def test_route_rows_kernel_matches_torch(probs_dtype, num_tokens, num_experts, t
     num_rows = int(counts.sum())
     want = permute_chunk_major(tokens, probs, routing, layout.expert_order, num_rows)
     got = permute_chunk_major(tokens, probs, routing, layout.expert_order, num_rows,
-                              rows_per_expert=counts)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+                              rows_per_expert=counts, top_k=topk)
+    for field in ("tokens", "probs", "sorted_indices"):
+        assert torch.equal(getattr(got, field), getattr(want, field))
+    # each token's rows in row order, as the final sum reads them (what sorting would give)
+    assert want.token_rows is None
+    sorted_out = torch.argsort(want.sorted_indices, stable=True).view(num_tokens, topk)
+    assert torch.equal(got.token_rows, sorted_out)

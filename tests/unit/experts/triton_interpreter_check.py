@@ -180,14 +180,20 @@ def main():
         probs = torch.rand(num_tokens, 12, generator=gen) * routing
         counts = routing.sum(dim=0).numpy()
         layout = ChunkLayout.build(np.stack([counts] * ep_size), 0, 12 // ep_size, chunks)
-        _, want_probs, want_rows = permute_chunk_major(torch.zeros(num_tokens, 4), probs, routing,
-                                                       layout.expert_order, int(counts.sum()))
+        want = permute_chunk_major(torch.zeros(num_tokens, 4), probs, routing,
+                                   layout.expert_order, int(counts.sum()))
         sizes = counts[layout.expert_order]
         first = np.empty(12, dtype=np.int64)
         first[layout.expert_order] = np.cumsum(sizes) - sizes
-        rows, weights = pk.route_rows(routing, probs, torch.from_numpy(first), int(counts.sum()),
-                                      through_jit=True)
-        same = torch.equal(rows, want_rows) and torch.equal(weights, want_probs)
+        position = np.empty(12, dtype=np.int64)
+        position[layout.expert_order] = np.arange(12)
+        rows, weights, table = pk.route_rows(
+            routing, probs, torch.from_numpy(first), int(counts.sum()), through_jit=True,
+            top_k=3, expert_order=torch.from_numpy(layout.expert_order),
+            position=torch.from_numpy(position))
+        want_table = torch.argsort(want.sorted_indices, stable=True).view(num_tokens, 3)
+        same = (torch.equal(rows, want.sorted_indices) and torch.equal(weights, want.probs)
+                and torch.equal(table, want_table))
         results[f"permute/route_rows/tokens={num_tokens}/ep={ep_size}/chunks={chunks}"] = (
             0.0 if same else float("inf"))
     json.dump(results, sys.stdout)
