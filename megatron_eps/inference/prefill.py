@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="commit to record when not run from a git checkout "
                    "(default: $MEGATRON_EPS_GIT_COMMIT or git rev-parse HEAD)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--profile-dir", default=None, metavar="DIR",
+                   help="after the timed steps of each mode and length, profile one more step "
+                   "(torch.profiler, host and GPU) and write its Chrome trace here, one file per "
+                   "rank: prefill_<mode>_<length>_rank<r>.json")
     g.add_argument("--save-logits", default=None, metavar="PATH",
                    help="torch.save rank 0's logits {prompt_length: {mode: tensor}} (debugging, "
                    "cross-layout checks)")
@@ -608,7 +612,7 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     steps (the kernel cache file keeps the decisions for later runs)."""
     import torch.distributed as dist
 
-    from megatron_eps.experts.autotune import warm_up_while_calibrating
+    from megatron_eps.experts.autotune import calibration_activity, warm_up_while_calibrating
 
     wrapper, context, window = run_prefill(model, tokens, config, vocab_size, args.check_logits)
     logits = None
@@ -632,7 +636,13 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
         warmup += warm_up_while_calibrating(step, device) - 1
         if progress is not None:
             progress.total += warmup - args.warmup
+    runs_before = calibration_activity()[0]
     times = [step() for _ in range(args.repeats)]
+    calibrated_while_timed = calibration_activity()[0] - runs_before
+    profile_dir = getattr(args, "profile_dir", None)
+    if profile_dir:
+        _profiled_step(step, device, os.path.join(
+            profile_dir, f"prefill_{label or 'model'}_{tokens.shape[1]}_rank{dist.get_rank()}.json"))
     # The step takes as long as its slowest rank.
     t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -640,7 +650,18 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     # mode and length, and every rank keeps one copy per mode on the host.
     out = logits
     del wrapper, context, window
-    return t.cpu().tolist(), out, warmup
+    return t.cpu().tolist(), out, warmup, calibrated_while_timed
+
+
+def _profiled_step(step, device, path: str) -> None:
+    """One more step under torch.profiler (host ops and GPU kernels), as a Chrome trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    prof.export_chrome_trace(path)
 
 
 LOGIT_ROWS_PER_BLOCK = 2048
@@ -802,7 +823,7 @@ def run(args) -> Dict[str, object]:
             tokens = make_prompts(args.seed, dp_rank, args.batch_size, length, mc.vocab_size, device)
             oom = None
             try:
-                times, out, warmup_steps = timed_prefills(
+                times, out, warmup_steps, calibrated_while_timed = timed_prefills(
                     model, tokens, config, mc.vocab_size, args, device, progress, mode
                 )
             except _OOM_ERRORS as exc:
@@ -830,6 +851,9 @@ def run(args) -> Dict[str, object]:
                 "tokens_per_s": tokens_global / median,
                 "tokens_per_s_per_rank": tokens_global / median / world,
                 "warmup_steps": warmup_steps,
+                # expert-kernel candidate runs of the self-calibration inside the timed steps
+                # (0 when the warm-up kept them out)
+                "calibration_runs_while_timed": calibrated_while_timed,
             }
             logits[length][mode] = out.cpu() if (len(modes) > 1 or args.save_logits) else None
             if mode == "eps":

@@ -54,7 +54,7 @@ def ep2_run(tmp_path_factory):
     json_path = out / "ep2.json"
     logits_path = out / "ep2_logits.pt"
     proc = _torchrun(2, *COMMON, "--json", str(json_path), "--save-logits", str(logits_path),
-                     "--git-commit", "abc1234")
+                     "--git-commit", "abc1234", "--profile-dir", str(out / "traces"))
     return SimpleNamespace(proc=proc, report=json.loads(json_path.read_text()),
                            logits=torch.load(logits_path), out=out)
 
@@ -89,6 +89,19 @@ def test_ep2_stock_and_eps_logits_match(ep2_run):
         assert stock.shape == (2, length, 128)
         assert torch.allclose(stock, eps, atol=1e-4, rtol=0)
         assert stock.std() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_ep2_profile_dir_holds_one_trace_per_mode_length_and_rank(ep2_run):
+    names = sorted(p.name for p in (ep2_run.out / "traces").iterdir())
+    assert names == sorted(f"prefill_{mode}_{length}_rank{rank}.json" for mode in ("stock", "eps")
+                           for length in (32, 96) for rank in (0, 1))
+    trace = json.loads((ep2_run.out / "traces" / "prefill_eps_96_rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)
+    for row in ep2_run.report["results"]:
+        assert row["eps"]["calibration_runs_while_timed"] == 0
 
 
 @pytest.mark.slow
@@ -280,9 +293,9 @@ def _rank_warming_up(calibrating_steps, warmup, repeats):
     context = SimpleNamespace(reset=lambda: None)
     prefill.run_prefill = lambda *a: (Wrapper(), context, None)
     args = SimpleNamespace(warmup=warmup, repeats=repeats, check_logits="last")
-    times, _, warmup_steps = prefill.timed_prefills(None, None, None, 8, args,
-                                                   torch.device("cpu"))
-    return len(steps), len(times), warmup_steps
+    times, _, warmup_steps, while_timed = prefill.timed_prefills(None, None, None, 8, args,
+                                                                torch.device("cpu"))
+    return len(steps), len(times), warmup_steps, while_timed
 
 
 @pytest.mark.parametrize("calibrating_steps, expected_warmup", [(0, 1), (3, 4), (12, 13)])
@@ -290,5 +303,6 @@ def test_warmup_goes_on_on_every_rank_while_one_calibrates(calibrating_steps, ex
     from megatron_eps.testing import run_distributed
 
     results = run_distributed(_rank_warming_up, 2, calibrating_steps, 1, 3, timeout_s=120)
-    for steps, timed, warmup_steps in results:
+    for steps, timed, warmup_steps, while_timed in results:
         assert (steps, timed, warmup_steps) == (expected_warmup + 3, 3, expected_warmup)
+        assert while_timed == 0
