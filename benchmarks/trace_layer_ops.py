@@ -121,6 +121,9 @@ def main(argv=None):
     for flag, value in (("--repeats", args.repeats), ("--profiled", args.profiled)):
         if value < 1:
             raise SystemExit(f"{flag} {value}: must be an integer >= 1")
+    if args.python_profile < 0:
+        raise SystemExit(f"--python-profile {args.python_profile}: must be an integer >= 0 "
+                         "(0: no host-function profile)")
     variants = [parse_variant(v) for v in args.variants.split(";")]
     settings = {f.name for f in dataclasses.fields(EPSConfig)}
     for given in [parse_variant(args.base)] + [v for v in variants if "baseline" not in v]:

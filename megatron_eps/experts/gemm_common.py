@@ -8,6 +8,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_eps.staging import to_device
 from megatron_eps.experts.base import ExpertBackend
 from megatron_eps.experts.weights import ExpertWeights, StackedExperts, unsupported_module_reason
 
@@ -116,8 +117,6 @@ def stage_int32_batch(
     pipeline) with one per layer. Returns ``{(device, values): int32 device tensor}``, which the
     caller keeps for the forward (``LocalExperts.staged_int32``) and hands to pinned_int32.
     """
-    from megatron_eps.staging import to_device
-
     staged: Dict[tuple, torch.Tensor] = {}
     device = torch.device(device)
     flat = [v for values in value_lists for v in values]
@@ -137,14 +136,11 @@ def pinned_int32(
     """Host ints -> int32 device tensor without a host sync (pinned, non-blocking copy).
 
     A plain ``torch.tensor(values, device=cuda)`` synchronizes the stream, which would stall the
-    expert pipeline; ``staging.to_device`` copies from a reused pinned slot instead. Values found in ``staged`` (stage_int32_batch) are returned without a copy.
+    expert pipeline (``staging.to_device`` does not). Values found in ``staged``
+    (stage_int32_batch) are returned without a copy.
     """
     if device.type == "cuda" and staged:
         found = staged.get((torch.device(device), tuple(values)))
         if found is not None:
             return found
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int32)
-    from megatron_eps.staging import to_device
-
     return to_device(values, device, np.int32)

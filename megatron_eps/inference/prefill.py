@@ -298,6 +298,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         # The model config's own eps: section (defaults if it has none); errors name --config.
         args.eps_config = args.config
         args.eps_config_flag = "--config"
+    if args.profile_dir is not None:
+        try:
+            os.makedirs(args.profile_dir, exist_ok=True)
+        except OSError:
+            pass  # reported below, as not a writable folder
+        if not (os.path.isdir(args.profile_dir) and os.access(args.profile_dir, os.W_OK)):
+            parser.error(f"--profile-dir {args.profile_dir}: not a writable folder (allowed: a "
+                         "folder this process can create or write to)")
     # Fail on bad settings before any process group exists.
     from megatron_eps.config import EPSConfigError
 
@@ -639,7 +647,7 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     runs_before = calibration_activity()[0]
     times = [step() for _ in range(args.repeats)]
     calibrated_while_timed = calibration_activity()[0] - runs_before
-    profile_dir = getattr(args, "profile_dir", None)
+    profile_dir = getattr(args, "profile_dir", None)  # stand-in args in tests lack it
     if profile_dir:
         _profiled_step(step, device, os.path.join(
             profile_dir, f"prefill_{label or 'model'}_{tokens.shape[1]}_rank{dist.get_rank()}.json"))

@@ -25,6 +25,7 @@ from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
 from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
+
 class Permutation(NamedTuple):
     """A forward's routed rows, chunk-major (``permute_chunk_major``)."""
 

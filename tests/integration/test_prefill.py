@@ -189,6 +189,8 @@ def test_compare_logits_detects_disagreement():
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
         (["--eps-config", "/nonexistent.yaml"], "no such file"),
         (["--eps-pipline-degree", "2"], "unrecognized arguments: --eps-pipline-degree"),
+        (["--profile-dir", os.path.join(ROOT, "README.md", "traces")],
+         "--profile-dir " + os.path.join(ROOT, "README.md", "traces") + ": not a writable folder"),
     ],
 )
 def test_cli_errors_name_the_flag(argv, message, capsys):
