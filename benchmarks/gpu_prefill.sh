@@ -30,6 +30,7 @@ PROMPTS="${PROMPTS:-2048,8192,32768}"
 BATCH="${BATCH:-1}"
 REPEATS="${REPEATS:-5}"
 WARMUP="${WARMUP:-2}"
+ROUNDS="${ROUNDS:-2}"            # every mode built and timed ROUNDS times, alternating order
 CONFIG="${CONFIG:-configs/deepseek_v2_lite.yaml}"
 TIMEOUT="${TIMEOUT:-540}"          # the device allows 600 s per command
 EXTRA_ARGS="${EXTRA_ARGS:-}"      # e.g. "--eps-pipeline-degree 4 --eps-expert-kernel grouped"
@@ -69,6 +70,7 @@ timeout "$TIMEOUT" torchrun --standalone --nproc-per-node "${NPROC:-1}" examples
   --dtype "${DTYPE:-bf16}" \
   --repeats "$REPEATS" \
   --warmup "$WARMUP" \
+  --rounds "$ROUNDS" \
   --eps-moe \
   --no-progress \
   --git-commit "$COMMIT" \

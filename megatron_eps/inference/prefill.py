@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per data-parallel rank and step. Default: 1 on GPU, 2 on CPU")
     g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (median)")
     g.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed warm-up steps")
+    g.add_argument("--rounds", type=_positive_int, default=1,
+                   help="build and time every mode this many times, in alternating order "
+                   "(stock, grouped, eps, then eps, grouped, stock, ...); medians over all "
+                   "rounds. Evens out host-speed drift, which decides short, host-bound prompts")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--stock-only", action="store_true", help="run the stock model only")
     mode.add_argument("--eps-only", action="store_true", help="run the EPS model only")
@@ -611,9 +615,11 @@ def run_prefill(model, tokens, config, vocab_size, check_logits: str):
     return wrapper, context, window
 
 
-def timed_prefills(model, tokens, config, vocab_size, args, device, progress=None, label=""):
+def timed_prefills(model, tokens, config, vocab_size, args, device, progress=None, label="",
+                   profile=True):
     """Warm-up + timed repeats of the prefill step; returns (times_s, logits of the last run,
-    warm-up steps taken).
+    warm-up steps taken, self-calibration runs inside the timed steps). With ``profile`` and
+    ``--profile-dir``, one more step is traced after the timed ones.
 
     The last warm-up step is repeated while it calibrated EPS's expert kernels (or waited for
     their compilation) on some rank: that one-time cost per load bucket stays out of the timed
@@ -648,7 +654,7 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     times = [step() for _ in range(args.repeats)]
     calibrated_while_timed = calibration_activity()[0] - runs_before
     profile_dir = getattr(args, "profile_dir", None)  # stand-in args in tests lack it
-    if profile_dir:
+    if profile_dir and profile:
         _profiled_step(step, device, os.path.join(
             profile_dir, f"prefill_{label or 'model'}_{tokens.shape[1]}_rank{dist.get_rank()}.json"))
     # The step takes as long as its slowest rank.
@@ -799,8 +805,13 @@ def run(args) -> Dict[str, object]:
         modes = ["eps"]
 
     is_main = rank == 0
+    # Each round builds and times every mode, in alternating order: the host speed of a GPU
+    # machine drifts by tens of percent over a minute, and at short prompts the step is
+    # host-bound, so modes timed in one block each would compare drifts, not paths.
+    schedule = [(r, mode) for r in range(args.rounds)
+                for mode in (modes if r % 2 == 0 else modes[::-1])]
     progress = None
-    total_steps = len(modes) * len(args.prompt_lengths) * (args.warmup + args.repeats)
+    total_steps = len(schedule) * len(args.prompt_lengths) * (args.warmup + args.repeats)
     if is_main and not args.no_progress:
         from tqdm import tqdm
 
@@ -813,26 +824,30 @@ def run(args) -> Dict[str, object]:
     state_dict = None
     build_s = {}
     errors: List[str] = []
-    for mode in modes:
+    for round_index, mode in schedule:
         seed_all(args.seed, device)
         t0 = time.perf_counter()
         model = build_model(mc, config, eps_config if mode == "eps" else None, state_dict)
         if mode == "grouped":
             swap_in_grouped_experts(model)
         _sync(device)
-        build_s[mode] = time.perf_counter() - t0
-        if mode == "stock" and "eps" in modes:
+        build_s.setdefault(mode, time.perf_counter() - t0)
+        if mode == "stock" and "eps" in modes and state_dict is None:
             # Same weights for the EPS model, kept off the GPU while the stock model runs.
             state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                           if torch.is_tensor(v)}
+        last_round = round_index == args.rounds - 1
         for length in args.prompt_lengths:
+            if "error" in results[length].get(mode, {}):
+                continue  # out of memory in an earlier round
             if progress is not None:
                 progress.set_description(f"prefill {mode} L={length}")
             tokens = make_prompts(args.seed, dp_rank, args.batch_size, length, mc.vocab_size, device)
             oom = None
             try:
                 times, out, warmup_steps, calibrated_while_timed = timed_prefills(
-                    model, tokens, config, mc.vocab_size, args, device, progress, mode
+                    model, tokens, config, mc.vocab_size, args, device, progress, mode,
+                    profile=last_round,
                 )
             except _OOM_ERRORS as exc:
                 if world > 1:
@@ -851,19 +866,21 @@ def run(args) -> Dict[str, object]:
                     gc.collect()
                     torch.cuda.empty_cache()
                 continue
-            median = statistics.median(times)
-            tokens_global = args.batch_size * length * dp_size
-            results[length][mode] = {
-                "times_s": times,
-                "median_s": median,
-                "tokens_per_s": tokens_global / median,
-                "tokens_per_s_per_rank": tokens_global / median / world,
-                "warmup_steps": warmup_steps,
+            entry = results[length].setdefault(mode, {
+                "times_s": [], "round_medians_s": [], "warmup_steps": 0,
                 # expert-kernel candidate runs of the self-calibration inside the timed steps
                 # (0 when the warm-up kept them out)
-                "calibration_runs_while_timed": calibrated_while_timed,
-            }
-            logits[length][mode] = out.cpu() if (len(modes) > 1 or args.save_logits) else None
+                "calibration_runs_while_timed": 0})
+            entry["times_s"] += times
+            entry["round_medians_s"].append(statistics.median(times))
+            entry["warmup_steps"] += warmup_steps
+            entry["calibration_runs_while_timed"] += calibrated_while_timed
+            median = statistics.median(entry["times_s"])
+            tokens_global = args.batch_size * length * dp_size
+            entry.update(median_s=median, tokens_per_s=tokens_global / median,
+                         tokens_per_s_per_rank=tokens_global / median / world)
+            if mode not in logits[length]:
+                logits[length][mode] = out.cpu() if (len(modes) > 1 or args.save_logits) else None
             if mode == "eps":
                 backends = sorted(
                     {b for m in model.modules() for b in getattr(m, "last_expert_backends", [])}
@@ -897,6 +914,11 @@ def run(args) -> Dict[str, object]:
             if "grouped" in modes:
                 entry["speedup_vs_grouped"] = (results[length]["eps"]["tokens_per_s"]
                                                / results[length]["grouped"]["tokens_per_s"])
+                # per round, from modes timed minutes apart at most: the drift check
+                entry["speedup_vs_grouped_per_round"] = [
+                    grouped / eps for grouped, eps in zip(
+                        results[length]["grouped"]["round_medians_s"],
+                        results[length]["eps"]["round_medians_s"])]
                 entry["logits_grouped_vs_stock"] = compare_logits(
                     logits[length]["stock"], logits[length]["grouped"], args.dtype)
         if length in expert_backends:
@@ -942,6 +964,7 @@ def run(args) -> Dict[str, object]:
         "inference_path": "StaticInferenceContext + GPTInferenceWrapper.run_one_forward_step",
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "check_logits": args.check_logits,
         "modes": modes,
         "build_s": build_s,
@@ -988,8 +1011,11 @@ def format_table(report) -> str:
         speed = row.get("speedup")
         if "speedup_vs_grouped" in row:
             grouped = row["grouped"]["tokens_per_s"]
+            per_round = row.get("speedup_vs_grouped_per_round", [])
+            rounds = (" (rounds: " + ", ".join(f"{x:.2f}x" for x in per_round) + ")"
+                      if len(per_round) > 1 else "")
             lines.append(f"{'':>8} {'':>9} grouped-experts baseline {grouped:,.0f} tok/s: "
-                         f"EPS {row['speedup_vs_grouped']:.2f}x of it")
+                         f"EPS {row['speedup_vs_grouped']:.2f}x of it{rounds}")
         cmp = row.get("logits")
         err = cmp[cmp["metric"]] if cmp else None
         lines.append(

@@ -142,12 +142,24 @@ def test_tp2_attention_matches_data_parallel_attention(ep2_run):
 
 @pytest.mark.slow
 def test_mla_bf16_single_process(tmp_path):
-    """MLA (DeepSeek-V2 layout) without TE, bf16, world of one, no torchrun."""
+    """MLA (DeepSeek-V2 layout) without TE, bf16, world of one, no torchrun; two rounds of
+    the three modes, the second in reverse order, traced in the last round only."""
     json_path = tmp_path / "mla.json"
     _run([sys.executable, SCRIPT, "--config", "configs/tiny_mla.yaml", "--dtype", "bf16",
-          "--prompt-lengths", "48", "--repeats", "1", "--warmup", "1", "--no-progress",
+          "--prompt-lengths", "48", "--repeats", "2", "--warmup", "1", "--no-progress",
+          "--grouped-baseline", "--rounds", "2", "--profile-dir", str(tmp_path / "traces"),
           "--json", str(json_path)])
     r = json.loads(json_path.read_text())
+    assert r["rounds"] == 2 and r["modes"] == ["stock", "grouped", "eps"]
+    row = r["results"][0]
+    for mode in r["modes"]:
+        assert len(row[mode]["times_s"]) == 4 and len(row[mode]["round_medians_s"]) == 2
+        assert row[mode]["warmup_steps"] >= 2
+    assert [round(x, 9) for x in row["speedup_vs_grouped_per_round"]] == [
+        round(g / e, 9) for g, e in zip(row["grouped"]["round_medians_s"],
+                                        row["eps"]["round_medians_s"])]
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == [
+        f"prefill_{mode}_48_rank0.json" for mode in ("eps", "grouped", "stock")]
     assert r["parallel"]["world_size"] == 1
     assert r["model"]["attention"] == "mla" and r["model"]["dtype"] == "bf16"
     cmp = r["results"][0]["logits"]
