@@ -5,7 +5,7 @@
 For each trace: the span from the first to the last GPU kernel, the GPU busy time (union of
 kernel and memcpy intervals) and so the idle time, the kernels with the most GPU time, the CUDA
 runtime calls with the most host time, and the largest GPU idle gaps together with the host
-ops that were running during each one (what the GPU waited for). Written for the prefill's
+ops that ran inside each one (what the GPU waited for). Written for the prefill's
 ``--profile-dir`` traces (one step of one mode), usable on any torch.profiler trace.
 """
 
@@ -58,21 +58,27 @@ def summarize(path: str, top: int = 12) -> Dict:
             entry = runtime[e["name"]]
             entry[0] += e["dur"]
             entry[1] += 1
-    cpu_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function",
-                                                            "user_annotation")),
-                     key=lambda e: e["ts"])
-    starts = [e["ts"] for e in cpu_ops]
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function",
+                                                         "user_annotation", "cuda_runtime",
+                                                         "cuda_driver")),
+                  key=lambda e: e["ts"])
+    host_starts = [e["ts"] for e in host]
     gaps = sorted(((b[0] - a[1], a[1], b[0]) for a, b in zip(busy, busy[1:])), reverse=True)[:top]
 
     def ops_during(start: float, end: float) -> List[str]:
-        # The host ops that overlap the gap, longest overlap first: the innermost names say
-        # what the host was doing while the GPU had nothing to run.
-        found = []
-        for e in cpu_ops[:bisect.bisect_right(starts, end)]:
-            overlap = min(end, e["ts"] + e["dur"]) - max(start, e["ts"])
-            if overlap > 0:
-                found.append((e["dur"], e["name"][:60]))
-        return [name for _, name in sorted(found)[:4]]
+        # What the host ran while the GPU had nothing to do: the longest host ops that lie
+        # inside the gap (runtime calls included, so a blocking copy or sync shows), else the
+        # innermost op that spans it.
+        inside, spanning = [], []
+        for e in host[:bisect.bisect_right(host_starts, end)]:
+            e_end = e["ts"] + e["dur"]
+            if e["ts"] >= start and e_end <= end:
+                inside.append((-e["dur"], e["name"][:60]))
+            elif e["ts"] < end and e_end > start:
+                spanning.append((e["dur"], e["name"][:60]))
+        if inside:
+            return [f"{name} {-dur:.0f}us" for dur, name in sorted(inside)[:3]]
+        return [name for _, name in sorted(spanning)[:1]]
 
     return {
         "trace": path,
@@ -100,7 +106,7 @@ def _print(summary: Dict) -> None:
         print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
     print("  largest GPU idle gaps (at, from the first kernel)")
     for row in summary["largest_gaps"]:
-        print(f"  {row['us']:8.1f} us at {row['at_us'] / 1e3:7.2f} ms  {' < '.join(row['host_ops'])}")
+        print(f"  {row['us']:8.1f} us at {row['at_us'] / 1e3:7.2f} ms  {'; '.join(row['host_ops'])}")
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ def test_busy_idle_gaps_and_host_ops(tmp_path):
         {"cat": "cpu_op", "name": "aten::nonzero", "ts": 260, "dur": 280},
         {"cat": "cpu_op", "name": "outer_forward", "ts": 0, "dur": 800},
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90, "dur": 5},
-        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 600, "dur": 7},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 560, "dur": 7},
         {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 300, "dur": 30},
     ]
     summary = _module().summarize(_trace(tmp_path, events), top=5)
@@ -45,8 +45,10 @@ def test_busy_idle_gaps_and_host_ops(tmp_path):
     assert summary["kernel_launches"] == 4
     assert summary["top_kernels"][0] == {"name": "gemm", "us": 180, "count": 2}
     assert [g["us"] for g in summary["largest_gaps"]] == [300, 50]
-    # the innermost host op first: what the GPU waited for
-    assert summary["largest_gaps"][0]["host_ops"][0] == "aten::nonzero"
+    # the longest host ops inside the gap: what the GPU waited for
+    assert summary["largest_gaps"][0]["host_ops"] == ["aten::nonzero 280us", "cudaStreamSynchronize 30us"]
+    # no host op inside the second gap: the innermost one spanning it
+    assert summary["largest_gaps"][1]["host_ops"] == ["outer_forward"]
     assert summary["largest_gaps"][0]["at_us"] == 150
     calls = {c["name"]: (c["us"], c["count"]) for c in summary["top_runtime_calls"]}
     assert calls == {"cudaLaunchKernel": (12, 2), "cudaStreamSynchronize": (30, 1)}
