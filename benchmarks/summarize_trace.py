@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import sys
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_overlap import length, union  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -28,25 +32,15 @@ def _events(path: str) -> List[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
-def _union(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    merged: List[Tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 def summarize(path: str, top: int = 12) -> Dict:
     """The summary of one trace (times in microseconds)."""
     events = _events(path)
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     if not gpu:
         raise ValueError(f"{path}: no GPU kernels in the trace (was CUDA activity profiled?)")
-    busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+    busy = union((e["ts"], e["ts"] + e["dur"]) for e in gpu)
     span_start, span_end = busy[0][0], busy[-1][1]
-    busy_us = sum(end - start for start, end in busy)
+    busy_us = length(busy)
     kernels: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
     for e in gpu:
         entry = kernels[e["name"][:90]]
