@@ -19,7 +19,8 @@
 #   layer      benchmarks/bench_layer_multigpu.py at EP = #GPUs (args passed on; LAYER_TIMEOUT)
 #   split      benchmarks/chunk_split_tradeoff.py: expert vs token chunks (args passed on)
 #   host       one GPU: the layer's host path vs stock + grouped: tests, op and host-function
-#              trace, layer benchmark at EP=1 (benchmarks/gpu/host.sh; steps switched by env)
+#              trace, layer benchmark at EP=1, traced prefill with PREFILL=1
+#              (benchmarks/gpu/host.sh; steps switched by env)
 #
 # Everything it writes goes under $OUT. MEGATRON_EPS_GIT_COMMIT names the commit of the tree
 # (the device's copy has no .git). NVLink multicast stays off here and in every subprocess.
