@@ -4,7 +4,8 @@
 
 For each trace: the span from the first to the last GPU kernel, the GPU busy time (union of
 kernel and memcpy intervals) and so the idle time, the kernels with the most GPU time, the CUDA
-runtime calls with the most host time, and the largest GPU idle gaps together with the host
+runtime calls with the most host time, the host time of the marked ranges (record_function,
+such as EPS's phases), and the largest GPU idle gaps together with the host
 ops that ran inside each one (what the GPU waited for). Written for the prefill's
 ``--profile-dir`` traces (one step of one mode), usable on any torch.profiler trace.
 """
@@ -74,6 +75,12 @@ def summarize(path: str, top: int = 12) -> Dict:
             return [f"{name} {-dur:.0f}us" for dur, name in sorted(inside)[:3]]
         return [name for _, name in sorted(spanning)[:1]]
 
+    ranges: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "user_annotation" and not e["name"].startswith("ProfilerStep"):
+            entry = ranges[e["name"]]
+            entry[0] += e["dur"]
+            entry[1] += 1
     return {
         "trace": path,
         "gpu_span_us": round(span_end - span_start, 1),
@@ -84,6 +91,9 @@ def summarize(path: str, top: int = 12) -> Dict:
                         for n, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
         "top_runtime_calls": [{"name": n, "us": round(v[0], 1), "count": v[1]}
                               for n, v in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:top]],
+        # host time of the marked ranges (record_function; EPS's phases when enabled)
+        "host_ranges": [{"name": n, "us": round(v[0], 1), "count": v[1]}
+                        for n, v in sorted(ranges.items(), key=lambda kv: -kv[1][0])],
         "largest_gaps": [{"us": round(g, 1), "at_us": round(s - span_start, 1),
                           "host_ops": ops_during(s, e)} for g, s, e in gaps],
     }
@@ -98,6 +108,10 @@ def _print(summary: Dict) -> None:
     print("  host: CUDA runtime calls")
     for row in summary["top_runtime_calls"]:
         print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
+    if summary["host_ranges"]:
+        print("  host: marked ranges")
+        for row in summary["host_ranges"]:
+            print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
     print("  largest GPU idle gaps (at, from the first kernel)")
     for row in summary["largest_gaps"]:
         print(f"  {row['us']:8.1f} us at {row['at_us'] / 1e3:7.2f} ms  {'; '.join(row['host_ops'])}")

@@ -655,7 +655,7 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     calibrated_while_timed = calibration_activity()[0] - runs_before
     profile_dir = getattr(args, "profile_dir", None)  # stand-in args in tests lack it
     if profile_dir and profile:
-        _profiled_step(step, device, os.path.join(
+        _profiled_step(step, device, model, os.path.join(
             profile_dir, f"prefill_{label or 'model'}_{tokens.shape[1]}_rank{dist.get_rank()}.json"))
     # The step takes as long as its slowest rank.
     t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
@@ -667,14 +667,25 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     return t.cpu().tolist(), out, warmup, calibrated_while_timed
 
 
-def _profiled_step(step, device, path: str) -> None:
-    """One more step under torch.profiler (host ops and GPU kernels), as a Chrome trace."""
+def _profiled_step(step, device, model, path: str) -> None:
+    """One more step under torch.profiler (host ops and GPU kernels), as a Chrome trace. EPS's
+    layers mark their phases in it (``eps.counts``, ``eps.layout``, ``eps.experts[0]``, ...), so
+    the host time between the token-count copy and the first expert GEMM is attributed."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
+    dispatchers = [getattr(m, "token_dispatcher", None)
+                   for m in (model.modules() if model is not None else ())]
+    marked = [d for d in dispatchers if getattr(d, "profiler_ranges", None) is False]
+    for m in marked:
+        m.profiler_ranges = True
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+    finally:
+        for m in marked:
+            m.profiler_ranges = False
     prof.export_chrome_trace(path)
 
 

@@ -100,6 +100,7 @@ def test_ep2_profile_dir_holds_one_trace_per_mode_length_and_rank(ep2_run):
     trace = json.loads((ep2_run.out / "traces" / "prefill_eps_96_rank0.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any(n.startswith("aten::") for n in names)
+    assert {"eps.counts", "eps.layout", "eps.experts[0]"} <= names  # EPS's phases are marked
     for row in ep2_run.report["results"]:
         assert row["eps"]["calibration_runs_while_timed"] == 0
 

@@ -37,6 +37,9 @@ def test_busy_idle_gaps_and_host_ops(tmp_path):
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90, "dur": 5},
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 560, "dur": 7},
         {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 300, "dur": 30},
+        {"cat": "user_annotation", "name": "eps.layout", "ts": 270, "dur": 40},
+        {"cat": "user_annotation", "name": "eps.layout", "ts": 700, "dur": 20},
+        {"cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 810},
     ]
     summary = _module().summarize(_trace(tmp_path, events), top=5)
     assert summary["gpu_span_us"] == 600
@@ -46,10 +49,12 @@ def test_busy_idle_gaps_and_host_ops(tmp_path):
     assert summary["top_kernels"][0] == {"name": "gemm", "us": 180, "count": 2}
     assert [g["us"] for g in summary["largest_gaps"]] == [300, 50]
     # the longest host ops inside the gap: what the GPU waited for
-    assert summary["largest_gaps"][0]["host_ops"] == ["aten::nonzero 280us", "cudaStreamSynchronize 30us"]
+    assert summary["largest_gaps"][0]["host_ops"] == [
+        "aten::nonzero 280us", "eps.layout 40us", "cudaStreamSynchronize 30us"]
     # no host op inside the second gap: the innermost one spanning it
     assert summary["largest_gaps"][1]["host_ops"] == ["outer_forward"]
     assert summary["largest_gaps"][0]["at_us"] == 150
+    assert summary["host_ranges"] == [{"name": "eps.layout", "us": 60, "count": 2}]
     calls = {c["name"]: (c["us"], c["count"]) for c in summary["top_runtime_calls"]}
     assert calls == {"cudaLaunchKernel": (12, 2), "cudaStreamSynchronize": (30, 1)}
 
