@@ -8,7 +8,8 @@
 #          (LAYER_MODELS, LAYER_TOKENS, MIXTRAL_TOKENS)           -> layer_ep1.json / .log
 #   PREFILL  (default 0) the DSV2-Lite prefill against both baselines at PREFILL_PROMPTS
 #          (default 4096), LAYERS layers (default 4), traced (--profile-dir): first with the
-#          kernel cache the steps above left, then with a fresh one      -> prefill_<cache>.json,
+#          kernel cache the steps above left, then with a fresh one (PREFILL_CACHES,
+#          default "kept fresh")                                     -> prefill_<cache>.json,
 #          prefill_traces.tgz (traces and the caches), prefill_traces.txt (summarize_trace.py)
 if [ "${TESTS:-1}" = "1" ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests -m gpu 2>&1 \
@@ -30,7 +31,7 @@ fi
 if [ "${PREFILL:-0}" = "1" ]; then
   kept_cache="$(python3 -c 'import torch; from megatron_eps.experts.autotune import default_cache_path as p; print(p(torch.cuda.get_device_name(0)))')"
   mkdir -p /tmp/prefill_traces
-  for cache in kept fresh; do
+  for cache in ${PREFILL_CACHES:-kept fresh}; do
     if [ "$cache" = fresh ]; then export MEGATRON_EPS_KERNEL_CACHE=/tmp/prefill_traces/kernels_fresh.json; fi
     [ -f "$kept_cache" ] && cp "$kept_cache" /tmp/prefill_traces/kernels_before_$cache.json
     LAYERS="${LAYERS:-4}" PROMPTS="${PREFILL_PROMPTS:-4096}" JSON="$OUT/prefill_$cache.json" \
