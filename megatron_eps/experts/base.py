@@ -80,9 +80,6 @@ class LocalExperts:
         # This forward's expert offsets, staged on the device in one copy (ExpertRunner.prepare).
         self.staged_int32: Dict[tuple, torch.Tensor] = {}
 
-    def module_device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
     def begin_forward(self) -> None:
         """From now on check the stacked views once per layer forward, not once per chunk (the
         check walks every expert parameter); call at the start of every forward."""

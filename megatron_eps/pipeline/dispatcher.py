@@ -69,15 +69,14 @@ def permute_chunk_major(
     if (rows_per_expert is not None and permute_kernels.use_triton(routing_map, probs)
             and routing_map.is_contiguous() and probs.stride(1) == 1):
         sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
-        # One staging: each expert's first row, its place in the row order, the row order.
-        host = np.empty((3, num_experts), dtype=np.int64)
+        # One staging: each expert's first row and its place in the row order.
+        host = np.empty((2, num_experts), dtype=np.int64)
         host[0, expert_order] = np.cumsum(sizes) - sizes
         host[1, expert_order] = np.arange(num_experts)
-        host[2] = expert_order
-        staged = staging.to_device(host, device)
+        staged = staging.to_device(host if not identity else host[:1], device)
         sorted_indices, permuted_probs, token_rows = permute_kernels.route_rows(
             routing_map, probs, staged[0], num_rows, top_k=top_k,
-            expert_order=None if identity else staged[2], position=None if identity else staged[1])
+            position=None if identity else staged[1])
         permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
         return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
     order = None if identity else torch.as_tensor(expert_order, device=device)
@@ -235,7 +234,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             hidden_states: [S, B, H] layer input.
             probs: [T, E] routing probabilities (T = S * B), as the router returns them.
             routing_map: [T, E] bool, as the router returns it.
-            experts: the expert policy (``policies.ExpertRunner``): ``prepare(layout)`` once,
+            experts: the expert policy (``policies.ExpertRunner``): ``prepare(layout, device)`` once,
                 then ``run(tokens [M, H] grouped by expert, tokens_per_expert, probs [M],
                 first local expert)`` -> [M, H] per chunk.
             chunking: the chunking policy (``policies.ChunkingPolicy``): ``choose(counts,
@@ -292,7 +291,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
 
         with self._phase("experts.prepare"):
-            experts.prepare(layout, beside_copy=num_chunks > 1 and transport.moves_rows)
+            experts.prepare(layout, tokens.device,
+                            beside_copy=num_chunks > 1 and transport.moves_rows)
         if dedup is not None:
             output = self._dedup_forward(dedup, counts, transport, tokens, probs, routing_map,
                                          experts, routed, shared_output)

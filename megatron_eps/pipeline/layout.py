@@ -128,10 +128,10 @@ class ChunkLayout:
             )
             sends = per_dst[ep_rank, :, start:end].sum(axis=1)
             received = per_dst[:, ep_rank, start:end]  # [src, expert in chunk]
-            send_splits.append([int(x) for x in sends])
-            recv_splits.append([int(x) for x in received.sum(axis=1)])
+            send_splits.append(sends.tolist())
+            recv_splits.append(received.sum(axis=1).tolist())
             recv_counts.append(received.copy())
-            tpe.append([int(x) for x in received.sum(axis=0)])
+            tpe.append(received.sum(axis=0).tolist())
             offsets.append(offsets[-1] + int(sends.sum()))
         return cls(
             num_chunks=len(ranges),

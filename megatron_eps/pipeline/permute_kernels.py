@@ -84,15 +84,18 @@ def _route_kernel():
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def route_rows_kernel(routing_map, probs, first_row, sorted_indices, permuted_probs,
-                          routed_before, position, token_rows, num_tokens, map_stride,
-                          probs_stride, before_stride, top_k, BLOCK_T: tl.constexpr,
-                          WITH_TABLE: tl.constexpr):
+                          position, token_rows, num_tokens, num_experts, map_stride,
+                          probs_stride, top_k, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                          WITH_TABLE: tl.constexpr, IDENTITY: tl.constexpr):
         # One program per expert e: its routed tokens, in token order, take the rows from
         # first_row[e] on (a running count over blocks of tokens numbers them).
         e = tl.program_id(0).to(tl.int64)
         row = tl.load(first_row + e)
         if WITH_TABLE:
-            column = tl.load(position + e).to(tl.int64)
+            if IDENTITY:
+                column = e
+            else:
+                column = tl.load(position + e).to(tl.int64)
         for start in range(0, num_tokens, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             t64 = t.to(tl.int64)
@@ -103,10 +106,19 @@ def _route_kernel():
             weight = tl.load(probs + t64 * probs_stride + e, mask=routed)
             tl.store(permuted_probs + rows, weight, mask=routed)
             if WITH_TABLE:
-                # The token's rows in row order: this pair is its slot-th (its routed experts
-                # up to e, counted in the experts' row order).
-                slot = tl.load(routed_before + t64 * before_stride + column, mask=routed,
-                               other=1).to(tl.int64) - 1
+                # The token's rows in row order: this pair is its slot-th, slot = the token's
+                # routed experts that come before e in the row order.
+                slot = tl.zeros([BLOCK_T], dtype=tl.int64)
+                for e0 in range(0, num_experts, BLOCK_E):
+                    cols = e0 + tl.arange(0, BLOCK_E)
+                    if IDENTITY:
+                        earlier = cols < column
+                    else:
+                        place = tl.load(position + cols, mask=cols < num_experts, other=0)
+                        earlier = (place < column) & (cols < num_experts)
+                    tile = tl.load(routing_map + t64[:, None] * map_stride + cols[None, :],
+                                   mask=routed[:, None] & earlier[None, :], other=0)
+                    slot += tl.sum((tile != 0).to(tl.int64), axis=1)
                 tl.store(token_rows + t64 * top_k + slot, rows, mask=routed)
             row += tl.sum(routed.to(tl.int64), axis=0)
 
@@ -115,43 +127,38 @@ def _route_kernel():
 
 def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.Tensor,
                num_rows: int, through_jit: bool = False, top_k: int = 0,
-               expert_order: Optional[torch.Tensor] = None,
                position: Optional[torch.Tensor] = None):
     """(token of each row [num_rows] int64, its routing weight [num_rows], the rows of each
     token [T, top_k] int64 or None): every routed (token, expert) pair numbered from
     ``first_row[expert]`` on in token order, in one pass.
 
     routing_map: [T, E] bool (contiguous); probs: [T, E]; first_row: [E] int64 on the device,
-    the first row of each expert (the experts' rows laid out in ``expert_order``, without gaps).
+    the first row of each expert (the experts' rows laid out in the row order, without gaps).
     With ``top_k`` > 0, where every token has exactly ``top_k`` routed pairs
     (``num_rows == T * top_k``), the same pass also writes each token's rows in row order: the
     table ``sum_expert_rows`` sums by, without sorting ``sorted_indices`` for it.
-    ``expert_order`` [E] / ``position`` [E] (int64, on the device): the experts in row order and
-    each expert's place in it; None for both: identity order.
-    ``through_jit``: launched through Triton's JIT, as Triton's CPU interpreter needs.
+    ``position`` [E] (int64, on the device): each expert's place in the row order; None: the
+    experts in id order. ``through_jit``: launched through Triton's JIT, as Triton's CPU
+    interpreter needs.
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
     sorted_indices = torch.empty(num_rows, dtype=torch.long, device=device)
     permuted_probs = torch.empty(num_rows, dtype=probs.dtype, device=device)
     with_table = top_k > 0 and num_rows == num_tokens * top_k
+    table = torch.empty((num_tokens, max(top_k, 0)), dtype=torch.long, device=device) \
+        if with_table else None
     if num_rows == 0:
-        table = torch.empty((num_tokens, max(top_k, 0)), dtype=torch.long, device=device)
-        return sorted_indices, permuted_probs, table if with_table else None
-    table = routed_before = None
-    if with_table:
-        ordered = routing_map if expert_order is None else routing_map.index_select(1, expert_order)
-        routed_before = ordered.cumsum(1, dtype=torch.int32)  # [T, E], experts in row order
-        table = torch.empty((num_tokens, top_k), dtype=torch.long, device=device)
-        if position is None:
-            position = torch.arange(num_experts, device=device)
+        return sorted_indices, permuted_probs, table
     grid = (num_experts,)
     args = (routing_map.view(torch.uint8), probs, first_row, sorted_indices, permuted_probs,
-            routed_before if with_table else first_row, position if with_table else first_row,
-            table if with_table else sorted_indices, num_tokens, routing_map.stride(0),
-            probs.stride(0), routed_before.stride(0) if with_table else 0,
-            top_k if with_table else 1)
-    constants = {"BLOCK_T": 1024, "WITH_TABLE": with_table}
+            position if position is not None else first_row,
+            table if with_table else sorted_indices, num_tokens, num_experts,
+            routing_map.stride(0), probs.stride(0), top_k if with_table else 1)
+    # A token's slot reads its routing row in tiles of BLOCK_T x BLOCK_E: fewer tokens per
+    # block keep that tile in registers.
+    constants = {"BLOCK_T": 256 if with_table else 1024, "BLOCK_E": 16,
+                 "WITH_TABLE": with_table, "IDENTITY": position is None}
     launcher = _route_kernel()
     (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
     return sorted_indices, permuted_probs, table

@@ -5,7 +5,7 @@ and never reaches back into the layer:
 
 * ``ChunkingPolicy.choose(counts, transport)`` -> the local experts of each chunk (or N),
   a pure function of the all-gathered count matrix and state every rank shares;
-* ``ExpertRunner.prepare(layout)`` once per forward, then ``ExpertRunner.run(tokens,
+* ``ExpertRunner.prepare(layout, device)`` once per forward, then ``ExpertRunner.run(tokens,
   tokens_per_expert, probs, first_expert)`` per chunk -> the chunk's expert outputs.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from megatron_eps.config import EPSConfig
 from megatron_eps.policy.cost_model import LayerShape
-from megatron_eps.policy.degree import choose_chunking
+from megatron_eps.policy.degree import choose_chunking, model_decides
 from megatron_eps.policy.profile import load_kernel_tables, load_pipeline_profile
 from megatron_eps.experts.base import LocalExperts, get_backend
 
@@ -40,7 +40,9 @@ class ChunkingPolicy:
         """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
         every range of local experts, so the model counts the rows that really travel."""
         profile = kernel_profile = None
-        if self.eps_config.pipeline_degree == "auto":
+        # The profile lookup costs the host a few file checks per layer and forward: only
+        # where the cost model will read it.
+        if model_decides(counts, self.shape, self.eps_config):
             profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
             if profile is not None and profile.use_kernel_tables:
                 kernel_profile = load_kernel_tables(self.eps_config.cost_profile, self.device)
@@ -88,15 +90,15 @@ class ExpertRunner:
         self._beside_copy = False
         self.local_experts.begin_forward()
 
-    def prepare(self, layout, beside_copy: bool = False) -> None:
-        """Before the first chunk: stage every chunk's expert row offsets in one copy.
-        ``beside_copy``: this forward's chunks run beside transfers (pipelined over a link), so
-        ``auto`` chooses and calibrates for that condition."""
+    def prepare(self, layout, device: torch.device, beside_copy: bool = False) -> None:
+        """Before the first chunk: stage every chunk's expert row offsets in one copy to
+        ``device`` (the tokens', where the experts run). ``beside_copy``: this forward's chunks
+        run beside transfers (pipelined over a link), so ``auto`` chooses and calibrates for
+        that condition."""
         from megatron_eps.experts.gemm_common import row_ends, stage_int32_batch
 
         self._beside_copy = beside_copy
         offsets = [row_ends(counts) for counts in layout.tokens_per_expert]
-        device = self.local_experts.module_device()
         self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
 
     def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:

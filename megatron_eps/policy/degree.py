@@ -23,6 +23,15 @@ def mean_tokens_per_rank(counts: np.ndarray, topk: int) -> float:
     return float(np.asarray(counts).sum()) / (max(topk, 1) * max(np.asarray(counts).shape[0], 1))
 
 
+def model_decides(counts: np.ndarray, shape: LayerShape, eps_config: EPSConfig) -> bool:
+    """Whether ``choose_chunking`` consults the cost model (and so a profile) for these counts:
+    ``pipeline_degree`` auto, more than one EP rank (at EP=1 there is no all-to-all to
+    overlap), and at least ``min_tokens_to_pipeline`` tokens per rank. Callers skip loading a
+    profile when it is False."""
+    return (eps_config.pipeline_degree == "auto" and shape.ep_size > 1
+            and mean_tokens_per_rank(counts, shape.topk) >= eps_config.min_tokens_to_pipeline)
+
+
 def candidate_degrees(shape: LayerShape, eps_config: EPSConfig) -> List[int]:
     upper = max(1, min(shape.num_local_experts, eps_config.max_pipeline_degree))
     return list(range(1, upper + 1))
@@ -88,10 +97,8 @@ def choose_chunking(
         return (experts,)
     if eps_config.pipeline_degree != "auto":
         return chunk_sizes(experts, eps_config.pipeline_degree, "tail" if split == "tail" else "equal")
-    if profile is None:
+    if profile is None or not model_decides(counts, shape, eps_config):
         return (experts,)
-    if shape.ep_size == 1:
-        return (experts,)  # no all-to-all at all: nothing to overlap, so skip the model's host time
     counts = np.asarray(counts, dtype=np.int64)
     key = (
         _load_summary(counts),

@@ -268,7 +268,7 @@ def run_dispatcher_roundtrip(world_expected: int, dispatch_dedup: str = "off"):
             probs = routing_map.float() / topk
 
             class ScaleByProb:
-                def prepare(self, layout, beside_copy=False):
+                def prepare(self, layout, device, beside_copy=False):
                     pass
 
                 def run(self, tokens, tokens_per_expert, row_probs, first_expert):

@@ -594,3 +594,32 @@ def test_the_decision_cache_holds_the_kernel_tables_it_is_keyed_by():
     gc.collect()
     assert alive() is not None
     assert choose_chunking(counts, DSV2, AUTO, profile(), kernel_profile=alive()) == chosen
+
+
+def test_chunking_policy_reads_a_profile_only_where_the_model_decides(monkeypatch):
+    """At EP=1, below min_tokens_to_pipeline or with a fixed N the answer cannot depend on a
+    profile, so its lookup (file checks per layer and forward) is skipped; with auto at EP > 1
+    above the threshold it is read."""
+    from megatron_eps.pipeline import policies
+
+    lookups = []
+
+    def recording_lookup(path, device, transport=None):
+        lookups.append(transport)
+        return profile()
+
+    monkeypatch.setattr(policies, "load_pipeline_profile", recording_lookup)
+    auto = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=1024)
+    ep1 = dataclasses.replace(DSV2_EP2, ep_size=1)
+    cases = [
+        (ep1, auto, balanced_counts(ep1, 8192), False),
+        (DSV2_EP2, auto, balanced_counts(DSV2_EP2, 512), False),
+        (DSV2_EP2, dataclasses.replace(auto, pipeline_degree=2), balanced_counts(DSV2_EP2, 8192), False),
+        (DSV2_EP2, auto, balanced_counts(DSV2_EP2, 8192), True),
+    ]
+    for shape, eps_config, counts, reads in cases:
+        lookups.clear()
+        chosen = policies.ChunkingPolicy(shape, eps_config, "cpu").choose(counts, "nccl")
+        assert lookups == (["nccl"] if reads else []), (shape.ep_size, eps_config.pipeline_degree)
+        # the same answer the model gives with the profile in hand
+        assert chosen == choose_chunking(counts, shape, eps_config, profile())

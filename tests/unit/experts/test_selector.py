@@ -368,7 +368,8 @@ def test_the_chunking_times_experts_with_the_tables_only_where_the_profile_says_
 
     monkeypatch.setattr(policies, "choose_chunking", fake_choose)
     shape = LayerShape(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_local_experts=N, ep_size=2, topk=2)
-    policy = policies.ChunkingPolicy(shape, EPSConfig(cost_profile=str(path)), torch.device("cpu"))
+    policy = policies.ChunkingPolicy(shape, EPSConfig(cost_profile=str(path), min_tokens_to_pipeline=0),
+                                     torch.device("cpu"))
     policy.choose(np.ones((2, 2 * N), dtype=np.int64))
     assert seen["profile"].use_kernel_tables is use_kernel_tables
     assert (seen["tables"] is not None) is use_kernel_tables

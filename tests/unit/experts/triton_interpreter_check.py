@@ -173,7 +173,10 @@ def main():
     from megatron_eps.pipeline.dispatcher import permute_chunk_major
     from megatron_eps.pipeline.layout import ChunkLayout
 
-    for num_tokens, ep_size, chunks in ((1500, 2, 3), (7, 1, 1)):
+    # (identity order is given either way: as positions, or as None the way the dispatcher
+    # passes it)
+    for num_tokens, ep_size, chunks, pass_position in ((1500, 2, 3, True), (7, 1, 1, True),
+                                                       (300, 1, 1, False)):
         scores = torch.rand(num_tokens, 12, generator=gen)
         routing = torch.zeros(num_tokens, 12, dtype=torch.bool).scatter_(
             1, scores.topk(3, dim=1).indices, True)
@@ -189,12 +192,12 @@ def main():
         position[layout.expert_order] = np.arange(12)
         rows, weights, table = pk.route_rows(
             routing, probs, torch.from_numpy(first), int(counts.sum()), through_jit=True,
-            top_k=3, expert_order=torch.from_numpy(layout.expert_order),
-            position=torch.from_numpy(position))
+            top_k=3, position=torch.from_numpy(position) if pass_position else None)
         want_table = torch.argsort(want.sorted_indices, stable=True).view(num_tokens, 3)
         same = (torch.equal(rows, want.sorted_indices) and torch.equal(weights, want.probs)
                 and torch.equal(table, want_table))
-        results[f"permute/route_rows/tokens={num_tokens}/ep={ep_size}/chunks={chunks}"] = (
+        results[f"permute/route_rows/tokens={num_tokens}/ep={ep_size}/chunks={chunks}"
+                f"/position={'given' if pass_position else 'none'}"] = (
             0.0 if same else float("inf"))
     json.dump(results, sys.stdout)
 
