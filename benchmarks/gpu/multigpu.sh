@@ -12,6 +12,6 @@ timeout 120 torchrun --standalone --nproc-per-node "$NGPU" -m megatron_eps.calib
   --out "$PROFILE" 2>&1 | grep -v -i warn | tail -4
 timeout 200 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer_multigpu.py \
   --out "$OUT/layer_ep$NGPU.json" --repeats 8 2>&1 | grep -v -i warn | grep -v '^{' | tail -12
-OUT="$OUT" NPROC="$NGPU" TIMEOUT=150 LAYERS=4 PROMPTS=4096,16384 REPEATS=3 \
+OUT="$OUT" NPROC="$NGPU" TIMEOUT=150 LAYERS=4 PROMPTS=4096,16384 REPEATS=3 ROUNDS=1 \
   EXTRA_ARGS="--eps-cost-profile $PROFILE" JSON="$OUT/prefill_ep$NGPU.json" \
   bash benchmarks/gpu_prefill.sh 2>&1 | grep -v -i warn | tail -4
