@@ -19,27 +19,24 @@ def _module():
 
 
 def _trace(tmp_path, events):
+    """A Chrome trace of complete events given as (category, name, start us, duration us)."""
     path = tmp_path / "trace.json"
-    path.write_text(json.dumps({"traceEvents": [dict(e, ph="X") for e in events]}))
+    path.write_text(json.dumps({"traceEvents": [
+        {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur} for cat, name, ts, dur in events]}))
     return str(path)
 
 
 def test_busy_idle_gaps_and_host_ops(tmp_path):
     events = [
         # two overlapping kernels on two streams: busy 100..250
-        {"cat": "kernel", "name": "gemm", "ts": 100, "dur": 100},
-        {"cat": "kernel", "name": "copy_kernel", "ts": 150, "dur": 100},
+        ("kernel", "gemm", 100, 100), ("kernel", "copy_kernel", 150, 100),
         # a 300 us gap, then a memcpy, a 50 us gap, then a kernel
-        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 550, "dur": 20},
-        {"cat": "kernel", "name": "gemm", "ts": 620, "dur": 80},
-        {"cat": "cpu_op", "name": "aten::nonzero", "ts": 260, "dur": 280},
-        {"cat": "cpu_op", "name": "outer_forward", "ts": 0, "dur": 800},
-        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90, "dur": 5},
-        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 560, "dur": 7},
-        {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 300, "dur": 30},
-        {"cat": "user_annotation", "name": "eps.layout", "ts": 270, "dur": 40},
-        {"cat": "user_annotation", "name": "eps.layout", "ts": 700, "dur": 20},
-        {"cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 810},
+        ("gpu_memcpy", "Memcpy HtoD", 550, 20), ("kernel", "gemm", 620, 80),
+        ("cpu_op", "aten::nonzero", 260, 280), ("cpu_op", "outer_forward", 0, 800),
+        ("cuda_runtime", "cudaLaunchKernel", 90, 5), ("cuda_runtime", "cudaLaunchKernel", 560, 7),
+        ("cuda_runtime", "cudaStreamSynchronize", 300, 30),
+        ("user_annotation", "eps.layout", 270, 40), ("user_annotation", "eps.layout", 700, 20),
+        ("user_annotation", "ProfilerStep#1", 0, 810),
     ]
     summary = _module().summarize(_trace(tmp_path, events), top=5)
     assert summary["gpu_span_us"] == 600
@@ -60,7 +57,7 @@ def test_busy_idle_gaps_and_host_ops(tmp_path):
 
 
 def test_a_trace_without_gpu_activity_is_refused(tmp_path):
-    path = _trace(tmp_path, [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}])
+    path = _trace(tmp_path, [("cpu_op", "aten::mm", 0, 5)])
     with pytest.raises(ValueError, match="no GPU kernels"):
         _module().summarize(path)
     assert _module().main([path]) == 1
