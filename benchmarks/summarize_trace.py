@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_overlap import length, union  # noqa: E402
@@ -33,6 +33,18 @@ def _events(path: str) -> List[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
+def _totals(events: List[dict], top: Optional[int] = None, width: int = 0) -> List[Dict]:
+    """[{name, us, count}] of ``events`` summed by name (cut to ``width`` characters), the
+    most time first; the first ``top`` (all when None)."""
+    totals: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        entry = totals[e["name"][:width] if width else e["name"]]
+        entry[0] += e["dur"]
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": n, "us": round(v[0], 1), "count": v[1]} for n, v in ranked]
+
+
 def summarize(path: str, top: int = 12) -> Dict:
     """The summary of one trace (times in microseconds)."""
     events = _events(path)
@@ -42,17 +54,6 @@ def summarize(path: str, top: int = 12) -> Dict:
     busy = union((e["ts"], e["ts"] + e["dur"]) for e in gpu)
     span_start, span_end = busy[0][0], busy[-1][1]
     busy_us = length(busy)
-    kernels: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
-    for e in gpu:
-        entry = kernels[e["name"][:90]]
-        entry[0] += e["dur"]
-        entry[1] += 1
-    runtime: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver":
-            entry = runtime[e["name"]]
-            entry[0] += e["dur"]
-            entry[1] += 1
     host = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function",
                                                          "user_annotation", "cuda_runtime",
                                                          "cuda_driver")),
@@ -75,25 +76,18 @@ def summarize(path: str, top: int = 12) -> Dict:
             return [f"{name} {-dur:.0f}us" for dur, name in sorted(inside)[:3]]
         return [name for _, name in sorted(spanning)[:1]]
 
-    ranges: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("cat") == "user_annotation" and not e["name"].startswith("ProfilerStep"):
-            entry = ranges[e["name"]]
-            entry[0] += e["dur"]
-            entry[1] += 1
     return {
         "trace": path,
         "gpu_span_us": round(span_end - span_start, 1),
         "gpu_busy_us": round(busy_us, 1),
         "gpu_idle_us": round(span_end - span_start - busy_us, 1),
-        "kernel_launches": sum(v[1] for v in kernels.values()),
-        "top_kernels": [{"name": n, "us": round(v[0], 1), "count": v[1]}
-                        for n, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
-        "top_runtime_calls": [{"name": n, "us": round(v[0], 1), "count": v[1]}
-                              for n, v in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:top]],
+        "kernel_launches": len(gpu),
+        "top_kernels": _totals(gpu, top, width=90),
+        "top_runtime_calls": _totals(
+            [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")], top),
         # host time of the marked ranges (record_function; EPS's phases when enabled)
-        "host_ranges": [{"name": n, "us": round(v[0], 1), "count": v[1]}
-                        for n, v in sorted(ranges.items(), key=lambda kv: -kv[1][0])],
+        "host_ranges": _totals([e for e in events if e.get("cat") == "user_annotation"
+                                and not e["name"].startswith("ProfilerStep")]),
         "largest_gaps": [{"us": round(g, 1), "at_us": round(s - span_start, 1),
                           "host_ops": ops_during(s, e)} for g, s, e in gaps],
     }
@@ -103,14 +97,11 @@ def _print(summary: Dict) -> None:
     print(f"== {summary['trace']}")
     print(f"GPU span {summary['gpu_span_us'] / 1e3:.2f} ms, busy {summary['gpu_busy_us'] / 1e3:.2f} ms, "
           f"idle {summary['gpu_idle_us'] / 1e3:.2f} ms, {summary['kernel_launches']} GPU ops")
-    for row in summary["top_kernels"]:
-        print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
-    print("  host: CUDA runtime calls")
-    for row in summary["top_runtime_calls"]:
-        print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
-    if summary["host_ranges"]:
-        print("  host: marked ranges")
-        for row in summary["host_ranges"]:
+    for title, key in (("", "top_kernels"), ("host: CUDA runtime calls", "top_runtime_calls"),
+                       ("host: marked ranges", "host_ranges")):
+        if title and summary[key]:
+            print(f"  {title}")
+        for row in summary[key]:
             print(f"  {row['us'] / 1e3:8.3f} ms {row['count']:5d}x  {row['name']}")
     print("  largest GPU idle gaps (at, from the first kernel)")
     for row in summary["largest_gaps"]:

@@ -200,6 +200,7 @@ def test_compare_logits_detects_disagreement():
         (["--eps-pipeline-degree", "0"], "allowed values are an integer >= 1 or 'auto'"),
         (["--eps-expert-kernel", "cublas"], "invalid choice: 'cublas'"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["--rounds", "0"], "argument --rounds: '0': allowed values are integers >= 1"),
         (["--eps-config", "/nonexistent.yaml"], "no such file"),
         (["--eps-pipline-degree", "2"], "unrecognized arguments: --eps-pipline-degree"),
         (["--profile-dir", os.path.join(ROOT, "README.md", "traces")],
