@@ -118,6 +118,10 @@ def main(argv=None):
     ap.add_argument("--dispatch-dedup", default="off",
                     help="comma list of off,on: each transport also runs with one row per (token, "
                     "rank, chunk) and pre-reduced combine (keys '<transport>+dedup:<N>')")
+    ap.add_argument("--local-rows", default="together",
+                    help="comma list of together,apart: the copy_engine transport (without dedup) "
+                    "also runs with each chunk's own rows as a GEMM call of their own (keys "
+                    "'copy_engine+apart:<N>')")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--forwards-per-sample", type=int, default=1,
                     help="forwards timed back to back per sample (as consecutive layers run)")
@@ -126,12 +130,13 @@ def main(argv=None):
     ap.add_argument("--trace-points", default="dsv2:8192,dsv2:16384,dsv2:32768")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU/gloo logic check)")
     args = ap.parse_args(argv)
-    from megatron_eps.config import DISPATCH_DEDUPS, TRANSPORTS
+    from megatron_eps.config import DISPATCH_DEDUPS, LOCAL_ROWS, TRANSPORTS
 
     for flag, value in (("--repeats", args.repeats), ("--forwards-per-sample", args.forwards_per_sample)):
         if value < 1:
             raise SystemExit(f"{flag} {value}: must be an integer >= 1")
     for flag, given, allowed in (("--dispatch-dedup", args.dispatch_dedup, DISPATCH_DEDUPS),
+                                 ("--local-rows", args.local_rows, LOCAL_ROWS),
                                  ("--transports", args.transports, TRANSPORTS),
                                  ("--models", args.models, tuple(MODELS))):
         bad = [v for v in given.split(",") if v not in allowed]
@@ -145,8 +150,16 @@ def main(argv=None):
     from megatron_eps.pipeline.layout import chunk_sizes
     from megatron_eps.testing.models import build_moe_pair
 
+    transports = (args.transports.split(",") if torch.cuda.is_available() and not args.smoke
+                  else ["nccl"])
+    # Local rows apart only where they can be (copy_engine, one row per pair).
+    flavours = [(t, d, lr) for t in transports for d in args.dispatch_dedup.split(",")
+                for lr in args.local_rows.split(",")
+                if lr == "together" or (t == "copy_engine" and d == "off")]
+    if not flavours:
+        raise SystemExit(f"--local-rows {args.local_rows!r}: apart runs on the copy_engine "
+                         "transport without dedup only (GPUs); add together or that transport")
     cuda, world, rank, dtype, shapes = start_expert_group(args.smoke)
-    transports = args.transports.split(",") if cuda else ["nccl"]
     trace_points = {tuple(p.split(":")) for p in args.trace_points.split(",") if p}
     rows = []
     for name in args.models.split(","):
@@ -158,15 +171,16 @@ def main(argv=None):
         degrees = sorted({min(int(d), local) for d in args.degrees.split(",")})
         base = EPSConfig(min_tokens_to_pipeline=0, expert_kernel=args.kernel,
                          cost_profile=args.cost_profile)
-        dedups = [d for d in args.dispatch_dedup.split(",") if d]
-        flavours = [(t, d) for t in transports for d in dedups]
-        stock, eps_first = build_moe_pair(
-            config, base.replace(transport=flavours[0][0], dispatch_dedup=flavours[0][1]))
+
+        def flavour(t, d, lr):
+            return base.replace(transport=t, dispatch_dedup=d, local_rows=lr)
+
+        stock, eps_first = build_moe_pair(config, flavour(*flavours[0]))
         eps_layers = {_label(*flavours[0]): eps_first}
-        for t, d in flavours[1:]:
-            _, layer = build_moe_pair(config, base.replace(transport=t, dispatch_dedup=d))
+        for t, d, lr in flavours[1:]:
+            _, layer = build_moe_pair(config, flavour(t, d, lr))
             layer.load_state_dict(stock.state_dict())
-            eps_layers[_label(t, d)] = layer
+            eps_layers[_label(t, d, lr)] = layer
         grouped = with_grouped_experts(stock)
         if args.smoke:
             tokens_list = [64, 128]
@@ -269,8 +283,9 @@ def layer_config(shape: dict, ep_size: int, dtype):
                       ep_size=ep_size, dtype=dtype)
 
 
-def _label(transport: str, dispatch_dedup: str) -> str:
-    return transport if dispatch_dedup == "off" else f"{transport}+dedup"
+def _label(transport: str, dispatch_dedup: str, local_rows: str = "together") -> str:
+    return (transport + ("+dedup" if dispatch_dedup != "off" else "")
+            + ("+apart" if local_rows == "apart" else ""))
 
 
 def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
@@ -296,7 +311,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
         stats = overlap_from_trace(path)
         stats["chunks"] = list(layer.token_dispatcher.last_record.experts_per_chunk)
         out[t] = stats
-        if rank != 0 or (t, tokens) != ("copy_engine", 16384):
+        if rank != 0 or (t, tokens) not in (("copy_engine", 16384), ("copy_engine+apart", 8192)):
             os.remove(path)  # one trace comes back: the device returns few files
     return out
 
@@ -323,11 +338,11 @@ def print_table(result):
     rows = result["rows"]
     if not rows:
         return
-    transports = [_label(t, d) for t in ("copy_engine", "nccl") for d in ("off", "on")
-                  if _label(t, d) in rows[0]]
+    transports = [_label(t, d, lr) for t in ("copy_engine", "nccl") for d in ("off", "on")
+                  for lr in ("together", "apart") if _label(t, d, lr) in rows[0]]
     head = f"{'model':8} {'tok/rk':>6} {'stock':>7} {'grouped':>7}"
     for t in transports:
-        name = t.replace("copy_engine", "ce").replace("+dedup", "+dd")
+        name = t.replace("copy_engine", "ce").replace("+dedup", "+dd").replace("+apart", "+la")
         head += f" | {name[:6]:>6} N=1 {'best':>9} {'auto':>10} {'vs grp':>6} {'vs stk':>6}"
     print(head)
     for r in rows:

@@ -18,6 +18,8 @@
 #   diag       benchmarks/diag_overlap.py (host costs, carve-out, emulator fidelity)
 #   layer      benchmarks/bench_layer_multigpu.py at EP = #GPUs (args passed on; LAYER_TIMEOUT)
 #   split      benchmarks/chunk_split_tradeoff.py: expert vs token chunks (args passed on)
+#   localrows  benchmarks/local_rows_tradeoff.py: a chunk's own rows apart, GEMMs measured and
+#              the link modeled (args passed on)
 #   host       one GPU: the layer's host path vs stock + grouped: tests, op and host-function
 #              trace, layer benchmark at EP=1, traced prefill with PREFILL=1
 #              (benchmarks/gpu/host.sh; steps switched by env)
@@ -33,9 +35,9 @@ export PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 case "$COMMAND" in
   help|-h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|host) ;;
+  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|localrows|host) ;;
   *) echo "gpu.sh: unknown subcommand '$COMMAND'; allowed: tests, kernels, transport, multigpu," \
-          "pipeline, calibrate, prefill, accuracy, diag, layer, split, host, help" >&2
+          "pipeline, calibrate, prefill, accuracy, diag, layer, split, localrows, host, help" >&2
      exit 2 ;;
 esac
 if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
@@ -77,4 +79,8 @@ case "$COMMAND" in
     timeout "${SPLIT_TIMEOUT:-400}" python3 benchmarks/chunk_split_tradeoff.py \
       --out "$OUT/chunk_split_tradeoff.json" "$@" 2>&1 | grep -v -i warn \
       | tee "$OUT/chunk_split_tradeoff.log" ;;
+  localrows)
+    timeout "${LOCALROWS_TIMEOUT:-400}" python3 benchmarks/local_rows_tradeoff.py \
+      --out "$OUT/local_rows_tradeoff.json" "$@" 2>&1 | grep -v -i warn \
+      | tee "$OUT/local_rows_tradeoff.log" ;;
 esac

@@ -37,11 +37,20 @@ def main(argv=None):
     ap.add_argument("--transport", default="copy_engine")
     ap.add_argument("--cost-profile", default=None)
     ap.add_argument("--kernel", default="grouped")
+    ap.add_argument("--local-rows", default="together", help="together or apart (EPSConfig)")
     ap.add_argument("--time-limit-s", type=float, default=400)
     args = ap.parse_args(argv)
 
     from megatron_eps import EPSConfig
+    from megatron_eps.config import EPSConfigError
     from megatron_eps.moe_layer import route_allowing_empty
+
+    try:  # bad settings stop here, before any collective
+        eps_config = EPSConfig(min_tokens_to_pipeline=0, transport=args.transport,
+                               expert_kernel=args.kernel, cost_profile=args.cost_profile,
+                               local_rows=args.local_rows)
+    except EPSConfigError as exc:
+        raise SystemExit(str(exc)) from None
     from megatron_eps.testing import Utils
     from megatron_eps.testing.models import build_moe_pair, moe_config
 
@@ -50,8 +59,6 @@ def main(argv=None):
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
     config = moe_config(num_experts=160, topk=6, hidden_size=5120, ffn_hidden_size=1536,
                         shared_expert_size=3072, ep_size=world, dtype=torch.bfloat16)
-    eps_config = EPSConfig(min_tokens_to_pipeline=0, transport=args.transport,
-                           expert_kernel=args.kernel, cost_profile=args.cost_profile)
     stock, eps = build_moe_pair(config, eps_config)
     stock.route = types.MethodType(route_allowing_empty, stock)  # steps with no tokens
     stock_fixed = {k for k, v in vars(stock.token_dispatcher).items() if torch.is_tensor(v)}
@@ -98,7 +105,8 @@ def main(argv=None):
     symm_final = memory[-1][3]
     result = {
         "device": torch.cuda.get_device_name(0), "world_size": world, "torch": torch.__version__,
-        "command": " ".join(sys.argv), "transport": args.transport, "steps": steps_done,
+        "command": " ".join(sys.argv), "transport": args.transport,
+        "local_rows": args.local_rows, "steps": steps_done,
         "elapsed_s": elapsed, "chunks_histogram": chunks, "checks": checks,
         "max_rel_err": max(c["rel_err"] for c in checks),
         "note": "checks compare EPS with the stock MoELayer on the same input (bf16)",

@@ -53,6 +53,20 @@ auto        -- copy_engine where it can work, else nccl (logged once)
 """
 
 
+LOCAL_ROWS = ("together", "apart")
+"""Allowed ``local_rows`` values: how a chunk's GEMMs treat the rows a rank routed to its own
+experts (which never cross the link).
+
+together -- one grouped GEMM per chunk over every row of its experts (the stock order)
+apart    -- two per chunk: first the rank's own rows, which need no transfer, so they run
+            beside the first dispatch; then the rows the peers sent. In the last chunk the own
+            rows come last and run beside its combine. The first dispatch and the last
+            combine, which no GEMM of their chunk could hide, then overlap (copy_engine
+            transport without dedup; elsewhere together). Not the default until it is measured
+            on a multi-GPU link
+"""
+
+
 DISPATCH_DEDUPS = ("off", "on", "auto")
 """Allowed ``dispatch_dedup`` values: how many copies of a token a chunk's dispatch sends.
 
@@ -222,6 +236,7 @@ class EPSConfig:
             not decide a call: auto (on CUDA devices), on, off.
         kernel_cache: file of the self-calibration decisions (None: the default location).
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
+        local_rows: whether a chunk's own rows get a GEMM call of their own, one of LOCAL_ROWS.
         dispatch_dedup: one row per (token, expert) or per (token, rank, chunk), one of
             DISPATCH_DEDUPS.
         dedup_combine_dtype: dtype of the deduplicated combine's partial sums, one of
@@ -272,6 +287,11 @@ class EPSConfig:
         help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
         "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
         "or auto (copy_engine where it works, else nccl). Default: auto.")
+    local_rows: str = _setting(
+        "together", "choice", choices=LOCAL_ROWS,
+        help="GEMMs over the rows a rank routes to its own experts: apart (a call of their own, "
+        "beside the first dispatch and the last combine; copy_engine transport) or together "
+        "(one call per chunk). Default: together.")
     dispatch_dedup: str = _setting(
         "off", "choice", choices=DISPATCH_DEDUPS,
         help="Send each token once per destination rank and chunk and pre-reduce its expert "

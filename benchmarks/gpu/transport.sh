@@ -6,7 +6,8 @@
 #   3. BENCH:     the layer benchmark: EPS per transport vs stock and stock + grouped GEMM, traces
 #   4. SOAK:      1,000 forwards with random loads (no hang, no leak, outputs equal stock)
 #   5. PREFILL:   DSV2-Lite prefill at EP = #GPUs, stock vs stock + grouped vs EPS
-# BENCH_ARGS / PREFILL_ARGS add flags; BENCH_PROFILE names a profile (default: the shipped one);
+# BENCH_ARGS / PREFILL_ARGS add flags (e.g. BENCH_ARGS="--local-rows together,apart");
+# SOAK_ARGS too (e.g. "--local-rows apart"); BENCH_PROFILE names a profile (default: the shipped one);
 # PREFILL_ROUNDS (default 1: the EP=2 prefill has not yet finished inside its time limit) sets
 # how many alternating rounds of the three modes the prefill times.
 # The whole script takes ~12 min on x2; the device allows 10 min a call, so split it, e.g.
@@ -29,7 +30,7 @@ PROFILE_ARG=""; [ -n "${BENCH_PROFILE:-}" ] && PROFILE_ARG="--cost-profile $BENC
   | grep -v -i warn | grep -v '^{' | tee "$OUT/layer_x2.log" | tail -14
 if [ "${SOAK:-1}" = "1" ]; then
   timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/soak_multigpu.py \
-    --out "$OUT/soak_x2.json" --steps "${SOAK_STEPS:-1000}" $PROFILE_ARG --time-limit-s 190 2>&1 \
+    --out "$OUT/soak_x2.json" --steps "${SOAK_STEPS:-1000}" $PROFILE_ARG --time-limit-s 190 ${SOAK_ARGS:-} 2>&1 \
     | grep -v -i warn | grep -E "^soak|Error|error" | tail -5
 fi
 if [ "${PREFILL:-1}" = "1" ]; then

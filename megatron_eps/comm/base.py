@@ -24,6 +24,13 @@ weight) and ``H`` = hidden size:
 3. ``combined_rows()`` on the compute stream, after the last combine's completion: [rows this
    rank routed, H] in send order, each row the output of the expert it was sent to.
 
+A transport with ``splits_local_rows`` also takes a layout with ``local_rows_apart``: then
+each chunk has two parts, ``LOCAL_PART`` (the rows this rank routed to its own experts, ready
+after ``place_rows(g)``, before any transfer) and ``PEER_PART`` (the rows its peers sent, ready
+after ``dispatch(g)``'s completion), each expert-major with the layout's
+``part_tokens_per_expert``. ``received(g, part)`` and ``hand_back(g, outputs, part)`` take one
+part at a time; ``combine(g)`` needs only the peer part's outputs.
+
 A transport with ``supports_dedup`` also takes a ``dedup_layout.DedupChunkLayout``: its splits
 count one row per (token, destination rank, chunk). Then ``place_unique_rows`` replaces
 ``place_rows`` (W = H + the packed expert indices and weights), ``received(g)`` returns the
@@ -38,6 +45,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+
+from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART  # noqa: F401 - the parts' names
 
 
 class Completion:
@@ -60,6 +69,8 @@ class ExpertTransport:
     waits_without_timeout = False
     # True when the transport moves a DedupChunkLayout's rows (``place_unique_rows``).
     supports_dedup = False
+    # True when it takes layouts with ``local_rows_apart`` (module docstring).
+    splits_local_rows = False
 
     def begin(
         self,
@@ -98,10 +109,12 @@ class ExpertTransport:
     def dispatch(self, chunk: int) -> Optional[Completion]:
         raise NotImplementedError
 
-    def received(self, chunk: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def received(self, chunk: int, part: Optional[str] = None
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """part: None (the whole chunk), or LOCAL_PART / PEER_PART (``splits_local_rows``)."""
         raise NotImplementedError
 
-    def hand_back(self, chunk: int, outputs: torch.Tensor) -> None:
+    def hand_back(self, chunk: int, outputs: torch.Tensor, part: Optional[str] = None) -> None:
         raise NotImplementedError
 
     def combine(self, chunk: int) -> Optional[Completion]:

@@ -21,6 +21,9 @@ How (``copy_engine_layout`` has the row arithmetic):
   as copy-engine copies, one per expert, they were many small copies that queued on the comm
   stream ahead of the next chunk's transfer to the peers (a trace on two H200s:
   docs/transports.md).
+* With the layout's local rows apart, a chunk's receive rows start with the rank's own rows
+  (``received(g, LOCAL_PART)``, placed by the permutation, so they wait for no peer), then the
+  peers' (``PEER_PART``); ``combine(g)`` sends the peer part's outputs.
 
 Buffers are sized from the all-gathered count matrix (the same numbers on every rank), grown
 geometrically and reused across forwards and layers. The count all-gather that starts every
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from megatron_eps import staging
-from megatron_eps.comm.base import Completion, ExpertTransport
+from megatron_eps.comm.base import LOCAL_PART, PEER_PART, Completion, ExpertTransport
 from megatron_eps.pipeline.permute_kernels import copy_rows, scatter_routed_rows
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
 from megatron_eps.comm.dedup_rows import place_unique_rows
@@ -118,6 +121,7 @@ class CopyEngineTransport(ExpertTransport):
     # The deduplicated scheme's row arithmetic is tested on CPU with simulated peers; its GPU
     # path has not run on a multi-GPU machine yet (dispatch_dedup is off by default).
     supports_dedup = True
+    splits_local_rows = True
 
     def __init__(self, memory: PeerMemory):
         self.memory = memory
@@ -131,7 +135,8 @@ class CopyEngineTransport(ExpertTransport):
         if self._dedup:
             plan = CopyEngineLayout.for_unique_rows(layout.unique_rows, layout.ep_rank)
         else:
-            plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges)
+            plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges,
+                                          local_apart=layout.local_rows_apart)
         out_dtype = getattr(layout, "combine_dtype", None) or dtype
         element = torch.empty((), dtype=dtype).element_size()
         row_bytes = width * element
@@ -199,17 +204,25 @@ class CopyEngineTransport(ExpertTransport):
             self.memory.signal(peer, chunk, self.sequence)
         return _FlagWait(self.memory, chunk, self.sequence, self._peers, self._placed[chunk])
 
-    def received(self, chunk):
-        offsets = self.plan.recv_chunk_offsets
-        return self._recv[offsets[chunk] : offsets[chunk + 1]], None
+    def received(self, chunk, part=None):
+        start, end = self.plan.recv_chunk_offsets[chunk : chunk + 2]
+        split = start + self.plan.recv_local_rows[chunk]
+        if part == LOCAL_PART:
+            end = split
+        elif part == PEER_PART:
+            start = split
+        return self._recv[start:end], None
 
-    def hand_back(self, chunk, outputs):
+    def hand_back(self, chunk, outputs, part=None):
+        """Outputs of the rank's own rows go to its return buffer now; the peers' wait for
+        ``combine(chunk)``."""
         outputs = outputs.contiguous()
         own = self.plan.combine[chunk][self.plan.ep_rank]
-        if len(own):
+        if len(own) and part != PEER_PART:
             src, dst = rows_of_runs(own.num_rows, outputs.device, own.src_rows, own.dst_rows)
             copy_rows(outputs, src, self._return, dst)
-        self._outputs[chunk] = outputs
+        if part != LOCAL_PART:
+            self._outputs[chunk] = outputs
 
     def combine(self, chunk):
         outputs = self._outputs[chunk]

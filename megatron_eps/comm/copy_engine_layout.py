@@ -6,6 +6,9 @@ Each rank holds two buffers of the same size on every rank (symmetric memory):
   of ``staging_capacity`` rows. Rank d's receive area holds, expert by expert (its local
   experts in order, which is chunk by chunk), each expert's rows from source rank 0, 1, ...,
   each source's rows in token order: the order the expert GEMMs read, so nothing is regrouped.
+  With the local rows apart (``local_apart``), each chunk holds first d's own rows, expert by
+  expert, then the peers' rows, expert by expert and by source: two grouped-GEMM inputs, the
+  first of which is ready before any transfer.
   A rank's rows for its own experts are written straight into its receive area by the
   permutation; the rows for other ranks' experts are staged in send order and copied by the
   copy engines straight to their final row in the peer's receive area.
@@ -63,6 +66,9 @@ class CopyEngineLayout:
     staging_capacity: int  # rows of every rank's staging area
     return_capacity: int  # rows of every rank's return buffer
     recv_chunk_offsets: List[int]  # [chunk + 1] first receive-area row of each chunk (this rank)
+    # [chunk] rows at the head of each chunk that this rank routed to its own experts (local_apart;
+    # all zero otherwise, where a chunk is one part)
+    recv_local_rows: List[int]
     # This rank's send order as pieces (chunk, destination rank, expert), each a run of rows:
     piece_sizes: np.ndarray  # rows per piece
     piece_send_start: np.ndarray  # first send-order row of each piece
@@ -75,10 +81,14 @@ class CopyEngineLayout:
 
     @classmethod
     def build(
-        cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]]
+        cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]],
+        local_apart: bool = False,
     ) -> "CopyEngineLayout":
         """counts: [ep_size, num_experts] rows each rank routes to each expert (global ids);
-        expert_ranges: [start, end) local-expert range of each chunk (the same on every rank)."""
+        expert_ranges: [start, end) local-expert range of each chunk (the same on every rank);
+        local_apart: each chunk's receive area starts with the rows a rank routed to its own
+        experts (module docstring). The combine copies then read the peers' part of a chunk's
+        outputs, and the copies of the rank's own rows its local part."""
         counts = np.asarray(counts, dtype=np.int64)
         ep_size, num_experts = counts.shape
         num_local = num_experts // ep_size
@@ -101,17 +111,19 @@ class CopyEngineLayout:
         send_start[:, dst_idx, loc_idx] = starts_send
 
         # recv_start[d, l, s]: first receive-area row on rank d of source s's rows for expert l.
-        sizes_recv = per.transpose(1, 2, 0)  # [dst, local expert, src]
-        flat = sizes_recv.reshape(ep_size, -1)
-        recv_start = (np.cumsum(flat, axis=1) - flat).reshape(ep_size, num_local, ep_size)
+        flat = per.transpose(1, 2, 0).reshape(ep_size, -1)  # [dst, (local expert, src)]
+        recv_start = (_starts_in_order(flat, _receive_order(expert_ranges, ep_size, num_local,
+                                                            local_apart))
+                      .reshape(ep_size, num_local, ep_size))
 
         recv_rows = flat.sum(axis=1)  # per rank
         sent_rows = counts.sum(axis=1)
         local_rows = per[np.arange(ep_size), np.arange(ep_size)].sum(axis=1)
         me = ep_rank
 
-        chunk_offsets = [int(recv_start[me, a, 0]) for a, _ in expert_ranges]
-        chunk_offsets.append(int(recv_rows[me]))
+        chunk_rows = [int(per[:, me, a:b].sum()) for a, b in expert_ranges]
+        chunk_offsets = np.concatenate([[0], np.cumsum(chunk_rows)]).astype(int).tolist()
+        recv_local = [int(per[me, me, a:b].sum()) if local_apart else 0 for a, b in expert_ranges]
 
         # This rank's pieces in send order; own rows go to the receive area, others are staged.
         is_local = dst_idx == me
@@ -127,10 +139,11 @@ class CopyEngineLayout:
         )
 
         dispatch, combine = [], []
-        for a, b in expert_ranges:
+        for g, (a, b) in enumerate(expert_ranges):
             chunk_dispatch, chunk_combine = {}, {}
-            chunk_base = int(recv_start[me, a, 0])
             for peer in range(ep_size):
+                # The combine reads the outputs of the part holding the peer's rows.
+                part_base = chunk_offsets[g] + (recv_local[g] if peer != me else 0)
                 if peer != me:
                     chunk_dispatch[peer] = RowCopies.nonempty(
                         staging_start[peer, a:b],
@@ -139,7 +152,7 @@ class CopyEngineLayout:
                     )
                 # Outputs of my experts for rows that `peer` sent, back to its return buffer.
                 chunk_combine[peer] = RowCopies.nonempty(
-                    recv_start[me, a:b, peer] - chunk_base,
+                    recv_start[me, a:b, peer] - part_base,
                     send_start[peer, me, a:b],
                     per[peer, me, a:b],
                 )
@@ -153,6 +166,7 @@ class CopyEngineLayout:
             staging_capacity=int((sent_rows - local_rows).max()),
             return_capacity=int(sent_rows.max()),
             recv_chunk_offsets=chunk_offsets,
+            recv_local_rows=recv_local,
             piece_sizes=sizes_send[me].copy(),
             piece_send_start=starts_send[me].copy(),
             piece_is_local=is_local,
@@ -174,3 +188,26 @@ class CopyEngineLayout:
         ep_size, _, num_chunks = unique_rows.shape
         return cls.build(unique_rows.reshape(ep_size, ep_size * num_chunks), ep_rank,
                          [(g, g + 1) for g in range(num_chunks)])
+
+
+def _receive_order(expert_ranges, ep_size: int, num_local: int, local_apart: bool) -> np.ndarray:
+    """[dst, (local expert, src)] the position of every (expert, source) piece in rank dst's
+    receive area: chunk by chunk; within a chunk by expert, then source, after (local_apart)
+    the chunk's pieces from dst itself."""
+    chunk_of = np.empty(num_local, dtype=np.int64)
+    for g, (a, b) in enumerate(expert_ranges):
+        chunk_of[a:b] = g
+    expert = np.repeat(np.arange(num_local), ep_size)  # (local expert, src) flattened
+    src = np.tile(np.arange(ep_size), num_local)
+    peer_piece = (src[None, :] != np.arange(ep_size)[:, None]) * int(local_apart)  # [dst, piece]
+    pieces = num_local * ep_size
+    return (chunk_of[expert] * 2 + peer_piece) * pieces + expert * ep_size + src
+
+
+def _starts_in_order(sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """[rank, piece] first row of each piece when rank's pieces are laid out by ``order``."""
+    position = np.argsort(order, axis=1, kind="stable")
+    laid = np.take_along_axis(sizes, position, axis=1)
+    starts = np.empty_like(laid)
+    np.put_along_axis(starts, position, np.cumsum(laid, axis=1) - laid, axis=1)
+    return starts

@@ -21,9 +21,10 @@ from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.config import EPSConfig
 from megatron_eps.pipeline import permute_kernels
 from megatron_eps.comm.sm_control import gemm_sm_carveout
-from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART, ChunkLayout, chunk_sizes
 from megatron_eps.pipeline.runner import run_plan
-from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
+from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS, PLACE,
+                                            build_plan)
 
 
 class Permutation(NamedTuple):
@@ -97,6 +98,25 @@ def permute_chunk_major(
     return Permutation(permuted, permuted_probs, sorted_indices, None)
 
 
+def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, chunk: int,
+                      part: Optional[str], hidden_size: int, packed_columns: int,
+                      probs_dtype: torch.dtype) -> None:
+    """The EXPERTS (or LOCAL_EXPERTS) step of a chunk: the experts of chunk ``chunk`` over the
+    rows of ``part`` (None: the whole chunk; layout.LOCAL_PART / PEER_PART), handed back to
+    the transport. A row's routing weight rides in its last ``packed_columns`` columns (0: the
+    transport returns it apart)."""
+    x, p = transport.received(chunk) if part is None else transport.received(chunk, part)
+    if packed_columns:
+        p = row_probs(x, hidden_size, probs_dtype).contiguous()
+        x = x[:, :hidden_size]
+    first_expert = layout.expert_ranges[chunk][0]
+    out = experts.run(x, layout.part_tokens_per_expert(chunk, part), p, first_expert)
+    if part is None:
+        transport.hand_back(chunk, out)
+    else:
+        transport.hand_back(chunk, out, part)
+
+
 def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
     """Columns (of the token dtype) appended to each dispatched row to carry its routing weight,
     or 0 when the weight cannot ride along (then it gets an all-to-all of its own).
@@ -122,6 +142,7 @@ class PipelineRecord:
     experts_per_chunk: Tuple[int, ...] = ()
     transport: str = ""
     dedup: bool = False  # one row per (token, rank, chunk) instead of per (token, expert)
+    local_rows_apart: bool = False  # a chunk's own rows ran as a GEMM call of their own
     bytes_sent: Optional[BytesSent] = None  # what this rank sent, in the scheme that ran
     pair_bytes_sent: Optional[BytesSent] = None  # the same forward with one row per pair
 
@@ -234,7 +255,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             hidden_states: [S, B, H] layer input.
             probs: [T, E] routing probabilities (T = S * B), as the router returns them.
             routing_map: [T, E] bool, as the router returns it.
-            experts: the expert policy (``policies.ExpertRunner``): ``prepare(layout, device)`` once,
+            experts: the expert policy (``policies.ExpertRunner``): ``prepare(calls, device)`` once,
                 then ``run(tokens [M, H] grouped by expert, tokens_per_expert, probs [M],
                 first local expert)`` -> [M, H] per chunk.
             chunking: the chunking policy (``policies.ChunkingPolicy``): ``choose(counts,
@@ -264,18 +285,25 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         transport = transport or self.default_transport()
         if not transport.supports_dedup:
             range_counts = None  # the same on every rank: the transport is agreed
+        # The same on every rank: the settings and the transport are agreed.
+        local_apart = (self.eps_config.local_rows == "apart" and transport.splits_local_rows
+                       and transport.moves_rows and not dedup_wanted)
         with self._phase("choose"):
             link = transport.name if transport.moves_rows else None
-            if range_counts is None:
-                choice = chunking.choose(counts, link)
-            else:
-                choice = chunking.choose(counts, link, range_counts=range_counts)
+            # Only what applies is passed, so a chunking policy of two arguments still works.
+            model_inputs = {}
+            if range_counts is not None:
+                model_inputs["range_counts"] = range_counts
+            if local_apart:
+                model_inputs["local_rows_apart"] = True
+            choice = chunking.choose(counts, link, **model_inputs)
         sizes = chunk_sizes(self.num_local_experts, choice)
         num_chunks = len(sizes)
         hidden_size = tokens.shape[-1]
         packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("layout"):
-            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes)
+            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes,
+                                       local_rows_apart=local_apart)
             pair_bytes = pair_row_bytes(tokens, probs, packed_columns)
             dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_bytes)
         self.last_record = PipelineRecord(
@@ -285,13 +313,14 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             experts_per_chunk=sizes,
             transport=transport.name if transport.moves_rows else "local",
             dedup=dedup is not None,
+            local_rows_apart=local_apart,
             bytes_sent=(dedup or layout).bytes_sent(
                 *(dedup_row_bytes(dedup, tokens, probs) if dedup else pair_bytes)),
             pair_bytes_sent=layout.bytes_sent(*pair_bytes),
         )
 
         with self._phase("experts.prepare"):
-            experts.prepare(layout, tokens.device,
+            experts.prepare(layout.expert_calls(), tokens.device,
                             beside_copy=num_chunks > 1 and transport.moves_rows)
         if dedup is not None:
             output = self._dedup_forward(dedup, counts, transport, tokens, probs, routing_map,
@@ -322,17 +351,15 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             transport.place_rows(chunk, tokens, permuted[0].sorted_indices, permuted[0].probs,
                                  packed_columns)
 
-        def run_experts(chunk):
-            x, p = transport.received(chunk)
-            if packed_columns:
-                p = row_probs(x, hidden_size, probs.dtype).contiguous()
-                x = x[:, :hidden_size]
-            first_expert = layout.expert_ranges[chunk][0]
-            transport.hand_back(chunk, experts.run(x, layout.tokens_per_expert[chunk], p, first_expert))
+        def run_experts(chunk, part=PEER_PART if local_apart else None):
+            run_chunk_experts(transport, layout, experts, chunk, part, hidden_size,
+                              packed_columns, probs.dtype)
 
         stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
+                  LOCAL_EXPERTS: lambda chunk: run_experts(chunk, LOCAL_PART),
                   COMBINE: transport.combine}
-        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed)
+        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed,
+                         local_apart)
         combined = transport.combined_rows()
 
         with self._phase("unpermute"):
@@ -404,8 +431,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         transport.end()
         return output
 
-    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed):
-        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead)
+    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed,
+                    local_apart=False):
+        plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead, local_apart=local_apart)
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
         # engines, which need no SM: nothing to leave).

@@ -7,10 +7,16 @@ all-gathered count matrix into every split and offset the transports and the exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+# The two parts of a chunk whose local rows are apart (``ChunkLayout.local_rows_apart``): the
+# rows this rank routed to its own experts, and the rows its peers sent.
+LOCAL_PART = "local"
+PEER_PART = "peer"
+
 
 def split_local_experts(num_local_experts: int, num_chunks: int) -> List[Tuple[int, int]]:
     """Contiguous local-expert ranges [start, end) for each chunk, sizes differing by <= 1."""
@@ -104,10 +110,15 @@ class ChunkLayout:
     recv_counts: List[np.ndarray]  # [chunk] -> [src rank, expert in chunk]
     tokens_per_expert: List[List[int]]  # [chunk][expert in chunk] rows after dispatch
     send_offsets: List[int]  # [chunk + 1] row offsets of the chunks in the permuted buffer
+    # The GEMMs of the rows this rank routed to its own experts run apart from the peers' rows
+    # (a transport with ``splits_local_rows``; comm.base): each chunk has two parts.
+    local_rows_apart: bool = False
+    local_tokens_per_expert: List[List[int]] = field(default_factory=list)  # [chunk][expert]
 
     @classmethod
     def build(
-        cls, counts: np.ndarray, ep_rank: int, num_local_experts: int, chunking: Chunking
+        cls, counts: np.ndarray, ep_rank: int, num_local_experts: int, chunking: Chunking,
+        local_rows_apart: bool = False,
     ) -> "ChunkLayout":
         """``chunking``: N (equal chunks) or the number of local experts in each chunk."""
         counts = np.asarray(counts, dtype=np.int64)
@@ -120,7 +131,7 @@ class ChunkLayout:
         ranges = ranges_of_sizes(chunk_sizes(num_local_experts, chunking))
         # [src, dst, local expert]
         per_dst = counts.reshape(ep_size, ep_size, num_local_experts)
-        order, send_splits, recv_splits, recv_counts, tpe = [], [], [], [], []
+        order, send_splits, recv_splits, recv_counts, tpe, local = [], [], [], [], [], []
         offsets = [0]
         for start, end in ranges:
             order.extend(
@@ -132,6 +143,7 @@ class ChunkLayout:
             recv_splits.append(received.sum(axis=1).tolist())
             recv_counts.append(received.copy())
             tpe.append(received.sum(axis=0).tolist())
+            local.append(received[ep_rank].tolist())
             offsets.append(offsets[-1] + int(sends.sum()))
         return cls(
             num_chunks=len(ranges),
@@ -145,7 +157,28 @@ class ChunkLayout:
             recv_counts=recv_counts,
             tokens_per_expert=tpe,
             send_offsets=offsets,
+            local_rows_apart=local_rows_apart,
+            local_tokens_per_expert=local,
         )
+
+    def part_tokens_per_expert(self, chunk: int, part: Optional[str] = None) -> List[int]:
+        """Rows per expert of chunk ``chunk``'s part ``part`` (None: the whole chunk; else
+        comm.base.LOCAL_PART or PEER_PART)."""
+        whole = self.tokens_per_expert[chunk]
+        if part is None:
+            return whole
+        local = self.local_tokens_per_expert[chunk]
+        if part == LOCAL_PART:
+            return local
+        return [w - l for w, l in zip(whole, local)]
+
+    def expert_calls(self) -> List[List[int]]:
+        """Rows per expert of every expert-GEMM call of the forward (one per chunk, or one per
+        part with the local rows apart)."""
+        if not self.local_rows_apart:
+            return list(self.tokens_per_expert)
+        return [self.part_tokens_per_expert(g, part) for g in range(self.num_chunks)
+                for part in (LOCAL_PART, PEER_PART)]
 
     def bytes_sent(self, dispatch_row_bytes: int, combine_row_bytes: int):
         """``comm.traffic.BytesSent`` of this rank in one forward: dispatch rows of

@@ -5,7 +5,7 @@ and never reaches back into the layer:
 
 * ``ChunkingPolicy.choose(counts, transport)`` -> the local experts of each chunk (or N),
   a pure function of the all-gathered count matrix and state every rank shares;
-* ``ExpertRunner.prepare(layout, device)`` once per forward, then ``ExpertRunner.run(tokens,
+* ``ExpertRunner.prepare(calls, device)`` once per forward, then ``ExpertRunner.run(tokens,
   tokens_per_expert, probs, first_expert)`` per chunk -> the chunk's expert outputs.
 """
 
@@ -36,9 +36,10 @@ class ChunkingPolicy:
         self.dispatch_ahead = dispatch_ahead
 
     def choose(self, counts: np.ndarray, transport: Optional[str] = None,
-               range_counts: Optional[np.ndarray] = None):
+               range_counts: Optional[np.ndarray] = None, local_rows_apart: bool = False):
         """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
-        every range of local experts, so the model counts the rows that really travel."""
+        every range of local experts, so the model counts the rows that really travel.
+        ``local_rows_apart``: the forward runs each chunk's own rows apart (the model's plan)."""
         profile = kernel_profile = None
         # The profile lookup costs the host a few file checks per layer and forward: only
         # where the cost model will read it.
@@ -51,6 +52,7 @@ class ChunkingPolicy:
         return choose_chunking(
             counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
             dispatch_ahead=self.dispatch_ahead, range_counts=range_counts,
+            local_rows_apart=local_rows_apart,
         )
 
 
@@ -60,7 +62,7 @@ class FixedChunking:
     def __init__(self, chunking):
         self.chunking = chunking
 
-    def choose(self, counts, transport=None, range_counts=None):
+    def choose(self, counts, transport=None, range_counts=None, local_rows_apart=False):
         return self.chunking
 
 
@@ -90,15 +92,17 @@ class ExpertRunner:
         self._beside_copy = False
         self.local_experts.begin_forward()
 
-    def prepare(self, layout, device: torch.device, beside_copy: bool = False) -> None:
-        """Before the first chunk: stage every chunk's expert row offsets in one copy to
+    def prepare(self, calls: Sequence[Sequence[int]], device: torch.device,
+                beside_copy: bool = False) -> None:
+        """Before the first chunk: stage the expert row offsets of every call of the forward
+        (``calls``: rows per expert of each, ``ChunkLayout.expert_calls``) in one copy to
         ``device`` (the tokens', where the experts run). ``beside_copy``: this forward's chunks
         run beside transfers (pipelined over a link), so ``auto`` chooses and calibrates for
         that condition."""
         from megatron_eps.experts.gemm_common import row_ends, stage_int32_batch
 
         self._beside_copy = beside_copy
-        offsets = [row_ends(counts) for counts in layout.tokens_per_expert]
+        offsets = [row_ends(counts) for counts in calls]
         self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
 
     def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:

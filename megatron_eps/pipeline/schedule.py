@@ -27,6 +27,15 @@ With ``dispatch_ahead=1`` the comm stream interleaves D0 D1 C0 D2 C1 ...; the de
 never holds back a dispatch; the events are the same. While X(i) runs, the comm stream carries
 C(i-1) and D(i+1): the paper's overlap. On CPU (no streams) the same steps run one after
 another in the same order.
+
+The first dispatch and the last combine have no GEMM of their own chunk beside them. With the
+local rows apart (``local_apart``; a rank's rows for its own experts are never transferred),
+X(i) is two GEMM calls: L(i) over the rank's own rows, which waits only for P(i), and X(i) over
+the rows its peers sent. L(0) runs beside D0, and the last chunk's L runs beside its combine:
+
+    P(i)  records placed[i]
+    L(i)  waits  placed[i]; before X(i), except in the last chunk of several, where it follows
+          X(i) and C(i) is issued in between
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import List, Optional, Sequence
 PLACE = "place_rows"
 DISPATCH = "dispatch"
 EXPERTS = "experts"
+LOCAL_EXPERTS = "local_experts"
 COMBINE = "combine"
 
 COMM = "comm"
@@ -57,7 +67,8 @@ class Step:
         return f"{self.stream:>7}: {self.stage}[{self.chunk}]{waits}"
 
 
-def build_plan(num_chunks: int, dispatch_ahead: Optional[int] = None) -> List[Step]:
+def build_plan(num_chunks: int, dispatch_ahead: Optional[int] = None,
+               local_apart: bool = False) -> List[Step]:
     """The ordered steps of one pipelined MoE forward after the host's planning (module docstring).
 
     ``dispatch_ahead``: how many dispatches the comm stream runs ahead of the experts. 1
@@ -66,24 +77,36 @@ def build_plan(num_chunks: int, dispatch_ahead: Optional[int] = None) -> List[St
     GEMMs also holds back the next dispatch; dispatches depend on nothing, so issuing them all
     first leaves the link idle only when it waits for the last GEMMs (measured and modeled in
     docs/pipeline.md).
+    ``local_apart``: each chunk's GEMMs over the rank's own rows are a step of their own,
+    LOCAL_EXPERTS, and EXPERTS covers the rows the peers sent.
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     if dispatch_ahead is not None and dispatch_ahead < 1:
         raise ValueError(f"dispatch_ahead must be >= 1 or None, got {dispatch_ahead}")
-    plan = [
-        Step(PLACE, 0, COMM, "routed", None),
-        Step(DISPATCH, 0, COMM, None, "dispatched[0]"),
-    ]
+
+    def place(chunk):
+        return Step(PLACE, chunk, COMM, "routed" if chunk == 0 else None,
+                    f"placed[{chunk}]" if local_apart else None)
+
+    def local(chunk):
+        return Step(LOCAL_EXPERTS, chunk, COMPUTE, f"placed[{chunk}]", None)
+
+    plan = [place(0), Step(DISPATCH, 0, COMM, None, "dispatched[0]")]
     issued = 1
     for i in range(num_chunks):
         last = num_chunks - 1 if dispatch_ahead is None else min(num_chunks - 1, i + dispatch_ahead)
         while issued <= last:
-            plan.append(Step(PLACE, issued, COMM, None, None))
+            plan.append(place(issued))
             plan.append(Step(DISPATCH, issued, COMM, None, f"dispatched[{issued}]"))
             issued += 1
+        local_last = local_apart and num_chunks > 1 and i == num_chunks - 1
+        if local_apart and not local_last:
+            plan.append(local(i))
         plan.append(Step(EXPERTS, i, COMPUTE, f"dispatched[{i}]", f"computed[{i}]"))
         plan.append(Step(COMBINE, i, COMM, f"computed[{i}]", f"combined[{i}]"))
+        if local_last:
+            plan.append(local(i))
     return plan
 
 
@@ -93,8 +116,12 @@ def simulate_plan(
     combine: Sequence[float],
     shared: float = 0.0,
     dispatch_ahead: Optional[int] = None,
+    local_experts: Optional[Sequence[float]] = None,
 ) -> float:
     """Makespan of ``build_plan(N)`` on two in-order streams with the plan's events.
+
+    ``local_experts``: the seconds of each chunk's GEMMs over the rank's own rows, run apart
+    (``build_plan(local_apart=True)``); ``experts`` are then those over the peers' rows.
 
     The compute stream starts with the shared experts (``shared`` seconds; they are issued
     before the plan, see the module docstring); the placement of the rows is fixed work the model
@@ -103,8 +130,8 @@ def simulate_plan(
     walks the plan itself (compiled once per N to integer steps), so a change of the schedule
     is made once.
     """
-    steps, num_events = _compiled_plan(len(experts), dispatch_ahead)
-    durations = ((), dispatch, experts, combine)
+    steps, num_events = _compiled_plan(len(experts), dispatch_ahead, local_experts is not None)
+    durations = ((), dispatch, experts, combine, local_experts)
     free = [shared, 0.0]  # compute, comm
     events = [0.0] * num_events
     for on_comm, wait, record, stage, chunk in steps:
@@ -119,13 +146,14 @@ def simulate_plan(
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled_plan(num_chunks: int, dispatch_ahead: Optional[int]):
+def _compiled_plan(num_chunks: int, dispatch_ahead: Optional[int], local_apart: bool = False):
     """build_plan's steps as (on comm stream, awaited event, recorded event, stage, chunk)
-    integers (events numbered, -1: none; stage: 0 placement, 1 dispatch, 2 experts, 3 combine)."""
-    stage_index = {PLACE: 0, DISPATCH: 1, EXPERTS: 2, COMBINE: 3}
+    integers (events numbered, -1: none; stage: 0 placement, 1 dispatch, 2 experts, 3 combine,
+    4 local experts)."""
+    stage_index = {PLACE: 0, DISPATCH: 1, EXPERTS: 2, COMBINE: 3, LOCAL_EXPERTS: 4}
     names = {"routed": 0}
     steps = []
-    for step in build_plan(num_chunks, dispatch_ahead=dispatch_ahead):
+    for step in build_plan(num_chunks, dispatch_ahead=dispatch_ahead, local_apart=local_apart):
         wait = names[step.wait] if step.wait is not None else -1
         record = names.setdefault(step.record, len(names)) if step.record is not None else -1
         steps.append((int(step.stream == COMM), wait, record, stage_index[step.stage], step.chunk))

@@ -16,7 +16,8 @@ Model (all times in seconds; see docs/pipeline.md for the derivation):
   measured per-chunk overhead ``k (N - 1)``. For equal chunks this is the paper's
   ``T_comm + T_comp - min(T_comm, T_comp) (N-1)/N + k N + b``, minimal near
   ``N* = sqrt(min(T_comm, T_comp) / k)``; the simulation also covers uneven chunks, the
-  shared experts and the pipeline fill/drain.
+  shared experts, the pipeline fill/drain and (``local_rows_apart``) each chunk's GEMMs over
+  a rank's own rows as a call of their own.
 * The paper's enable condition (Sec. 4) drops N whose chunking inflates the pieces:
   ``N S(m/N) / S(m) <= 1 + eps0`` (comm) and ``sum_g G(chunk g) / G(all) <= 1 + eps1`` (GEMM).
 """
@@ -28,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_eps.pipeline.layout import chunk_sizes, ranges_of_sizes
+from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART, chunk_sizes, ranges_of_sizes
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.policy.profile import PipelineProfile
 
@@ -234,6 +235,18 @@ def shared_experts_time(tokens: float, shape: LayerShape, profile: PipelineProfi
     return t
 
 
+def rows_per_expert(counts: np.ndarray, shape: LayerShape, part: Optional[str] = None) -> np.ndarray:
+    """[rank, local expert] rows each rank's experts receive: all of them (part None), those
+    the rank routed itself (LOCAL_PART) or those its peers sent (PEER_PART)."""
+    per = _per_dst(counts, shape)  # [src, dst, local expert]
+    total = per.sum(axis=0)
+    if part is None:
+        return total
+    ranks = np.arange(shape.ep_size)
+    local = per[ranks, ranks]
+    return local if part == LOCAL_PART else total - local
+
+
 def chunk_compute_times(
     counts: np.ndarray,
     shape: LayerShape,
@@ -241,14 +254,16 @@ def chunk_compute_times(
     chunking,
     kernel_profile=None,
     _per_expert: Optional[np.ndarray] = None,
+    part: Optional[str] = None,
 ) -> np.ndarray:
-    """[rank, chunk] seconds of each rank's expert GEMMs per chunk."""
+    """[rank, chunk] seconds of each rank's expert GEMMs per chunk (``part``: over that part
+    of each chunk's rows only, ``rows_per_expert``)."""
     ranges = _chunk_ranges(shape, chunking)
+    rows = rows_per_expert(counts, shape, part)
     if _per_expert is None:
-        _per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
+        _per_expert = _per_expert_times(rows, shape, profile, kernel_profile)
     if _per_expert is not None:
         return np.add.reduceat(_per_expert, [start for start, _ in ranges], axis=1)
-    rows = _per_dst(counts, shape).sum(axis=0)  # [dst rank, local expert]
     out = np.zeros((shape.ep_size, len(ranges)))
     for r in range(shape.ep_size):
         for g, (start, end) in enumerate(ranges):
@@ -256,9 +271,9 @@ def chunk_compute_times(
     return out
 
 
-def _per_expert_times(counts, shape, profile, kernel_profile) -> Optional[np.ndarray]:
-    """[rank, local expert] roofline seconds, or None when kernel tables decide per call."""
-    rows = _per_dst(counts, shape).sum(axis=0)
+def _per_expert_times(rows, shape, profile, kernel_profile) -> Optional[np.ndarray]:
+    """[rank, local expert] roofline seconds of ``rows`` [rank, local expert], or None when
+    kernel tables decide per call."""
     if kernel_profile is not None and _kernel_table_time(kernel_profile, shape, rows[0, :1]) is not None:
         return None
     return _roofline_expert_times(rows, shape, profile)
@@ -290,13 +305,26 @@ class CountInputs:
     def __init__(self, counts, shape: LayerShape, profile: PipelineProfile, kernel_profile=None,
                  range_counts=None, partial_sum_bytes=None):
         self.range_counts, self.partial_sum_bytes = range_counts, partial_sum_bytes
-        self.per_expert = _per_expert_times(counts, shape, profile, kernel_profile)
+        self.per_expert = _per_expert_times(rows_per_expert(counts, shape), shape, profile,
+                                            kernel_profile)
+        # LOCAL_PART / PEER_PART -> [rank, local expert] seconds (local rows apart), on demand
+        self.part_times = {}
+        self._model = (counts, shape, profile, kernel_profile)
         tokens = np.asarray(counts).sum(axis=1) / max(shape.topk, 1)
         self.shared = np.array([shared_experts_time(float(t), shape, profile) for t in tokens])
         self.one_chunk = (
             chunk_comm_times(counts, shape, profile, 1, range_counts, partial_sum_bytes),
             chunk_compute_times(counts, shape, profile, 1, kernel_profile, self.per_expert),
         )
+
+    def part_compute_times(self, chunking, part: str) -> np.ndarray:
+        """[rank, chunk] seconds of the GEMMs over ``part`` of every chunk's rows."""
+        counts, shape, profile, kernel_profile = self._model
+        if part not in self.part_times:
+            self.part_times[part] = _per_expert_times(rows_per_expert(counts, shape, part), shape,
+                                                      profile, kernel_profile)
+        return chunk_compute_times(counts, shape, profile, chunking, kernel_profile,
+                                   self.part_times[part], part)
 
 
 def predict(
@@ -310,6 +338,7 @@ def predict(
     gemm_sm_carveout: Optional[int] = None,
     range_counts: Optional[np.ndarray] = None,
     partial_sum_bytes: Optional[int] = None,
+    local_rows_apart: bool = False,
 ) -> Prediction:
     """The model's times for ``chunking`` (N equal chunks, or experts per chunk); identical on
     every rank.
@@ -317,6 +346,8 @@ def predict(
     The all-to-alls couple the ranks: chunk g's combine ends only once every rank has finished
     X(g), so the plan is simulated with each chunk's GEMM time of its slowest rank.
     ``range_counts``, ``partial_sum_bytes``: the deduplicated scheme (``chunk_comm_times``).
+    ``local_rows_apart``: each chunk's GEMMs are two calls, over the rank's own rows and over
+    its peers' (``schedule.build_plan(local_apart=True)``); each call reads the chunk's weights.
     """
     if _inputs is None:
         _inputs = CountInputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
@@ -329,16 +360,31 @@ def predict(
     if num_chunks > 1:
         # The paper's condition is about splitting itself: judged on GEMM times at full SMs.
         enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
+    local = None
+    if local_rows_apart:
+        local = _inputs.part_compute_times(chunking, LOCAL_PART)
+        compute = _inputs.part_compute_times(chunking, PEER_PART)
     if num_chunks > 1 and gemm_sm_carveout and profile.sm_count:
         # dispatcher: the carve-out holds only while chunks overlap (N > 1)
         slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
         compute, shared = compute * slowdown, shared * slowdown
+        local = None if local is None else local * slowdown
     overhead = chunking_overhead(num_chunks, profile)
     t_comm = float(sum(dispatch) + sum(combine))
-    slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
+    slowest_local = None
+    if local is not None:
+        # Each chunk's two calls as its slowest rank runs them.
+        whole = compute + local
+        rank = whole.argmax(axis=0) if whole.size else np.zeros(num_chunks, dtype=int)
+        chunks = np.arange(num_chunks)
+        slowest_local = local[rank, chunks].tolist() if local.size else [0.0] * num_chunks
+        slowest = compute[rank, chunks].tolist() if compute.size else [0.0] * num_chunks
+        compute = whole  # per rank, for t_comp
+    else:
+        slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
     s = float(shared.max(initial=0.0))
-    serial = t_comm + float(sum(slowest)) + s
-    gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead)
+    serial = t_comm + float(sum(slowest)) + float(sum(slowest_local or ())) + s
+    gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead, slowest_local)
     # The host bound counts the layer's fixed host time; the GPU side leaves the same fixed
     # work (router, permutation) out, which only errs towards fewer chunks when host-bound.
     host = (profile.host_base_us + profile.host_chunk_us * num_chunks) * 1e-6
@@ -362,12 +408,15 @@ def chunking_overhead(num_chunks: int, profile: PipelineProfile) -> float:
 
 def overlapped_time(dispatch: Sequence[float], compute: Sequence[float],
                     combine: Sequence[float], shared: float, profile: PipelineProfile,
-                    dispatch_ahead: Optional[int] = None) -> float:
+                    dispatch_ahead: Optional[int] = None,
+                    local_compute: Optional[Sequence[float]] = None) -> float:
     """GPU seconds of the plan with these per-chunk times (the busiest rank's): the serial sum
     less the part the simulated plan hides, times ``overlap_efficiency``, plus the chunking
-    overhead."""
-    serial = float(sum(dispatch) + sum(combine) + sum(compute) + shared)
-    ideal = simulate_plan(list(dispatch), list(compute), list(combine), shared, dispatch_ahead)
+    overhead. ``local_compute``: GEMMs over the rank's own rows, apart (``compute`` then
+    covers the peers' rows)."""
+    serial = float(sum(dispatch) + sum(combine) + sum(compute) + sum(local_compute or ()) + shared)
+    ideal = simulate_plan(list(dispatch), list(compute), list(combine), shared, dispatch_ahead,
+                          None if local_compute is None else list(local_compute))
     return (serial - (serial - ideal) * profile.overlap_efficiency
             + chunking_overhead(len(compute), profile))
 

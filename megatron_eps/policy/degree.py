@@ -71,6 +71,7 @@ def choose_chunking(
     dispatch_ahead: Optional[int] = None,
     split: Optional[str] = None,
     range_counts: Optional[np.ndarray] = None,
+    local_rows_apart: bool = False,
 ) -> Tuple[int, ...]:
     """Local experts per chunk for this forward (N = the tuple's length).
 
@@ -90,6 +91,8 @@ def choose_chunking(
 
     ``range_counts`` [src, dst, L, L + 1] (gathered with the counts when the dispatch is
     deduplicated): the model times the unique rows each chunk sends instead of the pairs.
+    ``local_rows_apart``: the forward runs each chunk's own rows as a GEMM call of their own
+    (``cost_model.predict``).
     """
     experts = shape.num_local_experts
     split = split or eps_config.chunk_split
@@ -111,6 +114,7 @@ def choose_chunking(
         split,
         eps_config.max_pipeline_degree,
         eps_config.gemm_sm_carveout,
+        local_rows_apart,
     )
     cached = _DECISIONS.get(key)
     if cached is not None:
@@ -120,10 +124,12 @@ def choose_chunking(
     inputs = CountInputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
     best = (experts,)
     carveout = eps_config.gemm_sm_carveout
-    best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead).t_pipelined
+    best_t = predict(counts, shape, profile, best, kernel_profile, inputs, dispatch_ahead,
+                     local_rows_apart=local_rows_apart).t_pipelined
     best_t *= 1.0 - profile.min_gain  # what a multi-chunk split must beat
     for sizes in candidate_chunkings(shape, eps_config, families):
-        p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout)
+        p = predict(counts, shape, profile, sizes, kernel_profile, inputs, dispatch_ahead, carveout,
+                    local_rows_apart=local_rows_apart)
         if p.enabled and p.t_pipelined < best_t * (1 - 1e-9):
             best, best_t = sizes, p.t_pipelined
     if len(_DECISIONS) >= _DECISION_CACHE_SIZE:

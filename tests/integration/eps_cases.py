@@ -75,7 +75,8 @@ def equivalence_cases(world: int):
 
 
 def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, max_cases: int,
-                    transport: str = "auto", dispatch_dedup: str = "off"):
+                    transport: str = "auto", dispatch_dedup: str = "off",
+                    local_rows: str = "together"):
     """Compare stock and EPS outputs for the case grid; return [(case, error, N, record)]."""
     world = dist.get_world_size()
     assert world == world_expected, (world, world_expected)
@@ -102,6 +103,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                 chunk_split=split,
                 transport=transport,
                 dispatch_dedup=dispatch_dedup,
+                local_rows=local_rows,
             )
             stock, eps = build_moe_pair(config, eps_config, seed=seed + 7)
             if routing == "hot":
@@ -137,6 +139,7 @@ def run_equivalence(world_expected: int, dtype_name: str, expert_kernel: str, ma
                     "finite": bool(torch.isfinite(actual.float()).all()),
                     "transport": record.transport,
                     "dedup": record.dedup,
+                    "local_rows_apart": record.local_rows_apart,
                     "bytes_sent": record.bytes_sent.to_dict(),
                     "pair_bytes_sent": record.pair_bytes_sent.to_dict(),
                 }
@@ -268,7 +271,7 @@ def run_dispatcher_roundtrip(world_expected: int, dispatch_dedup: str = "off"):
             probs = routing_map.float() / topk
 
             class ScaleByProb:
-                def prepare(self, layout, device, beside_copy=False):
+                def prepare(self, calls, device, beside_copy=False):
                     pass
 
                 def run(self, tokens, tokens_per_expert, row_probs, first_expert):

@@ -77,3 +77,14 @@ def test_chunk_split_tradeoff_smoke(tmp_path):
         # token chunks keep the saving whole; expert chunks lose it as N grows
         assert len(token_rows) == 1 and expert_rows == sorted(expert_rows)
         assert expert_rows[-1] <= point["per_pair_remote_rows"]
+
+
+def test_local_rows_tradeoff_smoke(tmp_path):
+    out = tmp_path / "local_rows.json"
+    _run(["benchmarks/local_rows_tradeoff.py", "--smoke", "--out", str(out)])
+    for point in json.loads(out.read_text())["points"]:
+        assert point["best_apart"]["forward_s"] > 0 and point["best_together"]["forward_s"] > 0
+        for n, v in point["degrees"].items():
+            assert len(v["gemm_own_s"]) == len(v["gemm_peer_s"]) == len(v["gemm_whole_s"]) == int(n)
+            # a chunk that moves rows pays for its transfers in both modes
+            assert all(d > 0 for d in v["dispatch_s"]) and v["forward_apart_s"] > 0

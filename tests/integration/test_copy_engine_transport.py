@@ -232,3 +232,116 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
         want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
         transports[r].end()
+
+
+class ExpertByIndex:
+    """Stand-in experts whose output also depends on the expert, so rows handed to the wrong
+    expert (a wrong ``tokens_per_expert`` of a part) show up."""
+
+    def run(self, tokens, tokens_per_expert, probs, first_expert):
+        assert tokens.shape[0] == sum(tokens_per_expert)
+        expert = torch.repeat_interleave(
+            torch.arange(len(tokens_per_expert), device=tokens.device) + first_expert,
+            torch.tensor(tokens_per_expert, dtype=torch.long, device=tokens.device))
+        return expert_output(tokens, probs) + expert.unsqueeze(-1).to(tokens.dtype)
+
+
+def _devices():
+    gpu = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+    return ["cpu", gpu]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk, chunking,
+                                                        scenario, device):
+    """Every rank runs build_plan(local_apart=True) in lockstep, with the dispatcher's own
+    expert step (run_chunk_experts): a chunk's local part holds the rank's own rows and its
+    peer part the others', each expert-major, and every routed row comes back as the output
+    of its expert. A flag awaited before its peer set it raises (SimulatedPeers). On a GPU the
+    transport's kernels (placement, the own rows' return copy) run there; the copies between
+    the simulated ranks stay tensor assignments."""
+    from megatron_eps.pipeline.dispatcher import run_chunk_experts
+    from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
+    from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS,
+                                                PLACE, build_plan)
+
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    hidden_states, routings, probs = ([t.to(device) for t in ts]
+                                      for ts in (hidden_states, routings, probs))
+    stream = torch.cuda.current_stream() if device == "cuda" else None
+    sizes = chunk_sizes(local, chunking)
+    world = SimulatedPeers(ep, device)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    experts = ExpertByIndex()
+    ranks = []
+    for r in range(ep):
+        layout = ChunkLayout.build(counts, r, local, sizes, local_rows_apart=True)
+        permutation = permute_chunk_major(hidden_states[r], probs[r], routings[r],
+                                          layout.expert_order, layout.send_offsets[-1],
+                                          gather_tokens=False)
+        columns = probs_columns(hidden_states[r], permutation.probs)
+        transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
+                            torch.device(device))
+        ranks.append((layout, permutation, columns))
+    seen = {LOCAL_PART: [], PEER_PART: []}
+
+    def stage(r, name, chunk):
+        layout, permutation, columns = ranks[r]
+        transport = transports[r]
+        if name == PLACE:
+            return transport.place_rows(chunk, hidden_states[r], permutation.sorted_indices,
+                                        permutation.probs, columns)
+        if name in (DISPATCH, COMBINE):
+            return getattr(transport, name)(chunk)
+        part = LOCAL_PART if name == LOCAL_EXPERTS else PEER_PART
+        rows, _ = transport.received(chunk, part)
+        seen[part].append((r, chunk, rows[:, :HIDDEN].clone()))
+        run_chunk_experts(transport, layout, experts, chunk, part, HIDDEN, columns, torch.float32)
+
+    plan = build_plan(len(sizes), local_apart=True)
+    assert [s.stage for s in plan].count(LOCAL_EXPERTS) == len(sizes)
+    completions = [{} for _ in range(ep)]
+    for step in plan:
+        for r in range(ep):
+            waited = completions[r].get(step.wait)
+            if waited is not None:
+                waited.wait(stream)
+            done = stage(r, step.stage, step.chunk)
+            if step.record is not None:
+                completions[r][step.record] = done
+    for r in range(ep):
+        completions[r][f"combined[{len(sizes) - 1}]"].wait(stream)
+        layout, permutation, _ = ranks[r]
+        row_expert = torch.repeat_interleave(
+            torch.as_tensor(layout.expert_order % local),
+            torch.as_tensor(counts[r][layout.expert_order]))
+        want = (expert_output(hidden_states[r][permutation.sorted_indices], permutation.probs)
+                .cpu() + row_expert.unsqueeze(-1).float())
+        assert torch.equal(transports[r].combined_rows().cpu(), want), scenario
+    for part, sources in ((LOCAL_PART, lambda r: [r]),
+                          (PEER_PART, lambda r: [s for s in range(ep) if s != r])):
+        for r, chunk, rows in seen[part]:
+            a, b = ranks[r][0].expert_ranges[chunk]
+            want = [hidden_states[s][torch.nonzero(routings[s][:, r * local + l]).flatten()]
+                    for l in range(a, b) for s in sources(r)]
+            want = torch.cat(want).cpu() if want else torch.zeros(0, HIDDEN)
+            assert torch.equal(rows.cpu(), want), (part, r, chunk)
+
+
+def test_local_part_is_a_chunks_head_and_holds_the_ranks_own_rows():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 9, size=(3, 12))
+    ranges = [(0, 1), (1, 3), (3, 4)]
+    for rank in range(3):
+        apart = CopyEngineLayout.build(counts, rank, ranges, local_apart=True)
+        together = CopyEngineLayout.build(counts, rank, ranges)
+        assert apart.recv_chunk_offsets == together.recv_chunk_offsets
+        assert together.recv_local_rows == [0, 0, 0]
+        assert apart.recv_local_rows == [int(counts[rank, rank * 4 + a:rank * 4 + b].sum())
+                                         for a, b in ranges]
+        # the same copies to the same peers, only to other rows
+        for g in range(len(ranges)):
+            for peer, copies in apart.dispatch[g].items():
+                assert copies.total_rows == together.dispatch[g][peer].total_rows

@@ -96,17 +96,21 @@ def test_eps_equals_stock_with_gemm_backends(kernel, world):
 
 @pytest.mark.slow
 @pytest.mark.multigpu
-@pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
-def test_eps_equals_stock_on_each_transport(transport):
+@pytest.mark.parametrize("transport,local_rows", [("nccl", "together"),
+                                                  ("copy_engine", "together"),
+                                                  ("copy_engine", "apart")])
+def test_eps_equals_stock_on_each_transport(transport, local_rows):
     """Both transports over a real EP=2 group (GPUs): the whole grid, bf16, and the transport
-    really used is the one asked for (no silent fallback)."""
+    really used is the one asked for (no silent fallback); on the copy engines also with each
+    chunk's own rows apart."""
     if not torch.cuda.is_available():
         pytest.skip("the transports differ on GPUs only (CPU ranks use gloo's all-to-all)")
     skip_unless_ranks_fit(2)
-    results = run_distributed(eps_cases.run_equivalence, 2, 2, "bf16", "auto", 10_000, transport)
+    results = run_distributed(eps_cases.run_equivalence, 2, 2, "bf16", "auto", 10_000, transport,
+                              "off", local_rows)
     _check(results, "bf16")
-    used = {r["transport"] for rank in results for r in rank}
-    assert used == {transport}, used
+    used = {(r["transport"], r["local_rows_apart"]) for rank in results for r in rank}
+    assert used == {(transport, local_rows == "apart")}, used
 
 
 def _check_stack(results, dtype):

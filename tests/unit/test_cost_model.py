@@ -137,6 +137,36 @@ def test_prediction_is_the_plan_walk_with_each_chunks_slowest_rank():
             )
 
 
+def test_local_rows_apart_is_the_plan_walk_of_both_parts():
+    """With a chunk's own rows apart the model walks the plan with both GEMM calls per chunk
+    (as the chunk's slowest rank runs them), and every call reads its experts' weights: at a load where
+    the GEMMs are weight-bound the parts cost more than the whole."""
+    from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
+    from megatron_eps.policy.cost_model import rows_per_expert, shared_experts_time
+
+    counts = random_counts(DSV2_EP2, [8192, 6000], seed=5)
+    p = profile(memory_bandwidth_gbps=2500.0, link_latency_us=20.0)
+    rows = rows_per_expert(counts, DSV2_EP2)
+    local, peer = (rows_per_expert(counts, DSV2_EP2, part) for part in (LOCAL_PART, PEER_PART))
+    assert (local + peer == rows).all() and (local[0] == counts[0, :8]).all()
+    s = max(shared_experts_time(t, DSV2_EP2, p) for t in counts.sum(axis=1) / DSV2_EP2.topk)
+    for n in (1, 2, 4):
+        d, c = chunk_comm_times(counts, DSV2_EP2, p, n)
+        xl = chunk_compute_times(counts, DSV2_EP2, p, n, part=LOCAL_PART)
+        xp = chunk_compute_times(counts, DSV2_EP2, p, n, part=PEER_PART)
+        slowest = (xl + xp).argmax(axis=0), np.arange(n)  # each chunk's slowest rank
+        walked = simulate_plan(d, xp[slowest], c, s, local_experts=xl[slowest])
+        pred = predict(counts, DSV2_EP2, p, n, local_rows_apart=True)
+        assert pred.t_pipelined == pytest.approx(walked + p.chunk_overhead_us * 1e-6 * (n - 1),
+                                                 rel=1e-12)
+        # at this load the transfers are hidden better than with one call per chunk
+        assert pred.t_pipelined < predict(counts, DSV2_EP2, p, n).t_pipelined
+    tiny = random_counts(DSV2_EP2, [64, 64], seed=1)
+    whole = chunk_compute_times(tiny, DSV2_EP2, p, 1)
+    parts = sum(chunk_compute_times(tiny, DSV2_EP2, p, 1, part=x) for x in (LOCAL_PART, PEER_PART))
+    assert (parts > whole).all()
+
+
 def test_host_issue_time_bounds_the_layer():
     counts = balanced_counts(DSV2, 4096)
     gpu_only = profile(chunk_overhead_us=10.0)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megatron_eps.comm.nccl import regroup_rows
-from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes, split_local_experts, tail_split
+from megatron_eps.pipeline.layout import (LOCAL_PART, PEER_PART, ChunkLayout, chunk_sizes,
+                                          split_local_experts, tail_split)
 from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.pipeline.schedule import (
     COMBINE,
@@ -13,9 +14,11 @@ from megatron_eps.pipeline.schedule import (
     COMPUTE,
     DISPATCH,
     EXPERTS,
+    LOCAL_EXPERTS,
     PLACE,
     Step,
     build_plan,
+    simulate_plan,
 )
 
 
@@ -115,10 +118,18 @@ def test_layout_routes_every_row_to_its_expert(seed):
             assert lay.tokens_per_expert[chunk] == [
                 int(counts[:, dst * local + e].sum()) for e in range(start, end)
             ]
+            apart = ChunkLayout.build(counts, dst, local, chunking, local_rows_apart=True)
+            own = [int(counts[dst, dst * local + e]) for e in range(start, end)]
+            assert apart.part_tokens_per_expert(chunk, LOCAL_PART) == own
+            assert apart.part_tokens_per_expert(chunk, PEER_PART) == [
+                int(counts[:, dst * local + e].sum()) - o for e, o in zip(range(start, end), own)]
+            assert apart.part_tokens_per_expert(chunk) == lay.tokens_per_expert[chunk]
             back = lay.expert_major_to_rank_major(chunk)
             if back is not None:
                 restored = regroup_rows(torch.from_numpy(rows), *back).numpy()
                 assert (restored == received[(dst, chunk)]).all()
+        assert lay.expert_calls() == lay.tokens_per_expert
+        assert len(apart.expert_calls()) == 2 * chunks
 
 
 def test_layout_rejects_wrong_shape():
@@ -141,6 +152,37 @@ def test_plan_orders_dispatch_before_experts_before_combine(chunks):
     for step in plan:
         assert step.stream == (COMPUTE if step.stage == EXPERTS else COMM)
     assert len(plan) == 4 * chunks
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_plan_with_local_rows_apart_hides_the_first_dispatch_and_the_last_combine(chunks):
+    plan = build_plan(chunks, local_apart=True)
+    position = {(s.stage, s.chunk): i for i, s in enumerate(plan)}
+    together = [s for s in plan if s.stage != LOCAL_EXPERTS]
+    # without the local steps (and the placed[] events nothing else awaits), the same plan
+    assert [(s.stage, s.chunk, s.stream, s.wait) for s in together] == [
+        (s.stage, s.chunk, s.stream, s.wait) for s in build_plan(chunks)]
+    for i in range(chunks):
+        local = plan[position[(LOCAL_EXPERTS, i)]]
+        assert local.stream == COMPUTE and local.wait == f"placed[{i}]"
+        assert plan[position[(PLACE, i)]].record == f"placed[{i}]"
+        if chunks > 1 and i == chunks - 1:
+            # after the chunk's peer rows and its combine: it runs beside that combine
+            assert position[(EXPERTS, i)] < position[(COMBINE, i)] < position[(LOCAL_EXPERTS, i)]
+        else:
+            # before the chunk's peer rows: it runs beside their dispatch
+            assert position[(LOCAL_EXPERTS, i)] < position[(EXPERTS, i)]
+
+
+def test_simulated_plan_with_local_rows_apart():
+    """Two chunks, each transfer and each GEMM part 1 s: apart, L0 runs beside D0 and L1 beside
+    C1, so 4 s; together (each chunk's GEMMs 2 s) 6 s."""
+    ones = [1.0, 1.0]
+    assert simulate_plan(ones, ones, ones, local_experts=ones) == pytest.approx(4.0)
+    assert simulate_plan(ones, [2.0, 2.0], ones) == pytest.approx(6.0)
+    # one chunk: the local part hides the dispatch, the combine stays exposed
+    assert simulate_plan([1.0], [1.0], [1.0], local_experts=[1.0]) == pytest.approx(3.0)
+    assert simulate_plan([1.0], [2.0], [1.0]) == pytest.approx(4.0)
 
 
 def test_run_plan_without_streams_follows_plan_order():
