@@ -120,87 +120,94 @@ class GemmTimer:
         return times
 
 
-def measure_shape(name, spec, tokens_list, degrees, profile, dtype, device, args):
-    from megatron_eps.pipeline.layout import split_local_experts
-    from megatron_eps.policy.cost_model import (LayerShape, overlapped_time, shared_experts_time,
-                                                unique_rows_comm_times)
+def shape_and_timer(spec, tokens_list, dtype, device, args):
+    """(LayerShape, GemmTimer of its local experts) of a SHAPES entry at its EP size."""
+    from megatron_eps.policy.cost_model import LayerShape
 
     hidden, ffn, experts, topk, ep, shared_ffn = spec
-    local = experts // ep
     element = torch.empty((), dtype=dtype).element_size()
-    shape = LayerShape(hidden, ffn, local, ep, topk, True, element, shared_ffn)
+    shape = LayerShape(hidden, ffn, experts // ep, ep, topk, True, element, shared_ffn)
     max_rows = max(tokens_list) * topk * 2  # rank 0's received rows stay well under this
-    timer = GemmTimer(hidden, ffn, local, dtype, device, max_rows, args.backends, args.target_s)
-    rows = []
-    for tokens in tokens_list:
-        maps = sample_routing(tokens, experts, topk, ep, seed=tokens, device=device)
-        shared = shared_experts_time(tokens, shape, profile)
-        point = {"shape": name, "tokens_per_rank": tokens, "ep": ep, "local_experts": local,
-                 "shared_s": shared, "expert_chunks": {}, "token_chunks": {}}
-        for n in sorted({min(d, local) for d in degrees}):
-            ranges = split_local_experts(local, n)
-            for split, (unique, loads), firsts in (
-                ("expert_chunks", expert_chunk_counts(maps, ep, ranges), [a for a, _ in ranges]),
-                ("token_chunks", token_chunk_counts(maps, ep, n), [0] * n),
-            ):
-                widest = max(b - a for a, b in ranges) if split == "expert_chunks" else local
-                # bf16 partial sums (dedup_combine_dtype: model)
-                dispatch, combine = unique_rows_comm_times(unique, shape, profile, widest)
-                timed = [timer.seconds(c, f) for c, f in zip(loads, firsts)]
-                compute = [t["best"] for t in timed]
-                remote = ~np.eye(ep, dtype=bool)
-                point[split][str(n)] = {
-                    "remote_rows": int(unique.sum(axis=2)[remote].sum()),
-                    "dispatch_s": dispatch, "combine_s": combine, "gemm_s": compute,
-                    "gemm_by_backend_s": [{k: v for k, v in t.items() if k != "best"} for t in timed],
-                    "forward_s": overlapped_time(dispatch, compute, combine, shared, profile),
-                }
-        pair_remote = int(maps.reshape(ep, tokens, ep, local).sum(dim=(1, 3)).cpu().numpy()[
-            ~np.eye(ep, dtype=bool)].sum())
-        point["per_pair_remote_rows"] = pair_remote
-        for split in ("expert_chunks", "token_chunks"):
-            best = min(point[split], key=lambda k: point[split][k]["forward_s"])
-            point[split + "_best"] = {"n": int(best), "forward_s": point[split][best]["forward_s"]}
-        one = sum(point["expert_chunks"]["1"]["gemm_s"])
-        point["token_chunk_gemm_inflation"] = {
-            n: sum(v["gemm_s"]) / one for n, v in point["token_chunks"].items() if one > 0}
-        rows.append(point)
-        print_row(point, flush=True)
-    del timer
-    return rows
+    return shape, GemmTimer(hidden, ffn, experts // ep, dtype, device, max_rows, args.backends,
+                            args.target_s)
 
 
-def print_row(p, flush=False):
+def measure_point(point, maps, shape, timer, degrees, profile):
+    """Both chunkings of one load (``maps`` [ep, tokens, experts]) into ``point``."""
+    from megatron_eps.pipeline.layout import split_local_experts
+    from megatron_eps.policy.cost_model import overlapped_time, unique_rows_comm_times
+
+    ep, local, shared = shape.ep_size, shape.num_local_experts, point["shared_s"]
+    point.update(expert_chunks={}, token_chunks={})
+    for n in sorted({min(d, local) for d in degrees}):
+        ranges = split_local_experts(local, n)
+        for split, (unique, loads), firsts in (
+            ("expert_chunks", expert_chunk_counts(maps, ep, ranges), [a for a, _ in ranges]),
+            ("token_chunks", token_chunk_counts(maps, ep, n), [0] * n),
+        ):
+            widest = max(b - a for a, b in ranges) if split == "expert_chunks" else local
+            # bf16 partial sums (dedup_combine_dtype: model)
+            dispatch, combine = unique_rows_comm_times(unique, shape, profile, widest)
+            timed = [timer.seconds(c, f) for c, f in zip(loads, firsts)]
+            compute = [t["best"] for t in timed]
+            remote = ~np.eye(ep, dtype=bool)
+            point[split][str(n)] = {
+                "remote_rows": int(unique.sum(axis=2)[remote].sum()),
+                "dispatch_s": dispatch, "combine_s": combine, "gemm_s": compute,
+                "gemm_by_backend_s": [{k: v for k, v in t.items() if k != "best"} for t in timed],
+                "forward_s": overlapped_time(dispatch, compute, combine, shared, profile),
+            }
+    tokens = maps.shape[1]
+    pair_remote = int(maps.reshape(ep, tokens, ep, local).sum(dim=(1, 3)).cpu().numpy()[
+        ~np.eye(ep, dtype=bool)].sum())
+    point["per_pair_remote_rows"] = pair_remote
+    for split in ("expert_chunks", "token_chunks"):
+        best = min(point[split], key=lambda k: point[split][k]["forward_s"])
+        point[split + "_best"] = {"n": int(best), "forward_s": point[split][best]["forward_s"]}
+    one = sum(point["expert_chunks"]["1"]["gemm_s"])
+    point["token_chunk_gemm_inflation"] = {
+        n: sum(v["gemm_s"]) / one for n, v in point["token_chunks"].items() if one > 0}
+
+
+def print_row(p):
     e, t = p["expert_chunks_best"], p["token_chunks_best"]
     infl = " ".join(f"{n}:{v:.2f}" for n, v in p["token_chunk_gemm_inflation"].items())
     n1 = p["expert_chunks"]["1"]["forward_s"]
     print(f"{p['shape']:14} {p['tokens_per_rank']:>6} | N=1 {n1 * 1e3:7.2f} | experts "
           f"{e['forward_s'] * 1e3:7.2f} (N={e['n']}) | tokens {t['forward_s'] * 1e3:7.2f} "
           f"(N={t['n']}) | tokens/experts {t['forward_s'] / e['forward_s']:.3f} | "
-          f"token-chunk GEMM inflation {infl}", flush=flush)
+          f"token-chunk GEMM inflation {infl}", flush=True)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tradeoff_parser(description: str, shapes: str, degrees: str) -> argparse.ArgumentParser:
+    """The arguments of the one-GPU trade-off scripts (this one and local_rows_tradeoff.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=shapes)
     ap.add_argument("--tokens", default="4096,8192,16384,32768")
-    ap.add_argument("--degrees", default="1,2,3,4,8")
+    ap.add_argument("--degrees", default=degrees)
     ap.add_argument("--backends", default="", help="comma list (default: every measurable one)")
     ap.add_argument("--target-s", type=float, default=0.02)
     ap.add_argument("--profile", default=None,
                     help="profile with a links.copy_engine section (default: the shipped H200 one)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (logic check)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_tradeoff(args, measure, show, method: str) -> None:
+    """Validate ``args`` (``tradeoff_parser``); for each shape and load, sample the routing and
+    call ``measure(point, maps, shape, timer, degrees, profile)``, which fills ``point``, then
+    ``show(point)``; write the JSON result."""
     from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.policy.cost_model import shared_experts_time
     from megatron_eps.experts.calibrate import device_info, versions, warm_gpu
     from megatron_eps.policy.profile import PROFILES_DIR, open_profile
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    unknown = [s for s in args.shapes.split(",") if s not in shapes] if not args.smoke else []
+    names = list(shapes) if args.smoke else args.shapes.split(",")
+    unknown = [s for s in names if s not in shapes]
     if unknown:
         raise SystemExit(f"--shapes {','.join(unknown)}: allowed: {', '.join(shapes)}")
-    names = list(shapes) if args.smoke else args.shapes.split(",")
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -215,20 +222,35 @@ def main(argv=None):
     t0 = time.time()
     points = []
     for name in names:
-        points += measure_shape(name, shapes[name], tokens_list, degrees, profile, dtype, device,
-                                args)
+        shape, timer = shape_and_timer(shapes[name], tokens_list, dtype, device, args)
+        experts = shape.num_local_experts * shape.ep_size
+        for tokens in tokens_list:
+            maps = sample_routing(tokens, experts, shape.topk, shape.ep_size, seed=tokens,
+                                  device=device)
+            point = {"shape": name, "tokens_per_rank": tokens, "ep": shape.ep_size,
+                     "local_experts": shape.num_local_experts,
+                     "shared_s": shared_experts_time(tokens, shape, profile)}
+            measure(point, maps, shape, timer, degrees, profile)
+            show(point)
+            points.append(point)
+        del timer
         if cuda:
             torch.cuda.empty_cache()
     result = {
         "device": device_info(device), "versions": versions(), "git_commit": git_commit(),
         "command": " ".join(sys.argv), "seconds": time.time() - t0,
         "link": {"transport": "copy_engine", "profile": path, **profile.to_dict()},
-        "method": "routing sampled; unique rows counted exactly; GEMMs timed on this device "
-                  "(fastest backend, interleaved); link and forward modeled (cost_model)",
-        "points": points,
+        "method": method, "points": points,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def main(argv=None):
+    args = tradeoff_parser(__doc__.split("\n\n")[0], ",".join(SHAPES), "1,2,3,4,8").parse_args(argv)
+    run_tradeoff(args, measure_point, print_row,
+                 "routing sampled; unique rows counted exactly; GEMMs timed on this device "
+                 "(fastest backend, interleaved); link and forward modeled (cost_model)")
 
 
 if __name__ == "__main__":
