@@ -4,10 +4,10 @@ the forward gains, with GEMMs measured on this GPU and the link modeled.
     python benchmarks/local_rows_tradeoff.py --out local_rows.json            (GPU)
     python benchmarks/local_rows_tradeoff.py --smoke --out x.json              (CPU logic check)
 
-With the local rows apart each chunk's expert GEMMs are two calls: over the rows the rank routed
-to its own experts (they need no transfer, so they run beside the first dispatch, or beside the
-last combine in the last chunk) and over the rows its peers sent. The second call reads the
-chunk's weights again and both have fewer rows per expert.
+With the local rows apart each chunk's expert GEMMs are two calls: over whole row tiles of the
+rows the rank routed to its own experts (they need no transfer, so they run beside the first
+dispatch, or beside the last combine in the last chunk; ``layout.local_head_rows``) and over
+the rest. The second call reads the chunk's weights again.
 
 For each shape and load this script
 1. samples random top-k routing on every rank of the EP group (chunk_split_tradeoff's sampler);
@@ -35,7 +35,7 @@ DEFAULT_SHAPES = ("dsv2_ep2", "dsv2_ep8", "mixtral_ep2")
 
 def measure_point(point, maps, shape, timer, degrees, profile):
     """Together and apart at one load (``maps`` [ep, tokens, experts]) into ``point``."""
-    from megatron_eps.pipeline.layout import split_local_experts
+    from megatron_eps.pipeline.layout import local_head_rows, split_local_experts
     from megatron_eps.policy.cost_model import chunk_comm_times, overlapped_time
 
     counts = maps.sum(dim=1).cpu().numpy()  # [src rank, expert]
@@ -47,9 +47,10 @@ def measure_point(point, maps, shape, timer, degrees, profile):
         whole, own, peer = [], [], []
         for a, b in ranges:
             received = counts[:, a:b]  # rank 0's experts a..b-1, rows from every rank
+            head = local_head_rows(received[0])  # the local part: whole tiles of own rows
             whole.append(timer.seconds(received.sum(axis=0), a)["best"])
-            own.append(timer.seconds(received[0], a)["best"])
-            peer.append(timer.seconds(received[1:].sum(axis=0), a)["best"])
+            own.append(timer.seconds(head, a)["best"])
+            peer.append(timer.seconds(received.sum(axis=0) - head, a)["best"])
         point["degrees"][str(n)] = {
             "dispatch_s": dispatch, "combine_s": combine,
             "gemm_whole_s": whole, "gemm_own_s": own, "gemm_peer_s": peer,

@@ -21,9 +21,9 @@ How (``copy_engine_layout`` has the row arithmetic):
   as copy-engine copies, one per expert, they were many small copies that queued on the comm
   stream ahead of the next chunk's transfer to the peers (a trace on two H200s:
   docs/transports.md).
-* With the layout's local rows apart, a chunk's receive rows start with the rank's own rows
-  (``received(g, LOCAL_PART)``, placed by the permutation, so they wait for no peer), then the
-  peers' (``PEER_PART``); ``combine(g)`` sends the peer part's outputs.
+* With the layout's local rows apart, a chunk's receive rows start with a local part of the
+  rank's own rows (``received(g, LOCAL_PART)``, placed by the permutation, so they wait for no
+  peer), then the rest (``PEER_PART``); ``combine(g)`` sends the second part's outputs.
 
 Buffers are sized from the all-gathered count matrix (the same numbers on every rank), grown
 geometrically and reused across forwards and layers. The count all-gather that starts every
@@ -135,8 +135,9 @@ class CopyEngineTransport(ExpertTransport):
         if self._dedup:
             plan = CopyEngineLayout.for_unique_rows(layout.unique_rows, layout.ep_rank)
         else:
-            plan = CopyEngineLayout.build(counts, layout.ep_rank, layout.expert_ranges,
-                                          local_apart=layout.local_rows_apart)
+            plan = CopyEngineLayout.build(
+                counts, layout.ep_rank, layout.expert_ranges,
+                local_align=layout.local_rows_align if layout.local_rows_apart else 0)
         out_dtype = getattr(layout, "combine_dtype", None) or dtype
         element = torch.empty((), dtype=dtype).element_size()
         row_bytes = width * element
@@ -169,7 +170,7 @@ class CopyEngineTransport(ExpertTransport):
         if chunk == 0:
             # Each routed row's dispatch-buffer row, built on the device from the few pieces.
             self._buffer_rows, = rows_of_runs(
-                self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
+                self.plan.run_sizes, tokens.device, self.plan.run_buffer_row
             )
         rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
         scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows],
@@ -179,7 +180,7 @@ class CopyEngineTransport(ExpertTransport):
     def place_unique_rows(self, chunk, tokens, probs, routing_map):
         if chunk == 0:
             self._buffer_rows, = rows_of_runs(
-                self.plan.piece_sizes, tokens.device, self.plan.piece_buffer_row
+                self.plan.run_sizes, tokens.device, self.plan.run_buffer_row
             )
         first, end = self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1]
         sent_rows = place_unique_rows(
@@ -217,12 +218,14 @@ class CopyEngineTransport(ExpertTransport):
         """Outputs of the rank's own rows go to its return buffer now; the peers' wait for
         ``combine(chunk)``."""
         outputs = outputs.contiguous()
-        own = self.plan.combine[chunk][self.plan.ep_rank]
-        if len(own) and part != PEER_PART:
+        if part == LOCAL_PART:
+            own = self.plan.combine_local[chunk]
+        else:
+            own = self.plan.combine[chunk][self.plan.ep_rank]
+            self._outputs[chunk] = outputs
+        if len(own):
             src, dst = rows_of_runs(own.num_rows, outputs.device, own.src_rows, own.dst_rows)
             copy_rows(outputs, src, self._return, dst)
-        if part != LOCAL_PART:
-            self._outputs[chunk] = outputs
 
     def combine(self, chunk):
         outputs = self._outputs[chunk]

@@ -6,9 +6,11 @@ Each rank holds two buffers of the same size on every rank (symmetric memory):
   of ``staging_capacity`` rows. Rank d's receive area holds, expert by expert (its local
   experts in order, which is chunk by chunk), each expert's rows from source rank 0, 1, ...,
   each source's rows in token order: the order the expert GEMMs read, so nothing is regrouped.
-  With the local rows apart (``local_apart``), each chunk holds first d's own rows, expert by
-  expert, then the peers' rows, expert by expert and by source: two grouped-GEMM inputs, the
-  first of which is ready before any transfer.
+  With the local rows apart (``local_align`` > 0), each chunk holds first the local part:
+  whole multiples of ``local_align`` of d's own rows (``layout.local_head_rows``), expert by
+  expert; then the rest, expert by expert and by source as above (d's remaining own rows in
+  their source's place). Two grouped-GEMM inputs, the first of which is ready before any
+  transfer, and together no more row tiles than the chunk's rows in one.
   A rank's rows for its own experts are written straight into its receive area by the
   permutation; the rows for other ranks' experts are staged in send order and copied by the
   copy engines straight to their final row in the peer's receive area.
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from megatron_eps.pipeline.layout import local_head_rows
 
 
 @dataclass(frozen=True)
@@ -66,29 +70,33 @@ class CopyEngineLayout:
     staging_capacity: int  # rows of every rank's staging area
     return_capacity: int  # rows of every rank's return buffer
     recv_chunk_offsets: List[int]  # [chunk + 1] first receive-area row of each chunk (this rank)
-    # [chunk] rows at the head of each chunk that this rank routed to its own experts (local_apart;
-    # all zero otherwise, where a chunk is one part)
+    # [chunk] rows of each chunk's local part, at its head (all zero without local_align: a
+    # chunk is then one part)
     recv_local_rows: List[int]
-    # This rank's send order as pieces (chunk, destination rank, expert), each a run of rows:
-    piece_sizes: np.ndarray  # rows per piece
-    piece_send_start: np.ndarray  # first send-order row of each piece
-    piece_is_local: np.ndarray  # bool: bound for this rank's own experts
-    # first dispatch-buffer row each piece is placed at by the permutation: its receive-area row
-    # (local pieces) or recv_capacity + its staging row (pieces bound for peers)
-    piece_buffer_row: np.ndarray
+    # This rank's send order as runs of rows: each piece (chunk, destination rank, expert) is one
+    # run, or two for its own experts with a local part (the local part's rows, then the rest).
+    run_sizes: np.ndarray  # rows per run
+    run_send_start: np.ndarray  # first send-order row of each run
+    run_is_local: np.ndarray  # bool: bound for this rank's own experts
+    # first dispatch-buffer row each run is placed at by the permutation: its receive-area row
+    # (local runs) or recv_capacity + its staging row (runs bound for peers)
+    run_buffer_row: np.ndarray
     dispatch: List[Dict[int, RowCopies]]  # [chunk][peer] staging row -> peer receive-area row
-    combine: List[Dict[int, RowCopies]]  # [chunk][rank] chunk output row -> that rank's return row
+    # [chunk][rank] output row of the chunk (of its second part, with a local part) -> that
+    # rank's return row
+    combine: List[Dict[int, RowCopies]]
+    # [chunk] output row of the chunk's local part -> this rank's return row (empty without one)
+    combine_local: List[RowCopies]
 
     @classmethod
     def build(
         cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]],
-        local_apart: bool = False,
+        local_align: int = 0,
     ) -> "CopyEngineLayout":
         """counts: [ep_size, num_experts] rows each rank routes to each expert (global ids);
         expert_ranges: [start, end) local-expert range of each chunk (the same on every rank);
-        local_apart: each chunk's receive area starts with the rows a rank routed to its own
-        experts (module docstring). The combine copies then read the peers' part of a chunk's
-        outputs, and the copies of the rank's own rows its local part."""
+        local_align: > 0 gives every chunk a local part of whole multiples of it of each
+        expert's own rows (module docstring); 0: none."""
         counts = np.asarray(counts, dtype=np.int64)
         ep_size, num_experts = counts.shape
         num_local = num_experts // ep_size
@@ -97,6 +105,10 @@ class CopyEngineLayout:
         if not 0 <= ep_rank < ep_size:
             raise ValueError(f"ep_rank {ep_rank} outside [0, {ep_size})")
         per = counts.reshape(ep_size, ep_size, num_local)  # [src, dst, local expert]
+        ranks = np.arange(ep_size)
+        # head[d, l]: rank d's own rows for its expert l that its local part takes
+        head = (local_head_rows(per[ranks, ranks], local_align) if local_align
+                else np.zeros((ep_size, num_local), dtype=np.int64))
 
         # send_start[s, d, l]: first send-order row of rank s's rows for expert l of rank d.
         dst_idx = np.concatenate(
@@ -110,54 +122,69 @@ class CopyEngineLayout:
         send_start = np.zeros((ep_size, ep_size, num_local), dtype=np.int64)
         send_start[:, dst_idx, loc_idx] = starts_send
 
-        # recv_start[d, l, s]: first receive-area row on rank d of source s's rows for expert l.
-        flat = per.transpose(1, 2, 0).reshape(ep_size, -1)  # [dst, (local expert, src)]
-        recv_start = (_starts_in_order(flat, _receive_order(expert_ranges, ep_size, num_local,
-                                                            local_apart))
-                      .reshape(ep_size, num_local, ep_size))
+        # recv_start[d, l, s]: first receive-area row on rank d of source s's rows for expert l
+        # (for s = d, those after the head); slot s = ep_size: the head.
+        slots = np.zeros((ep_size, num_local, ep_size + 1), dtype=np.int64)
+        slots[:, :, :ep_size] = per.transpose(1, 2, 0)
+        slots[ranks, :, ranks] -= head
+        slots[:, :, ep_size] = head
+        flat = slots.reshape(ep_size, -1)
+        recv_start = (_starts_in_order(flat, _receive_order(expert_ranges, ep_size, num_local))
+                      .reshape(ep_size, num_local, ep_size + 1))
 
         recv_rows = flat.sum(axis=1)  # per rank
         sent_rows = counts.sum(axis=1)
-        local_rows = per[np.arange(ep_size), np.arange(ep_size)].sum(axis=1)
+        local_rows = per[ranks, ranks].sum(axis=1)
         me = ep_rank
 
         chunk_rows = [int(per[:, me, a:b].sum()) for a, b in expert_ranges]
         chunk_offsets = np.concatenate([[0], np.cumsum(chunk_rows)]).astype(int).tolist()
-        recv_local = [int(per[me, me, a:b].sum()) if local_apart else 0 for a, b in expert_ranges]
+        recv_local = [int(head[me, a:b].sum()) for a, b in expert_ranges]
 
-        # This rank's pieces in send order; own rows go to the receive area, others are staged.
+        # This rank's runs in send order; own rows go to the receive area, others are staged.
         is_local = dst_idx == me
         # staging_start[d, l]: first staging row of this rank's rows for (d, l), d != me.
         staged_sizes = np.where(is_local, 0, sizes_send[me])
         staging_start = np.zeros((ep_size, num_local), dtype=np.int64)
         staging_start[dst_idx, loc_idx] = np.cumsum(staged_sizes) - staged_sizes
         recv_capacity = int(recv_rows.max())
-        buffer_row = np.where(
+        # Each piece as two runs: its rows in the local part (own experts only), then the rest.
+        head_run = np.where(is_local, head[me, loc_idx], 0)
+        rest_row = np.where(
             is_local,
             recv_start[me, loc_idx, me],
             recv_capacity + staging_start[dst_idx, loc_idx],
         )
+        run_sizes = np.stack([head_run, sizes_send[me] - head_run], axis=1).reshape(-1)
+        run_send_start = np.stack([starts_send[me], starts_send[me] + head_run], axis=1).reshape(-1)
+        run_buffer_row = np.stack([recv_start[me, loc_idx, ep_size], rest_row], axis=1).reshape(-1)
 
-        dispatch, combine = [], []
+        dispatch, combine, combine_local = [], [], []
         for g, (a, b) in enumerate(expert_ranges):
             chunk_dispatch, chunk_combine = {}, {}
+            rest_base = chunk_offsets[g] + recv_local[g]  # the chunk's second part
             for peer in range(ep_size):
-                # The combine reads the outputs of the part holding the peer's rows.
-                part_base = chunk_offsets[g] + (recv_local[g] if peer != me else 0)
                 if peer != me:
                     chunk_dispatch[peer] = RowCopies.nonempty(
                         staging_start[peer, a:b],
                         recv_start[peer, a:b, me],
                         per[me, peer, a:b],
                     )
-                # Outputs of my experts for rows that `peer` sent, back to its return buffer.
+                # Outputs of my experts for rows that `peer` sent, back to its return buffer
+                # (my own rows: those after the local part's).
+                own_head = head[me, a:b] if peer == me else 0
                 chunk_combine[peer] = RowCopies.nonempty(
-                    recv_start[me, a:b, peer] - part_base,
-                    send_start[peer, me, a:b],
-                    per[peer, me, a:b],
+                    recv_start[me, a:b, peer] - rest_base,
+                    send_start[peer, me, a:b] + own_head,
+                    per[peer, me, a:b] - own_head,
                 )
             dispatch.append(chunk_dispatch)
             combine.append(chunk_combine)
+            combine_local.append(RowCopies.nonempty(
+                recv_start[me, a:b, ep_size] - chunk_offsets[g],
+                send_start[me, me, a:b],
+                head[me, a:b],
+            ))
 
         return cls(
             ep_size=ep_size,
@@ -167,12 +194,13 @@ class CopyEngineLayout:
             return_capacity=int(sent_rows.max()),
             recv_chunk_offsets=chunk_offsets,
             recv_local_rows=recv_local,
-            piece_sizes=sizes_send[me].copy(),
-            piece_send_start=starts_send[me].copy(),
-            piece_is_local=is_local,
-            piece_buffer_row=buffer_row,
+            run_sizes=run_sizes,
+            run_send_start=run_send_start,
+            run_is_local=np.repeat(is_local, 2),
+            run_buffer_row=run_buffer_row,
             dispatch=dispatch,
             combine=combine,
+            combine_local=combine_local,
         )
 
     @classmethod
@@ -190,24 +218,25 @@ class CopyEngineLayout:
                          [(g, g + 1) for g in range(num_chunks)])
 
 
-def _receive_order(expert_ranges, ep_size: int, num_local: int, local_apart: bool) -> np.ndarray:
-    """[dst, (local expert, src)] the position of every (expert, source) piece in rank dst's
-    receive area: chunk by chunk; within a chunk by expert, then source, after (local_apart)
-    the chunk's pieces from dst itself."""
+def _receive_order(expert_ranges, ep_size: int, num_local: int) -> np.ndarray:
+    """[(local expert, slot)] the position of every piece in a receive area (slots: the sources
+    0 .. ep_size - 1, then the local part's head): chunk by chunk; within a chunk the heads by
+    expert, then the rest by expert and source."""
     chunk_of = np.empty(num_local, dtype=np.int64)
     for g, (a, b) in enumerate(expert_ranges):
         chunk_of[a:b] = g
-    expert = np.repeat(np.arange(num_local), ep_size)  # (local expert, src) flattened
-    src = np.tile(np.arange(ep_size), num_local)
-    peer_piece = (src[None, :] != np.arange(ep_size)[:, None]) * int(local_apart)  # [dst, piece]
-    pieces = num_local * ep_size
-    return (chunk_of[expert] * 2 + peer_piece) * pieces + expert * ep_size + src
+    slots = ep_size + 1
+    expert = np.repeat(np.arange(num_local), slots)
+    slot = np.tile(np.arange(slots), num_local)
+    pieces = num_local * slots
+    return (chunk_of[expert] * 2 + (slot != ep_size)) * pieces + expert * slots + slot
 
 
 def _starts_in_order(sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """[rank, piece] first row of each piece when rank's pieces are laid out by ``order``."""
-    position = np.argsort(order, axis=1, kind="stable")
-    laid = np.take_along_axis(sizes, position, axis=1)
+    """[rank, piece] first row of each piece when every rank's pieces are laid out by
+    ``order`` [piece]."""
+    position = np.argsort(order, kind="stable")
+    laid = sizes[:, position]
     starts = np.empty_like(laid)
-    np.put_along_axis(starts, position, np.cumsum(laid, axis=1) - laid, axis=1)
+    starts[:, position] = np.cumsum(laid, axis=1) - laid
     return starts

@@ -29,7 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART, chunk_sizes, ranges_of_sizes
+from megatron_eps.pipeline.layout import (LOCAL_PART, PEER_PART, chunk_sizes, local_head_rows,
+                                          ranges_of_sizes)
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.policy.profile import PipelineProfile
 
@@ -237,13 +238,14 @@ def shared_experts_time(tokens: float, shape: LayerShape, profile: PipelineProfi
 
 def rows_per_expert(counts: np.ndarray, shape: LayerShape, part: Optional[str] = None) -> np.ndarray:
     """[rank, local expert] rows each rank's experts receive: all of them (part None), those
-    the rank routed itself (LOCAL_PART) or those its peers sent (PEER_PART)."""
+    of the local part (LOCAL_PART: whole tiles of the rank's own rows, ``local_head_rows``) or
+    the rest (PEER_PART)."""
     per = _per_dst(counts, shape)  # [src, dst, local expert]
     total = per.sum(axis=0)
     if part is None:
         return total
     ranks = np.arange(shape.ep_size)
-    local = per[ranks, ranks]
+    local = local_head_rows(per[ranks, ranks])
     return local if part == LOCAL_PART else total - local
 
 

@@ -130,13 +130,13 @@ def test_rank_own_rows_are_never_copied():
     for rank in range(2):
         plan = CopyEngineLayout.build(counts, rank, [(0, 2), (2, 4)])
         assert all(rank not in chunk for chunk in plan.dispatch)  # no dispatch copy to itself
-        local_rows = plan.piece_sizes[plan.piece_is_local].sum()
+        local_rows = plan.run_sizes[plan.run_is_local].sum()
         assert local_rows == counts[rank, rank * 4:(rank + 1) * 4].sum()
         assert plan.recv_capacity == max(counts[:, r * 4:(r + 1) * 4].sum() for r in range(2))
         assert plan.return_capacity == counts.sum(axis=1).max()
         # every remote row is staged exactly once
         staged = sum(c.total_rows for chunk in plan.dispatch for c in chunk.values())
-        assert staged == plan.piece_sizes[~plan.piece_is_local].sum() == counts[rank].sum() - local_rows
+        assert staged == plan.run_sizes[~plan.run_is_local].sum() == counts[rank].sum() - local_rows
 
 
 def test_missing_signal_is_detected():
@@ -253,15 +253,17 @@ def _devices():
 
 
 @pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("align", [1, 4])
 @pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
 def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk, chunking,
-                                                        scenario, device):
+                                                        scenario, align, device):
     """Every rank runs build_plan(local_apart=True) in lockstep, with the dispatcher's own
-    expert step (run_chunk_experts): a chunk's local part holds the rank's own rows and its
-    peer part the others', each expert-major, and every routed row comes back as the output
-    of its expert. A flag awaited before its peer set it raises (SimulatedPeers). On a GPU the
-    transport's kernels (placement, the own rows' return copy) run there; the copies between
-    the simulated ranks stay tensor assignments."""
+    expert step (run_chunk_experts): a chunk's local part holds, expert by expert, the first
+    whole multiple of ``align`` of the rank's own rows, and its second part the rest, expert by
+    expert and by source; every routed row comes back as the output of its expert. A flag
+    awaited before its peer set it raises (SimulatedPeers). On a GPU the transport's kernels
+    (placement, the own rows' return copies) run there; the copies between the simulated ranks
+    stay tensor assignments."""
     from megatron_eps.pipeline.dispatcher import run_chunk_experts
     from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
     from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS,
@@ -277,7 +279,8 @@ def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk,
     experts = ExpertByIndex()
     ranks = []
     for r in range(ep):
-        layout = ChunkLayout.build(counts, r, local, sizes, local_rows_apart=True)
+        layout = ChunkLayout.build(counts, r, local, sizes, local_rows_apart=True,
+                                   local_rows_align=align)
         permutation = permute_chunk_major(hidden_states[r], probs[r], routings[r],
                                           layout.expert_order, layout.send_offsets[-1],
                                           gather_tokens=False)
@@ -320,27 +323,40 @@ def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk,
         want = (expert_output(hidden_states[r][permutation.sorted_indices], permutation.probs)
                 .cpu() + row_expert.unsqueeze(-1).float())
         assert torch.equal(transports[r].combined_rows().cpu(), want), scenario
-    for part, sources in ((LOCAL_PART, lambda r: [r]),
-                          (PEER_PART, lambda r: [s for s in range(ep) if s != r])):
+    def rows_of(s, expert):
+        return hidden_states[s][torch.nonzero(routings[s][:, expert]).flatten()].cpu()
+
+    for part in (LOCAL_PART, PEER_PART):
         for r, chunk, rows in seen[part]:
             a, b = ranks[r][0].expert_ranges[chunk]
-            want = [hidden_states[s][torch.nonzero(routings[s][:, r * local + l]).flatten()]
-                    for l in range(a, b) for s in sources(r)]
-            want = torch.cat(want).cpu() if want else torch.zeros(0, HIDDEN)
+            want = []
+            for l in range(a, b):
+                own = rows_of(r, r * local + l)
+                head = own.shape[0] // align * align
+                if part == LOCAL_PART:
+                    want.append(own[:head])
+                    continue
+                for s in range(ep):
+                    want.append(own[head:] if s == r else rows_of(s, r * local + l))
+            want = torch.cat(want) if want else torch.zeros(0, HIDDEN)
             assert torch.equal(rows.cpu(), want), (part, r, chunk)
+    # the local parts held rows wherever the own rows allowed
+    if align == 1 and counts.sum():
+        assert any(rows.shape[0] for _, _, rows in seen[LOCAL_PART])
 
 
-def test_local_part_is_a_chunks_head_and_holds_the_ranks_own_rows():
+def test_local_part_is_a_chunks_head_of_whole_tiles_of_own_rows():
     rng = np.random.default_rng(3)
     counts = rng.integers(0, 9, size=(3, 12))
     ranges = [(0, 1), (1, 3), (3, 4)]
     for rank in range(3):
-        apart = CopyEngineLayout.build(counts, rank, ranges, local_apart=True)
+        apart = CopyEngineLayout.build(counts, rank, ranges, local_align=4)
         together = CopyEngineLayout.build(counts, rank, ranges)
         assert apart.recv_chunk_offsets == together.recv_chunk_offsets
         assert together.recv_local_rows == [0, 0, 0]
-        assert apart.recv_local_rows == [int(counts[rank, rank * 4 + a:rank * 4 + b].sum())
-                                         for a, b in ranges]
+        own = counts[rank, rank * 4:(rank + 1) * 4]
+        assert apart.recv_local_rows == [int((own[a:b] // 4 * 4).sum()) for a, b in ranges]
+        assert sum(c.total_rows for c in apart.combine_local) == sum(apart.recv_local_rows)
         # the same copies to the same peers, only to other rows
         for g in range(len(ranges)):
             for peer, copies in apart.dispatch[g].items():
