@@ -58,9 +58,9 @@ LOCAL_ROWS = ("together", "apart")
 experts (which never cross the link).
 
 together -- one grouped GEMM per chunk over every row of its experts (the stock order)
-apart    -- two per chunk: first the rank's own rows, which need no transfer, so they run
-            beside the first dispatch; then the rows the peers sent. In the last chunk the own
-            rows come last and run beside its combine. The first dispatch and the last
+apart    -- two per chunk: first whole 128-row tiles of the rank's own rows, which need no
+            transfer, so they run beside the first dispatch; then the rest. In the last chunk
+            the own rows come last and run beside its combine. The first dispatch and the last
             combine, which no GEMM of their chunk could hide, then overlap (copy_engine
             transport without dedup; elsewhere together). Not the default until it is measured
             on a multi-GPU link

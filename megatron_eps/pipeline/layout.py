@@ -25,7 +25,7 @@ def local_head_rows(own_rows, align: int = LOCAL_ROWS_ALIGN) -> np.ndarray:
     """Of each expert's rows from its own rank, those its local part takes: whole multiples of
     ``align`` rows. The rest runs with the peers' rows, so the two GEMM calls of a chunk run no
     more row tiles than one call would (one H200: own rows split off whole cost DSV2's experts
-    17-31% more GEMM time at 4K-8K tokens/rank; benchmarks/local_rows_tradeoff.py)."""
+    17-33% more GEMM time at 4K-8K tokens/rank; benchmarks/local_rows_tradeoff.py)."""
     own = np.asarray(own_rows, dtype=np.int64)
     return (own // align) * align
 
