@@ -36,7 +36,7 @@ def rank_bytes(tokens: int, seed: int):
     from megatron_eps.policy.cost_model import LayerShape
     from megatron_eps.policy.degree import choose_chunking
     from megatron_eps.policy.profile import load_pipeline_profile
-    from megatron_eps.pipeline.dispatcher import probs_columns
+    from megatron_eps.pipeline.permutation import probs_columns
     from megatron_eps.pipeline.layout import ChunkLayout
 
     ep_size, rank = dist.get_world_size(), dist.get_rank()

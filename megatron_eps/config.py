@@ -236,11 +236,11 @@ class EPSConfig:
             not decide a call: auto (on CUDA devices), on, off.
         kernel_cache: file of the self-calibration decisions (None: the default location).
         transport: how chunks travel between EP ranks, one of TRANSPORTS.
-        local_rows: whether a chunk's own rows get a GEMM call of their own, one of LOCAL_ROWS.
         dispatch_dedup: one row per (token, expert) or per (token, rank, chunk), one of
             DISPATCH_DEDUPS.
         dedup_combine_dtype: dtype of the deduplicated combine's partial sums, one of
             DEDUP_COMBINE_DTYPES.
+        local_rows: whether a chunk's own rows get a GEMM call of their own, one of LOCAL_ROWS.
     """
 
     enabled: bool = _setting(True, "bool", flag="--eps-moe",
@@ -287,11 +287,6 @@ class EPSConfig:
         help="How chunks travel between expert-parallel ranks: copy_engine (SM-free copies "
         "into the peers' symmetric memory; one node with NVLink), nccl (all_to_all_single), "
         "or auto (copy_engine where it works, else nccl). Default: auto.")
-    local_rows: str = _setting(
-        "together", "choice", choices=LOCAL_ROWS,
-        help="GEMMs over the rows a rank routes to its own experts: apart (a call of their own, "
-        "beside the first dispatch and the last combine; copy_engine transport) or together "
-        "(one call per chunk). Default: together.")
     dispatch_dedup: str = _setting(
         "off", "choice", choices=DISPATCH_DEDUPS,
         help="Send each token once per destination rank and chunk and pre-reduce its expert "
@@ -302,6 +297,10 @@ class EPSConfig:
         help="Dtype the deduplicated combine's partial sums travel in: model (the activations' "
         "dtype: one more rounding) or fp32 (error as the per-pair scheme, twice the combine "
         "bytes). Default: model.")
+    local_rows: str = _setting(
+        "together", "choice", choices=LOCAL_ROWS,
+        help="A rank's own rows: apart (a GEMM call of their own, beside the first dispatch "
+        "and the last combine; copy_engine) or together (one call per chunk). Default: together.")
 
     def __post_init__(self):
         self.validate()

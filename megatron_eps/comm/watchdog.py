@@ -97,3 +97,30 @@ def peer_wait_watchdog(timeout_s: float) -> PeerWaitWatchdog:
         _WATCHDOG = PeerWaitWatchdog(timeout_s)
     _WATCHDOG.timeout_s = timeout_s
     return _WATCHDOG
+
+
+def wait_timeout_s() -> float:
+    """Seconds the host waits for a forward's cross-rank work before it gives up
+    (``MEGATRON_EPS_WAIT_TIMEOUT_S``, default 600)."""
+    return float(os.environ.get("MEGATRON_EPS_WAIT_TIMEOUT_S", "600"))
+
+
+class PeerTimeoutError(RuntimeError):
+    """A wait for the other ranks of the expert-parallel group did not finish in time."""
+
+
+def wait_for_event(event, timeout_s: float, what: str) -> None:
+    """Block the host until ``event`` completes; raise PeerTimeoutError after ``timeout_s``."""
+    if event.query():
+        return
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise PeerTimeoutError(
+                f"megatron-eps: waited {timeout_s:.0f} s for {what} without completion; another "
+                "rank of the expert-parallel group has stopped or diverged (set "
+                "MEGATRON_EPS_WAIT_TIMEOUT_S to wait longer)"
+            )
+        time.sleep(pause)
+        pause = min(1e-3, pause + 2e-5)

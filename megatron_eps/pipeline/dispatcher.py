@@ -4,98 +4,29 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_eps import compat, staging
-from megatron_eps.comm import AllToAll, ExpertTransport, ProcessGroupAllToAll
+from megatron_eps import compat
+from megatron_eps.comm import ExpertTransport, ProcessGroupAllToAll
 from megatron_eps.comm.base import row_probs
 from megatron_eps.comm import dedup_rows
 from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
 from megatron_eps.comm.nccl import NCCLTransport
 from megatron_eps.comm.traffic import BytesSent
+from megatron_eps.comm.watchdog import peer_wait_watchdog, wait_for_event, wait_timeout_s
 from megatron_eps.config import EPSConfig
 from megatron_eps.pipeline import permute_kernels
 from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART, ChunkLayout, chunk_sizes
+from megatron_eps.pipeline.permutation import Permutation, permute_chunk_major, probs_columns
 from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS, PLACE,
                                             build_plan)
-
-
-class Permutation(NamedTuple):
-    """A forward's routed rows, chunk-major (``permute_chunk_major``)."""
-
-    tokens: Optional[torch.Tensor]  # [num_rows, H], or None where the caller gathers them
-    probs: torch.Tensor  # [num_rows] the routing weight of each row
-    sorted_indices: torch.Tensor  # [num_rows] the token of each row (Megatron's unpermute takes it)
-    token_rows: Optional[torch.Tensor]  # [T, k] each token's rows in row order, or None
-
-
-def permute_chunk_major(
-    tokens: torch.Tensor,
-    probs: torch.Tensor,
-    routing_map: torch.Tensor,
-    expert_order: np.ndarray,
-    num_rows: int,
-    gather_tokens: bool = True,
-    rows_per_expert: Optional[np.ndarray] = None,
-    top_k: int = 0,
-) -> Permutation:
-    """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
-
-    Megatron's unfused ``permute`` sizes its output with ``masked_select`` (a device sync); here
-    the row count is already known on the host (from the count matrix), so every routed
-    (expert, token) pair is scattered to its row with a cumulative sum. Row order is the same
-    as Megatron's: by expert in ``expert_order``, then by token index.
-
-    Args:
-        tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
-        expert_order: [E] expert ids, chunk-major (ChunkLayout.expert_order).
-        num_rows: number of routed pairs (sum of routing_map).
-        rows_per_expert: [E] this rank's routed pairs per expert (its row of the count
-            matrix), if known: on GPUs the rows are then numbered in one Triton pass
-            (``permute_kernels.route_rows``) instead of a dozen torch ops on the host's
-            critical path.
-        top_k: the router's k; with it, that pass also lists each token's rows (``token_rows``,
-            where every token has k), which the final sum reads instead of sorting.
-    """
-    num_tokens, num_experts = routing_map.shape
-    device = routing_map.device
-    identity = bool((expert_order == np.arange(num_experts)).all())
-    if (rows_per_expert is not None and permute_kernels.use_triton(routing_map, probs)
-            and routing_map.is_contiguous() and probs.stride(1) == 1):
-        sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
-        # One staging: each expert's first row and its place in the row order.
-        host = np.empty((2, num_experts), dtype=np.int64)
-        host[0, expert_order] = np.cumsum(sizes) - sizes
-        host[1, expert_order] = np.arange(num_experts)
-        staged = staging.to_device(host if not identity else host[:1], device)
-        sorted_indices, permuted_probs, token_rows = permute_kernels.route_rows(
-            routing_map, probs, staged[0], num_rows, top_k=top_k,
-            position=None if identity else staged[1])
-        permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
-        return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
-    order = None if identity else torch.as_tensor(expert_order, device=device)
-    mask = routing_map if order is None else routing_map.index_select(1, order)
-    mask = mask.t().reshape(-1)  # [E * T], expert-major
-    row = torch.cumsum(mask, dim=0) - 1
-    # Pairs that are not routed all land in one spare slot past the end, which is dropped.
-    row = torch.where(mask, row, torch.full_like(row, num_rows))
-    token_ids = torch.arange(num_tokens, device=device).repeat(num_experts)
-    sorted_indices = torch.empty(num_rows + 1, dtype=torch.long, device=device)
-    sorted_indices.scatter_(0, row, token_ids)
-    sorted_indices = sorted_indices[:num_rows]
-    expert_probs = probs if order is None else probs.index_select(1, order)
-    permuted_probs = probs.new_empty(num_rows + 1)
-    permuted_probs.scatter_(0, row, expert_probs.t().reshape(-1))
-    permuted_probs = permuted_probs[:num_rows]
-    permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
-    return Permutation(permuted, permuted_probs, sorted_indices, None)
 
 
 def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, chunk: int,
@@ -115,21 +46,6 @@ def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, 
         transport.hand_back(chunk, out)
     else:
         transport.hand_back(chunk, out, part)
-
-
-def probs_columns(tokens: torch.Tensor, probs: torch.Tensor) -> int:
-    """Columns (of the token dtype) appended to each dispatched row to carry its routing weight,
-    or 0 when the weight cannot ride along (then it gets an all-to-all of its own).
-
-    The extra columns span 16 bytes (at least the weight's size), so 16-byte aligned rows stay so
-    for the grouped GEMM, and the weight's bytes sit at an offset aligned to its own size.
-    """
-    token_bytes, prob_bytes = tokens.element_size(), probs.element_size()
-    width = max(16, prob_bytes)
-    hidden_bytes = tokens.shape[-1] * token_bytes
-    if width % token_bytes or prob_bytes % token_bytes or hidden_bytes % prob_bytes:
-        return 0
-    return width // token_bytes
 
 
 @dataclass
@@ -441,8 +357,6 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         with gemm_sm_carveout(self.eps_config.gemm_sm_carveout if overlapping else None):
             run_plan(plan, stages, comm_stream, self.profiler_ranges, routed=routed)
         if comm_stream is not None and transport.waits_without_timeout:
-            from megatron_eps.comm.watchdog import peer_wait_watchdog
-
             peer_wait_watchdog(wait_timeout_s()).watch(
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
@@ -481,34 +395,3 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 device=like.device, priority=-1
             )
         return EPSAlltoAllTokenDispatcher.comm_stream
-
-
-def wait_timeout_s() -> float:
-    """Seconds the host waits for a forward's cross-rank work before it gives up
-    (``MEGATRON_EPS_WAIT_TIMEOUT_S``, default 600)."""
-    import os
-
-    return float(os.environ.get("MEGATRON_EPS_WAIT_TIMEOUT_S", "600"))
-
-
-class PeerTimeoutError(RuntimeError):
-    """A wait for the other ranks of the expert-parallel group did not finish in time."""
-
-
-def wait_for_event(event, timeout_s: float, what: str) -> None:
-    """Block the host until ``event`` completes; raise PeerTimeoutError after ``timeout_s``."""
-    import time
-
-    if event.query():
-        return
-    deadline = time.monotonic() + timeout_s
-    pause = 0.0
-    while not event.query():
-        if time.monotonic() > deadline:
-            raise PeerTimeoutError(
-                f"megatron-eps: waited {timeout_s:.0f} s for {what} without completion; another "
-                "rank of the expert-parallel group has stopped or diverged (set "
-                "MEGATRON_EPS_WAIT_TIMEOUT_S to wait longer)"
-            )
-        time.sleep(pause)
-        pause = min(1e-3, pause + 2e-5)

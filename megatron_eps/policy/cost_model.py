@@ -34,7 +34,7 @@ from megatron_eps.pipeline.layout import (LOCAL_PART, PEER_PART, chunk_sizes, lo
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.policy.profile import PipelineProfile
 
-# Bytes each dispatched row carries for its routing weight (dispatcher.probs_columns).
+# Bytes each dispatched row carries for its routing weight (permutation.probs_columns).
 PACKED_PROBS_BYTES_PER_ROW = 16
 
 

@@ -13,7 +13,7 @@ import torch
 
 from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
 from megatron_eps.comm.copy_engine_layout import CopyEngineLayout
-from megatron_eps.pipeline.dispatcher import permute_chunk_major, probs_columns
+from megatron_eps.pipeline.permutation import permute_chunk_major, probs_columns
 from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
 
 HIDDEN = 8

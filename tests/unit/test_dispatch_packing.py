@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_eps.comm.base import row_probs
-from megatron_eps.pipeline.dispatcher import probs_columns
+from megatron_eps.pipeline.permutation import probs_columns
 from megatron_eps.pipeline.permute_kernels import scatter_routed_rows
 
 

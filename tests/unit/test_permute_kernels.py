@@ -119,7 +119,7 @@ def test_route_rows_kernel_matches_torch(probs_dtype, num_tokens, num_experts, t
                                          chunks, hot):
     """The one-pass numbering of the routed rows (chunk-major expert order, empty experts, one hot
     expert, no tokens) gives the torch path's rows and weights exactly."""
-    from megatron_eps.pipeline.dispatcher import permute_chunk_major
+    from megatron_eps.pipeline.permutation import permute_chunk_major
     from megatron_eps.pipeline.layout import ChunkLayout
 
     gen = torch.Generator().manual_seed(num_tokens + num_experts)

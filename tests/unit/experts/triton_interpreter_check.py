@@ -170,7 +170,7 @@ def main():
             0.0 if torch.equal(got, want) else float("inf"))
     # The per-pair scheme's numbering of the routed rows (permute_kernels.route_rows) against
     # the torch path, experts laid out chunk-major (tokens more than one block: 1500 > 1024).
-    from megatron_eps.pipeline.dispatcher import permute_chunk_major
+    from megatron_eps.pipeline.permutation import permute_chunk_major
     from megatron_eps.pipeline.layout import ChunkLayout
 
     # (identity order is given either way: as positions, or as None the way the dispatcher
