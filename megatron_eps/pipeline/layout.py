@@ -126,7 +126,8 @@ class ChunkLayout:
     # (a transport with ``splits_local_rows``; comm.base): each chunk has two parts.
     local_rows_apart: bool = False
     local_rows_align: int = LOCAL_ROWS_ALIGN  # local_head_rows' alignment
-    # [chunk][expert] rows of the local part (local_head_rows of the rank's own rows)
+    # [chunk][expert] rows of the local part (local_head_rows of the rank's own rows; empty
+    # unless local_rows_apart)
     local_tokens_per_expert: List[List[int]] = field(default_factory=list)
 
     @classmethod
@@ -157,7 +158,8 @@ class ChunkLayout:
             recv_splits.append(received.sum(axis=1).tolist())
             recv_counts.append(received.copy())
             tpe.append(received.sum(axis=0).tolist())
-            local.append(local_head_rows(received[ep_rank], local_rows_align).tolist())
+            if local_rows_apart:
+                local.append(local_head_rows(received[ep_rank], local_rows_align).tolist())
             offsets.append(offsets[-1] + int(sends.sum()))
         return cls(
             num_chunks=len(ranges),
