@@ -30,8 +30,9 @@ another in the same order.
 
 The first dispatch and the last combine have no GEMM of their own chunk beside them. With the
 local rows apart (``local_apart``; a rank's rows for its own experts are never transferred),
-X(i) is two GEMM calls: L(i) over the rank's own rows, which waits only for P(i), and X(i) over
-the rows its peers sent. L(0) runs beside D0, and the last chunk's L runs beside its combine:
+X(i) is two GEMM calls: L(i) over whole row tiles of the rank's own rows, which waits only for
+P(i), and X(i) over the rest (the rows its peers sent, and its own rows left over). L(0) runs
+beside D0, and the last chunk's L runs beside its combine:
 
     P(i)  records placed[i]
     L(i)  waits  placed[i]; before X(i), except in the last chunk of several, where it follows
