@@ -256,12 +256,10 @@ def chunk_compute_times(
     chunking,
     kernel_profile=None,
     _per_expert: Optional[np.ndarray] = None,
-    part: Optional[str] = None,
 ) -> np.ndarray:
-    """[rank, chunk] seconds of each rank's expert GEMMs per chunk (``part``: over that part
-    of each chunk's rows only, ``rows_per_expert``)."""
+    """[rank, chunk] seconds of each rank's expert GEMMs per chunk."""
     ranges = _chunk_ranges(shape, chunking)
-    rows = rows_per_expert(counts, shape, part)
+    rows = rows_per_expert(counts, shape)
     if _per_expert is None:
         _per_expert = _per_expert_times(rows, shape, profile, kernel_profile)
     if _per_expert is not None:
@@ -309,9 +307,7 @@ class CountInputs:
         self.range_counts, self.partial_sum_bytes = range_counts, partial_sum_bytes
         self.per_expert = _per_expert_times(rows_per_expert(counts, shape), shape, profile,
                                             kernel_profile)
-        # LOCAL_PART / PEER_PART -> [rank, local expert] seconds (local rows apart), on demand
-        self.part_times = {}
-        self._model = (counts, shape, profile, kernel_profile)
+        self._counts, self._shape = counts, shape
         tokens = np.asarray(counts).sum(axis=1) / max(shape.topk, 1)
         self.shared = np.array([shared_experts_time(float(t), shape, profile) for t in tokens])
         self.one_chunk = (
@@ -319,14 +315,14 @@ class CountInputs:
             chunk_compute_times(counts, shape, profile, 1, kernel_profile, self.per_expert),
         )
 
-    def part_compute_times(self, chunking, part: str) -> np.ndarray:
-        """[rank, chunk] seconds of the GEMMs over ``part`` of every chunk's rows."""
-        counts, shape, profile, kernel_profile = self._model
-        if part not in self.part_times:
-            self.part_times[part] = _per_expert_times(rows_per_expert(counts, shape, part), shape,
-                                                      profile, kernel_profile)
-        return chunk_compute_times(counts, shape, profile, chunking, kernel_profile,
-                                   self.part_times[part], part)
+    def local_fraction(self, chunking) -> np.ndarray:
+        """[rank, chunk] the share of each rank's rows in a chunk that its local part takes
+        (local rows apart)."""
+        ranges = _chunk_ranges(self._shape, chunking)
+        starts = [a for a, _ in ranges]
+        local = np.add.reduceat(rows_per_expert(self._counts, self._shape, LOCAL_PART), starts, axis=1)
+        total = np.add.reduceat(rows_per_expert(self._counts, self._shape), starts, axis=1)
+        return local / np.maximum(total, 1)
 
 
 def predict(
@@ -348,8 +344,12 @@ def predict(
     The all-to-alls couple the ranks: chunk g's combine ends only once every rank has finished
     X(g), so the plan is simulated with each chunk's GEMM time of its slowest rank.
     ``range_counts``, ``partial_sum_bytes``: the deduplicated scheme (``chunk_comm_times``).
-    ``local_rows_apart``: each chunk's GEMMs are two calls, over the rank's own rows and over
-    its peers' (``schedule.build_plan(local_apart=True)``); each call reads the chunk's weights.
+    ``local_rows_apart``: each chunk's GEMMs are two calls, over the local part and over the
+    rest (``schedule.build_plan(local_apart=True)``). The chunk's GEMM time splits between them
+    by rows, and the second call costs one more chunk overhead: whole row tiles in the local part
+    keep the tiles of one call, and on one H200 the two calls of DSV2 at EP=2 took 2-3% more at
+    8K-32K tokens/rank (benchmarks/results/local_rows_tradeoff_h200_17511ff.json), where a
+    roofline that reads the weights once per call predicted up to 50% more.
     """
     if _inputs is None:
         _inputs = CountInputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
@@ -364,14 +364,15 @@ def predict(
         enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
     local = None
     if local_rows_apart:
-        local = _inputs.part_compute_times(chunking, LOCAL_PART)
-        compute = _inputs.part_compute_times(chunking, PEER_PART)
+        local = compute * _inputs.local_fraction(chunking)
+        compute = compute - local
     if num_chunks > 1 and gemm_sm_carveout and profile.sm_count:
         # dispatcher: the carve-out holds only while chunks overlap (N > 1)
         slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
         compute, shared = compute * slowdown, shared * slowdown
         local = None if local is None else local * slowdown
     overhead = chunking_overhead(num_chunks, profile)
+    second_calls = profile.chunk_overhead_us * 1e-6 * num_chunks if local_rows_apart else 0.0
     t_comm = float(sum(dispatch) + sum(combine))
     slowest_local = None
     if local is not None:
@@ -386,7 +387,8 @@ def predict(
         slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
     s = float(shared.max(initial=0.0))
     serial = t_comm + float(sum(slowest)) + float(sum(slowest_local or ())) + s
-    gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead, slowest_local)
+    gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead,
+                          slowest_local) + second_calls
     # The host bound counts the layer's fixed host time; the GPU side leaves the same fixed
     # work (router, permutation) out, which only errs towards fewer chunks when host-bound.
     host = (profile.host_base_us + profile.host_chunk_us * num_chunks) * 1e-6
@@ -394,7 +396,7 @@ def predict(
         num_chunks=num_chunks,
         t_comm=t_comm,
         t_comp=float((compute.sum(axis=1) + shared).max(initial=0.0)),
-        t_serial=max(serial + overhead, host),
+        t_serial=max(serial + overhead + second_calls, host),
         t_pipelined=max(gpu, host),
         enabled=enabled,
     )
@@ -416,7 +418,8 @@ def overlapped_time(dispatch: Sequence[float], compute: Sequence[float],
     less the part the simulated plan hides, times ``overlap_efficiency``, plus the chunking
     overhead. ``local_compute``: GEMMs over the rank's own rows, apart (``compute`` then
     covers the peers' rows)."""
-    serial = float(sum(dispatch) + sum(combine) + sum(compute) + sum(local_compute or ()) + shared)
+    local_total = 0.0 if local_compute is None else float(sum(local_compute))
+    serial = float(sum(dispatch) + sum(combine) + sum(compute) + local_total + shared)
     ideal = simulate_plan(list(dispatch), list(compute), list(combine), shared, dispatch_ahead,
                           None if local_compute is None else list(local_compute))
     return (serial - (serial - ideal) * profile.overlap_efficiency

@@ -138,36 +138,33 @@ def test_prediction_is_the_plan_walk_with_each_chunks_slowest_rank():
 
 
 def test_local_rows_apart_is_the_plan_walk_of_both_parts():
-    """With a chunk's own rows apart the model walks the plan with both GEMM calls per chunk
-    (as the chunk's slowest rank runs them), and every call reads its experts' weights: at a load where
-    the GEMMs are weight-bound the parts cost more than the whole."""
-    from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
+    """With a chunk's own rows apart the model walks the plan with both GEMM calls per chunk:
+    the chunk's GEMM time split by the local part's share of its rows (as the chunk's slowest
+    rank runs it), plus one chunk overhead per chunk for the second call."""
+    from megatron_eps.pipeline.layout import LOCAL_PART
     from megatron_eps.policy.cost_model import rows_per_expert, shared_experts_time
 
     counts = random_counts(DSV2_EP2, [8192, 6000], seed=5)
     p = profile(memory_bandwidth_gbps=2500.0, link_latency_us=20.0)
-    rows = rows_per_expert(counts, DSV2_EP2)
-    local, peer = (rows_per_expert(counts, DSV2_EP2, part) for part in (LOCAL_PART, PEER_PART))
-    assert (local + peer == rows).all() and (local[0] == counts[0, :8] // 128 * 128).all()
-    assert local.sum() > 0
+    rows, local = rows_per_expert(counts, DSV2_EP2), rows_per_expert(counts, DSV2_EP2, LOCAL_PART)
+    # whole 128-row tiles of each expert's own rows
+    assert (local[0] == counts[0, :8] // 128 * 128).all() and (local <= rows).all()
     s = max(shared_experts_time(t, DSV2_EP2, p) for t in counts.sum(axis=1) / DSV2_EP2.topk)
+    k = p.chunk_overhead_us * 1e-6
     for n in (1, 2, 4):
         d, c = chunk_comm_times(counts, DSV2_EP2, p, n)
-        xl = chunk_compute_times(counts, DSV2_EP2, p, n, part=LOCAL_PART)
-        xp = chunk_compute_times(counts, DSV2_EP2, p, n, part=PEER_PART)
-        slowest = (xl + xp).argmax(axis=0), np.arange(n)  # each chunk's slowest rank
-        walked = simulate_plan(d, xp[slowest], c, s, local_experts=xl[slowest])
+        x = chunk_compute_times(counts, DSV2_EP2, p, n)
+        starts = [sum(chunk_sizes(8, n)[:g]) for g in range(n)]
+        share = (np.add.reduceat(local, starts, axis=1) / np.add.reduceat(rows, starts, axis=1))
+        slowest = x.argmax(axis=0), np.arange(n)
+        walked = simulate_plan(d, (x * (1 - share))[slowest], c, s,
+                               local_experts=(x * share)[slowest])
         pred = predict(counts, DSV2_EP2, p, n, local_rows_apart=True)
-        assert pred.t_pipelined == pytest.approx(walked + p.chunk_overhead_us * 1e-6 * (n - 1),
-                                                 rel=1e-12)
+        assert pred.t_pipelined == pytest.approx(walked + k * (n - 1) + k * n, rel=1e-12)
+        together = predict(counts, DSV2_EP2, p, n)
+        assert pred.t_serial == pytest.approx(together.t_serial + k * n, rel=1e-12)
         # at this load the transfers are hidden better than with one call per chunk
-        assert pred.t_pipelined < predict(counts, DSV2_EP2, p, n).t_pipelined
-    # 130 own rows per expert (one whole tile of 128 apart) and 10 from the peer: weight-bound
-    small = np.full((2, 16), 10)
-    small[0, :8] = small[1, 8:] = 130
-    whole = chunk_compute_times(small, DSV2_EP2, p, 1)
-    parts = sum(chunk_compute_times(small, DSV2_EP2, p, 1, part=x) for x in (LOCAL_PART, PEER_PART))
-    assert (parts > 1.5 * whole).all()
+        assert pred.t_pipelined < together.t_pipelined
 
 
 def test_host_issue_time_bounds_the_layer():
