@@ -121,12 +121,15 @@ class GemmTimer:
 
 
 def shape_and_timer(spec, tokens_list, dtype, device, args):
-    """(LayerShape, GemmTimer of its local experts) of a SHAPES entry at its EP size."""
+    """(LayerShape, GemmTimer of its local experts) of a SHAPES entry at its EP size (args
+    None: the shape alone)."""
     from megatron_eps.policy.cost_model import LayerShape
 
     hidden, ffn, experts, topk, ep, shared_ffn = spec
     element = torch.empty((), dtype=dtype).element_size()
     shape = LayerShape(hidden, ffn, experts // ep, ep, topk, True, element, shared_ffn)
+    if args is None:
+        return shape
     max_rows = max(tokens_list) * topk * 2  # rank 0's received rows stay well under this
     return shape, GemmTimer(hidden, ffn, experts // ep, dtype, device, max_rows, args.backends,
                             args.target_s)
@@ -210,7 +213,8 @@ def run_tradeoff(args, measure, show, method: str) -> None:
         raise SystemExit(f"--shapes {','.join(unknown)}: allowed: {', '.join(shapes)}")
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    # the model alone sizes rows as the GPU would
+    dtype = torch.bfloat16 if cuda or getattr(args, "model_only", False) else torch.float32
     path = args.profile or os.path.join(PROFILES_DIR, "nvidia_h200.json")
     profile = open_profile(path).pipeline_for("copy_engine")
     if profile is None:
@@ -222,7 +226,10 @@ def run_tradeoff(args, measure, show, method: str) -> None:
     t0 = time.time()
     points = []
     for name in names:
-        shape, timer = shape_and_timer(shapes[name], tokens_list, dtype, device, args)
+        if getattr(args, "model_only", False):
+            shape, timer = shape_and_timer(shapes[name], tokens_list, dtype, device, None), None
+        else:
+            shape, timer = shape_and_timer(shapes[name], tokens_list, dtype, device, args)
         experts = shape.num_local_experts * shape.ep_size
         for tokens in tokens_list:
             maps = sample_routing(tokens, experts, shape.topk, shape.ep_size, seed=tokens,

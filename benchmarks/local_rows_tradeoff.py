@@ -40,6 +40,9 @@ def measure_point(point, maps, shape, timer, degrees, profile):
 
     counts = maps.sum(dim=1).cpu().numpy()  # [src rank, expert]
     shared = point["shared_s"]
+    point["model_apart_over_together"] = model_ratio(counts, shape, degrees, profile)
+    if timer is None:  # --model-only
+        return
     point["degrees"] = {}
     for n in sorted({min(d, shape.num_local_experts) for d in degrees}):
         ranges = split_local_experts(shape.num_local_experts, n)
@@ -65,18 +68,36 @@ def measure_point(point, maps, shape, timer, degrees, profile):
         point[f"best_{mode}"] = {"n": int(best), "forward_s": point["degrees"][best][key]}
 
 
+def model_ratio(counts, shape, degrees, profile) -> float:
+    """The cost model's own best-N apart / best-N together (``cost_model.predict``)."""
+    from megatron_eps.policy.cost_model import predict
+
+    best = {}
+    for apart in (False, True):
+        best[apart] = min(predict(counts, shape, profile, min(n, shape.num_local_experts),
+                                  local_rows_apart=apart).t_pipelined for n in degrees)
+    return best[True] / best[False]
+
+
 def print_point(p):
+    if "degrees" not in p:
+        print(f"{p['shape']:12} {p['tokens_per_rank']:>6} | model apart/together "
+              f"{p['model_apart_over_together']:.3f}", flush=True)
+        return
     t, a = p["best_together"], p["best_apart"]
     ratios = " ".join(f"{n}:{v['gemm_parts_over_whole']:.2f}" for n, v in p["degrees"].items()
                       if v["gemm_parts_over_whole"] is not None)
     print(f"{p['shape']:12} {p['tokens_per_rank']:>6} | together {t['forward_s'] * 1e3:7.2f} "
           f"(N={t['n']}) | apart {a['forward_s'] * 1e3:7.2f} (N={a['n']}) | apart/together "
-          f"{a['forward_s'] / t['forward_s']:.3f} | GEMM parts/whole per N {ratios}", flush=True)
+          f"{a['forward_s'] / t['forward_s']:.3f} (model {p['model_apart_over_together']:.3f}) | "
+          f"GEMM parts/whole per N {ratios}", flush=True)
 
 
 def main(argv=None):
-    args = tradeoff_parser(__doc__.split("\n\n")[0], ",".join(DEFAULT_SHAPES),
-                           "1,2,3,4").parse_args(argv)
+    ap = tradeoff_parser(__doc__.split("\n\n")[0], ",".join(DEFAULT_SHAPES), "1,2,3,4")
+    ap.add_argument("--model-only", action="store_true",
+                    help="the cost model's prediction alone (no GEMM is timed; runs on CPU)")
+    args = ap.parse_args(argv)
     run_tradeoff(args, measure_point, print_point,
                  "routing sampled; rank 0's expert GEMMs timed on this device per chunk, whole "
                  "and as own + peer rows (fastest backend, interleaved); link and forward "

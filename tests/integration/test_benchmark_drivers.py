@@ -88,3 +88,7 @@ def test_local_rows_tradeoff_smoke(tmp_path):
             assert len(v["gemm_own_s"]) == len(v["gemm_peer_s"]) == len(v["gemm_whole_s"]) == int(n)
             # a chunk that moves rows pays for its transfers in both modes
             assert all(d > 0 for d in v["dispatch_s"]) and v["forward_apart_s"] > 0
+    model = tmp_path / "model.json"
+    _run(["benchmarks/local_rows_tradeoff.py", "--smoke", "--model-only", "--out", str(model)])
+    points = json.loads(model.read_text())["points"]
+    assert points and all("degrees" not in p and p["model_apart_over_together"] > 0 for p in points)
