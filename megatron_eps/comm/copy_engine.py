@@ -272,10 +272,13 @@ def rows_of_runs(sizes: np.ndarray, device: torch.device, *starts: np.ndarray):
 
 # ------------------------------------------------------------------------ simulated (tests)
 class SimulatedPeers:
-    """The memory of ``ep_size`` ranks in one process (CPU tensors), for tests.
+    """The memory of ``ep_size`` ranks in one process, for tests.
 
-    ``memory(rank)`` is that rank's PeerMemory. Copies run at once; a wait on a flag that is not
-    set raises, so a missing or misordered signal fails the test instead of hanging.
+    ``memory(rank)`` is that rank's PeerMemory. Copies are tensor assignments on the current
+    stream; a wait on a flag that is not set raises, so a missing or misordered signal fails the
+    test instead of hanging. On a GPU a flag is also an event recorded where it was set, which
+    the waiting stream waits for: ranks with streams of their own on one GPU are ordered as the
+    flags order them.
     """
 
     def __init__(self, ep_size: int, device="cpu"):
@@ -287,6 +290,7 @@ class SimulatedPeers:
             for _ in range(ep_size)
         ]
         self.flags = np.zeros((ep_size, NUM_SLOTS, ep_size), dtype=np.int64)
+        self.flag_events = {}  # (owner, slot, sender) -> the event recorded when it was set
         self.copies_issued = 0
         self._memories = [_SimulatedMemory(self, r) for r in range(ep_size)]
 
@@ -320,6 +324,9 @@ class _SimulatedMemory(PeerMemory):
 
     def signal(self, peer, slot, value):
         self.world.flags[peer, slot, self.ep_rank] = value
+        if self.world.device.type == "cuda":
+            self.world.flag_events[peer, slot, self.ep_rank] = (
+                torch.cuda.current_stream().record_event())
 
     def wait(self, peer, slot, value, stream):
         have = self.world.flags[self.ep_rank, slot, peer]
@@ -328,6 +335,8 @@ class _SimulatedMemory(PeerMemory):
                 f"rank {self.ep_rank} waits for flag (slot {slot}, peer {peer}) >= {value}, "
                 f"which holds {have}"
             )
+        if stream is not None and self.world.device.type == "cuda":
+            stream.wait_event(self.world.flag_events[self.ep_rank, slot, peer])
 
 
 # ------------------------------------------------------------------------ real memory

@@ -253,34 +253,37 @@ def _devices():
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("align", [1, 4])
+@pytest.mark.parametrize("align", [None, 1, 4], ids=["together", "apart1", "apart4"])
 @pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
-def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk, chunking,
-                                                        scenario, align, device):
-    """Every rank runs build_plan(local_apart=True) in lockstep, with the dispatcher's own
-    expert step (run_chunk_experts): a chunk's local part holds, expert by expert, the first
-    whole multiple of ``align`` of the rank's own rows, and its second part the rest, expert by
-    expert and by source; every routed row comes back as the output of its expert. A flag
-    awaited before its peer set it raises (SimulatedPeers). On a GPU the transport's kernels
-    (placement, the own rows' return copies) run there; the copies between the simulated ranks
-    stay tensor assignments."""
+def test_plan_with_simulated_peers_matches_brute_force(ep, local, tokens, topk, chunking,
+                                                       scenario, align, device):
+    """Every rank walks build_plan in lockstep with the dispatcher's own expert step
+    (run_chunk_experts); every routed row comes back as the output of its expert. With the local
+    rows apart (``align``) a chunk's local part holds, expert by expert, the first whole multiple
+    of ``align`` of the rank's own rows, and its second part the rest, expert by expert and by
+    source. A flag awaited before its peer set it raises (SimulatedPeers).
+
+    On a GPU every rank issues its steps on two streams of its own (runner.PlanIssuer), ordered
+    only by the plan's events and the flags' events, as ranks on separate GPUs are: a missing
+    wait shows as wrong rows. The copies between the simulated ranks are tensor assignments."""
     from megatron_eps.pipeline.dispatcher import run_chunk_experts
     from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
-    from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS,
-                                                PLACE, build_plan)
+    from megatron_eps.pipeline.runner import PlanIssuer
+    from megatron_eps.pipeline.schedule import (COMBINE, COMPUTE, DISPATCH, EXPERTS,
+                                                LOCAL_EXPERTS, PLACE, build_plan)
 
+    apart = align is not None
     hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
     hidden_states, routings, probs = ([t.to(device) for t in ts]
                                       for ts in (hidden_states, routings, probs))
-    stream = torch.cuda.current_stream() if device == "cuda" else None
     sizes = chunk_sizes(local, chunking)
     world = SimulatedPeers(ep, device)
     transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
     experts = ExpertByIndex()
     ranks = []
     for r in range(ep):
-        layout = ChunkLayout.build(counts, r, local, sizes, local_rows_apart=True,
-                                   local_rows_align=align)
+        layout = ChunkLayout.build(counts, r, local, sizes, local_rows_apart=apart,
+                                   local_rows_align=align or 1)
         permutation = permute_chunk_major(hidden_states[r], probs[r], routings[r],
                                           layout.expert_order, layout.send_offsets[-1],
                                           gather_tokens=False)
@@ -298,24 +301,41 @@ def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk,
                                         permutation.probs, columns)
         if name in (DISPATCH, COMBINE):
             return getattr(transport, name)(chunk)
-        part = LOCAL_PART if name == LOCAL_EXPERTS else PEER_PART
-        rows, _ = transport.received(chunk, part)
-        seen[part].append((r, chunk, rows[:, :HIDDEN].clone()))
+        part = (LOCAL_PART if name == LOCAL_EXPERTS else PEER_PART) if apart else None
+        if apart:
+            rows, _ = transport.received(chunk, part)
+            seen[part].append((r, chunk, rows[:, :HIDDEN].clone()))
         run_chunk_experts(transport, layout, experts, chunk, part, HIDDEN, columns, torch.float32)
 
-    plan = build_plan(len(sizes), local_apart=True)
-    assert [s.stage for s in plan].count(LOCAL_EXPERTS) == len(sizes)
-    completions = [{} for _ in range(ep)]
-    for step in plan:
+    plan = build_plan(len(sizes), local_apart=apart)
+    assert [s.stage for s in plan].count(LOCAL_EXPERTS) == (len(sizes) if apart else 0)
+    last = f"combined[{len(sizes) - 1}]"
+    if device == "cuda":
+        routed = torch.cuda.current_stream().record_event()  # the inputs are ready
+        issuers = [PlanIssuer({name: (lambda chunk, r=r, name=name: stage(r, name, chunk))
+                               for name in (PLACE, DISPATCH, EXPERTS, LOCAL_EXPERTS, COMBINE)},
+                              torch.cuda.Stream(), torch.cuda.Stream(), routed=routed)
+                   for r in range(ep)]
+        for step in plan:
+            for issuer in issuers:
+                issuer.issue(step)
+        for issuer in issuers:
+            issuer.finish()
+            torch.cuda.current_stream().wait_stream(issuer.streams[COMPUTE])
+        torch.cuda.synchronize()
+    else:
+        completions = [{} for _ in range(ep)]
+        for step in plan:
+            for r in range(ep):
+                waited = completions[r].get(step.wait)
+                if waited is not None:
+                    waited.wait(None)
+                done = stage(r, step.stage, step.chunk)
+                if step.record is not None:
+                    completions[r][step.record] = done
         for r in range(ep):
-            waited = completions[r].get(step.wait)
-            if waited is not None:
-                waited.wait(stream)
-            done = stage(r, step.stage, step.chunk)
-            if step.record is not None:
-                completions[r][step.record] = done
+            completions[r][last].wait(None)
     for r in range(ep):
-        completions[r][f"combined[{len(sizes) - 1}]"].wait(stream)
         layout, permutation, _ = ranks[r]
         row_expert = torch.repeat_interleave(
             torch.as_tensor(layout.expert_order % local),
@@ -323,6 +343,9 @@ def test_plan_with_local_rows_apart_matches_brute_force(ep, local, tokens, topk,
         want = (expert_output(hidden_states[r][permutation.sorted_indices], permutation.probs)
                 .cpu() + row_expert.unsqueeze(-1).float())
         assert torch.equal(transports[r].combined_rows().cpu(), want), scenario
+    if not apart:
+        return
+
     def rows_of(s, expert):
         return hidden_states[s][torch.nonzero(routings[s][:, expert]).flatten()].cpu()
 
