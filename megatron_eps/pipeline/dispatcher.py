@@ -48,6 +48,22 @@ def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, 
         transport.hand_back(chunk, out, part)
 
 
+def run_unique_rows_experts(transport: ExpertTransport, layout: DedupChunkLayout, experts,
+                            chunk: int, hidden_size: int, probs_dtype: torch.dtype,
+                            combine_dtype: torch.dtype) -> None:
+    """The EXPERTS step of a chunk in the deduplicated scheme: each received row [W] expanded
+    into one row per expert of the chunk it carries, the experts run, and each received row's
+    weighted expert outputs summed in fp32 in expert order into one [H] row of
+    ``combine_dtype``, handed back to the transport."""
+    received, _ = transport.received(chunk)
+    start, end = layout.expert_ranges[chunk]
+    x, p, table = dedup_rows.expand_rows(
+        received, hidden_size, layout.slots, end - start, layout.pair_rows(chunk), probs_dtype
+    )
+    out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
+    transport.hand_back(chunk, permute_kernels.sum_rows(out, table, combine_dtype))
+
+
 @dataclass
 class PipelineRecord:
     """What the last pipelined forward did (for tests, logging and benchmarks)."""
@@ -328,13 +344,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             sent_rows.append(sent)
 
         def run_experts(chunk):
-            received, _ = transport.received(chunk)
-            start, end = layout.expert_ranges[chunk]
-            x, p, table = dedup_rows.expand_rows(
-                received, hidden, layout.slots, end - start, layout.pair_rows(chunk), probs.dtype
-            )
-            out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
-            transport.hand_back(chunk, permute_kernels.sum_rows(out, table, combine_dtype))
+            run_unique_rows_experts(transport, layout, experts, chunk, hidden, probs.dtype,
+                                    combine_dtype)
 
         stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
                   COMBINE: transport.combine}

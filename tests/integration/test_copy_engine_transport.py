@@ -388,3 +388,98 @@ def test_local_part_is_a_chunks_head_of_whole_tiles_of_own_rows():
         for g in range(len(ranges)):
             for peer, copies in apart.dispatch[g].items():
                 assert copies.total_rows == together.dispatch[g][peer].total_rows
+
+
+class WeightedByExpert:
+    """Stand-in experts for the deduplicated scheme: expert e maps row x to p (3x - 1 + e),
+    the routing weight applied as the GEMM backends apply it."""
+
+    def run(self, tokens, tokens_per_expert, probs, first_expert):
+        expert = torch.repeat_interleave(
+            torch.arange(len(tokens_per_expert), device=tokens.device) + first_expert,
+            torch.tensor(tokens_per_expert, dtype=torch.long, device=tokens.device))
+        return (tokens * 3.0 - 1.0 + expert.unsqueeze(-1).to(tokens.dtype)) * probs.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("ep,local,tokens,topk,chunking,scenario", CASES)
+def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens, topk, chunking,
+                                                               scenario, device):
+    """The deduplicated scheme (one row per token, rank and chunk) over the copy engines: every
+    rank walks build_plan in lockstep with the dispatcher's expert step of that scheme
+    (run_unique_rows_experts) and sums its returned rows per token, as the layer does; each
+    token's result equals the float64 sum over its experts e of p_e (3x - 1 + e). On a GPU every
+    rank runs on streams of its own, ordered by events only (runner.PlanIssuer), with every
+    transfer delayed as in the test above."""
+    from megatron_eps.comm import dedup_rows
+    from megatron_eps.comm.dedup_layout import DedupChunkLayout
+    from megatron_eps.pipeline import permute_kernels
+    from megatron_eps.pipeline.dispatcher import run_unique_rows_experts
+    from megatron_eps.pipeline.runner import PlanIssuer
+    from megatron_eps.pipeline.schedule import COMBINE, COMPUTE, DISPATCH, EXPERTS, PLACE, build_plan
+
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    range_counts = np.stack([dedup_rows.range_unique_counts(m, ep).numpy() for m in routings])
+    hidden_states, routings, probs = ([t.to(device) for t in ts]
+                                      for ts in (hidden_states, routings, probs))
+    sizes = chunk_sizes(local, chunking)
+    world = SimulatedPeers(ep, device)
+    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    experts = WeightedByExpert()
+    layouts, sent_rows = [], [[] for _ in range(ep)]
+    for r in range(ep):
+        layout = DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
+                                             range_counts, topk, torch.float32)
+        columns = dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layout.slots)
+        transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
+                            torch.device(device))
+        layouts.append(layout)
+
+    def stage(r, name, chunk):
+        if device == "cuda" and name in (DISPATCH, COMBINE):
+            torch.cuda._sleep(40_000_000)  # see the test above
+        if name == PLACE:
+            sent_rows[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
+                                                                routings[r]))
+            return None
+        if name in (DISPATCH, COMBINE):
+            return getattr(transports[r], name)(chunk)
+        run_unique_rows_experts(transports[r], layouts[r], experts, chunk, HIDDEN, torch.float32,
+                                torch.float32)
+
+    plan = build_plan(len(sizes))
+    if device == "cuda":
+        routed = torch.cuda.current_stream().record_event()
+        issuers = [PlanIssuer({name: (lambda chunk, r=r, name=name: stage(r, name, chunk))
+                               for name in (PLACE, DISPATCH, EXPERTS, COMBINE)},
+                              torch.cuda.Stream(), torch.cuda.Stream(), routed=routed)
+                   for r in range(ep)]
+        for step in plan:
+            for issuer in issuers:
+                issuer.issue(step)
+        for issuer in issuers:
+            issuer.finish()
+            torch.cuda.current_stream().wait_stream(issuer.streams[COMPUTE])
+    else:
+        completions = [{} for _ in range(ep)]
+        for step in plan:
+            for r in range(ep):
+                waited = completions[r].get(step.wait)
+                if waited is not None:
+                    waited.wait(None)
+                done = stage(r, step.stage, step.chunk)
+                if step.record is not None:
+                    completions[r][step.record] = done
+        for r in range(ep):
+            completions[r][f"combined[{len(sizes) - 1}]"].wait(None)
+    for r in range(ep):
+        num_tokens = hidden_states[r].shape[0]
+        table = dedup_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], num_tokens,
+                                        layouts[r].send_offsets[-1])
+        got = permute_kernels.sum_rows(transports[r].combined_rows(), table, torch.float32)
+        x = hidden_states[r].double().cpu()
+        local_id = (torch.arange(ep * local) % local).double()
+        weights = probs[r].double().cpu() * routings[r].cpu()  # [T, E]
+        want = (weights.sum(dim=1, keepdim=True) * (3.0 * x - 1.0)
+                + (weights * local_id).sum(dim=1, keepdim=True))
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
