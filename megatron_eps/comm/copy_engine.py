@@ -118,8 +118,8 @@ class CopyEngineTransport(ExpertTransport):
     moves_rows = True
     waits_without_timeout = True
 
-    # The deduplicated scheme's row arithmetic is tested on CPU with simulated peers; its GPU
-    # path has not run on a multi-GPU machine yet (dispatch_dedup is off by default).
+    # The deduplicated scheme is tested with simulated peers (CPU, and one GPU with a stream
+    # pair per rank); it has not run on a multi-GPU machine yet (dispatch_dedup is off by default).
     supports_dedup = True
     splits_local_rows = True
 
