@@ -246,6 +246,55 @@ class ExpertByIndex:
         return expert_output(tokens, probs) + expert.unsqueeze(-1).to(tokens.dtype)
 
 
+def simulated_group(ep, local, tokens, topk, chunking, scenario, device):
+    """One case of CASES on ``device``: every rank's hidden states, routing map and probs, the
+    count matrix, the chunk sizes, and a copy-engine transport per rank over one group of
+    simulated peers."""
+    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
+    world = SimulatedPeers(ep, device)
+    return ([t.to(device) for t in hidden_states], [t.to(device) for t in routings],
+            [t.to(device) for t in probs], counts, chunk_sizes(local, chunking),
+            [CopyEngineTransport(world.memory(r)) for r in range(ep)])
+
+
+def walk_in_lockstep(plan, stage, ep, device):
+    """Every rank's steps of ``plan`` in lockstep, ``stage(rank, name, chunk)`` issuing each.
+
+    On a GPU each rank issues on two streams of its own (``runner.PlanIssuer``), ordered only by
+    the plan's events and the flags' events, as ranks on separate GPUs are; the current stream
+    then waits for every rank. On CPU the steps run in order, and every awaited completion is
+    checked (SimulatedPeers raises on a flag not yet set)."""
+    from megatron_eps.pipeline.runner import PlanIssuer
+    from megatron_eps.pipeline.schedule import COMBINE, COMPUTE
+
+    if device == "cuda":
+        routed = torch.cuda.current_stream().record_event()  # the inputs are ready
+        names = {step.stage for step in plan}
+        issuers = [PlanIssuer({name: (lambda chunk, r=r, name=name: stage(r, name, chunk))
+                               for name in names},
+                              torch.cuda.Stream(), torch.cuda.Stream(), routed=routed)
+                   for r in range(ep)]
+        for step in plan:
+            for issuer in issuers:
+                issuer.issue(step)
+        for issuer in issuers:
+            issuer.finish()
+            torch.cuda.current_stream().wait_stream(issuer.streams[COMPUTE])
+        return
+    completions = [{} for _ in range(ep)]
+    for step in plan:
+        for r in range(ep):
+            waited = completions[r].get(step.wait)
+            if waited is not None:
+                waited.wait(None)
+            done = stage(r, step.stage, step.chunk)
+            if step.record is not None:
+                completions[r][step.record] = done
+    last_combine = [step for step in plan if step.stage == COMBINE][-1].record
+    for r in range(ep):
+        completions[r][last_combine].wait(None)
+
+
 def _devices():
     gpu = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA GPU")])
@@ -268,17 +317,11 @@ def test_plan_with_simulated_peers_matches_brute_force(ep, local, tokens, topk, 
     wait shows as wrong rows. The copies between the simulated ranks are tensor assignments."""
     from megatron_eps.pipeline.dispatcher import run_chunk_experts
     from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
-    from megatron_eps.pipeline.runner import PlanIssuer
-    from megatron_eps.pipeline.schedule import (COMBINE, COMPUTE, DISPATCH, EXPERTS,
-                                                LOCAL_EXPERTS, PLACE, build_plan)
+    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, LOCAL_EXPERTS, PLACE, build_plan
 
     apart = align is not None
-    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
-    hidden_states, routings, probs = ([t.to(device) for t in ts]
-                                      for ts in (hidden_states, routings, probs))
-    sizes = chunk_sizes(local, chunking)
-    world = SimulatedPeers(ep, device)
-    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    hidden_states, routings, probs, counts, sizes, transports = simulated_group(
+        ep, local, tokens, topk, chunking, scenario, device)
     experts = ExpertByIndex()
     ranks = []
     for r in range(ep):
@@ -313,32 +356,9 @@ def test_plan_with_simulated_peers_matches_brute_force(ep, local, tokens, topk, 
 
     plan = build_plan(len(sizes), local_apart=apart)
     assert [s.stage for s in plan].count(LOCAL_EXPERTS) == (len(sizes) if apart else 0)
-    last = f"combined[{len(sizes) - 1}]"
+    walk_in_lockstep(plan, stage, ep, device)
     if device == "cuda":
-        routed = torch.cuda.current_stream().record_event()  # the inputs are ready
-        issuers = [PlanIssuer({name: (lambda chunk, r=r, name=name: stage(r, name, chunk))
-                               for name in (PLACE, DISPATCH, EXPERTS, LOCAL_EXPERTS, COMBINE)},
-                              torch.cuda.Stream(), torch.cuda.Stream(), routed=routed)
-                   for r in range(ep)]
-        for step in plan:
-            for issuer in issuers:
-                issuer.issue(step)
-        for issuer in issuers:
-            issuer.finish()
-            torch.cuda.current_stream().wait_stream(issuer.streams[COMPUTE])
         torch.cuda.synchronize()
-    else:
-        completions = [{} for _ in range(ep)]
-        for step in plan:
-            for r in range(ep):
-                waited = completions[r].get(step.wait)
-                if waited is not None:
-                    waited.wait(None)
-                done = stage(r, step.stage, step.chunk)
-                if step.record is not None:
-                    completions[r][step.record] = done
-        for r in range(ep):
-            completions[r][last].wait(None)
     for r in range(ep):
         layout, permutation, _ = ranks[r]
         row_expert = torch.repeat_interleave(
@@ -415,16 +435,11 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
     from megatron_eps.comm.dedup_layout import DedupChunkLayout
     from megatron_eps.pipeline import permute_kernels
     from megatron_eps.pipeline.dispatcher import run_unique_rows_experts
-    from megatron_eps.pipeline.runner import PlanIssuer
-    from megatron_eps.pipeline.schedule import COMBINE, COMPUTE, DISPATCH, EXPERTS, PLACE, build_plan
+    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, PLACE, build_plan
 
-    hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
-    range_counts = np.stack([dedup_rows.range_unique_counts(m, ep).numpy() for m in routings])
-    hidden_states, routings, probs = ([t.to(device) for t in ts]
-                                      for ts in (hidden_states, routings, probs))
-    sizes = chunk_sizes(local, chunking)
-    world = SimulatedPeers(ep, device)
-    transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
+    hidden_states, routings, probs, counts, sizes, transports = simulated_group(
+        ep, local, tokens, topk, chunking, scenario, device)
+    range_counts = np.stack([dedup_rows.range_unique_counts(m, ep).cpu().numpy() for m in routings])
     experts = WeightedByExpert()
     layouts, sent_rows = [], [[] for _ in range(ep)]
     for r in range(ep):
@@ -447,31 +462,7 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
         run_unique_rows_experts(transports[r], layouts[r], experts, chunk, HIDDEN, torch.float32,
                                 torch.float32)
 
-    plan = build_plan(len(sizes))
-    if device == "cuda":
-        routed = torch.cuda.current_stream().record_event()
-        issuers = [PlanIssuer({name: (lambda chunk, r=r, name=name: stage(r, name, chunk))
-                               for name in (PLACE, DISPATCH, EXPERTS, COMBINE)},
-                              torch.cuda.Stream(), torch.cuda.Stream(), routed=routed)
-                   for r in range(ep)]
-        for step in plan:
-            for issuer in issuers:
-                issuer.issue(step)
-        for issuer in issuers:
-            issuer.finish()
-            torch.cuda.current_stream().wait_stream(issuer.streams[COMPUTE])
-    else:
-        completions = [{} for _ in range(ep)]
-        for step in plan:
-            for r in range(ep):
-                waited = completions[r].get(step.wait)
-                if waited is not None:
-                    waited.wait(None)
-                done = stage(r, step.stage, step.chunk)
-                if step.record is not None:
-                    completions[r][step.record] = done
-        for r in range(ep):
-            completions[r][f"combined[{len(sizes) - 1}]"].wait(None)
+    walk_in_lockstep(build_plan(len(sizes)), stage, ep, device)
     for r in range(ep):
         num_tokens = hidden_states[r].shape[0]
         table = dedup_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], num_tokens,
