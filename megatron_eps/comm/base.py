@@ -25,11 +25,12 @@ weight) and ``H`` = hidden size:
    rank routed, H] in send order, each row the output of the expert it was sent to.
 
 A transport with ``splits_local_rows`` also takes a layout with ``local_rows_apart``: then
-each chunk has two parts, ``LOCAL_PART`` (the rows this rank routed to its own experts, ready
-after ``place_rows(g)``, before any transfer) and ``PEER_PART`` (the rows its peers sent, ready
-after ``dispatch(g)``'s completion), each expert-major with the layout's
-``part_tokens_per_expert``. ``received(g, part)`` and ``hand_back(g, outputs, part)`` take one
-part at a time; ``combine(g)`` needs only the peer part's outputs.
+each chunk has two parts, ``LOCAL_PART`` (whole row tiles of the rows this rank routed to its
+own experts, ready after ``place_rows(g)``, before any transfer) and ``PEER_PART`` (the rest:
+the rows its peers sent and its own left over, ready after ``dispatch(g)``'s completion), each
+expert-major with the layout's ``part_tokens_per_expert``. ``received(g, part)`` and
+``hand_back(g, outputs, part)`` take one part at a time; ``combine(g)`` needs only the second
+part's outputs.
 
 A transport with ``supports_dedup`` also takes a ``dedup_layout.DedupChunkLayout``: its splits
 count one row per (token, destination rank, chunk). Then ``place_unique_rows`` replaces

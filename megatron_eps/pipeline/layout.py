@@ -180,7 +180,7 @@ class ChunkLayout:
 
     def part_tokens_per_expert(self, chunk: int, part: Optional[str] = None) -> List[int]:
         """Rows per expert of chunk ``chunk``'s part ``part`` (None: the whole chunk; else
-        comm.base.LOCAL_PART or PEER_PART)."""
+        LOCAL_PART or PEER_PART)."""
         whole = self.tokens_per_expert[chunk]
         if part is None:
             return whole

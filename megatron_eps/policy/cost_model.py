@@ -29,8 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_eps.pipeline.layout import (LOCAL_PART, PEER_PART, chunk_sizes, local_head_rows,
-                                          ranges_of_sizes)
+from megatron_eps.pipeline.layout import chunk_sizes, local_head_rows, ranges_of_sizes
 from megatron_eps.pipeline.schedule import simulate_plan
 from megatron_eps.policy.profile import PipelineProfile
 
@@ -236,17 +235,16 @@ def shared_experts_time(tokens: float, shape: LayerShape, profile: PipelineProfi
     return t
 
 
-def rows_per_expert(counts: np.ndarray, shape: LayerShape, part: Optional[str] = None) -> np.ndarray:
-    """[rank, local expert] rows each rank's experts receive: all of them (part None), those
-    of the local part (LOCAL_PART: whole tiles of the rank's own rows, ``local_head_rows``) or
-    the rest (PEER_PART)."""
-    per = _per_dst(counts, shape)  # [src, dst, local expert]
-    total = per.sum(axis=0)
-    if part is None:
-        return total
+def rows_per_expert(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
+    """[rank, local expert] rows each rank's experts receive."""
+    return _per_dst(counts, shape).sum(axis=0)
+
+
+def local_part_rows(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
+    """[rank, local expert] rows of each rank's local part with the local rows apart: whole
+    row tiles of the rows it routed to its own experts (``layout.local_head_rows``)."""
     ranks = np.arange(shape.ep_size)
-    local = local_head_rows(per[ranks, ranks])
-    return local if part == LOCAL_PART else total - local
+    return local_head_rows(_per_dst(counts, shape)[ranks, ranks])
 
 
 def chunk_compute_times(
@@ -305,9 +303,9 @@ class CountInputs:
     def __init__(self, counts, shape: LayerShape, profile: PipelineProfile, kernel_profile=None,
                  range_counts=None, partial_sum_bytes=None):
         self.range_counts, self.partial_sum_bytes = range_counts, partial_sum_bytes
-        self.per_expert = _per_expert_times(rows_per_expert(counts, shape), shape, profile,
-                                            kernel_profile)
-        self._counts, self._shape = counts, shape
+        self._rows = rows_per_expert(counts, shape)
+        self.per_expert = _per_expert_times(self._rows, shape, profile, kernel_profile)
+        self._counts, self._shape, self._local_rows = counts, shape, None
         tokens = np.asarray(counts).sum(axis=1) / max(shape.topk, 1)
         self.shared = np.array([shared_experts_time(float(t), shape, profile) for t in tokens])
         self.one_chunk = (
@@ -318,11 +316,11 @@ class CountInputs:
     def local_fraction(self, chunking) -> np.ndarray:
         """[rank, chunk] the share of each rank's rows in a chunk that its local part takes
         (local rows apart)."""
-        ranges = _chunk_ranges(self._shape, chunking)
-        starts = [a for a, _ in ranges]
-        local = np.add.reduceat(rows_per_expert(self._counts, self._shape, LOCAL_PART), starts, axis=1)
-        total = np.add.reduceat(rows_per_expert(self._counts, self._shape), starts, axis=1)
-        return local / np.maximum(total, 1)
+        if self._local_rows is None:
+            self._local_rows = local_part_rows(self._counts, self._shape)
+        starts = [a for a, _ in _chunk_ranges(self._shape, chunking)]
+        local = np.add.reduceat(self._local_rows, starts, axis=1)
+        return local / np.maximum(np.add.reduceat(self._rows, starts, axis=1), 1)
 
 
 def predict(
@@ -346,10 +344,11 @@ def predict(
     ``range_counts``, ``partial_sum_bytes``: the deduplicated scheme (``chunk_comm_times``).
     ``local_rows_apart``: each chunk's GEMMs are two calls, over the local part and over the
     rest (``schedule.build_plan(local_apart=True)``). The chunk's GEMM time splits between them
-    by rows, and the second call costs one more chunk overhead: whole row tiles in the local part
-    keep the tiles of one call, and on one H200 the two calls of DSV2 at EP=2 took 2-3% more at
-    8K-32K tokens/rank (benchmarks/results/local_rows_tradeoff_h200_17511ff.json), where a
-    roofline that reads the weights once per call predicted up to 50% more.
+    by rows (the chunk's slowest rank's), and the second call costs one more chunk overhead:
+    whole row tiles in the local part keep the tiles of one call, and on one H200 the two calls
+    of DSV2 at EP=2 took 2-3% more GEMM time than one at 8K-32K tokens/rank
+    (benchmarks/results/local_rows_tradeoff_h200_17511ff.json). Charging each call a roofline
+    with its own weight read instead predicted apart at 1.5x the time of together at 4K.
     """
     if _inputs is None:
         _inputs = CountInputs(counts, shape, profile, kernel_profile, range_counts, partial_sum_bytes)
@@ -362,29 +361,21 @@ def predict(
     if num_chunks > 1:
         # The paper's condition is about splitting itself: judged on GEMM times at full SMs.
         enabled = _enable_condition((dispatch, combine, compute), *_inputs.one_chunk, profile)
-    local = None
-    if local_rows_apart:
-        local = compute * _inputs.local_fraction(chunking)
-        compute = compute - local
     if num_chunks > 1 and gemm_sm_carveout and profile.sm_count:
         # dispatcher: the carve-out holds only while chunks overlap (N > 1)
         slowdown = profile.sm_count / max(profile.sm_count - gemm_sm_carveout, 1.0)
         compute, shared = compute * slowdown, shared * slowdown
-        local = None if local is None else local * slowdown
     overhead = chunking_overhead(num_chunks, profile)
-    second_calls = profile.chunk_overhead_us * 1e-6 * num_chunks if local_rows_apart else 0.0
     t_comm = float(sum(dispatch) + sum(combine))
-    slowest_local = None
-    if local is not None:
-        # Each chunk's two calls as its slowest rank runs them.
-        whole = compute + local
-        rank = whole.argmax(axis=0) if whole.size else np.zeros(num_chunks, dtype=int)
-        chunks = np.arange(num_chunks)
-        slowest_local = local[rank, chunks].tolist() if local.size else [0.0] * num_chunks
-        slowest = compute[rank, chunks].tolist() if compute.size else [0.0] * num_chunks
-        compute = whole  # per rank, for t_comp
-    else:
-        slowest = compute.max(axis=0).tolist() if compute.size else [0.0] * num_chunks
+    slowest = compute.max(axis=0) if compute.size else np.zeros(num_chunks)
+    slowest_local, second_calls = None, 0.0
+    if local_rows_apart and compute.size:
+        # The slowest rank's two calls of each chunk: its time split by its local share.
+        share = _inputs.local_fraction(chunking)[compute.argmax(axis=0), np.arange(num_chunks)]
+        slowest_local = (slowest * share).tolist()
+        slowest = slowest * (1.0 - share)
+        second_calls = profile.chunk_overhead_us * 1e-6 * num_chunks
+    slowest = slowest.tolist()
     s = float(shared.max(initial=0.0))
     serial = t_comm + float(sum(slowest)) + float(sum(slowest_local or ())) + s
     gpu = overlapped_time(dispatch, slowest, combine, s, profile, dispatch_ahead,

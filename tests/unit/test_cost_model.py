@@ -141,12 +141,11 @@ def test_local_rows_apart_is_the_plan_walk_of_both_parts():
     """With a chunk's own rows apart the model walks the plan with both GEMM calls per chunk:
     the chunk's GEMM time split by the local part's share of its rows (as the chunk's slowest
     rank runs it), plus one chunk overhead per chunk for the second call."""
-    from megatron_eps.pipeline.layout import LOCAL_PART
-    from megatron_eps.policy.cost_model import rows_per_expert, shared_experts_time
+    from megatron_eps.policy.cost_model import local_part_rows, rows_per_expert, shared_experts_time
 
     counts = random_counts(DSV2_EP2, [8192, 6000], seed=5)
     p = profile(memory_bandwidth_gbps=2500.0, link_latency_us=20.0)
-    rows, local = rows_per_expert(counts, DSV2_EP2), rows_per_expert(counts, DSV2_EP2, LOCAL_PART)
+    rows, local = rows_per_expert(counts, DSV2_EP2), local_part_rows(counts, DSV2_EP2)
     # whole 128-row tiles of each expert's own rows
     assert (local[0] == counts[0, :8] // 128 * 128).all() and (local <= rows).all()
     s = max(shared_experts_time(t, DSV2_EP2, p) for t in counts.sum(axis=1) / DSV2_EP2.topk)
