@@ -516,8 +516,10 @@ def init_distributed(args) -> Dict[str, int]:
         install_cpu_shims(force=torch.cuda.is_available())
         torch.set_num_threads(args.cpu_threads)
     if not dist.is_initialized():
+        from megatron_eps.testing.distributed import process_group_backend
+
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=process_group_backend(use_cuda),
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=args.dist_timeout),

@@ -5,6 +5,11 @@ environment, creates the default process group (NCCL on GPUs, gloo on CPU), and 
 destroys Megatron's parallel state. ``run_distributed(fn, world_size)`` starts ``world_size``
 processes from inside one pytest process (so CI needs no torchrun) and re-raises the first
 rank failure with its traceback.
+
+With ``MEGATRON_EPS_RANKS_SHARE_GPU=1`` several ranks run on one GPU over gloo (whose
+collectives take CUDA tensors; NCCL refuses two ranks on one device). That checks the
+multi-rank GPU paths, copy-engine transport included, on a one-GPU machine. Its timings say
+nothing: the processes time-share the GPU and gloo stages every collective through the host.
 """
 
 from __future__ import annotations
@@ -21,10 +26,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+RANKS_SHARE_GPU_ENV = "MEGATRON_EPS_RANKS_SHARE_GPU"
+
+
+def ranks_share_gpu() -> bool:
+    """True when ranks may share a GPU over gloo (``MEGATRON_EPS_RANKS_SHARE_GPU=1``)."""
+    return os.environ.get(RANKS_SHARE_GPU_ENV, "0") == "1"
+
+
+def process_group_backend(use_cuda: bool) -> str:
+    """NCCL on GPUs, gloo on CPU or where ranks share a GPU."""
+    return "nccl" if use_cuda and not ranks_share_gpu() else "gloo"
+
+
 def skip_unless_ranks_fit(world_size: int) -> None:
     """pytest.skip when ranks would share a GPU (NCCL refuses two ranks on one device); on CPU
-    (gloo) any world size runs."""
-    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+    (gloo) any world size runs, and on GPUs too where ranks may share one."""
+    if (torch.cuda.is_available() and torch.cuda.device_count() < world_size
+            and not ranks_share_gpu()):
         import pytest
 
         pytest.skip(f"needs {world_size} GPUs (NCCL ranks cannot share one)")
@@ -45,7 +64,7 @@ class Utils:
 
     @staticmethod
     def backend() -> str:
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return process_group_backend(torch.cuda.is_available())
 
     @staticmethod
     def initialize_distributed(timeout_s: int = 300):
@@ -61,7 +80,7 @@ class Utils:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29511")
             kwargs = {}
-            if torch.cuda.is_available():
+            if Utils.backend() == "nccl":
                 kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
             dist.init_process_group(
                 backend=Utils.backend(),
@@ -153,7 +172,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     its traceback; a hang is ended after ``timeout_s``. Where the ranks would share a GPU (NCCL
     refuses that) the calling test is skipped, or outside pytest a RankFailed says so.
     """
-    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+    if (torch.cuda.is_available() and torch.cuda.device_count() < world_size
+            and not ranks_share_gpu()):
         if "pytest" in sys.modules:
             skip_unless_ranks_fit(world_size)
         raise RankFailed(f"{world_size} ranks need {world_size} GPUs here, found "
