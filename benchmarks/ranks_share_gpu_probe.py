@@ -6,9 +6,10 @@ collectives take CUDA tensors. Checks, each reported as ok or the error it raise
 
 * gloo collectives on CUDA tensors: all_reduce, all_gather_into_tensor, all_to_all_single
   (uneven splits), barrier with device_ids;
-* torch symmetric memory over the gloo group: allocation, rendezvous, peer pointers;
-* the copy-engine transport's CUDA calls between the two processes: a batched copy into the
-  peer's buffer, a flag written by one rank's stream and awaited by the other's;
+* the copy-engine transport's peer memory for ranks sharing a GPU (CUDA IPC mappings; torch
+  symmetric memory refuses two ranks on one device, which is reported): a batched copy into the
+  peer's buffers and a flag written by one rank's stream and awaited by the other's, before and
+  after the buffers grow;
 * ``copy_engine_blocker`` for the group.
 
 Timing says nothing here: the two processes time-share the GPU.
@@ -43,6 +44,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(0)
     device = torch.device("cuda", 0)
+    os.environ.setdefault("MEGATRON_EPS_RANKS_SHARE_GPU", "1")
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     results = {"rank": rank, "world": world, "gpus": torch.cuda.device_count(),
                "torch": torch.__version__}
@@ -78,48 +80,53 @@ def main() -> None:
 
         return copy_engine_blocker(dist.group.WORLD, device)
 
-    state = {}
-
     def symmetric():
+        """Expected to be refused (ranks on one device); reported, not required."""
         import torch.distributed._symmetric_memory as symm_mem
 
         buf = symm_mem.empty(1 << 20, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buf, dist.group.WORLD)
-        ptrs = [int(p) for p in handle.buffer_ptrs]
-        state["buf"], state["handle"], state["ptrs"] = buf, handle, ptrs
-        return {"ptrs_distinct": len(set(ptrs)) == world, "own_matches": ptrs[rank] == buf.data_ptr()}
+        symm_mem.rendezvous(buf, dist.group.WORLD)
+        return "accepted"
 
-    def copy_and_flag():
+    def peer_memory():
+        """The transport's PeerMemory for ranks sharing the GPU: a batched copy into the next
+        rank's dispatch buffer and a flag after it, awaited by that rank's side stream."""
         from megatron_eps.comm import cuda_ops
+        from megatron_eps.comm.copy_engine import (
+            DISPATCH_BUFFER, RETURN_BUFFER, peer_memory_for)
+        from megatron_eps.comm.copy_engine_layout import RowCopies
 
-        buf, ptrs = state["buf"], state["ptrs"]
-        buf.zero_()
-        torch.cuda.synchronize()
-        dist.barrier()
-        peer = (rank + 1) % world
-        payload = torch.full((4096,), rank + 7, dtype=torch.uint8, device=device)
-        stream = torch.cuda.current_stream().cuda_stream
-        # Rows at offset 4096 * rank of the peer's buffer; the flag is the last word of it.
-        cuda_ops.memcpy_batch(np.array([ptrs[peer] + 4096 * rank]), np.array([payload.data_ptr()]),
-                              np.array([4096]), stream)
-        flag_offset = (1 << 20) - 4 * (rank + 1)
-        cuda_ops.stream_write_u32(stream, ptrs[peer] + flag_offset, 5)
-        source = (rank - 1) % world
-        side = torch.cuda.Stream()
-        cuda_ops.stream_wait_geq_u32(side.cuda_stream, buf.data_ptr() + (1 << 20) - 4 * (source + 1), 5)
-        with torch.cuda.stream(side):
-            got = buf[4096 * source: 4096 * (source + 1)].clone()
-        side.synchronize()
-        assert bool((got == source + 7).all()), got[:8]
-        return {"copy_batched": cuda_ops.batch_copies_in_use()}
+        memory = peer_memory_for(dist.group.WORLD, device)
+        kinds = []
+        for size in (1 << 16, 1 << 22):  # the second grows (releases and re-maps) the buffers
+            memory.ensure(size, size)
+            kinds.append(type(memory).__name__)
+            sequence = memory.next_sequence()
+            rows = torch.full((8, 256), rank + sequence, dtype=torch.bfloat16, device=device)
+            peer, source = (rank + 1) % world, (rank - 1) % world
+            copies = RowCopies.nonempty(np.array([0]), np.array([8 * rank]), np.array([8]))
+            memory.copy_rows(rows, [(peer, DISPATCH_BUFFER, copies), (peer, RETURN_BUFFER, copies)])
+            memory.signal(peer, 3, sequence)
+            side = torch.cuda.Stream()
+            memory.wait(source, 3, sequence, side)
+            with torch.cuda.stream(side):
+                got = [memory.local(w)[: 8 * world * 512].view(torch.bfloat16).view(-1, 256)
+                       [8 * source: 8 * source + 8].clone() for w in (DISPATCH_BUFFER, RETURN_BUFFER)]
+            side.synchronize()
+            for g in got:
+                assert bool((g == source + sequence).all()), g[:, :4]
+            torch.cuda.synchronize()
+            dist.barrier()
+        return {"memory": kinds, "copy_batched": cuda_ops.batch_copies_in_use()}
 
     for name, fn in (("all_reduce", all_reduce), ("all_gather_into_tensor", all_gather),
                      ("all_to_all_single", all_to_all), ("barrier_device_ids", barrier),
-                     ("copy_engine_blocker", blocker), ("symmetric_memory", symmetric),
-                     ("copy_and_flag", copy_and_flag)):
-        if name == "copy_and_flag" and not results.get("symmetric_memory", {}).get("ok"):
-            continue
+                     ("copy_engine_blocker", blocker), ("peer_memory", peer_memory)):
         _check(results, name, fn)
+    try:
+        results["symmetric_memory"] = symmetric()
+    except RuntimeError as exc:
+        results["symmetric_memory"] = f"refused: {exc}"
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -361,9 +361,8 @@ class SymmetricPeerMemory(PeerMemory):
         self.device = device
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        self._flags, flag_handle = self._allocate(NUM_SLOTS * self.ep_size * 4)
+        self._flags, self._flag_ptrs = self._allocate(NUM_SLOTS * self.ep_size * 4)
         self._flags.zero_()
-        self._flag_ptrs = self._peer_pointers(self._flags, flag_handle)
         self._buffers: Dict[str, torch.Tensor] = {}
         self._pointers: Dict[str, List[int]] = {}
         self._capacity = {DISPATCH_BUFFER: 0, RETURN_BUFFER: 0}
@@ -371,14 +370,17 @@ class SymmetricPeerMemory(PeerMemory):
         torch.cuda.synchronize(device)
         dist.barrier(group=group, device_ids=[device.index])
 
-    def _allocate(self, nbytes: int):
+    def _allocate(self, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
+        """A buffer of ``nbytes`` on every rank (collective): this rank's as uint8, and every
+        rank's device address of it, as this process sees it."""
         tensor = self._symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         handle = self._symm_mem.rendezvous(tensor, self.group)
-        return tensor, handle
-
-    def _peer_pointers(self, tensor, handle) -> List[int]:
         offset = tensor.data_ptr() - int(handle.buffer_ptrs[self.ep_rank])
-        return [int(p) + offset for p in handle.buffer_ptrs]
+        return tensor, [int(p) + offset for p in handle.buffer_ptrs]
+
+    def _release(self, which: str) -> None:
+        """Drop buffer ``which`` (collective; every rank's work on it has finished)."""
+        self._buffers.pop(which, None)
 
     def ensure(self, dispatch_bytes, return_bytes):
         wanted = {DISPATCH_BUFFER: dispatch_bytes, RETURN_BUFFER: return_bytes}
@@ -393,10 +395,8 @@ class SymmetricPeerMemory(PeerMemory):
         for which, need in grow.items():
             size = max(need, int(self._capacity[which] * GROWTH))
             size = -(-size // GRANULE) * GRANULE
-            self._buffers.pop(which, None)
-            tensor, handle = self._allocate(size)
-            self._buffers[which] = tensor
-            self._pointers[which] = self._peer_pointers(tensor, handle)
+            self._release(which)
+            self._buffers[which], self._pointers[which] = self._allocate(size)
             self._capacity[which] = size
             logger.info("copy_engine transport: %s buffer %.1f MiB per rank", which, size / 2**20)
 
@@ -448,5 +448,12 @@ def peer_memory_for(group, device: torch.device) -> SymmetricPeerMemory:
     at a time, and sharing keeps one set of buffers and one sequence of flags)."""
     key = (group.group_name, device.index)
     if key not in _MEMORIES:
-        _MEMORIES[key] = SymmetricPeerMemory(group, device)
+        from megatron_eps.comm.selection import ranks_share_gpu
+
+        if ranks_share_gpu():
+            from megatron_eps.comm.ipc_memory import IpcPeerMemory
+
+            _MEMORIES[key] = IpcPeerMemory(group, device)
+        else:
+            _MEMORIES[key] = SymmetricPeerMemory(group, device)
     return _MEMORIES[key]

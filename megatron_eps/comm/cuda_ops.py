@@ -102,3 +102,37 @@ def _stream_value_op(op, stream: int, address: int, value: int, flags) -> None:
     driver, _ = _modules()
     _check(op(driver.CUstream(stream), driver.CUdeviceptr(address), value & 0xFFFFFFFF, flags),
            getattr(op, "__name__", "stream memory operation"))
+
+
+# ------------------------------------------------------------ CUDA IPC (ranks sharing a GPU)
+def device_malloc(nbytes: int) -> int:
+    """A fresh ``cudaMalloc`` allocation (outside torch's caching allocator, so that its IPC
+    handle covers exactly it)."""
+    _, runtime = _modules()
+    return int(_check(runtime.cudaMalloc(nbytes), "cudaMalloc")[1])
+
+
+def device_free(address: int) -> None:
+    _, runtime = _modules()
+    _check(runtime.cudaFree(address), "cudaFree")
+
+
+def ipc_export(address: int) -> bytes:
+    """The 64-byte IPC handle of a ``device_malloc`` allocation, for another process."""
+    _, runtime = _modules()
+    handle = _check(runtime.cudaIpcGetMemHandle(address), "cudaIpcGetMemHandle")[1]
+    return bytes(handle.reserved)
+
+
+def ipc_open(handle_bytes: bytes) -> int:
+    """This process's address of another process's allocation (``ipc_export``'s bytes)."""
+    _, runtime = _modules()
+    handle = runtime.cudaIpcMemHandle_t()
+    handle.reserved = handle_bytes
+    return int(_check(runtime.cudaIpcOpenMemHandle(handle, runtime.cudaIpcMemLazyEnablePeerAccess),
+                      "cudaIpcOpenMemHandle")[1])
+
+
+def ipc_close(address: int) -> None:
+    _, runtime = _modules()
+    _check(runtime.cudaIpcCloseMemHandle(address), "cudaIpcCloseMemHandle")

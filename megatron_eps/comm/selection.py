@@ -20,6 +20,16 @@ from megatron_eps.config import EPSConfigError
 logger = logging.getLogger(__name__)
 _logged = set()
 
+# Tests and functional checks on a one-GPU machine: several ranks on one device, over gloo.
+# Torch symmetric memory refuses ranks on one device, so their peer buffers are CUDA IPC
+# mappings instead (comm/ipc_memory.py); every copy and flag is still the copy engines'.
+RANKS_SHARE_GPU_ENV = "MEGATRON_EPS_RANKS_SHARE_GPU"
+
+
+def ranks_share_gpu() -> bool:
+    """True when ranks may share a GPU (``MEGATRON_EPS_RANKS_SHARE_GPU=1``)."""
+    return os.environ.get(RANKS_SHARE_GPU_ENV, "0") == "1"
+
 
 def _group_ranks(group):
     import torch.distributed as dist

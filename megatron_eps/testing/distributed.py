@@ -25,13 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-RANKS_SHARE_GPU_ENV = "MEGATRON_EPS_RANKS_SHARE_GPU"
-
-
-def ranks_share_gpu() -> bool:
-    """True when ranks may share a GPU over gloo (``MEGATRON_EPS_RANKS_SHARE_GPU=1``)."""
-    return os.environ.get(RANKS_SHARE_GPU_ENV, "0") == "1"
+from megatron_eps.comm.selection import RANKS_SHARE_GPU_ENV, ranks_share_gpu  # noqa: F401
 
 
 def process_group_backend(use_cuda: bool) -> str:
