@@ -630,6 +630,8 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
 
     from megatron_eps.experts.autotune import calibration_activity, warm_up_while_calibrating
 
+    from megatron_eps import compat
+
     wrapper, context, window = run_prefill(model, tokens, config, vocab_size, args.check_logits)
     logits = None
 
@@ -639,8 +641,15 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
         dist.barrier()
         _sync(device)
         start = time.perf_counter()
-        logits = wrapper.run_one_forward_step(window)
+        with compat.inference_engine_mode():
+            logits = wrapper.run_one_forward_step(window)
         _sync(device)
+        if args.check_logits == "last" and logits.dim() == 3 and logits.shape[1] != 1:
+            # Kept on the host and compared in float64 per mode, every token's logits of a
+            # long prompt take minutes and tens of GB: fail at the first step instead.
+            raise RuntimeError(
+                f"the model returned logits for {logits.shape[1]} positions where the last "
+                "token's were asked for (megatron_eps.compat.inference_engine_mode)")
         if progress is not None:
             progress.update(1)
         return time.perf_counter() - start

@@ -282,16 +282,20 @@ def test_dedup_equals_stock_bf16(world):
 
 @pytest.mark.parametrize("world", ranks(1, 2, 4))
 def test_dedup_accuracy_vs_float64(world):
-    """fp32 partial sums: the error vs float64 is not above stock's in any case; the model-dtype
-    partials (bf16) add at most 1% to it over the grid; repeated forwards are bit-identical."""
+    """fp32 partial sums: the error vs float64 is not above stock's over the grid, nor in any
+    case (on GPUs within 1% per case: stock's combine there adds bf16 rows with atomics, so its
+    own error moves between runs by tenths of a percent); the model-dtype partials (bf16) add at
+    most 1% to it over the grid; repeated forwards are bit-identical."""
     skip_unless_ranks_fit(world)
     rows = [r for rank in run_distributed(eps_cases.run_dedup_accuracy, world, world, 10_000)
             for r in rank]
     assert rows and all(r["dedup_used"] and r["deterministic"] for r in rows)
+    per_case = 1e-2 if torch.cuda.is_available() else 1e-6
     for r in rows:
-        assert math.sqrt(r["dedup_fp32"]) <= math.sqrt(r["stock"]) * (1 + 1e-6) + 1e-12, r
-        assert r["pairs"] <= r["stock"] * (1 + 1e-6) + 1e-24, r
-    total = {k: math.sqrt(sum(r[k] for r in rows)) for k in ("stock", "dedup_bf16")}
+        assert math.sqrt(r["dedup_fp32"]) <= math.sqrt(r["stock"]) * (1 + per_case) + 1e-12, r
+        assert math.sqrt(r["pairs"]) <= math.sqrt(r["stock"]) * (1 + per_case) + 1e-12, r
+    total = {k: math.sqrt(sum(r[k] for r in rows)) for k in ("stock", "dedup_fp32", "dedup_bf16")}
+    assert total["dedup_fp32"] <= total["stock"] * (1 + 1e-6), total
     assert total["dedup_bf16"] <= total["stock"] * 1.01, total
 
 

@@ -322,3 +322,46 @@ def test_warmup_goes_on_on_every_rank_while_one_calibrates(calibrating_steps, ex
     for steps, timed, warmup_steps, while_timed in results:
         assert (steps, timed, warmup_steps) == (expected_warmup + 3, 3, expected_warmup)
         assert while_timed == 0
+
+
+def _rank_with_logits(positions, check_logits):
+    """timed_prefills over a stand-in model whose step returns [1, positions, 8] logits."""
+    from megatron_eps.inference import prefill
+
+    class Wrapper:
+        def run_one_forward_step(self, window):
+            return torch.zeros(1, positions, 8)
+
+    prefill.run_prefill = lambda *a: (Wrapper(), SimpleNamespace(reset=lambda: None), None)
+    args = SimpleNamespace(warmup=0, repeats=1, check_logits=check_logits)
+    try:
+        _, logits, _, _ = prefill.timed_prefills(None, None, None, 8, args, torch.device("cpu"))
+    except RuntimeError as exc:
+        return str(exc)
+    return tuple(logits.shape)
+
+
+def test_every_tokens_logits_where_the_last_was_asked_for_fail_at_the_first_step():
+    """Megatron 0.19 materialises only the last token's logits inside its inference mode
+    (compat.inference_engine_mode); a step that returns more fails at once instead of filling
+    the host with a long prompt's logits."""
+    from megatron_eps.testing import run_distributed
+
+    assert run_distributed(_rank_with_logits, 1, 1, "last", timeout_s=120) == [(1, 1, 8)]
+    assert run_distributed(_rank_with_logits, 1, 5, "all", timeout_s=120) == [(1, 5, 8)]
+    [message] = run_distributed(_rank_with_logits, 1, 5, "last", timeout_s=120)
+    assert "logits for 5 positions" in message
+
+
+def test_inference_engine_mode_sets_megatrons_flag_where_it_has_one():
+    from megatron_eps import compat
+
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        InferenceMode = None
+    with compat.inference_engine_mode():
+        if InferenceMode is not None:
+            assert InferenceMode.is_active()
+    if InferenceMode is not None:
+        assert not InferenceMode.is_active()
