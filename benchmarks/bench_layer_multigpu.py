@@ -318,6 +318,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
 
 def write_result(args, rows, cuda, world):
     from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.comm import cuda_ops
 
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",
@@ -325,6 +326,7 @@ def write_result(args, rows, cuda, world):
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "megatron_core": __import__("megatron.core").core.__version__,
         "command": " ".join(sys.argv), "git_commit": git_commit(), "kernel": args.kernel,
+        "copy_engine_copies": cuda_ops.copy_issue_mode() if cuda else None,
         "timing": f"CUDA events around {args.forwards_per_sample} forwards back to back, median of "
                   f"{args.repeats} samples after 2 warm-ups, rotating order, slowest rank",
         "rows": rows,

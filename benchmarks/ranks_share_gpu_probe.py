@@ -117,7 +117,7 @@ def main() -> None:
                 assert bool((g == source + sequence).all()), g[:, :4]
             torch.cuda.synchronize()
             dist.barrier()
-        return {"memory": kinds, "copy_batched": cuda_ops.batch_copies_in_use()}
+        return {"memory": kinds, "copies": cuda_ops.copy_issue_mode()}
 
     for name, fn in (("all_reduce", all_reduce), ("all_gather_into_tensor", all_gather),
                      ("all_to_all_single", all_to_all), ("barrier_device_ids", barrier),

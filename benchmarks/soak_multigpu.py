@@ -128,6 +128,10 @@ def main(argv=None):
         from megatron_eps.calibrate.provenance import git_commit
 
         result["git_commit"] = git_commit()
+        if torch.cuda.is_available():
+            from megatron_eps.comm import cuda_ops
+
+            result["copy_engine_copies"] = cuda_ops.copy_issue_mode()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"soak {args.transport}: {steps_done} steps in {elapsed:.0f} s, chunks {chunks}, "

@@ -54,6 +54,7 @@ def _batch_attributes():
 
 
 _use_batch = True
+_batch_refused = None  # the error of the batched call that sent later copies one by one
 
 
 def memcpy_batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
@@ -73,8 +74,14 @@ def memcpy_batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: 
         err = result[0] if isinstance(result, tuple) else result
         if int(err) == 0:
             return
-        # Not supported by this driver/device pair: per-copy calls from now on.
-        _use_batch = False
+        # Not supported by this driver/device pair (or these pointers): per-copy calls from now
+        # on, with one log line, and the reason kept for the benchmarks' metadata.
+        global _batch_refused
+        _use_batch, _batch_refused = False, repr(err)
+        import logging
+
+        logging.getLogger(__name__).info(
+            "cudaMemcpyBatchAsync refused (%s): one cudaMemcpyAsync per copy from now on", err)
     kind = runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice
     for dst, src, size in zip(dst_list, src_list, size_list):
         _check(runtime.cudaMemcpyAsync(dst, src, size, kind, stream), "cudaMemcpyAsync")
@@ -82,6 +89,17 @@ def memcpy_batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: 
 
 def batch_copies_in_use() -> bool:
     return _use_batch and _batch_attributes() is not None
+
+
+def copy_issue_mode() -> str:
+    """How the copies went out so far, for a benchmark's metadata: ``batched``, or one
+    ``cudaMemcpyAsync`` per copy and why."""
+    if not available():
+        return "no cuda-bindings"
+    if batch_copies_in_use():
+        return "batched (cudaMemcpyBatchAsync)"
+    why = _batch_refused or "this CUDA runtime has no cudaMemcpyBatchAsync"
+    return f"one cudaMemcpyAsync per copy ({why})"
 
 
 def stream_write_u32(stream: int, address: int, value: int) -> None:

@@ -778,12 +778,17 @@ def _versions() -> Dict[str, str]:
     import megatron_eps
     from megatron_eps import compat
 
-    return {
+    versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "megatron_core": str(compat.MCORE_VERSION),
         "megatron_eps": megatron_eps.__version__,
     }
+    if torch.cuda.is_available():
+        from megatron_eps.comm import cuda_ops
+
+        versions["copy_engine_copies"] = cuda_ops.copy_issue_mode()
+    return versions
 
 
 # --------------------------------------------------------------------------- main
