@@ -963,6 +963,7 @@ def run(args) -> Dict[str, object]:
         "versions": _versions(),
         "device": _device_info(device),
         "backend": dist.get_backend(),
+        "ranks_share_gpu": _ranks_share_gpu(device, dist.get_world_size()),
         "model": {
             "config": args.config,
             "name": mc.name,
@@ -1012,6 +1013,12 @@ def run(args) -> Dict[str, object]:
     return report
 
 
+def _ranks_share_gpu(device, world: int) -> bool:
+    from megatron_eps.comm.selection import ranks_share_gpu
+
+    return device.type == "cuda" and world > 1 and ranks_share_gpu()
+
+
 def format_table(report) -> str:
     m, p = report["model"], report["parallel"]
     dev = report["device"]
@@ -1025,6 +1032,9 @@ def format_table(report) -> str:
         lines.append("CPU run: it checks that EPS gives the stock model's outputs and shows the plan "
                      "EPS chose; CPU timings say nothing about GPU speed:")
         lines.append("  " + GPU_RESULTS_NOTE + ".")
+    elif report.get("ranks_share_gpu"):
+        lines.append("Ranks share one GPU (gloo, MEGATRON_EPS_RANKS_SHARE_GPU=1): this checks the "
+                     "outputs; its timings say nothing about speed.")
     header = f"{'prompt':>8} {'tok/step':>9} {'stock tok/s':>12} {'eps tok/s':>12} {'speedup':>8} {'logit err':>10} {'ok':>4}"
     lines += [header, "-" * len(header)]
     for row in report["results"]:
