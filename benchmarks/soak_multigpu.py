@@ -116,12 +116,18 @@ def main(argv=None):
         "reserved_first_last_bytes": [memory[2][2], memory[-1][2]],
         "symmetric_bytes_first_last": [memory[2][3], symm_final],
         "symmetric_grew_after_step2": any(m[3] != memory[2][3] for m in after),
+        # The highest allocation of the second half of the steps over that of the first half:
+        # a leak grows with the steps, while what a forward leaves allocated until the next
+        # one moves with its load (random here) in both halves alike.
+        "allocated_growth_bytes": (max(m[1] for m in after[len(after) // 2:])
+                                   - max(m[1] for m in after[: max(len(after) // 2, 1)])),
         "memory_every_50": [m for m in memory if m[0] % 50 == 0],
     }
-    # A few hundred bytes move with the number of chunks (each forward's staged expert offsets);
-    # a leak grows with the steps.
+    # What one forward leaves allocated moves with its load by about a MiB (x2 and one GPU
+    # alike: +1.06 / -0.90 MB over 1,000 steps); a leak is growth between the halves.
     result["ok"] = bool(result["max_rel_err"] <= 2e-2
-                        and result["allocated_max_delta_bytes"] <= 2**20
+                        and result["allocated_growth_bytes"] <= 64 * 2**10
+                        and result["allocated_max_delta_bytes"] <= 4 * 2**20
                         and not result["symmetric_grew_after_step2"]
                         and steps_done == args.steps)
     if rank == 0:
@@ -137,7 +143,8 @@ def main(argv=None):
         print(f"soak {args.transport}: {steps_done} steps in {elapsed:.0f} s, chunks {chunks}, "
               f"max rel err vs stock {result['max_rel_err']:.2e} over {len(checks)} checks, "
               f"allocated after step 2 {baseline / 2**30:.2f} GiB, drift "
-              f"{result['allocated_min_delta_bytes']}..{result['allocated_max_delta_bytes']} B, "
+              f"{result['allocated_min_delta_bytes']}..{result['allocated_max_delta_bytes']} B "
+              f"(growth {result['allocated_growth_bytes']} B), "
               f"symmetric {memory[2][3] / 2**20:.0f} -> {symm_final / 2**20:.0f} MiB, "
               f"reserved {memory[2][2] / 2**30:.2f} -> {memory[-1][2] / 2**30:.2f} GiB: "
               f"{'OK' if result['ok'] else 'FAILED'}", flush=True)

@@ -66,7 +66,9 @@ def memcpy_batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: 
     if count == 0:
         return
     dst_list, src_list, size_list = dsts.tolist(), srcs.tolist(), sizes.tolist()
-    attrs = _batch_attributes() if _use_batch else None
+    # The batched call refuses the legacy default stream (handle 0): copies issued there go
+    # one by one, without giving up the batched call for the other streams.
+    attrs = _batch_attributes() if _use_batch and stream != 0 else None
     if attrs is not None:
         result = runtime.cudaMemcpyBatchAsync(
             dst_list, src_list, size_list, count, [attrs], [0], 1, stream

@@ -36,7 +36,7 @@ def _with_runtime(monkeypatch, runtime):
 def test_batched_copies_stay_batched(monkeypatch):
     runtime = _Runtime(batch_error=0)
     _with_runtime(monkeypatch, runtime)
-    cuda_ops.memcpy_batch(np.array([10, 20]), np.array([1, 2]), np.array([4, 4]), stream=0)
+    cuda_ops.memcpy_batch(np.array([10, 20]), np.array([1, 2]), np.array([4, 4]), stream=7)
     assert runtime.single == []
     assert cuda_ops.copy_issue_mode().startswith("batched")
 
@@ -44,11 +44,22 @@ def test_batched_copies_stay_batched(monkeypatch):
 def test_a_refused_batch_goes_out_copy_by_copy_and_says_why(monkeypatch):
     runtime = _Runtime(batch_error=801)
     _with_runtime(monkeypatch, runtime)
-    cuda_ops.memcpy_batch(np.array([10, 20]), np.array([1, 2]), np.array([4, 8]), stream=0)
+    cuda_ops.memcpy_batch(np.array([10, 20]), np.array([1, 2]), np.array([4, 8]), stream=7)
     assert runtime.single == [(10, 1, 4), (20, 2, 8)]
     assert cuda_ops.copy_issue_mode() == "one cudaMemcpyAsync per copy (801)"
-    cuda_ops.memcpy_batch(np.array([30]), np.array([3]), np.array([2]), stream=0)
+    cuda_ops.memcpy_batch(np.array([30]), np.array([3]), np.array([2]), stream=7)
     assert runtime.single[-1] == (30, 3, 2)  # no second try of the batched call
+
+
+def test_copies_on_the_legacy_default_stream_go_one_by_one_and_keep_batching(monkeypatch):
+    """The batched call refuses stream 0; that must not turn batching off for the other streams."""
+    runtime = _Runtime(batch_error=0)
+    _with_runtime(monkeypatch, runtime)
+    cuda_ops.memcpy_batch(np.array([10]), np.array([1]), np.array([4]), stream=0)
+    assert runtime.single == [(10, 1, 4)]
+    cuda_ops.memcpy_batch(np.array([20]), np.array([2]), np.array([4]), stream=7)
+    assert runtime.single == [(10, 1, 4)]
+    assert cuda_ops.copy_issue_mode().startswith("batched")
 
 
 def test_without_cuda_bindings(monkeypatch):
