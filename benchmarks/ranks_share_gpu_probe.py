@@ -105,8 +105,12 @@ def main() -> None:
             rows = torch.full((8, 256), rank + sequence, dtype=torch.bfloat16, device=device)
             peer, source = (rank + 1) % world, (rank - 1) % world
             copies = RowCopies.nonempty(np.array([0]), np.array([8 * rank]), np.array([8]))
-            memory.copy_rows(rows, [(peer, DISPATCH_BUFFER, copies), (peer, RETURN_BUFFER, copies)])
-            memory.signal(peer, 3, sequence)
+            comm = torch.cuda.Stream()  # as the transport: not the legacy default stream
+            comm.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(comm):
+                memory.copy_rows(rows, [(peer, DISPATCH_BUFFER, copies),
+                                        (peer, RETURN_BUFFER, copies)])
+                memory.signal(peer, 3, sequence)
             side = torch.cuda.Stream()
             memory.wait(source, 3, sequence, side)
             with torch.cuda.stream(side):
