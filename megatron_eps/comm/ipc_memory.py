@@ -30,9 +30,12 @@ class IpcPeerMemory(SymmetricPeerMemory):
     """``SymmetricPeerMemory`` whose buffers are ``cudaMalloc`` allocations that the peers open
     through IPC handles (exchanged with one all-gather over the EP group)."""
 
+    def __init__(self, group, device: torch.device):
+        # this rank's buffer address -> (its cudaMalloc address, every rank's address of it)
+        self._mappings: Dict[int, Tuple[int, List[int]]] = {}
+        super().__init__(group, device)
+
     def _allocate(self, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
-        if not hasattr(self, "_mappings"):
-            self._mappings: Dict[int, Tuple[int, List[int]]] = {}
         ops = self._ops
         mine = ops.device_malloc(nbytes)
         handles = [None] * self.ep_size

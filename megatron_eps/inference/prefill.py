@@ -628,9 +628,8 @@ def timed_prefills(model, tokens, config, vocab_size, args, device, progress=Non
     steps (the kernel cache file keeps the decisions for later runs)."""
     import torch.distributed as dist
 
-    from megatron_eps.experts.autotune import calibration_activity, warm_up_while_calibrating
-
     from megatron_eps import compat
+    from megatron_eps.experts.autotune import calibration_activity, warm_up_while_calibrating
 
     wrapper, context, window = run_prefill(model, tokens, config, vocab_size, args.check_logits)
     logits = None
