@@ -119,7 +119,8 @@ class CopyEngineTransport(ExpertTransport):
     waits_without_timeout = True
 
     # The deduplicated scheme is tested with simulated peers (CPU, and one GPU with a stream
-    # pair per rank); it has not run on a multi-GPU machine yet (dispatch_dedup is off by default).
+    # pair per rank) and across processes with ranks sharing one GPU (EP 2 and 4); it has not
+    # run on a multi-GPU machine yet (dispatch_dedup is off by default).
     supports_dedup = True
     splits_local_rows = True
 

@@ -267,6 +267,7 @@ def test_dedup_equals_stock_fp32(world):
                               10_000, "auto", "on")
     _check(results, "fp32")
     assert all(r["dedup"] for rank in results for r in rank)
+    _check_transport(results, world)
     if world > 1:
         assert any(r["bytes_sent"]["remote"] < r["pair_bytes_sent"]["remote"]
                    for r in results[0])
@@ -278,6 +279,20 @@ def test_dedup_equals_stock_bf16(world):
     results = run_distributed(eps_cases.run_equivalence, world, world, "bf16", "megatron",
                               10_000, "auto", "on")
     _check(results, "bf16")
+    _check_transport(results, world)
+
+
+def _check_transport(results, world):
+    """On GPUs, transport auto puts the deduplicated rows on the copy engines where they reach
+    every rank (one node with peer access, or ranks sharing one GPU), else on NCCL."""
+    if not torch.cuda.is_available() or world == 1:
+        return
+    from megatron_eps.comm.selection import copy_engine_blocker
+
+    peers = torch.cuda.device_count() < world or all(
+        torch.cuda.can_device_access_peer(0, d) for d in range(1, world))
+    expected = "copy_engine" if peers and copy_engine_blocker(None) is None else "nccl"
+    assert {r["transport"] for rank in results for r in rank} == {expected}
 
 
 @pytest.mark.parametrize("world", ranks(1, 2, 4))
