@@ -2,19 +2,13 @@
 halves of the run. A load-dependent wobble (what a forward leaves allocated until the next) does
 not count; memory that grows with the steps does."""
 
-import importlib.util
-import os
 import random
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.benchmark_scripts import load_benchmark_script
 
 
 def _soak():
-    spec = importlib.util.spec_from_file_location(
-        "soak_multigpu", os.path.join(ROOT, "benchmarks", "soak_multigpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("soak_multigpu")
 
 
 def test_a_wobble_with_the_load_is_no_leak_and_growth_is():

@@ -1,21 +1,15 @@
 """benchmarks/summarize_trace.py on a hand-made Chrome trace whose busy time, gaps and the host
 op during the largest gap are known."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.benchmark_scripts import load_benchmark_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "summarize_trace", os.path.join(ROOT, "benchmarks", "summarize_trace.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("summarize_trace")
 
 
 def _trace(tmp_path, events):
