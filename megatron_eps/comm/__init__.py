@@ -10,7 +10,7 @@ it places the routed rows, then per chunk ``dispatch`` / ``received`` / ``hand_b
   final place in the peer's symmetric-memory buffer; completion travels as stream memory
   operations, so no SM is used for communication.
 
-``selection.resolve_transport`` maps ``EPSConfig.transport`` (auto | nccl | copy_engine) to one.
+``selection.TransportChoice.resolve`` maps ``EPSConfig.transport`` (auto | nccl | copy_engine) to one.
 """
 
 from megatron_eps.comm.all_to_all import AllToAll, ProcessGroupAllToAll
