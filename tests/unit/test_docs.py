@@ -58,13 +58,14 @@ class _Module:
             self.tree = ast.parse(f.read())
         self.names = set()
         self.classes = {}
-        self.lazy = False
         for node in self.tree.body:
             self.names.update(_bound_names(node))
             if isinstance(node, ast.ClassDef):
                 self.classes[node.name] = _class_attributes(node)
             if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
-                self.lazy = True
+                # A lazy attribute (PEP 562): the names its body compares ``name`` with.
+                self.names.update(leaf.value for leaf in ast.walk(node)
+                                  if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str))
 
 
 def _bound_names(node):
