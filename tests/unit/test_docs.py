@@ -277,6 +277,20 @@ def test_docs_cite_only_existing_code_and_files():
     assert not missing, "README/docs cite names or files that do not exist:\n" + "\n".join(missing)
 
 
+def test_docs_links_reach_existing_files():
+    broken = []
+    for doc in _doc_files() + [INDEX]:
+        with open(doc) as f:
+            for number, line in enumerate(f, 1):
+                for target in re.findall(r"\]\(([^)\s]+)\)", line):
+                    if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                        continue
+                    path = os.path.join(os.path.dirname(doc), target.split("#")[0])
+                    if not os.path.exists(path):
+                        broken.append(f"{os.path.relpath(doc, ROOT)}:{number}: link ({target})")
+    assert not broken, "README/docs link to files that do not exist:\n" + "\n".join(broken)
+
+
 def test_citation_check_catches_a_renamed_module_and_attribute(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("`megatron_eps.config.EPSConfig` `config.EPSConfig.from_args` "
