@@ -171,9 +171,9 @@ def test_config_problems_name_config_not_eps_config(tmp_path, capsys, write, mes
 
     path = str(tmp_path / "model.yaml")
     if write == "eps_typo":
-        path = _tiny_with(tmp_path, "pipeline_degree: 2", "pipline_degree: 2", "model.yaml")
+        path = _tiny_with(tmp_path, "pipeline_degree: auto", "pipline_degree: auto", "model.yaml")
     elif write == "eps_value":
-        path = _tiny_with(tmp_path, "pipeline_degree: 2", "pipeline_degree: -2", "model.yaml")
+        path = _tiny_with(tmp_path, "pipeline_degree: auto", "pipeline_degree: -2", "model.yaml")
     elif write is not None:
         with open(path, "w") as f:
             f.write(write)
@@ -243,14 +243,17 @@ def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
         assert noise not in proc.stderr, noise
     assert "CPU run: it checks that EPS gives the stock model's outputs" in proc.stdout
     assert "benchmarks/results/" in proc.stdout
-    assert "EPS plan" in proc.stdout and "N=2 chunk(s) of 2+2 local experts" in proc.stdout
+    # The demo's config leaves the chunks to auto; on CPU, with no cost profile, auto keeps one.
+    assert "EPS plan" in proc.stdout and "N=1 chunk(s) of 4 local experts" in proc.stdout
+    assert "(pipeline_degree: auto)" in proc.stdout
     assert "expert kernel dense" in proc.stdout and "transport nccl" in proc.stdout
     report = json.loads(json_path.read_text())
     decisions = report["results"][0]["eps_decisions"]
     assert [d["moe_layer"] for d in decisions] == [0, 1]
     for d in decisions:
-        assert d["num_chunks"] == 2 and d["experts_per_chunk"] == [2, 2]
-        assert d["chunk_split"] == "equal" and d["expert_kernels"] == ["dense"]
+        assert d["pipeline_degree_setting"] == "auto"
+        assert d["num_chunks"] == 1 and d["experts_per_chunk"] == [4]
+        assert d["chunk_split"] == "none (one chunk)" and d["expert_kernels"] == ["dense"]
         assert d["transport"] == "nccl"
 
 
