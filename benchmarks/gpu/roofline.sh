@@ -20,5 +20,6 @@ if [ "${ROOF_BENCH:-1}" = "1" ]; then
   ls /tmp/roofline_traces/*_grouped.json /tmp/roofline_traces/*_eps.json >/dev/null 2>&1 && \
     python3 benchmarks/summarize_trace.py /tmp/roofline_traces/*_grouped.json \
       /tmp/roofline_traces/*_eps.json --top 8 > "$OUT/roofline_traces.txt" 2>&1
+  rm -f /tmp/roofline_traces/*_stock.json  # large, and their breakdown is in the JSON
   tar -czf "$OUT/roofline_traces.tgz" -C /tmp roofline_traces
 fi
