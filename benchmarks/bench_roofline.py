@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_layer_multigpu import MODELS, SMOKE, _sync, rel_err, time_once  # noqa: E402
+from bench_layer_multigpu import MODELS, SMOKE, rel_err, time_once  # noqa: E402
 
 SHAPES = {
     "dsv2lite": MODELS["dsv2lite"],
@@ -280,15 +280,16 @@ def profile_forward(layer, x, trace_path: str, eps: bool) -> Dict:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        _sync(cuda)
+        sync()
         t0 = time.perf_counter()
         layer(x)
         host_s = time.perf_counter() - t0  # the host's time to issue the forward
-        _sync(cuda)
+        sync()
         with torch.profiler.profile(activities=activities) as prof:
             layer(x)
-            _sync(cuda)
+            sync()
     finally:
         ranges.remove()
         if eps:
