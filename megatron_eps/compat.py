@@ -264,3 +264,21 @@ def quiet_unknown_mlp_warning_for_eps() -> None:
     log = logging.getLogger("megatron.core.transformer.transformer_layer")
     if not any(isinstance(f, _QuietUnknownMLPForEPS) for f in log.filters):
         log.addFilter(_QuietUnknownMLPForEPS())
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM's default GPT spec (megatron_eps.megatron_lm).
+# 0.19+: the inference scripts build through megatron.training.models.gpt.GPTModelBuilder, which
+#        calls a callable --spec with its GPTModelConfig; Megatron's own choice of spec for that
+#        config is megatron.training.models.gpt.default_layer_spec(config, vp_stage).
+# 0.16:  no GPTModelBuilder (gpt_builders.gpt_builder picks the spec inline); the callable form
+#        is then only reached by a caller of our own, and the choice is made from the arguments.
+# ---------------------------------------------------------------------------------------------
+def megatron_lm_default_layer_spec(model_config, vp_stage=None):
+    """The layer/block spec Megatron-LM builds for ``model_config`` (a GPTModelConfig) when
+    ``--spec`` is absent, or None where Megatron-LM has no GPTModelBuilder (0.16)."""
+    try:
+        from megatron.training.models.gpt import default_layer_spec
+    except ImportError:
+        return None
+    return default_layer_spec(model_config, vp_stage)
