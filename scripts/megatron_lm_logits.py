@@ -60,6 +60,9 @@ def main():
             "moe_layers": len(layers),
             "eps_settings": [m.eps_config.to_dict() for m in layers if hasattr(m, "eps_config")],
             "expert_model_parallel_size": args.expert_model_parallel_size,
+            # the expert backend of each chunk of the last pipelined forward (empty: stock)
+            "pipelined_backends": [list(getattr(m, "last_expert_backends", None) or [])
+                                   for m in layers],
             "spec": args.spec,
         }
         with open(args.logits_out + ".json", "w") as f:
