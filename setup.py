@@ -23,7 +23,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'"],
+        # six, regex, pydantic, psutil, pybind11: Megatron-LM's megatron.training, run by the
+        # tests against its unmodified snapshot (psutil: without it torch_dist saves hang)
+        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'", "six",
+                 "regex", "pydantic", "psutil", "pybind11"],
         "triton": ["triton>=3.3"],
         "te": ["transformer_engine[pytorch]"],
         # the copy-engine transport (transport: copy_engine / auto on one NVLink node)
