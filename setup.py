@@ -15,7 +15,7 @@ setup(
     package_data={"megatron_eps": ["profiles/*.json"], "megatron_eps.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "megatron-core>=0.16,<0.20",
+        "megatron-core>=0.16,<0.21",
         "torch>=2.6",
         "pyyaml>=6",
         "numpy",

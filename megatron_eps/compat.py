@@ -1,4 +1,5 @@
-"""Every difference between the supported Megatron-Core versions (0.16.x and 0.19.x) lives here.
+"""Every difference between the supported Megatron-Core versions (0.16.x, 0.19.x and the 0.20.x
+of Megatron-LM main) lives here.
 
 The rest of megatron_eps imports Megatron-Core names through this module only where the two
 versions disagree; everything else is imported directly.
@@ -20,12 +21,14 @@ except ImportError:  # pragma: no cover - very old releases
     _MCORE_VERSION_STR = getattr(_mc, "__version__", "0.0.0")
 
 MCORE_VERSION = Version(_MCORE_VERSION_STR)
-SUPPORTED_RANGE = (Version("0.16.0"), Version("0.20.0"))
+# 0.20: Megatron-LM main; the MoELayer, MoEAlltoAllTokenDispatcher, moe_utils, inference
+# context/wrapper, spec and GPTModelBuilder names used here are those of 0.19 there.
+SUPPORTED_RANGE = (Version("0.16.0"), Version("0.21.0"))
 
 if not (SUPPORTED_RANGE[0] <= MCORE_VERSION < SUPPORTED_RANGE[1]):
     raise ImportError(
-        f"megatron-eps supports megatron-core >=0.16,<0.20; found {MCORE_VERSION}. "
-        "Install a supported release (pip install 'megatron-core>=0.16,<0.20')."
+        f"megatron-eps supports megatron-core >=0.16,<0.21; found {MCORE_VERSION}. "
+        "Install a supported release (pip install 'megatron-core>=0.16,<0.21')."
     )
 
 
