@@ -285,3 +285,23 @@ def megatron_lm_default_layer_spec(model_config, vp_stage=None):
     except ImportError:
         return None
     return default_layer_spec(model_config, vp_stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM start-up (the project's scripts under scripts/).
+# 0.16: initialize_megatron(extra_args_provider=..., args_defaults=...) parses the arguments.
+# 0.19+: the scripts call parse_and_validate_args(extra_args_provider, args_defaults=...) first;
+#        initialize_megatron() then takes no parsing arguments.
+# ---------------------------------------------------------------------------------------------
+def initialize_megatron_lm(extra_args_provider=None, args_defaults=None, allow_no_cuda=False):
+    """Parse Megatron-LM's arguments (with ``extra_args_provider``) and initialize it."""
+    from megatron.training import arguments
+    from megatron.training.initialize import initialize_megatron
+
+    if hasattr(arguments, "parse_and_validate_args"):
+        arguments.parse_and_validate_args(extra_args_provider=extra_args_provider,
+                                          args_defaults=args_defaults or {})
+        initialize_megatron(allow_no_cuda=allow_no_cuda)
+    else:
+        initialize_megatron(extra_args_provider=extra_args_provider,
+                            args_defaults=args_defaults or {}, allow_no_cuda=allow_no_cuda)

@@ -28,6 +28,7 @@ def add_logits_args(parser):
 
 def main():
     allow_no_cuda = megatron_lm_run_setup()
+    from megatron_eps import compat
     from gpt_builders import gpt_builder
     from model_provider import model_provider
 
@@ -35,9 +36,8 @@ def main():
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.training import get_args, get_model
     from megatron.training.checkpointing import load_checkpoint
-    from megatron.training.initialize import initialize_megatron
 
-    initialize_megatron(extra_args_provider=add_logits_args, allow_no_cuda=allow_no_cuda,
+    compat.initialize_megatron_lm(extra_args_provider=add_logits_args, allow_no_cuda=allow_no_cuda,
                         args_defaults={"micro_batch_size": 1, "no_load_rng": True,
                                        "no_load_optim": True, "exit_on_missing_checkpoint": True})
     args = get_args()

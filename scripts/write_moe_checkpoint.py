@@ -26,14 +26,14 @@ from megatron_eps.testing.megatron_lm_run import megatron_lm_run_setup  # noqa: 
 
 def main():
     allow_no_cuda = megatron_lm_run_setup()
+    from megatron_eps import compat
     from gpt_builders import gpt_builder
     from model_provider import model_provider
 
     from megatron.training import get_args, get_model
     from megatron.training.checkpointing import save_checkpoint
-    from megatron.training.initialize import initialize_megatron
 
-    initialize_megatron(allow_no_cuda=allow_no_cuda,
+    compat.initialize_megatron_lm(allow_no_cuda=allow_no_cuda,
                         args_defaults={"micro_batch_size": 1, "no_load_rng": True,
                                        "no_load_optim": True, "save_interval": 1})
     args = get_args()
