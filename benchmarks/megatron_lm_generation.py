@@ -42,7 +42,9 @@ def model_flags(max_length: int) -> list:
         f"--untie-embeddings-and-output-weights --tokenizer-type NullTokenizer "
         f"--vocab-size {VOCAB} --transformer-impl local --no-rope-fusion --no-persist-layer-norm "
         f"--no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion "
-        f"--attention-dropout 0 --hidden-dropout 0 --micro-batch-size 1 --seed 1234"
+        f"--attention-dropout 0 --hidden-dropout 0 --micro-batch-size 1 --seed 1234 "
+        # no Apex here: Megatron's default gradient-accumulation fusion needs its CUDA extension
+        f"--no-gradient-accumulation-fusion"
     ).split() + os.environ.get("MEGATRON_LM_EXTRA_FLAGS", "").split()
 
 
@@ -208,8 +210,12 @@ class Runner:
         command = [sys.executable, os.path.join(REPO, "benchmarks", "megatron_lm_decode.py"),
                    "--out", os.path.join(self.args.work, "decode.json")]
         start = time.perf_counter()
-        proc = subprocess.run(command, env=env, capture_output=True, text=True,
-                              timeout=self.args.timeout)
+        try:
+            proc = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=self.args.timeout * 2)
+        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.CompletedProcess(command, "timeout", exc.stdout or "",
+                                               f"timed out after {exc.timeout}s")
         print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
         try:
             with open(os.path.join(self.args.work, "decode.json")) as f:

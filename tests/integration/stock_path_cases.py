@@ -33,6 +33,7 @@ def which_path(tokens_by_case, flips=()):
         pipelined_forward = eps.token_dispatcher.pipelined_forward
         for name, seq, batch in tokens_by_case:
             x = torch.randn(seq, batch, 32, generator=torch.Generator().manual_seed(seq * 7 + batch))
+            x = x.to(next(eps.parameters()).device)
             eps.token_dispatcher.pipelined_forward = _refuse_pipeline
             with torch.inference_mode():
                 try:
@@ -50,15 +51,28 @@ def which_path(tokens_by_case, flips=()):
     return out
 
 
+def decode_padding(layer, capacity_factor):
+    """What Megatron's set_decode_expert_padding does to a MoE layer for graphed decode:
+    drop-and-pad with a capacity (the stock dispatcher then needs no host sync)."""
+    for owner in (layer.config, layer.token_dispatcher.config):
+        object.__setattr__(owner, "moe_pad_expert_input_to_capacity", capacity_factor is not None)
+        object.__setattr__(owner, "moe_expert_capacity_factor", capacity_factor)
+    layer.token_dispatcher.drop_and_pad = capacity_factor is not None
+    layer.token_dispatcher.moe_expert_capacity_factor = capacity_factor
+
+
 def graph_capture_path():
     """On a GPU: capture a decode-sized and a prefill-sized forward of the EPS layer in CUDA
-    graphs; both must capture (the stock path runs while capturing) and replay to the stock
-    layer's output."""
+    graphs, with the drop-and-pad Megatron turns on for graphed decode (no-drop capacity
+    num_experts / topk); both must capture (the stock path runs while capturing) and replay to
+    the stock layer's output under the same padding."""
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     out = {}
     try:
         config = moe_config(num_experts=8, hidden_size=64, ffn_hidden_size=32)
         stock, eps = build_moe_pair(config, EPSConfig(pipeline_degree=2, min_tokens_to_pipeline=0))
+        for layer in (stock, eps):
+            decode_padding(layer, 8 / 2)
         for name, seq in (("decode", 4), ("prefill", 512)):
             x = torch.randn(seq, 1, 64, device="cuda")
             with torch.inference_mode():
