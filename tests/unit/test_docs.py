@@ -28,8 +28,17 @@ README_MAX_LINES = 250
 CODE_FOLDERS = ("megatron_eps", "benchmarks", "tests", "examples", "scripts", "configs")
 # Transformer Engine cannot be installed on the machines that run these tests.
 TRANSFORMER_ENGINE_NAMES = {"GroupedLinear"}
-# Files of other projects the docs mention: a Hugging Face checkpoint's, Megatron-LM's.
-EXTERNAL_FILES = {"config.json", "pretrain_gpt.py"}
+# Files and names of other projects the docs mention (a Hugging Face checkpoint, Megatron-LM
+# beyond megatron-core, Apex), which are not installed where these tests run.
+EXTERNAL_FILES = {
+    "config.json", "pretrain_gpt.py", "gpt_static_inference.py", "gpt_dynamic_inference.py",
+    "examples/inference/gpt/", "examples/inference/offline_inference.py",
+    "examples/inference/launch_inference_server.py", "tools/run_text_generation_server.py",
+    "megatron/core/dist_checkpointing/strategies/filesystem_async.py",
+    "megatron/core/datasets/helpers.cpp",
+}
+EXTERNAL_NAMES = {"GPTModelBuilder", "GPTModelConfig", "_process_memory",
+                  "fused_weight_gradient_mlp_cuda"}
 FILE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".sh", ".md", ".txt", ".log", ".tgz", ".png",
                  ".ini", ".cfg", ".toml")
 
@@ -212,7 +221,8 @@ def _missing_citations(doc_path):
     for line, raw in _backticked(doc_path):
         token = raw.strip()
         token = re.sub(r"\(.*\)$", "", token)  # a call: `choose_backend(requested, ...)`
-        if re.search(r"[<>~$\s]|^[/.-]|://", token) or token in EXTERNAL_FILES:
+        if (re.search(r"[<>~$\s]|^[/.-]|://", token) or token in EXTERNAL_FILES
+                or token in EXTERNAL_NAMES):
             continue  # placeholders, absolute, hidden or generated paths, flags, shell lines
         if re.fullmatch(r"[\w.*{},/-]+", token) is None:
             continue
