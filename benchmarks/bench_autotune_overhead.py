@@ -122,7 +122,7 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_autotune_overhead.py times GPU first forwards; no CUDA device here")
-    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.calibrate import kernels as cal
     from megatron_eps.calibrate.provenance import git_commit, write_result
 
     results = []

@@ -83,7 +83,7 @@ def relative_spread(values) -> float:
 def same_setting_gaps(times, auto_chunks, labels, degrees, local):
     """{label: |t(auto) / t(N) - 1|} where auto chose the chunks of a fixed N: the same setting
     timed twice in one run, so the benchmark's own noise at that point."""
-    from megatron_eps.pipeline.layout import chunk_sizes
+    from megatron_eps.policy.chunks import chunk_sizes
 
     gaps = {}
     for label in labels:
@@ -147,7 +147,7 @@ def main(argv=None):
     from megatron_eps.testing import Utils
     from megatron_eps.experts.autotune import warm_up_while_calibrating
     from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.pipeline.layout import chunk_sizes
+    from megatron_eps.policy.chunks import chunk_sizes
     from megatron_eps.testing.models import build_moe_pair
 
     transports = (args.transports.split(",") if torch.cuda.is_available() and not args.smoke

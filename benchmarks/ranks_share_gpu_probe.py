@@ -94,7 +94,7 @@ def main() -> None:
         from megatron_eps.comm import cuda_ops
         from megatron_eps.comm.copy_engine import (
             DISPATCH_BUFFER, RETURN_BUFFER, peer_memory_for)
-        from megatron_eps.comm.copy_engine_layout import RowCopies
+        from megatron_eps.comm.copy_engine_plan import RowCopies
 
         memory = peer_memory_for(dist.group.WORLD, device)
         kinds = []

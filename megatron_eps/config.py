@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
+from megatron_eps.errors import EPSConfigError
+
 # Allowed ``expert_kernel`` values: "auto" (pick per load from the cost table,
 # megatron_eps.experts.selector) and every registered expert backend
 # (megatron_eps.experts.base.kernel_names, the one list): grouped (torch._grouped_mm), triton
@@ -190,10 +192,6 @@ def parse_setting(name: str, text: str):
         except ValueError:
             pass  # check_setting names the setting and the allowed values
     return check_setting(name, value)
-
-
-class EPSConfigError(ValueError):
-    """A megatron-eps setting has a value that is not allowed. The message names both."""
 
 
 def read_yaml_file(path, flag: str, error: type) -> Any:

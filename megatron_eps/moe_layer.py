@@ -14,7 +14,8 @@ from megatron_eps.policy.cost_model import LayerShape
 from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
 from megatron_eps.comm.selection import TransportChoice
-from megatron_eps.pipeline.policies import ChunkingPolicy, ExpertRunner
+from megatron_eps.experts.chunk_runner import ExpertRunner
+from megatron_eps.policy.degree import ChunkingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class EPSMoELayer(MoELayer):
 
     def use_chunking(self, chunking) -> None:
         """Chunk the next forwards with ``chunking`` (an object with ``choose(counts,
-        transport)``, e.g. ``pipeline.policies.FixedChunking``); None: from the settings."""
+        transport)``, e.g. ``policy.degree.FixedChunking``); None: from the settings."""
         self.chunking_override = chunking
 
     def chunking_policy(self, hidden_states) -> ChunkingPolicy:

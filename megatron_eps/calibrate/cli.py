@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 -m megatron_eps.calibrate link --out profile.json
     megatron-eps-calibrate --config tiny --out kernels.json       (no subcommand: kernels)
 
-``kernels`` times the expert GEMM backends (``megatron_eps.experts.calibrate``; its options);
+``kernels`` times the expert GEMM backends (``megatron_eps.calibrate.kernels``; its options);
 ``link`` fits the expert-parallel link (``calibrate.link``); ``pipeline`` measures the cost
 model's compute and host constants (``calibrate.pipeline``); ``all`` does the three and writes
 one complete profile. ``--out`` is a file or a directory (then ``<dir>/<gpu slug>.json``);
@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_eps.experts import calibrate as kernel_calibration
+from megatron_eps.calibrate import kernels as kernel_calibration
 
 SUBCOMMANDS = ("kernels", "link", "pipeline", "all")
 

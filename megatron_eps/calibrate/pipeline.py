@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_eps.calibrate.timing import fit_line, median_seconds
+from megatron_eps.timing import fit_line, median_seconds
 from megatron_eps.comm.all_to_all import AllToAll
 from megatron_eps.comm.nccl import NCCLTransport
 
@@ -64,7 +64,7 @@ def build_layer(shape: MoEShape, dtype: torch.dtype, expert_kernel: str):
 
 def layer_times(layer, tokens: int, degrees, device, dtype, repeats: int) -> list:
     """Seconds of one forward of ``tokens`` tokens for each N of ``degrees`` (equal chunks)."""
-    from megatron_eps.pipeline.policies import FixedChunking
+    from megatron_eps.policy.degree import FixedChunking
 
     x = torch.randn(tokens, 1, layer.config.hidden_size, device=device, dtype=dtype)
     times = []

@@ -32,7 +32,7 @@ def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
 def provenance(device_name: str, **what) -> dict:
     """The provenance record of a profile section: device, software versions, commit, command
     and date, plus ``what`` (how each figure was obtained)."""
-    from megatron_eps.experts.calibrate import versions
+    from megatron_eps.calibrate.kernels import versions
 
     return dict(
         device=device_name,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_eps.config import EPSConfigError
+from megatron_eps.errors import EPSConfigError
 
 logger = logging.getLogger(__name__)
 _logged = set()

@@ -363,7 +363,7 @@ def validate_setup(args) -> Dict[str, object]:
         # layer construction, still before any collective of the layer.
         check_transport_setting(eps_run.transport, None, ep)
         from megatron_eps.policy.profile import warn_if_profile_for_other_device
-        from megatron_eps.experts.selector import device_name
+        from megatron_eps.policy.kernel_tables import device_name
 
         import logging
 
@@ -384,7 +384,7 @@ def _check_expert_kernel(eps, mc, device, dtype) -> None:
     if name in ("auto", "megatron"):
         return
     from megatron_eps.experts import base
-    from megatron_eps.experts.calibrate import synthetic_experts
+    from megatron_eps.calibrate.kernels import synthetic_experts
 
     base._import_builtin_backends()
     backend = base._REGISTRY.get(name)

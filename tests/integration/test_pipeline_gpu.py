@@ -91,7 +91,7 @@ def _no_syncs_in_run_plan(monkeypatch):
 @pytest.mark.parametrize("degree,split", [(1, "equal"), (2, "equal"), (3, "equal"), (8, "equal"),
                                           (3, "tail"), (5, "tail")])
 def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
-    from megatron_eps.pipeline.layout import chunk_sizes
+    from megatron_eps.policy.chunks import chunk_sizes
 
     stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
     eps.use_transport(NCCLTransport(_emulator()))  # a slow link: the comm stream lags behind

@@ -201,7 +201,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
     out = tmp_path / "profile.json"
     proc = _single(tmp_path, "--config", "configs/tiny.yaml", "--loads", "8", "--skews", "0",
                    "--target-ms", "1", "--no-progress", "--out", str(out), cwd=tmp_path,
-                   module="megatron_eps.experts.calibrate")
+                   module="megatron_eps.calibrate.kernels")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["shapes"][0]["hidden"] == 64
 
@@ -217,7 +217,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
 )
 def test_calibrate_cli_errors(tmp_path, argv, message):
     proc = _single(tmp_path, *argv, "--out", str(tmp_path / "p.json"),
-                   module="megatron_eps.experts.calibrate")
+                   module="megatron_eps.calibrate.kernels")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
@@ -226,7 +226,7 @@ def test_calibrate_cli_errors(tmp_path, argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_calibrate_device_cuda_without_gpu(tmp_path):
     proc = _single(tmp_path, "--config", "tiny", "--device", "cuda", "--out",
-                   str(tmp_path / "p.json"), module="megatron_eps.experts.calibrate")
+                   str(tmp_path / "p.json"), module="megatron_eps.calibrate.kernels")
     assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_eps.policy.profile import load_kernel_tables
 from megatron_eps.calibrate import cli
-from megatron_eps.calibrate.timing import fit_latency_bandwidth, fit_line
+from megatron_eps.timing import fit_latency_bandwidth, fit_line
 from megatron_eps.testing import skip_unless_ranks_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +45,6 @@ def test_theil_sen_line_ignores_one_outlier():
 @pytest.mark.slow
 def test_all_on_one_device_writes_a_complete_profile_auto_reads(tmp_path):
     from megatron_eps.config import EPSConfig
-    from megatron_eps.experts import selector
     from megatron_eps.policy.cost_model import LayerShape
     from megatron_eps.policy.degree import choose_chunking
     from megatron_eps.policy.profile import load_pipeline_profile
@@ -59,7 +59,7 @@ def test_all_on_one_device_writes_a_complete_profile_auto_reads(tmp_path):
         assert data["pipeline"][key] >= 0, key
     assert "no link to measure" in data["provenance"]["link"]  # one device: said so
     assert data["provenance"]["device"] == "cpu" and "git_commit" in data["provenance"]
-    assert selector.load_cost_profile(str(path), "cpu").covers("cpu", __import__("torch").float32)
+    assert load_kernel_tables(str(path), "cpu").covers("cpu", __import__("torch").float32)
     # pipeline_degree auto from this file alone (an EP=2 layer of the tiny shape).
     eps_config = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, cost_profile=str(path))
     profile = load_pipeline_profile(eps_config.cost_profile, "cpu")

@@ -17,7 +17,9 @@ PACKAGE = "megatron_eps"
 # Bottom to top.
 LAYERS = [
     # plain helpers every layer may use
-    ("ground", ["errors", "compat", "staging", "triton_launch", "timing", "row_kernels"]),
+    ("ground", ["errors", "compat", "staging", "triton_launch", "timing"]),
+    # one pass over rows on the GPU (Triton), with the torch path beside it
+    ("row kernels", ["row_kernels"]),
     # how rows travel between ranks; what the measurements and the cost model decide
     ("transports and policy", ["comm", "policy"]),
     ("experts", ["experts"]),

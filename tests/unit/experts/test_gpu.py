@@ -163,7 +163,7 @@ def _background_compile_rank(triton_cache):
 
 
 def test_calibration_times_calls_with_their_offsets_staged_as_a_layer_does():
-    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.calibrate import kernels as cal
     from megatron_eps.experts.gemm_common import expert_offsets
 
     device = torch.device("cuda")

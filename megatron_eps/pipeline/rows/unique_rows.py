@@ -4,7 +4,7 @@ The source rank sends a token once to each rank that holds at least one of its e
 chunk, with the token's expert indices (relative to the chunk's first expert on that rank) and
 their routing weights packed behind the hidden state. The expert rank expands each received row
 into one row per (row, expert), runs the experts, and sums a row's weighted expert outputs in
-fp32 (``permute_kernels.sum_rows``) before sending one row back; the source sums the returned
+fp32 (``row_kernels.sum_rows``) before sending one row back; the source sums the returned
 rows of each token the same way. Every sum adds its terms in a fixed order, so the result is deterministic.
 
 Everything here is sized from host numbers every rank derives from the all-gathered statistics
@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_eps.pipeline.permute_kernels import count_values, row_block, use_triton
+from megatron_eps.row_kernels import count_values, row_block, use_triton
 from megatron_eps.triton_launch import CachedLauncher
 
 # Index of an empty slot in the packed expert indices.
@@ -328,7 +328,7 @@ def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, 
 
 
 def return_table(sent_rows, chunk_offsets, num_tokens: int, num_returned: int) -> torch.Tensor:
-    """[T, C * D] int64: the slot table (``permute_kernels.sum_rows``) of the source's final sum.
+    """[T, C * D] int64: the slot table (``row_kernels.sum_rows``) of the source's final sum.
 
     sent_rows: per chunk (C of them), ``place_unique_rows``'s [D * T] send rows; chunk_offsets:
     the first row of each chunk among the ``num_returned`` returned rows, which come back in
@@ -356,7 +356,7 @@ def expand_rows(
     Returns:
         rows [M, H] and weights [M], ordered by expert, then source rank, then token (the order
         Megatron's dispatcher hands its experts), and the slot table [R, slots] int64 of the
-        pre-reduction (``permute_kernels.sum_rows``): entry [r, k] is the pair of row r's k-th
+        pre-reduction (``row_kernels.sum_rows``): entry [r, k] is the pair of row r's k-th
         expert (in expert order), M for an empty slot.
 
     The pairs are the filled slots sorted by expert, stably (so by row within an expert); the

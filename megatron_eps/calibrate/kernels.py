@@ -5,7 +5,7 @@ model) and each available GEMM backend, times the whole expert computation (fc1 
 probs + fc2, exactly what a backend's forward does) over a grid of loads: mean tokens per expert
 (default 8 .. 8192, powers of two) x skew (Zipf exponents 0, 0.5, 1.0, 1.5 of the per-expert
 shares; expert order shuffled with a fixed seed). Timing: batches of calls issued back to back
-from an idle GPU (calibrate.timing), warm-up first, the backends' batches interleaved, several
+from an idle GPU (timing), warm-up first, the backends' batches interleaved, several
 input sets rotated so no call reads the previous call's input from L2, median of the batches
 (host clock on CPU). The profile records the device name, torch/triton/megatron-core
 versions, the shapes, the grid and the medians; megatron_eps.experts.selector reads it.
@@ -40,7 +40,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 # ---------------------------------------------------------------------------- loads
 def make_counts(num_experts: int, mean_tokens: float, skew: float, seed: int = 0) -> List[int]:
     """Rows per expert: total n*mean split by Zipf(skew) shares, experts in shuffled order."""
-    from megatron_eps.experts.selector import zipf_shares
+    from megatron_eps.policy.kernel_tables import zipf_shares
 
     total = int(round(num_experts * mean_tokens))
     exact = zipf_shares(num_experts, skew) * total
@@ -110,7 +110,7 @@ def time_calls_interleaved(
     A clock that drifts under the power limit is the likely cause (not traced); interleaved,
     any drift shifts every callable alike.
     """
-    from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
+    from megatron_eps.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
     batches = {}
     for name, fn in fns.items():
@@ -198,7 +198,7 @@ class CopyBeside:
     engines carry with no SM. (A device-to-device ``copy_`` on one GPU is not: on the H200 it ran
     as SM work and a compute-bound GEMM beside it ran 2.3x slower.) It does not load HBM the way
     peer traffic does; ``copy_engine_check`` records how it behaves, and the selector uses the
-    tables only where a GEMM kept its time beside it (``selector.stand_in_is_sm_free``).
+    tables only where a GEMM kept its time beside it (``policy.kernel_tables.stand_in_is_sm_free``).
     """
 
     def __init__(self, device: torch.device, max_bytes: int = 2 << 30):
@@ -275,10 +275,10 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def device_info(device: torch.device) -> dict:
-    from megatron_eps.experts.selector import device_name, device_slug
+    from megatron_eps.policy.kernel_tables import device_name, gpu_slug
 
     name = device_name(device)
-    info = {"name": name, "slug": device_slug(name), "type": device.type}
+    info = {"name": name, "slug": gpu_slug(name), "type": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -411,7 +411,7 @@ def calibrate(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    from megatron_eps.experts.selector import PROFILE_FORMAT, PROFILE_VERSION
+    from megatron_eps.policy.kernel_tables import PROFILE_FORMAT, PROFILE_VERSION
 
     return {
         "format": PROFILE_FORMAT,
@@ -422,7 +422,7 @@ def calibrate(
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
         "timing": {"method": ("median of back-to-back batches of calls, the backends' batches "
-                              "interleaved (experts.calibrate.time_calls_interleaved)"),
+                              "interleaved (calibrate.kernels.time_calls_interleaved)"),
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
         "beside_copy": copy_engine_check(beside) if beside is not None else None,
