@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eps.calibrate import kernels as cal  # noqa: E402
 from megatron_eps.experts.autotune import TIMED_RUNS, TUNING_ROUNDS  # noqa: E402
-from megatron_eps.calibrate.provenance import write_result  # noqa: E402
+from megatron_eps.provenance import write_result  # noqa: E402
 from megatron_eps.experts import selector  # noqa: E402
 from megatron_eps.policy import kernel_tables  # noqa: E402
 from megatron_eps.policy.profile import load_kernel_tables  # noqa: E402
@@ -65,7 +65,7 @@ SKEWS = (0.0, 0.5, 1.0, 1.5)
 
 
 def git_commit(explicit):
-    from megatron_eps.calibrate.provenance import git_commit as checkout_commit
+    from megatron_eps.provenance import git_commit as checkout_commit
 
     return explicit or checkout_commit()
 
@@ -230,7 +230,7 @@ def stock_comparison(device, dtype, target_s, profile):
     from megatron_eps.experts import LocalExperts
     from megatron_eps.testing import Utils
     from megatron_eps.testing.distributed import free_port
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")

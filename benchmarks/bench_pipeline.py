@@ -102,7 +102,7 @@ def pick_kernel(requested):
 
 def build_layer(model, kernel, with_stock=False):
     from megatron_eps import EPSConfig
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     m = MODELS[model]
     config = moe_config(

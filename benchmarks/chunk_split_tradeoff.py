@@ -201,7 +201,7 @@ def run_tradeoff(args, measure, show, method: str) -> None:
     """Validate ``args`` (``tradeoff_parser``); for each shape and load, sample the routing and
     call ``measure(point, maps, shape, timer, degrees, profile)``, which fills ``point``, then
     ``show(point)``; write the JSON result."""
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.policy.cost_model import shared_experts_time
     from megatron_eps.calibrate.kernels import device_info, versions, warm_gpu
     from megatron_eps.policy.profile import PROFILES_DIR, open_profile

@@ -97,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "dedup_bytes_cpu.json"))
     args = parser.parse_args(argv)
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.testing import run_distributed
 
     results = {}

@@ -11,7 +11,7 @@ Public API:
 from megatron_eps.arguments import add_eps_args
 from megatron_eps.config import EPSConfig, EPSConfigError
 
-__version__ = "0.1.0"
+from megatron_eps.provenance import __version__  # noqa: E402 - the one definition
 
 
 def __getattr__(name):

@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = _device(kernel_args.device)
     group = _join_process_group(device)
     name = kernel_calibration.device_info(device)["name"]
-    from megatron_eps.calibrate.provenance import provenance
+    from megatron_eps.provenance import provenance
     from megatron_eps.policy.profile import profile_path_for, write_profile_sections
 
     sections = {"pipeline": {}, "links": {}}
@@ -173,7 +173,7 @@ def _routing_from_config(config: Optional[str]):
     if not config:
         return None, None
     from megatron_eps.config import read_yaml_file
-    from megatron_eps.inference.prefill import resolve_config
+    from megatron_eps.inference.shipped_configs import resolve_config
 
     data = read_yaml_file(resolve_config(config), "--config", SystemExit) or {}
     model = data.get("model", data)

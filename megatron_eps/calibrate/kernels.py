@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from megatron_eps.experts.weights import synthetic_experts
+from megatron_eps.provenance import versions
 
 DEFAULT_LOADS = tuple(2**i for i in range(3, 14))  # 8 .. 8192 tokens per expert
 DEFAULT_SKEWS = (0.0, 0.5, 1.0, 1.5)
@@ -54,19 +56,6 @@ def make_counts(num_experts: int, mean_tokens: float, skew: float, seed: int = 0
 
 
 # ---------------------------------------------------------------------------- experts
-def synthetic_experts(hidden: int, ffn: int, num_experts: int, dtype, device, seed: int = 0):
-    """StackedExperts with random SwiGLU weights scaled like Megatron's init (std 0.02)."""
-    from megatron_eps.experts.weights import ExpertWeights, StackedExperts
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    fc1 = torch.empty(num_experts, 2 * ffn, hidden, dtype=dtype, device=device)
-    fc2 = torch.empty(num_experts, hidden, ffn, dtype=dtype, device=device)
-    for e in range(num_experts):  # per expert on the host: bounded host memory for big shapes
-        fc1[e].copy_(torch.randn(2 * ffn, hidden, generator=gen) * 0.02)
-        fc2[e].copy_(torch.randn(hidden, ffn, generator=gen) * 0.02)
-    return StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
-
-
 def make_inputs(rows: int, hidden: int, dtype, device, sets: int, seed: int = 0):
     """``sets`` (hidden, probs) pairs of random values (never zeros: zeros time differently)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -251,29 +240,6 @@ def measure_point_beside_copy(experts, backends, counts, inputs, device, target_
 
 
 # ---------------------------------------------------------------------------- environment
-def versions() -> Dict[str, Optional[str]]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        out["triton"] = None
-    try:
-        from megatron.core.package_info import __version__ as mcore
-
-        out["megatron_core"] = mcore
-    except Exception:  # noqa: BLE001
-        out["megatron_core"] = None
-    try:
-        import transformer_engine
-
-        out["transformer_engine"] = transformer_engine.__version__
-    except Exception:  # noqa: BLE001
-        out["transformer_engine"] = None
-    return out
-
-
 def device_info(device: torch.device) -> dict:
     from megatron_eps.policy.kernel_tables import device_name, gpu_slug
 
@@ -325,7 +291,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
     import yaml
 
     from megatron_eps.inference.model_config import ModelConfigError
-    from megatron_eps.inference.prefill import resolve_config
+    from megatron_eps.inference.shipped_configs import resolve_config
 
     try:
         path = resolve_config(path)  # a file, or the name of a shipped config

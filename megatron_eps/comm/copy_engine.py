@@ -424,22 +424,3 @@ class SymmetricPeerMemory(PeerMemory):
 
     def wait(self, peer, slot, value, stream):
         self._ops.stream_wait_geq_u32(stream.cuda_stream, self._flag(self.ep_rank, slot, peer), value)
-
-
-_MEMORIES: Dict[Tuple[str, int], SymmetricPeerMemory] = {}
-
-
-def peer_memory_for(group, device: torch.device) -> SymmetricPeerMemory:
-    """The one SymmetricPeerMemory of an EP group in this process (layers share it: they run one
-    at a time, and sharing keeps one set of buffers and one sequence of flags)."""
-    key = (group.group_name, device.index)
-    if key not in _MEMORIES:
-        from megatron_eps.comm.selection import ranks_share_gpu
-
-        if ranks_share_gpu():
-            from megatron_eps.comm.ipc_memory import IpcPeerMemory
-
-            _MEMORIES[key] = IpcPeerMemory(group, device)
-        else:
-            _MEMORIES[key] = SymmetricPeerMemory(group, device)
-    return _MEMORIES[key]

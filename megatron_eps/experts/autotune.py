@@ -103,7 +103,7 @@ def current_versions() -> Dict[str, str]:
         versions["triton"] = triton.__version__
     except ImportError:
         versions["triton"] = "none"
-    from megatron_eps import __version__
+    from megatron_eps.provenance import __version__
 
     versions["megatron_eps"] = __version__
     return versions

@@ -148,7 +148,7 @@ def test_small_cli_checks(tmp_path, argv, message):
 
 def test_memory_estimate_names_the_sizes():
     from megatron_eps.inference.model_config import load_model_config
-    from megatron_eps.inference.prefill import estimate_prefill_bytes
+    from megatron_eps.inference.prefill_setup import estimate_prefill_bytes
 
     mc = load_model_config(TINY)
     small = estimate_prefill_bytes(mc, 2, 64, 4, 2, "last", True)
@@ -167,7 +167,7 @@ def test_memory_estimate_names_the_sizes():
     ],
 )
 def test_config_problems_name_config_not_eps_config(tmp_path, capsys, write, message):
-    from megatron_eps.inference.prefill import parse_args
+    from megatron_eps.inference.prefill_args import parse_args
 
     path = str(tmp_path / "model.yaml")
     if write == "eps_typo":
@@ -186,7 +186,7 @@ def test_config_problems_name_config_not_eps_config(tmp_path, capsys, write, mes
 
 
 def test_eps_moe_help_says_what_it_does(capsys):
-    from megatron_eps.inference.prefill import build_parser
+    from megatron_eps.inference.prefill_args import build_parser
 
     help_text = " ".join(build_parser().format_help().split())
     assert "always runs the EPS model beside the stock one" in help_text

@@ -466,7 +466,7 @@ def _rank_auto_agreement(world: int, profile_path: str):
 
     from megatron_eps.moe_layer import route_allowing_empty
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     rank = dist.get_rank()
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)

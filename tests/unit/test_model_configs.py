@@ -258,7 +258,7 @@ def build_models_and_count(names_and_attention):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_eps.inference.prefill import seed_all
+    from megatron_eps.inference.prefill_setup import seed_all
 
     parallel_state.initialize_model_parallel()
     out = {}

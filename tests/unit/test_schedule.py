@@ -205,7 +205,7 @@ def test_build_plan_rejects_zero():
 def _shared_experts_layer(world):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
     try:

@@ -101,7 +101,7 @@ def test_te_backend_matches_megatron(megatron_parallel):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_eps import compat
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     config = moe_config(num_experts=4, hidden_size=256, ffn_hidden_size=128, dtype=torch.bfloat16,
                         moe_grouped_gemm=True)
