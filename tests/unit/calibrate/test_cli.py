@@ -14,7 +14,7 @@ from megatron_eps.calibrate import cli
 from megatron_eps.timing import fit_latency_bandwidth, fit_line
 from megatron_eps.testing import skip_unless_ranks_fit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TINY_KERNELS = ["--device", "cpu", "--dtype", "fp32", "--loads", "4,16", "--skews", "0,1.0",
                 "--target-ms", "1", "--no-progress"]
 

@@ -15,7 +15,7 @@ from megatron_eps.inference.model_config import (
     replace_core_attention,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
