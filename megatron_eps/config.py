@@ -387,7 +387,10 @@ class EPSConfig:
         path = os.fspath(path)
         data = read_yaml_file(path, flag, EPSConfigError)
         if data is None:
-            data = {}
+            raise EPSConfigError(
+                f"{flag} {path!r}: the file is empty; allowed: EPS settings at top level or "
+                "under an 'eps:' key (e.g. 'pipeline_degree: auto')"
+            )
         if not isinstance(data, Mapping):
             raise EPSConfigError(
                 f"{flag} {path!r}: expected a mapping at top level, got {type(data).__name__}"

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from typing import Dict, Optional
 
-import torch
-
 __version__ = "0.1.0"
 
 COMMIT_ENV_VARS = ("MEGATRON_EPS_GIT_COMMIT", "EPS_GIT_COMMIT")
@@ -36,6 +34,8 @@ def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
 
 def versions() -> Dict[str, Optional[str]]:
     """The software a measurement ran on (None where a package does not import)."""
+    import torch
+
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
         import triton

@@ -25,14 +25,37 @@ import torch
 import torch.distributed as dist
 
 from megatron_eps.calibrate import kernels as kernel_calibration
+from megatron_eps.calibrate.kernels import CalibrateError
+from megatron_eps.errors import EPSConfigError
+from megatron_eps.inference.model_config import ModelConfigError
 
-SUBCOMMANDS = ("kernels", "link", "pipeline", "all")
+PROG = "megatron-eps-calibrate"
+# What each subcommand measures; without one, ``kernels`` runs.
+SUBCOMMANDS = {
+    "kernels": "time the expert GEMM backends over a grid of loads (the default)",
+    "link": "fit the expert-parallel link of every transport (merged into an existing profile)",
+    "pipeline": "measure the cost model's compute and host constants",
+    "all": "the three, into one complete profile",
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """The command's own parser: its subcommands (each has ``--help`` of its own)."""
+    lines = [f"  {name:<9} {what}" for name, what in SUBCOMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage=f"{PROG} [{'|'.join(SUBCOMMANDS)}] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure this GPU and write (or merge into) its profile file.",
+        epilog="subcommands:\n" + "\n".join(lines)
+        + f"\n\n'{PROG} SUBCOMMAND --help' lists a subcommand's options.")
+    parser.add_argument("command", nargs="?", choices=tuple(SUBCOMMANDS), help=argparse.SUPPRESS)
+    return parser
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The options of ``link``, ``pipeline`` and ``all`` beyond the kernel calibration's own
     (shape, device and dtype options are the kernel calibration's: see ``kernels --help``)."""
-    parser = argparse.ArgumentParser(prog=f"megatron-eps-calibrate {command}", description=(
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=(
         "Measure this GPU and merge the result into its profile file. Shape, device and dtype "
         "options as for 'megatron-eps-calibrate kernels'."))
     parser.add_argument("--out", required=True, help="profile file, or a directory for <gpu slug>.json")
@@ -61,14 +84,20 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    if argv and (argv[0] in ("-h", "--help") or not argv[0].startswith("-")):
+        top_parser().parse_args(argv[:1])  # --help, or an unknown subcommand: argparse says so
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "kernels"
     if command == "kernels":
         return kernel_calibration.main(argv)
     parser = build_parser(command)
     args, rest = parser.parse_known_args(argv)
+    try:
+        return _run(command, parser, args, rest)
+    except (CalibrateError, EPSConfigError, ModelConfigError) as exc:
+        parser.error(str(exc))
+
+
+def _run(command: str, parser, args, rest: List[str]) -> int:
     kernel_args = None
     if command == "link":
         if rest:
@@ -86,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     measured = {}
     path = profile_path_for(args.out, name)
     if command == "link" and not os.path.isfile(path):
-        raise SystemExit(f"--out {path!r}: no profile to merge the link figures into; write one "
+        raise CalibrateError(f"--out {path!r}: no profile to merge the link figures into; write one "
                          "with 'megatron-eps-calibrate all' (or copy the shipped one) first")
     if command in ("link", "all") or (command == "pipeline" and not _has_link(path)):
         link = _link(args, device, group)
@@ -175,7 +204,7 @@ def _routing_from_config(config: Optional[str]):
     from megatron_eps.config import read_yaml_file
     from megatron_eps.inference.shipped_configs import resolve_config
 
-    data = read_yaml_file(resolve_config(config), "--config", SystemExit) or {}
+    data = read_yaml_file(resolve_config(config), "--config", CalibrateError) or {}
     model = data.get("model", data)
     return model.get("moe_router_topk"), model.get("moe_shared_expert_intermediate_size")
 

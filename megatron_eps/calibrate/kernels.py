@@ -34,6 +34,12 @@ import torch
 from megatron_eps.experts.weights import synthetic_experts
 from megatron_eps.provenance import versions
 
+
+class CalibrateError(ValueError):
+    """A calibration option that is not allowed here; the message names it (the command prints
+    it as ``megatron-eps-calibrate: error: ...``, exit status 2)."""
+
+
 DEFAULT_LOADS = tuple(2**i for i in range(3, 14))  # 8 .. 8192 tokens per expert
 DEFAULT_SKEWS = (0.0, 0.5, 1.0, 1.5)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -139,7 +145,7 @@ def measurable_backends(experts, device, dtype, requested: Optional[Sequence[str
     if requested:
         missing = [b for b in requested if b not in names]
         if missing:
-            raise SystemExit(
+            raise CalibrateError(
                 f"--backends {','.join(missing)} cannot run here; available: {', '.join(names)}"
             )
         names = [b for b in names if b in requested]
@@ -262,7 +268,7 @@ def shapes_from_args(args) -> List[Tuple[int, int, int]]:
         try:
             h, f, n = (int(v) for v in text.split(","))
         except ValueError:
-            raise SystemExit(f"--shape {text!r}: expected HIDDEN,FFN,EXPERTS (three integers)") from None
+            raise CalibrateError(f"--shape {text!r}: expected HIDDEN,FFN,EXPERTS (three integers)") from None
         shapes.append((h, f, n))
     if args.config:
         shapes.append(shape_from_model_yaml(args.config, args.ep))
@@ -270,19 +276,19 @@ def shapes_from_args(args) -> List[Tuple[int, int, int]]:
     if any(v is not None for v in given.values()):
         for flag, value in given.items():
             if value is not None and value < 1:
-                raise SystemExit(f"{flag} {value}: allowed values are integers >= 1")
+                raise CalibrateError(f"{flag} {value}: allowed values are integers >= 1")
         missing = [flag for flag, value in given.items() if value is None]
         if missing:
-            raise SystemExit(
+            raise CalibrateError(
                 f"{', '.join(missing)} missing: --hidden, --ffn and --experts go together "
                 "(local experts per rank)"
             )
         shapes.append((args.hidden, args.ffn, args.experts))
     if not shapes:
-        raise SystemExit("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
+        raise CalibrateError("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
     for h, f, n in shapes:
         if min(h, f, n) <= 0:
-            raise SystemExit(f"shape H={h} F={f} experts={n}: all must be positive")
+            raise CalibrateError(f"shape H={h} F={f} experts={n}: all must be positive")
     return shapes
 
 
@@ -296,7 +302,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
     try:
         path = resolve_config(path)  # a file, or the name of a shipped config
     except ModelConfigError as exc:
-        raise SystemExit(str(exc)) from None
+        raise CalibrateError(str(exc)) from None
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     model = data.get("model", data)
@@ -305,7 +311,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
         ffn = int(model.get("moe_ffn_hidden_size") or model["ffn_hidden_size"])
         experts = int(model["num_moe_experts"])
     except (KeyError, TypeError, ValueError):
-        raise SystemExit(
+        raise CalibrateError(
             f"--config {path!r}: needs model.hidden_size, model.moe_ffn_hidden_size and "
             "model.num_moe_experts (or pass --hidden --ffn --experts)"
         ) from None
@@ -313,7 +319,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
         ep = (data.get("parallel") or {}).get("expert_model_parallel_size") or 1
     ep = int(ep)
     if experts % ep:
-        raise SystemExit(f"--config {path!r}: {experts} experts do not divide over --ep {ep}")
+        raise CalibrateError(f"--config {path!r}: {experts} experts do not divide over --ep {ep}")
     return hidden, ffn, experts // ep
 
 
@@ -455,26 +461,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CalibrateError as exc:
+        parser.error(str(exc))
+
+
+def run(args) -> int:
+    """The kernel calibration of parsed ``args`` (``build_parser``)."""
     shapes = shapes_from_args(args)
     try:
         loads = [int(v) for v in args.loads.split(",")]
         skews = [float(v) for v in args.skews.split(",")]
     except ValueError:
-        raise SystemExit("--loads takes integers and --skews numbers, comma-separated") from None
+        raise CalibrateError("--loads takes integers and --skews numbers, comma-separated") from None
     if min(loads) <= 0 or min(skews) < 0:
-        raise SystemExit("--loads must be positive and --skews non-negative")
+        raise CalibrateError("--loads must be positive and --skews non-negative")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N") from None
+        raise CalibrateError(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N")
+        raise CalibrateError(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available here; allowed "
+        raise CalibrateError(f"--device {args.device}: no CUDA device is available here; allowed "
                          "values here: cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} "
+        raise CalibrateError(f"--device {args.device}: this machine has {torch.cuda.device_count()} "
                          "CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -97,12 +97,8 @@ def run(args) -> Dict[str, object]:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     config = transformer_config_for(mc, args, tp, ep, on_cpu=device.type == "cpu")
-    eps_config = EPSConfig.from_args(args)
-    if not eps_config.enabled and not args.stock_only and rank == 0:
-        print(f"note: {args.eps_config}: eps.enabled is false, but this tool compares the stock "
-              "model with EPS, so EPS runs anyway (--stock-only runs the stock model alone)",
-              file=sys.stderr, flush=True)
-    eps_config = eps_config.replace(enabled=True)
+    # parse_args turned eps.enabled: false into --stock-only; where EPS runs, it is on.
+    eps_config = EPSConfig.from_args(args).replace(enabled=True)
     modes = ["stock", "grouped", "eps"] if args.grouped_baseline else ["stock", "eps"]
     if args.stock_only:
         modes = ["stock"]

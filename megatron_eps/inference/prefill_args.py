@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eps_args(parser)
     for action in parser._actions:
         if action.dest == "eps_moe":
-            action.help = ("accepted for Megatron-LM compatibility; this tool always runs the EPS "
-                           "model beside the stock one (--stock-only skips EPS)")
+            action.help = ("run EPS beside the stock model even where the config sets "
+                           "eps.enabled: false (which runs the stock model alone)")
     return parser
 
 
@@ -212,10 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--profile-dir {args.profile_dir}: not a writable folder (allowed: a "
                          "folder this process can create or write to)")
     # Fail on bad settings before any process group exists.
-
     try:
         validate_setup(args)
     except (EPSConfigError, ModelConfigError, PrefillError) as exc:
         parser.error(str(exc))
     return args
-

@@ -8,6 +8,7 @@ import socket
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_eps import compat
 from megatron_eps.comm import cuda_ops
@@ -133,9 +134,20 @@ def eps_decisions(model) -> List[Dict[str, object]]:
             entry["experts_per_chunk"] = sizes
             entry["chunk_split"] = _split_name(sizes)
             entry["tokens_per_chunk"] = [int(t) for t in record.tokens_per_chunk]
-            entry["transport"] = str(getattr(record, "transport", "") or "nccl")
+            entry["transport"] = _transport_used(layer, record)
         out.append(entry)
     return out
+
+
+def _transport_used(layer, record) -> str:
+    """The transport the layer's last forward ran on, as it moved the rows: ``transport: nccl``
+    is the process group's all-to-all, which on CPU ranks (or ranks sharing a GPU) is gloo's."""
+    name = str(getattr(record, "transport", "") or "nccl")
+    group = getattr(layer.token_dispatcher, "ep_group", None)
+    if name != "nccl" or group is None or not dist.is_initialized():
+        return name
+    backend = str(dist.get_backend(group))
+    return name if backend == "nccl" else f"{backend} all-to-all (transport: nccl)"
 
 
 def _split_name(sizes: List[int]) -> str:

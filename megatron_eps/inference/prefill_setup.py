@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -62,6 +63,7 @@ def validate_setup(args) -> Dict[str, object]:
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     mc = load_model_config(args.config, num_layers=args.layers)
     eps = EPSConfig.from_args(args)
+    _honour_eps_switch(args, eps)
     par = mc.resolve_parallel(world, args.tensor_model_parallel_size, args.expert_model_parallel_size)
     tp, ep = par["tensor_model_parallel_size"], par["expert_model_parallel_size"]
     dtype = DTYPES[args.dtype]
@@ -87,6 +89,21 @@ def validate_setup(args) -> Dict[str, object]:
         )
     _check_memory(args, mc, par, world, device)
     return {"model_config": mc, "parallel": par, "eps_config": eps}
+
+
+def _honour_eps_switch(args, eps) -> None:
+    """``eps.enabled: false`` in the EPS settings (and no ``--eps-moe``) runs the stock model
+    alone, as ``--stock-only`` does; said once, before anything runs."""
+    if args.stock_only or eps.enabled:
+        return
+    flag = getattr(args, "eps_config_flag", "--eps-config")
+    if args.eps_only:
+        raise PrefillError(f"--eps-only: {flag} {args.eps_config} sets eps.enabled: false; "
+                           "allowed: drop --eps-only, add --eps-moe, or set eps.enabled: true")
+    args.stock_only = True
+    if is_main_rank():
+        print(f"note: {flag} {args.eps_config} sets eps.enabled: false: running the stock model "
+              "alone (--eps-moe runs EPS beside it)", file=sys.stderr, flush=True)
 
 
 def _check_expert_kernel(eps, mc, device, dtype) -> None:

@@ -189,7 +189,57 @@ def test_eps_moe_help_says_what_it_does(capsys):
     from megatron_eps.inference.prefill_args import build_parser
 
     help_text = " ".join(build_parser().format_help().split())
-    assert "always runs the EPS model beside the stock one" in help_text
+    assert "run EPS beside the stock model even where the config sets eps.enabled: false" in help_text
+
+
+def _parse_error(capsys, argv):
+    from megatron_eps.inference.prefill_args import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv + ["--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count(ERROR) == 1, err
+    return err
+
+
+def test_a_bad_parallel_flag_is_blamed_on_the_flag(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _parse_error(capsys, ["--ep", "3"])
+    assert "--expert-model-parallel-size 3 does not divide the world size 2" in err, err
+    assert "tiny.yaml" not in err
+    # the same value from the file is blamed on the file
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "parallel.tensor_model_parallel_size" not in _parse_error(capsys, ["--tp", "2"])
+
+
+def test_empty_files_get_one_clear_line(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    err = _parse_error(capsys, ["--eps-config", str(empty)])
+    assert f"--eps-config {str(empty)!r}: the file is empty" in err, err
+    err = _parse_error(capsys, ["--config", str(empty)])
+    assert f"--config {empty}: the file is empty" in err, err
+
+
+def test_eps_enabled_false_runs_the_stock_model_alone(tmp_path, capsys):
+    from megatron_eps.inference.prefill_args import parse_args
+
+    off = _tiny_with(tmp_path, "eps:\n", "eps:\n  enabled: false\n", "off.yaml")
+    args = parse_args(["--config", off, "--device", "cpu"])
+    assert args.stock_only
+    assert "sets eps.enabled: false: running the stock model alone" in capsys.readouterr().err
+    assert not parse_args(["--config", off, "--device", "cpu", "--eps-moe"]).stock_only
+    err = _parse_error(capsys, ["--config", off, "--eps-only"])
+    assert "--eps-only: --config " + off + " sets eps.enabled: false" in err, err
+    # an allgather model with EPS switched off passes: only the stock model runs
+    allgather = _tiny_with(tmp_path, "dispatcher_type: alltoall", "dispatcher_type: allgather",
+                           "allgather.yaml")
+    with open(allgather) as f:
+        text = f.read()
+    with open(allgather, "w") as f:
+        f.write(text.replace("eps:\n", "eps:\n  enabled: false\n"))
+    assert parse_args(["--config", allgather, "--device", "cpu"]).stock_only
 
 
 @pytest.mark.slow
@@ -244,14 +294,16 @@ def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
     assert "CPU run: it checks that EPS gives the stock model's outputs" in proc.stdout
     assert "benchmarks/results/" in proc.stdout
     assert "EPS plan" in proc.stdout and "N=2 chunk(s) of 2+2 local experts" in proc.stdout
-    assert "expert kernel dense" in proc.stdout and "transport nccl" in proc.stdout
+    # the ranks are CPU processes: the rows travel over gloo's all-to-all, and the plan says so
+    assert "expert kernel dense" in proc.stdout
+    assert "transport gloo all-to-all (transport: nccl)" in proc.stdout
     report = json.loads(json_path.read_text())
     decisions = report["results"][0]["eps_decisions"]
     assert [d["moe_layer"] for d in decisions] == [0, 1]
     for d in decisions:
         assert d["num_chunks"] == 2 and d["experts_per_chunk"] == [2, 2]
         assert d["chunk_split"] == "equal" and d["expert_kernels"] == ["dense"]
-        assert d["transport"] == "nccl"
+        assert d["transport"] == "gloo all-to-all (transport: nccl)"
 
 
 @pytest.mark.slow

@@ -84,9 +84,31 @@ def test_out_directory_may_not_exist_yet(tmp_path):
     assert profile_path_for(str(tmp_path / "p.json"), "NVIDIA H200") == str(tmp_path / "p.json")
 
 
-def test_link_needs_a_profile_to_merge_into(tmp_path):
-    with pytest.raises(SystemExit, match="no profile to merge"):
+def test_link_needs_a_profile_to_merge_into(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["link", "--out", str(tmp_path / "missing.json"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "megatron-eps-calibrate link: error: --out" in capsys.readouterr().err
+
+
+def test_help_lists_the_subcommands_and_an_unknown_one_names_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in cli.SUBCOMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "megatron-eps-calibrate: error:" in err and all(name in err for name in cli.SUBCOMMANDS)
+
+
+def test_bad_options_exit_2_in_the_error_form(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "no_such_model", "--out", str(tmp_path / "k.json")])
+    assert exit_info.value.code == 2
+    assert "megatron-eps-calibrate: error: --config 'no_such_model'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

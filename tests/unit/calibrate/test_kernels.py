@@ -48,7 +48,7 @@ def test_model_yaml_shape(tmp_path):
     )
     assert calibrate.shape_from_model_yaml(str(path), None) == (2048, 1408, 8)
     assert calibrate.shape_from_model_yaml(str(path), 2) == (2048, 1408, 32)
-    with pytest.raises(SystemExit, match="do not divide"):
+    with pytest.raises(calibrate.CalibrateError, match="do not divide"):
         calibrate.shape_from_model_yaml(str(path), 3)
 
 

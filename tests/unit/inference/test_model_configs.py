@@ -12,8 +12,8 @@ from megatron_eps.inference.model_config import (
     ModelConfigError,
     load_model_config,
     model_config_from_dict,
-    replace_core_attention,
 )
+from megatron_eps.inference.spec_edits import replace_core_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIGS = os.path.join(ROOT, "configs")
