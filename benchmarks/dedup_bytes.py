@@ -32,7 +32,8 @@ def rank_bytes(tokens: int, seed: int):
 
     from megatron_eps import EPSConfig
     from megatron_eps.pipeline.rows import unique_rows
-    from megatron_eps.pipeline.rows.dedup import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
+    from megatron_eps.pipeline.rows.dedup import DedupChunkLayout, dedup_row_bytes
+    from megatron_eps.pipeline.rows.per_pair import pair_row_bytes
     from megatron_eps.policy.cost_model import LayerShape
     from megatron_eps.policy.degree import choose_chunking
     from megatron_eps.policy.profile import load_pipeline_profile

@@ -202,6 +202,8 @@ class EPSMoELayer(MoELayer):
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
         self.expert_runner.begin_forward(self.eps_config)
+        chunking = self.chunking_override or self.chunking_policy(hidden_states)
+        transport = self.transport_choice.resolve(hidden_states.device)
         # The dispatcher reads the current settings (dispatch_dedup, gemm_sm_carveout).
         self.token_dispatcher.eps_config = self.eps_config
         output = self.token_dispatcher.pipelined_forward(
@@ -209,9 +211,9 @@ class EPSMoELayer(MoELayer):
             probs,
             routing_map,
             experts=self.expert_runner,
-            chunking=self.chunking_override or self.chunking_policy(hidden_states),
+            chunking=chunking,
             shared_experts=shared,
-            transport=self.transport_choice.resolve(hidden_states.device),
+            transport=transport,
         )
         return output, None
 

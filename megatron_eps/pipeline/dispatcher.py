@@ -18,11 +18,9 @@ from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.comm.watchdog import peer_wait_watchdog, wait_for_event, wait_timeout_s
 from megatron_eps.config import EPSConfig
-from megatron_eps.pipeline.layout import ChunkLayout
 from megatron_eps.pipeline.rows import unique_rows
-from megatron_eps.pipeline.rows.dedup import DedupRows, dedup_layout
-from megatron_eps.pipeline.rows.per_pair import PerPairRows, pair_row_bytes, probs_columns
-from megatron_eps.pipeline.rows.scheme import RowScheme
+from megatron_eps.pipeline.rows.choice import choose_row_scheme
+from megatron_eps.pipeline.rows.dedup import DedupRows
 from megatron_eps.pipeline.runner import run_plan
 from megatron_eps.policy.chunks import chunk_sizes
 from megatron_eps.policy.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS, PLACE,
@@ -180,6 +178,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         with self._phase("counts.wait"):
             counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
         transport = transport or self.default_transport()
+        comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
         if not transport.supports_dedup:
             range_counts = None  # the same on every rank: the transport is agreed
         # The same on every rank: the settings and the transport are agreed.
@@ -195,61 +195,35 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 model_inputs["local_rows_apart"] = True
             choice = chunking.choose(counts, link, **model_inputs)
         sizes = chunk_sizes(self.num_local_experts, choice)
-        num_chunks = len(sizes)
-        hidden_size = tokens.shape[-1]
-        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
-        comm_stream = self._comm_stream(tokens, transport)
-        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
         with self._phase("layout"):
-            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes,
-                                       local_rows_apart=local_apart)
-            rows = self._row_scheme(layout, counts, range_counts, transport, experts, tokens,
-                                    probs, routing_map, packed_columns, compute_stream)
+            rows = choose_row_scheme(transport, experts, counts, range_counts, sizes, tokens,
+                                     probs, routing_map, self.ep_rank,
+                                     self.config.moe_router_topk, local_apart, self.eps_config,
+                                     compute_stream)
+        num_chunks = len(sizes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
-            tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
+            tokens_per_chunk=[sum(t) for t in rows.layout.tokens_per_expert],
             global_counts=counts,
             experts_per_chunk=sizes,
             transport=transport.name if transport.moves_rows else "local",
             dedup=rows.name == DedupRows.name,
             local_rows_apart=local_apart,
             bytes_sent=rows.bytes_sent(),
-            pair_bytes_sent=layout.bytes_sent(*pair_row_bytes(tokens, probs, packed_columns)),
+            pair_bytes_sent=rows.pair_bytes_sent(),
         )
 
         with self._phase("experts.prepare"):
-            experts.prepare(layout.expert_calls(), tokens.device,
+            # The expert calls count (token, expert) rows in either scheme.
+            experts.prepare(rows.layout.expert_calls(), tokens.device,
                             beside_copy=num_chunks > 1 and transport.moves_rows)
         with self._phase("transport.begin"):
-            transport.begin(rows.layout, counts, rows.width, hidden_size, tokens.dtype,
+            transport.begin(rows.layout, counts, rows.width, tokens.shape[-1], tokens.dtype,
                             tokens.device)
         stages = {PLACE: rows.place, DISPATCH: transport.dispatch,
                   EXPERTS: lambda chunk: rows.run_experts(chunk, PEER_PART if local_apart else None),
                   LOCAL_EXPERTS: lambda chunk: rows.run_experts(chunk, LOCAL_PART),
                   COMBINE: transport.combine}
-        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed,
-                         local_apart)
-        with self._phase("unpermute"):
-            output = rows.output(shared_output)
-        transport.end()
-        return output.view(hidden_shape)
-
-    def _row_scheme(self, layout, counts, range_counts, transport, experts, tokens, probs,
-                    routing_map, packed_columns, compute_stream) -> RowScheme:
-        """The forward's row scheme: deduplicated where the setting, the transport and the
-        gathered numbers agree (``rows.dedup.dedup_layout``), else one row per pair."""
-        combine_dtype = torch.float32 if self.eps_config.dedup_combine_dtype == "fp32" else None
-        dedup = dedup_layout(layout, counts, range_counts, tokens, probs,
-                             self.config.moe_router_topk, self.eps_config.dispatch_dedup,
-                             combine_dtype, pair_row_bytes(tokens, probs, packed_columns))
-        if dedup is not None:
-            return DedupRows(transport, experts, dedup, tokens, probs, routing_map,
-                             compute_stream)
-        return PerPairRows(transport, experts, layout, counts, tokens, probs, routing_map,
-                           self.config.moe_router_topk, packed_columns, compute_stream)
-
-    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed,
-                    local_apart=False):
         plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead, local_apart=local_apart)
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
@@ -262,6 +236,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
+        with self._phase("unpermute"):
+            output = rows.output(shared_output)
+        transport.end()
+        return output.view(hidden_shape)
 
     def _phase(self, name: str):
         if self.profiler_ranges:

@@ -122,7 +122,7 @@ def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
 
 def dedup_meta_bytes(shape: LayerShape, experts_in_chunk: int) -> int:
     """Bytes a deduplicated row carries behind the hidden state: an int32 index and an fp32
-    weight per slot, padded to 16 bytes (unique_rows.meta_columns)."""
+    weight per slot, padded to 16 bytes (pipeline.rows.dedup.meta_columns)."""
     slots = max(1, min(shape.topk, experts_in_chunk))
     return -(-slots * 8 // 16) * 16
 

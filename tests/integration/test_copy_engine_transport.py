@@ -194,6 +194,7 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     rank then token, every token with an expert of the chunk here (once), and after the
     pre-reduced combine each token's rows sum to its weighted expert outputs."""
     from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
     from megatron_eps import row_kernels
     from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
 
@@ -204,7 +205,7 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
     layouts = [DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
                                            ranges, topk, torch.float32) for r in range(ep)]
-    width = HIDDEN + unique_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
+    width = HIDDEN + dedup_scheme.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
     sent_rows = [[] for _ in range(ep)]
     for r in range(ep):
         transports[r].begin(layouts[r], counts, width, HIDDEN, torch.float32, torch.device("cpu"))
@@ -435,6 +436,7 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
     rank runs on streams of its own, ordered by events only (runner.PlanIssuer), with every
     transfer delayed as in the test above."""
     from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
     from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
     from megatron_eps import row_kernels
     from megatron_eps.pipeline.rows.dedup import run_unique_rows_experts
@@ -448,7 +450,7 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
     for r in range(ep):
         layout = DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
                                              range_counts, topk, torch.float32)
-        columns = unique_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layout.slots)
+        columns = dedup_scheme.meta_columns(HIDDEN, torch.float32, torch.float32, layout.slots)
         transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
                             torch.device(device))
         layouts.append(layout)

@@ -10,6 +10,7 @@ import torch
 
 from megatron_eps import EPSConfig
 from megatron_eps.pipeline.rows import unique_rows
+from megatron_eps.pipeline.rows import dedup as dedup_scheme
 from megatron_eps import row_kernels
 from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
 from megatron_eps.comm.traffic import routed_traffic
@@ -79,7 +80,7 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
         tokens.append(torch.randn(length, hidden, generator=torch.Generator().manual_seed(rank)))
     layouts = group_layouts(maps, ep_size, chunking, topk)
     dedup = [d for _, d in layouts]
-    width = hidden + unique_rows.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
+    width = hidden + dedup_scheme.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
     sent, sent_rows = [], []
     for rank in range(ep_size):
         lay = dedup[rank]
@@ -143,7 +144,7 @@ def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num
     chunk = routing_map.reshape(num_tokens, ep_size, local)[:, :, start:end]
     num_rows = int(chunk.any(dim=2).sum())
     slots = min(topk, end - start)
-    width = hidden + unique_rows.meta_columns(hidden, token_dtype, probs_dtype, slots)
+    width = hidden + dedup_scheme.meta_columns(hidden, token_dtype, probs_dtype, slots)
     tokens, probs = tokens.to(device, token_dtype), probs.to(device, probs_dtype)
     routing_map = routing_map.to(device)
     results = []

@@ -35,6 +35,21 @@ from megatron_eps.pipeline.rows.scheme import RowScheme
 
 # ``dispatch_dedup: auto`` deduplicates when it saves at least this fraction of remote bytes.
 AUTO_MIN_SAVING = 0.10
+_ALIGN_BYTES = 16
+
+
+def meta_columns(hidden: int, token_dtype: torch.dtype, probs_dtype: torch.dtype,
+                 slots: int) -> int:
+    """Columns (of the token dtype) behind the hidden state that carry ``slots`` int32 expert
+    indices and ``slots`` weights; a multiple of 16 bytes, so aligned rows stay aligned. 0 when
+    the hidden state's bytes do not keep the packed fields aligned (no dedup then)."""
+    token_bytes = torch.empty((), dtype=token_dtype).element_size()
+    prob_bytes = torch.empty((), dtype=probs_dtype).element_size()
+    if (hidden * token_bytes) % max(8, prob_bytes):
+        return 0
+    need = slots * (4 + prob_bytes)
+    padded = -(-need // _ALIGN_BYTES) * _ALIGN_BYTES
+    return padded // token_bytes
 
 
 @dataclass
@@ -108,29 +123,10 @@ def dedup_row_bytes(layout: DedupChunkLayout, tokens: torch.Tensor, probs: torch
     """(dispatch, combine) bytes of one row of the deduplicated scheme: the hidden state with
     its packed expert indices and weights, and the partial sum in ``layout.combine_dtype``."""
     hidden = tokens.shape[-1]
-    columns = unique_rows.meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
+    columns = meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
     combine_dtype = layout.combine_dtype or tokens.dtype
     return ((hidden + columns) * tokens.element_size(),
             hidden * torch.empty((), dtype=combine_dtype).element_size())
-
-
-def dedup_layout(pairs: ChunkLayout, counts: np.ndarray, range_counts: Optional[np.ndarray],
-                 tokens: torch.Tensor, probs: torch.Tensor, top_k: int, setting: str,
-                 combine_dtype: Optional[torch.dtype], pair_bytes) -> Optional[DedupChunkLayout]:
-    """The deduplicated layout of this forward's chunks, or None to send one row per pair: the
-    setting (``dispatch_dedup``) off, a transport without the scheme (``range_counts`` None),
-    rows whose weights cannot be packed, or ``auto`` judging the saving too small. Decided
-    from gathered numbers, so the same on every rank. ``pair_bytes``: ``pair_row_bytes``."""
-    if range_counts is None or setting == "off":
-        return None
-    dedup = DedupChunkLayout.from_pairs(pairs, counts, range_counts, top_k, combine_dtype)
-    if not unique_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
-        return None
-    if setting == "auto" and not dedup.saves_remote_bytes(
-        *dedup_row_bytes(dedup, tokens, probs), *pair_bytes
-    ):
-        return None
-    return dedup
 
 
 def place_chunk_unique_rows(transport: ExpertTransport, layout: DedupChunkLayout, chunk: int,
@@ -168,21 +164,41 @@ class DedupRows(RowScheme):
 
     name = "dedup"
 
-    def __init__(self, transport: ExpertTransport, experts, layout: DedupChunkLayout,
-                 tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
-                 compute_stream=None):
-        super().__init__(transport, experts)
-        self.layout = layout
-        self.tokens, self.probs, self.routing_map = tokens, probs, routing_map
-        self.compute_stream = compute_stream
-        hidden = tokens.shape[-1]
-        self.width = hidden + unique_rows.meta_columns(hidden, tokens.dtype, probs.dtype,
-                                                       layout.slots)
-        self.combine_dtype = layout.combine_dtype or tokens.dtype
+    def __init__(self, pairs, layout: DedupChunkLayout, row_bytes):
+        super().__init__(pairs.transport, pairs.experts)
+        self.layout, self.pairs, self.row_bytes = layout, pairs, row_bytes
+        self.tokens, self.probs, self.routing_map = pairs.tokens, pairs.probs, pairs.routing_map
+        self.compute_stream = pairs.compute_stream
+        hidden = self.tokens.shape[-1]
+        self.width = hidden + meta_columns(hidden, self.tokens.dtype, self.probs.dtype,
+                                           layout.slots)
+        self.combine_dtype = layout.combine_dtype or self.tokens.dtype
         self.sent_rows: List[torch.Tensor] = []
 
+    @classmethod
+    def instead_of(cls, pairs, range_counts: Optional[np.ndarray], setting: str,
+                   combine_dtype: Optional[torch.dtype]) -> Optional["DedupRows"]:
+        """The deduplicated scheme for the chunks of ``pairs`` (``per_pair.PerPairRows``), or
+        None to keep one row per pair: the setting (``dispatch_dedup``) off, a transport without
+        the scheme (``range_counts`` None), rows whose weights cannot be packed, or ``auto``
+        judging the saving too small. Decided from gathered numbers, so the same on every rank."""
+        if range_counts is None or setting == "off":
+            return None
+        layout = DedupChunkLayout.from_pairs(pairs.layout, pairs.counts, range_counts,
+                                             pairs.top_k, combine_dtype)
+        tokens, probs = pairs.tokens, pairs.probs
+        if not meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, layout.slots):
+            return None
+        row_bytes = dedup_row_bytes(layout, tokens, probs)
+        if setting == "auto" and not layout.saves_remote_bytes(*row_bytes, *pairs.row_bytes):
+            return None
+        return cls(pairs, layout, row_bytes)
+
     def bytes_sent(self):
-        return self.layout.bytes_sent(*dedup_row_bytes(self.layout, self.tokens, self.probs))
+        return self.layout.bytes_sent(*self.row_bytes)
+
+    def pair_bytes_sent(self):
+        return self.pairs.bytes_sent()
 
     def place(self, chunk: int) -> None:
         sent = place_chunk_unique_rows(self.transport, self.layout, chunk, self.tokens,

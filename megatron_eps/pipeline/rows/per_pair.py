@@ -150,21 +150,27 @@ class PerPairRows(RowScheme):
 
     name = "per_pair"
 
-    def __init__(self, transport: ExpertTransport, experts, layout: ChunkLayout,
-                 counts: np.ndarray, tokens: torch.Tensor, probs: torch.Tensor,
-                 routing_map: torch.Tensor, top_k: int, packed_columns: int,
-                 compute_stream=None):
+    def __init__(self, transport: ExpertTransport, experts, counts: np.ndarray, sizes,
+                 tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
+                 ep_rank: int, top_k: int, local_rows_apart: bool = False, compute_stream=None):
+        """counts: the gathered [ep, experts] count matrix; sizes: local experts per chunk."""
         super().__init__(transport, experts)
-        self.layout, self.counts = layout, counts
-        self.tokens, self.probs, self.routing_map = tokens, probs, routing_map
-        self.top_k, self.packed_columns = top_k, packed_columns
-        self.compute_stream = compute_stream
-        self.width = tokens.shape[-1] + packed_columns
+        self.counts, self.tokens, self.probs, self.routing_map = counts, tokens, probs, routing_map
+        self.top_k, self.compute_stream = top_k, compute_stream
+        # The weight rides in the rows where the dtypes allow (and anything moves at all).
+        self.packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
+        self.row_bytes = pair_row_bytes(tokens, probs, self.packed_columns)
+        self.width = tokens.shape[-1] + self.packed_columns
         self.permutation: Optional[Permutation] = None
+        ep_size, num_experts = counts.shape
+        self.layout = ChunkLayout.build(counts, ep_rank, num_experts // ep_size, sizes,
+                                        local_rows_apart=local_rows_apart)
 
     def bytes_sent(self):
-        return self.layout.bytes_sent(*pair_row_bytes(self.tokens, self.probs,
-                                                      self.packed_columns))
+        return self.layout.bytes_sent(*self.row_bytes)
+
+    def pair_bytes_sent(self):
+        return self.bytes_sent()
 
     def place(self, chunk: int) -> None:
         if self.permutation is None:

@@ -28,6 +28,10 @@ class RowScheme:
         """What this rank sends in this scheme."""
         raise NotImplementedError
 
+    def pair_bytes_sent(self) -> BytesSent:
+        """What it would send with one row per (token, expert)."""
+        raise NotImplementedError
+
     def place(self, chunk: int) -> None:
         raise NotImplementedError
 

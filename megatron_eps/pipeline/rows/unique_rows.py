@@ -23,7 +23,6 @@ from megatron_eps.triton_launch import CachedLauncher
 
 # Index of an empty slot in the packed expert indices.
 NO_EXPERT = -1
-_ALIGN_BYTES = 16
 
 
 def _power_of_two(n: int) -> int:
@@ -130,22 +129,9 @@ def split_statistics(gathered, ep_size: int, num_experts: int):
     return per_rank[:, :num_experts].copy(), ranges
 
 
-def meta_columns(hidden: int, token_dtype: torch.dtype, probs_dtype: torch.dtype,
-                 slots: int) -> int:
-    """Columns (of the token dtype) behind the hidden state that carry ``slots`` int32 expert
-    indices and ``slots`` weights; a multiple of 16 bytes, so aligned rows stay aligned. 0 when
-    the hidden state's bytes do not keep the packed fields aligned (no dedup then)."""
-    token_bytes = torch.empty((), dtype=token_dtype).element_size()
-    prob_bytes = torch.empty((), dtype=probs_dtype).element_size()
-    if (hidden * token_bytes) % max(8, prob_bytes):
-        return 0
-    need = slots * (4 + prob_bytes)
-    padded = -(-need // _ALIGN_BYTES) * _ALIGN_BYTES
-    return padded // token_bytes
-
-
 def _meta_views(rows: torch.Tensor, hidden: int, slots: int, probs_dtype: torch.dtype):
-    """(expert indices [R, slots] int32, weights [R, slots]) viewed inside packed rows [R, W].
+    """(expert indices [R, slots] int32, weights [R, slots]) viewed inside packed rows [R, W]
+    (``dedup.meta_columns`` sizes them).
 
     The wider of the two fields comes first, right after the hidden state, so both stay
     aligned to their own size."""
@@ -225,7 +211,7 @@ def place_unique_rows(
     Args:
         tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
         expert_range: [start, end) local experts of the chunk (the same on every rank).
-        out: [R, W] rows, W = H + meta_columns(...): the chunk's send rows, or (``dst_rows``)
+        out: [R, W] rows, W = H + dedup.meta_columns(...): the chunk's send rows, or (``dst_rows``)
             a buffer the rows are placed into.
         slots: most experts one token has in one chunk of one rank.
         dst_rows: [Q] int64, the row of ``out`` each send row goes to; None: row q of ``out``.

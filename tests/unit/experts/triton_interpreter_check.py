@@ -133,6 +133,7 @@ def main():
     # The deduplicated scheme's placement kernel (unique_rows.place_unique_rows): the torch
     # path's bytes, rows placed in order and scattered, a hot expert, empty chunks.
     from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
 
     gen = torch.Generator().manual_seed(5)
     for ep_size, (start, end), hot in ((1, (0, 12), None), (2, (1, 5), 2), (3, (0, 1), None)):
@@ -145,7 +146,7 @@ def main():
         local = 12 // ep_size
         num_rows = int(routing.view(23, ep_size, local)[:, :, start:end].any(dim=2).sum())
         slots = min(3, end - start)
-        width = 40 + unique_rows.meta_columns(40, torch.float32, torch.float32, slots)
+        width = 40 + dedup_scheme.meta_columns(40, torch.float32, torch.float32, slots)
         want = torch.full((num_rows, width), -7.0)  # the padding past the fields stays
         sent = unique_rows._send_rows(routing, ep_size, (start, end))
         unique_rows._place_unique_rows_torch(tokens, probs, routing, ep_size, (start, end), want,
