@@ -15,7 +15,6 @@ rank 0 writes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from megatron_eps.calibrate import kernels as kernel_calibration
 from megatron_eps.calibrate.kernels import CalibrateError
 from megatron_eps.errors import EPSConfigError
+from megatron_eps.policy.kernel_tables import read_cost_profile_json
 from megatron_eps.inference.model_config import ModelConfigError
 
 PROG = "megatron-eps-calibrate"
@@ -163,8 +163,7 @@ def _join_process_group(device: torch.device):
 def _has_link(path: str) -> bool:
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        section = json.load(f).get("pipeline", {})
+    section = read_cost_profile_json(path).get("pipeline", {})
     return "link_bandwidth_gbps" in section and "link_latency_us" in section
 
 
@@ -213,8 +212,7 @@ def _kernels(kernel_argv: List[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "kernels.json")
         kernel_calibration.main(list(kernel_argv) + ["--out", out])
-        with open(out) as f:
-            return json.load(f)
+        return read_cost_profile_json(out)
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def rows_per_expert(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
 
 def local_part_rows(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
     """[rank, local expert] rows of each rank's local part with the local rows apart: whole
-    row tiles of the rows it routed to its own experts (``layout.local_head_rows``)."""
+    row tiles of the rows it routed to its own experts (``chunks.local_head_rows``)."""
     ranks = np.arange(shape.ep_size)
     return local_head_rows(_per_dst(counts, shape)[ranks, ranks])
 
