@@ -23,7 +23,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'"],
+        # build: the test that builds the wheel and checks what it ships
+        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'", "build>=1"],
         "triton": ["triton>=3.3"],
         "te": ["transformer_engine[pytorch]"],
         # the copy-engine transport (transport: copy_engine / auto on one NVLink node)

@@ -25,6 +25,8 @@
 #   host       one GPU: the layer's host path vs stock + grouped: tests, op and host-function
 #              trace, layer benchmark at EP=1, traced prefill with PREFILL=1
 #              (benchmarks/gpu/host.sh; steps switched by env)
+#   roofline   one GPU, EP=1: the layer against the GPU's measured GEMM rate and copy bandwidth,
+#              stock / stock + grouped / EPS, with a trace breakdown (benchmarks/gpu/roofline.sh)
 #
 # Everything it writes goes under $OUT. MEGATRON_EPS_GIT_COMMIT names the commit of the tree
 # (the device's copy has no .git). NVLink multicast stays off here and in every subprocess.
@@ -37,9 +39,10 @@ export PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 case "$COMMAND" in
   help|-h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|localrows|host|shared) ;;
+  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|localrows|host|shared|roofline) ;;
   *) echo "gpu.sh: unknown subcommand '$COMMAND'; allowed: tests, kernels, transport, multigpu," \
-          "pipeline, calibrate, prefill, accuracy, diag, layer, split, localrows, host, shared, help" >&2
+          "pipeline, calibrate, prefill, accuracy, diag, layer, split, localrows, host, shared, roofline," \
+          "help" >&2
      exit 2 ;;
 esac
 if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
@@ -58,7 +61,7 @@ case "$COMMAND" in
     timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider -rs tests \
       -m "${TEST_MARK:-gpu or multigpu}" ${TEST_K:+-k "$TEST_K"} "$@" 2>&1 \
       | grep -v "SyntaxWarning\|Evict LRU\|^$" | tee "$OUT/gpu_pytest.log" | tail -40 ;;
-  kernels|transport|multigpu|pipeline|host|shared)
+  kernels|transport|multigpu|pipeline|host|shared|roofline)
     . "benchmarks/gpu/$COMMAND.sh" "$@" ;;
   calibrate)
     timeout "${CAL_TIMEOUT:-300}" python3 -m megatron_eps.calibrate all --config "${CAL_CONFIG:-deepseek_v2_lite}" \

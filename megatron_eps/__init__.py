@@ -8,8 +8,14 @@ Public API:
     apply_eps                   swap EPSMoELayer into a GPT layer/block spec
 """
 
-from megatron_eps.arguments import add_eps_args
-from megatron_eps.config import EPSConfig, EPSConfigError
+# First, so that Megatron-Core's notices about optional dependencies, printed when it is
+# imported, are filtered (megatron_eps.known_notices lists them and says why).
+from megatron_eps.known_notices import silence_known_notices
+
+silence_known_notices()
+
+from megatron_eps.arguments import add_eps_args  # noqa: E402
+from megatron_eps.config import EPSConfig, EPSConfigError  # noqa: E402
 
 from megatron_eps.provenance import __version__  # noqa: E402 - the one definition
 

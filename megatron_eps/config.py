@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -150,7 +151,7 @@ def check_setting(name: str, value):
             )
         return value
     if kind == "degree":
-        return _parse_pipeline_degree(value)
+        return _check_pipeline_degree(value)
     if kind in ("int>=0", "int>=1"):
         if value is None and _DEFAULTS[name] is None:
             return None
@@ -186,12 +187,42 @@ def parse_setting(name: str, text: str):
     """A command-line value of setting ``name``: the text read as the setting's kind says, then
     checked by ``check_setting`` (EPSConfigError if it is not allowed)."""
     value = text
-    if settings()[name].kind in ("int>=0", "int>=1"):
+    if settings()[name].kind in ("int>=0", "int>=1", "degree"):
         try:
             value = int(text)
         except ValueError:
             pass  # check_setting names the setting and the allowed values
     return check_setting(name, value)
+
+
+def check_keys(keys, source: str) -> None:
+    """EPSConfigError naming each key of ``keys`` that is no setting, the closest setting, and
+    every allowed key (the one check for the constructor, YAML files and mappings)."""
+    allowed = tuple(settings())
+    unknown = sorted(set(keys) - set(allowed))
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        closest = difflib.get_close_matches(str(key), allowed, n=1)
+        named.append(repr(key) + (f" (did you mean {closest[0]!r}?)" if closest else ""))
+    raise EPSConfigError(
+        f"{source}: unknown eps key(s) {', '.join(named)}; allowed keys: {', '.join(allowed)}"
+    )
+
+
+def _refuse_unknown_keys(cls):
+    """Wrap the dataclass's ``__init__`` so that a misspelt keyword raises EPSConfigError like a
+    misspelt YAML key, not the bare TypeError of an unexpected argument."""
+    generated_init = cls.__init__
+
+    @functools.wraps(generated_init)
+    def __init__(self, *args, **kwargs):
+        check_keys(kwargs, source=f"{cls.__name__}()")
+        generated_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def read_yaml_file(path, flag: str, error: type) -> Any:
@@ -209,6 +240,7 @@ def read_yaml_file(path, flag: str, error: type) -> Any:
             raise error(f"{flag} {path!r} is not valid YAML: {exc}") from exc
 
 
+@_refuse_unknown_keys
 @dataclass
 class EPSConfig:
     """Settings of the EPS-MoE expert pipeline scheduler.
@@ -357,13 +389,7 @@ class EPSConfig:
                 f"{source}: the eps settings must be a mapping of key: value, got "
                 f"{type(values).__name__}"
             )
-        allowed = cls.field_names()
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            raise EPSConfigError(
-                f"{source}: unknown eps key(s) {', '.join(map(repr, unknown))}; "
-                f"allowed keys: {', '.join(allowed)}"
-            )
+        check_keys(values, source)
         try:
             return cls(**dict(values))
         except EPSConfigError as exc:
@@ -444,30 +470,16 @@ class EPSConfig:
         return dataclasses.asdict(self)
 
 
-def _parse_pipeline_degree(value) -> Union[int, str]:
-    allowed = "an integer >= 1 or 'auto'"
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        try:
-            value = int(text)
-        except ValueError:
-            raise EPSConfigError(
-                f"eps pipeline_degree={value!r} is not allowed; allowed values: {allowed}"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise EPSConfigError(
-                f"eps pipeline_degree={value!r} is not allowed; allowed values: {allowed}"
-            )
-    if value < 1:
-        raise EPSConfigError(
-            f"eps pipeline_degree={value!r} is not allowed; allowed values: {allowed}"
-        )
-    return value
+def _check_pipeline_degree(value) -> Union[int, str]:
+    # Exactly an int or "auto": text such as "2" is read into an int by parse_setting (the
+    # command line) and by YAML itself, so a str here is a caller's mistake, not a spelling.
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise EPSConfigError(
+        f"eps pipeline_degree={value!r} is not allowed; allowed values: {Setting.ALLOWED['degree']}"
+    )
 
 
 def _positive_int(name: str, value) -> int:

@@ -73,27 +73,55 @@ def _kernels():
     return CachedLauncher(scatter_rows_kernel), CachedLauncher(sum_rows_kernel)
 
 
+# Tokens one program of the routing pass numbers: the pass runs on (expert, split) programs, so
+# that a long prompt spreads over the GPU instead of one program per expert walking every token.
+TOKENS_PER_SPLIT = 512
+
+
 @functools.lru_cache(maxsize=None)
-def _route_kernel():
+def _route_kernels():
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["num_tokens"])
+    def count_split_kernel(routing_map, split_counts, num_tokens, num_experts, map_stride,
+                           tokens_per_split, BLOCK_T: tl.constexpr, EXPERTS_POW2: tl.constexpr):
+        # Program s: the routed tokens of each expert among tokens [s * tokens_per_split, ...).
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, EXPERTS_POW2)
+        acc = tl.zeros([EXPERTS_POW2], dtype=tl.int32)
+        first = s * tokens_per_split
+        for start in range(0, tokens_per_split, BLOCK_T):
+            t = first + start + tl.arange(0, BLOCK_T)
+            tile = tl.load(routing_map + t[:, None] * map_stride + cols[None, :],
+                           mask=(t < num_tokens)[:, None] & (cols < num_experts)[None, :], other=0)
+            acc += tl.sum((tile != 0).to(tl.int32), axis=0)
+        tl.store(split_counts + s * num_experts + cols, acc, mask=cols < num_experts)
+
+    @triton.jit(do_not_specialize=["num_tokens"])
     def route_rows_kernel(routing_map, probs, first_row, sorted_indices, permuted_probs,
-                          position, token_rows, num_tokens, num_experts, map_stride,
-                          probs_stride, top_k, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                          position, token_rows, split_counts, num_tokens, num_experts, map_stride,
+                          probs_stride, top_k, tokens_per_split, BLOCK_T: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
                           WITH_TABLE: tl.constexpr, IDENTITY: tl.constexpr):
-        # One program per expert e: its routed tokens, in token order, take the rows from
-        # first_row[e] on (a running count over blocks of tokens numbers them).
+        # Program (e, s): expert e's routed tokens of split s, in token order, take the rows
+        # from first_row[e] + (e's routed tokens in the earlier splits) on (a running count
+        # over blocks of tokens numbers them).
         e = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
         row = tl.load(first_row + e)
+        for s0 in range(0, split, BLOCK_S):
+            earlier_splits = s0 + tl.arange(0, BLOCK_S)
+            row += tl.sum(tl.load(split_counts + earlier_splits.to(tl.int64) * num_experts + e,
+                                  mask=earlier_splits < split, other=0).to(tl.int64), axis=0)
         if WITH_TABLE:
             if IDENTITY:
                 column = e
             else:
                 column = tl.load(position + e).to(tl.int64)
-        for start in range(0, num_tokens, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
+        first = split.to(tl.int64) * tokens_per_split
+        for start in range(0, tokens_per_split, BLOCK_T):
+            t = first + start + tl.arange(0, BLOCK_T)
             t64 = t.to(tl.int64)
             routed = tl.load(routing_map + t64 * map_stride + e, mask=t < num_tokens,
                              other=0) != 0
@@ -118,15 +146,15 @@ def _route_kernel():
                 tl.store(token_rows + t64 * top_k + slot, rows, mask=routed)
             row += tl.sum(routed.to(tl.int64), axis=0)
 
-    return CachedLauncher(route_rows_kernel)
+    return CachedLauncher(count_split_kernel), CachedLauncher(route_rows_kernel)
 
 
 def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.Tensor,
                num_rows: int, through_jit: bool = False, top_k: int = 0,
-               position: Optional[torch.Tensor] = None):
+               position: Optional[torch.Tensor] = None, tokens_per_split: Optional[int] = None):
     """(token of each row [num_rows] int64, its routing weight [num_rows], the rows of each
     token [T, top_k] int64 or None): every routed (token, expert) pair numbered from
-    ``first_row[expert]`` on in token order, in one pass.
+    ``first_row[expert]`` on in token order.
 
     routing_map: [T, E] bool (contiguous); probs: [T, E]; first_row: [E] int64 on the device,
     the first row of each expert (the experts' rows laid out in the row order, without gaps).
@@ -135,7 +163,9 @@ def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.
     table ``sum_expert_rows`` sums by, without sorting ``sorted_indices`` for it.
     ``position`` [E] (int64, on the device): each expert's place in the row order; None: the
     experts in id order. ``through_jit``: launched through Triton's JIT, as Triton's CPU
-    interpreter needs.
+    interpreter needs. ``tokens_per_split``: tokens per program (a multiple of the kernel's
+    token block; default TOKENS_PER_SPLIT): a first pass counts each split's routed tokens per
+    expert, so the numbering runs on (expert, split) programs.
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
@@ -146,17 +176,29 @@ def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.
         if with_table else None
     if num_rows == 0:
         return sorted_indices, permuted_probs, table
-    grid = (num_experts,)
-    args = (routing_map.view(torch.uint8), probs, first_row, sorted_indices, permuted_probs,
-            position if position is not None else first_row,
-            table if with_table else sorted_indices, num_tokens, num_experts,
-            routing_map.stride(0), probs.stride(0), top_k if with_table else 1)
     # A token's slot reads its routing row in tiles of BLOCK_T x BLOCK_E: fewer tokens per
     # block keep that tile in registers.
-    constants = {"BLOCK_T": 256 if with_table else 1024, "BLOCK_E": 16,
+    block_t = 256 if with_table else 512
+    split = tokens_per_split or TOKENS_PER_SPLIT
+    if split % block_t:
+        raise ValueError(f"route_rows: tokens_per_split={split} must be a multiple of {block_t}")
+    splits = -(-num_tokens // split)
+    split_counts = torch.empty((splits, num_experts), dtype=torch.int32, device=device)
+    counter, router = _route_kernels()
+    map_bytes = routing_map.view(torch.uint8)
+    experts_pow2 = 1 << max(0, (num_experts - 1).bit_length())
+    (counter.through_jit if through_jit else counter)(
+        (splits,), (map_bytes, split_counts, num_tokens, num_experts, routing_map.stride(0), split),
+        {"BLOCK_T": max(1, min(64, 4096 // experts_pow2)), "EXPERTS_POW2": experts_pow2},
+        num_warps=4)
+    args = (map_bytes, probs, first_row, sorted_indices, permuted_probs,
+            position if position is not None else first_row,
+            table if with_table else sorted_indices, split_counts, num_tokens, num_experts,
+            routing_map.stride(0), probs.stride(0), top_k if with_table else 1, split)
+    constants = {"BLOCK_T": block_t, "BLOCK_E": 16, "BLOCK_S": 64,
                  "WITH_TABLE": with_table, "IDENTITY": position is None}
-    launcher = _route_kernel()
-    (launcher.through_jit if through_jit else launcher)(grid, args, constants, num_warps=4)
+    (router.through_jit if through_jit else router)((num_experts, splits), args, constants,
+                                                    num_warps=4)
     return sorted_indices, permuted_probs, table
 
 

@@ -40,7 +40,10 @@ class NCCLTransport(ExpertTransport):
         self._outputs: List[Optional[torch.Tensor]] = [None] * chunks
         num_rows = layout.send_offsets[-1]
         combine_dtype = getattr(layout, "combine_dtype", None) or dtype
-        self._combined = torch.empty((num_rows, hidden), dtype=combine_dtype, device=device)
+        self._combined_like = ((num_rows, hidden), combine_dtype)
+        # Without a link, one chunk's expert output already is the combined rows (combine).
+        self._combined = (None if not self.moves_rows and chunks == 1 else
+                          torch.empty((num_rows, hidden), dtype=combine_dtype, device=device))
 
     def send_rows(self, chunk, weights=None):
         if chunk == 0:
@@ -98,6 +101,14 @@ class NCCLTransport(ExpertTransport):
         self._outputs[chunk] = outputs
 
     def combine(self, chunk):
+        if self._combined is None:
+            # One chunk, no link: the all-to-all would copy the output onto itself elsewhere.
+            shape, dtype = self._combined_like
+            output = self._outputs[chunk]
+            if tuple(output.shape) == shape and output.dtype == dtype:
+                self._combined = output
+                return None
+            self._combined = torch.empty(shape, dtype=dtype, device=self.device)
         self.all_to_all(
             self._chunk(self._combined, chunk),
             self._outputs[chunk],

@@ -27,22 +27,11 @@ import os
 import sys
 
 
-def quiet_known_noise() -> None:
-    """Drop warnings every run of this tool prints that say nothing to its user: Megatron's
-    Transformer Engine / Apex fallback notices (EPS runs without both), Megatron's own
-    deprecation notice about its config defaults, and torch's rename notice for the
-    all-gather the dispatcher uses. Targeted by message; everything else still shows."""
+def quiet_megatron_logs() -> None:
+    """Megatron's INFO chatter (and torchrun's elastic agent's) at WARNING. Its known notices are
+    silenced when megatron_eps is imported (``megatron_eps.known_notices``)."""
     import logging
-    import warnings
 
-    for pattern in (
-        r"Transformer Engine and Apex are not installed",
-        r"Apex is not installed",
-        r"full scope is deprecated",
-        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-    # torchrun's elastic agent and Megatron's INFO chatter stay at WARNING.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
@@ -63,7 +52,7 @@ def _stacks_on_termination() -> None:
 
 
 def main(argv=None) -> int:
-    quiet_known_noise()  # before Megatron is imported: its notices come at import
+    quiet_megatron_logs()
     _stacks_on_termination()
     import torch.distributed as dist
 

@@ -77,6 +77,6 @@ def test_settings_cannot_be_made_invalid_after_validation():
     assert cfg.pipeline_degree == 2
     with pytest.raises(EPSConfigError, match="expert_kernel"):
         cfg.expert_kernel = "cutlass"
-    cfg.pipeline_degree = "4"  # a valid change is validated and normalised
+    cfg.pipeline_degree = 4  # a valid change is validated
     assert cfg.pipeline_degree == 4
     assert cfg.digest() == EPSConfig(pipeline_degree=4).digest() != EPSConfig().digest()

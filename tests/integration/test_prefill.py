@@ -44,8 +44,10 @@ def _free_port():
     return free_port()
 
 
+# A fixed degree: tiny.yaml's auto keeps one chunk on CPU, and these runs check the pipeline.
 COMMON = ["--config", "configs/tiny.yaml", "--prompt-lengths", "32,96", "--batch-size", "2",
-          "--repeats", "3", "--warmup", "1", "--check-logits", "all", "--no-progress"]
+          "--repeats", "3", "--warmup", "1", "--check-logits", "all", "--no-progress",
+          "--eps-pipeline-degree", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,9 @@ def test_ep2_stock_and_eps_logits_match(ep2_run):
             assert len(res["times_s"]) == 3 and all(t > 0 for t in res["times_s"])
             assert res["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / res["median_s"])
         assert row["speedup"] == pytest.approx(row["eps"]["tokens_per_s"] / row["stock"]["tokens_per_s"])
-        # The EPS layers really ran their own forward (an expert backend was chosen).
+        # The EPS layers really ran their own forward (an expert backend was chosen), pipelined.
         assert row["eps_expert_backends"]
+        assert [d["num_chunks"] for d in row["eps_decisions"]] == [2, 2]
     # Saved rank-0 logits: all positions, both models, equal within tolerance, not trivial.
     for length in (32, 96):
         stock, eps = ep2_run.logits[length]["stock"], ep2_run.logits[length]["eps"]
@@ -117,7 +120,7 @@ def test_ep2_json_metadata(ep2_run):
     assert "--config configs/tiny.yaml" in r["command"]
     assert r["model"]["name"] == "tiny" and r["model"]["num_moe_experts"] == 8
     assert r["eps_config"]["enabled"] is True
-    # tiny.yaml's eps section is used when --eps-config is not given.
+    # tiny.yaml's eps section is used when --eps-config is not given; the flag overrides it.
     assert r["eps_config"]["pipeline_degree"] == 2
     assert r["eps_config"]["min_tokens_to_pipeline"] == 0
     assert r["modes"] == ["stock", "eps"]

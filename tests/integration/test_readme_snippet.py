@@ -20,7 +20,7 @@ def test_readme_cpu_python_snippet_runs_as_written(tmp_path):
     script = tmp_path / "snippet.py"
     script.write_text(match.group(1))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT", "PYTHONWARNINGS"):
         env.pop(key, None)
     from megatron_eps.testing.distributed import free_port
 
@@ -31,3 +31,7 @@ def test_readme_cpu_python_snippet_runs_as_written(tmp_path):
     diff = float(re.search(r"layer max \|diff\|: (\S+)", proc.stdout).group(1))
     assert diff <= 1e-5
     assert "logits: (2, 16, 128)" in proc.stdout
+    # Only the two result lines: no notices of optional dependencies (megatron_eps.known_notices)
+    # or anything else.
+    assert proc.stderr == "", proc.stderr[-4000:]
+    assert proc.stdout.splitlines() == [f"layer max |diff|: {diff}", "logits: (2, 16, 128)"]

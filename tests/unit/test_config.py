@@ -30,9 +30,42 @@ def test_bad_pipeline_degree_names_setting_and_allowed_values(bad):
     assert "pipeline_degree" in message and "'auto'" in message and ">= 1" in message
 
 
-@pytest.mark.parametrize("good,expected", [(1, 1), (8, 8), ("4", 4), ("AUTO", "auto"), (2.0, 2)])
-def test_pipeline_degree_accepts(good, expected):
-    assert EPSConfig(pipeline_degree=good).pipeline_degree == expected
+@pytest.mark.parametrize("good", [1, 8, "auto"])
+def test_pipeline_degree_accepts(good):
+    assert EPSConfig(pipeline_degree=good).pipeline_degree == good
+
+
+@pytest.mark.parametrize("wrong_type", ["2", "4", 2.0, "AUTO", " auto"])
+def test_pipeline_degree_of_the_wrong_type_is_refused_not_converted(wrong_type, tmp_path):
+    """A str or float degree is refused in one line naming the setting and the allowed values,
+    from the constructor and from YAML alike; the command line reads its text into an int."""
+    with pytest.raises(EPSConfigError) as info:
+        EPSConfig(pipeline_degree=wrong_type)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"pipeline_degree={wrong_type!r}" in message and "an integer >= 1 or 'auto'" in message
+    path = tmp_path / "eps.yaml"
+    path.write_text(f"pipeline_degree: {wrong_type!r}\n")
+    with pytest.raises(EPSConfigError, match="pipeline_degree=.*an integer >= 1 or 'auto'"):
+        EPSConfig.from_yaml(path)
+    assert parse(["--eps-moe", "--eps-pipeline-degree", "4"]).pipeline_degree == 4
+
+
+def test_misspelt_keyword_names_the_key_the_closest_setting_and_all_settings():
+    from megatron_eps.config import settings
+
+    with pytest.raises(EPSConfigError) as info:  # not a bare TypeError
+        EPSConfig(pipline_degree=2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unknown eps key(s) 'pipline_degree' (did you mean 'pipeline_degree'?)" in message
+    assert message.startswith("EPSConfig(): ")
+    assert all(name in message.split("allowed keys: ")[1] for name in settings())
+    with pytest.raises(EPSConfigError, match="'zzz'; allowed keys: enabled"):
+        EPSConfig(zzz=1)  # nothing close: no suggestion
+    config = EPSConfig(pipeline_degree=2)
+    with pytest.raises(EPSConfigError, match="did you mean 'expert_kernel'"):
+        config.replace(expert_kernal="dense")
 
 
 def test_unknown_kernel_lists_allowed():
@@ -77,7 +110,7 @@ def test_yaml_unknown_key_lists_allowed_keys(tmp_path):
     path.write_text("pipeline_degre: 4\n")
     with pytest.raises(EPSConfigError) as info:
         EPSConfig.from_yaml(path)
-    assert "pipeline_degre" in str(info.value) and "pipeline_degree" in str(info.value)
+    assert "'pipeline_degre' (did you mean 'pipeline_degree'?); allowed keys:" in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["pipeline_degree: [1, 2\n", "- 1\n- 2\n", "eps: 3\n"])

@@ -17,7 +17,8 @@ PACKAGE = "megatron_eps"
 # Bottom to top.
 LAYERS = [
     # plain helpers every layer may use
-    ("ground", ["errors", "compat", "staging", "triton_launch", "timing", "provenance"]),
+    ("ground", ["errors", "compat", "staging", "triton_launch", "timing", "provenance",
+                "known_notices"]),
     # one pass over rows on the GPU (Triton), with the torch path beside it
     ("row kernels", ["row_kernels"]),
     # how rows travel between ranks; what the measurements and the cost model decide
