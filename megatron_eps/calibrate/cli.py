@@ -6,7 +6,7 @@
 
 ``kernels`` times the expert GEMM backends (``megatron_eps.calibrate.kernels``; its options);
 ``link`` fits the expert-parallel link (``calibrate.link``); ``pipeline`` measures the cost
-model's compute and host constants (``calibrate.pipeline``); ``all`` does the three and writes
+model's compute and host constants (``calibrate.cost_constants``); ``all`` does the three and writes
 one complete profile. ``--out`` is a file or a directory (then ``<dir>/<gpu slug>.json``);
 an existing profile keeps the sections not measured. Under torchrun every rank measures and
 rank 0 writes.
@@ -177,7 +177,7 @@ def _link(args, device, group) -> dict:
 
 
 def _pipeline(args, kernel_args, device) -> dict:
-    from megatron_eps.calibrate.pipeline import MoEShape, calibrate_pipeline
+    from megatron_eps.calibrate.cost_constants import MoEShape, calibrate_pipeline
 
     hidden, ffn, experts = kernel_calibration.shapes_from_args(kernel_args)[0]
     topk, shared = _routing_from_config(kernel_args.config)
