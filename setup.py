@@ -15,7 +15,7 @@ setup(
     package_data={"megatron_eps": ["profiles/*.json"], "megatron_eps.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "megatron-core>=0.16,<0.20",
+        "megatron-core>=0.16,<0.21",
         "torch>=2.6",
         "pyyaml>=6",
         "numpy",
@@ -23,8 +23,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # build: the test that builds the wheel and checks what it ships
-        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'", "build>=1"],
+        # build: the test that builds the wheel and checks what it ships; six, regex, pydantic,
+        # psutil, pybind11: Megatron-LM's megatron.training, run by the tests against its
+        # unmodified snapshot (psutil: without it torch_dist saves hang)
+        "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'", "build>=1",
+                 "six", "regex", "pydantic", "psutil", "pybind11"],
         "triton": ["triton>=3.3"],
         "te": ["transformer_engine[pytorch]"],
         # the copy-engine transport (transport: copy_engine / auto on one NVLink node)

@@ -27,6 +27,9 @@
 #              (benchmarks/gpu/host.sh; steps switched by env)
 #   roofline   one GPU, EP=1: the layer against the GPU's measured GEMM rate and copy bandwidth,
 #              stock / stock + grouped / EPS, with a trace breakdown (benchmarks/gpu/roofline.sh)
+#   megatron_lm  one GPU: Megatron-LM's unmodified gpt_static_inference.py, stock vs EPS through
+#              python -m megatron_eps.launch (fp32/bf16, decode CUDA graphs, two ranks at EP=2),
+#              and the decode-step benchmark (benchmarks/gpu/megatron_lm.sh; MEGATRON_LM_ROOT)
 #
 # Everything it writes goes under $OUT. MEGATRON_EPS_GIT_COMMIT names the commit of the tree
 # (the device's copy has no .git). NVLink multicast stays off here and in every subprocess.
@@ -39,10 +42,10 @@ export PYTHONUNBUFFERED=1
 export MEGATRON_EPS_GIT_COMMIT="${MEGATRON_EPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 case "$COMMAND" in
   help|-h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|localrows|host|shared|roofline) ;;
+  tests|kernels|transport|multigpu|pipeline|calibrate|prefill|accuracy|diag|layer|split|localrows|host|shared|roofline|megatron_lm) ;;
   *) echo "gpu.sh: unknown subcommand '$COMMAND'; allowed: tests, kernels, transport, multigpu," \
           "pipeline, calibrate, prefill, accuracy, diag, layer, split, localrows, host, shared, roofline," \
-          "help" >&2
+          "megatron_lm, help" >&2
      exit 2 ;;
 esac
 if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
@@ -61,7 +64,7 @@ case "$COMMAND" in
     timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider -rs tests \
       -m "${TEST_MARK:-gpu or multigpu}" ${TEST_K:+-k "$TEST_K"} "$@" 2>&1 \
       | grep -v "SyntaxWarning\|Evict LRU\|^$" | tee "$OUT/gpu_pytest.log" | tail -40 ;;
-  kernels|transport|multigpu|pipeline|host|shared|roofline)
+  kernels|transport|multigpu|pipeline|host|shared|roofline|megatron_lm)
     . "benchmarks/gpu/$COMMAND.sh" "$@" ;;
   calibrate)
     timeout "${CAL_TIMEOUT:-300}" python3 -m megatron_eps.calibrate all --config "${CAL_CONFIG:-deepseek_v2_lite}" \

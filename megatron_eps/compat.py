@@ -1,4 +1,5 @@
-"""Every difference between the supported Megatron-Core versions (0.16.x and 0.19.x) lives here.
+"""Every difference between the supported Megatron-Core versions (0.16.x, 0.19.x and the 0.20.x
+of Megatron-LM main) lives here.
 
 The rest of megatron_eps imports Megatron-Core names through this module only where the two
 versions disagree; everything else is imported directly.
@@ -20,12 +21,14 @@ except ImportError:  # pragma: no cover - very old releases
     _MCORE_VERSION_STR = getattr(_mc, "__version__", "0.0.0")
 
 MCORE_VERSION = Version(_MCORE_VERSION_STR)
-SUPPORTED_RANGE = (Version("0.16.0"), Version("0.20.0"))
+# 0.20: Megatron-LM main; the MoELayer, MoEAlltoAllTokenDispatcher, moe_utils, inference
+# context/wrapper, spec and GPTModelBuilder names used here are those of 0.19 there.
+SUPPORTED_RANGE = (Version("0.16.0"), Version("0.21.0"))
 
 if not (SUPPORTED_RANGE[0] <= MCORE_VERSION < SUPPORTED_RANGE[1]):
     raise ImportError(
-        f"megatron-eps supports megatron-core >=0.16,<0.20; found {MCORE_VERSION}. "
-        "Install a supported release (pip install 'megatron-core>=0.16,<0.20')."
+        f"megatron-eps supports megatron-core >=0.16,<0.21; found {MCORE_VERSION}. "
+        "Install a supported release (pip install 'megatron-core>=0.16,<0.21')."
     )
 
 
@@ -264,3 +267,41 @@ def quiet_unknown_mlp_warning_for_eps() -> None:
     log = logging.getLogger("megatron.core.transformer.transformer_layer")
     if not any(isinstance(f, _QuietUnknownMLPForEPS) for f in log.filters):
         log.addFilter(_QuietUnknownMLPForEPS())
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM's default GPT spec (megatron_eps.megatron_lm).
+# 0.19+: the inference scripts build through megatron.training.models.gpt.GPTModelBuilder, which
+#        calls a callable --spec with its GPTModelConfig; Megatron's own choice of spec for that
+#        config is megatron.training.models.gpt.default_layer_spec(config, vp_stage).
+# 0.16:  no GPTModelBuilder (gpt_builders.gpt_builder picks the spec inline); the callable form
+#        is then only reached by a caller of our own, and the choice is made from the arguments.
+# ---------------------------------------------------------------------------------------------
+def megatron_lm_default_layer_spec(model_config, vp_stage=None):
+    """The layer/block spec Megatron-LM builds for ``model_config`` (a GPTModelConfig) when
+    ``--spec`` is absent, or None where Megatron-LM has no GPTModelBuilder (0.16)."""
+    try:
+        from megatron.training.models.gpt import default_layer_spec
+    except ImportError:
+        return None
+    return default_layer_spec(model_config, vp_stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM start-up (the project's scripts under scripts/).
+# 0.16: initialize_megatron(extra_args_provider=..., args_defaults=...) parses the arguments.
+# 0.19+: the scripts call parse_and_validate_args(extra_args_provider, args_defaults=...) first;
+#        initialize_megatron() then takes no parsing arguments.
+# ---------------------------------------------------------------------------------------------
+def initialize_megatron_lm(extra_args_provider=None, args_defaults=None, allow_no_cuda=False):
+    """Parse Megatron-LM's arguments (with ``extra_args_provider``) and initialize it."""
+    from megatron.training import arguments
+    from megatron.training.initialize import initialize_megatron
+
+    if hasattr(arguments, "parse_and_validate_args"):
+        arguments.parse_and_validate_args(extra_args_provider=extra_args_provider,
+                                          args_defaults=args_defaults or {})
+        initialize_megatron(allow_no_cuda=allow_no_cuda)
+    else:
+        initialize_megatron(extra_args_provider=extra_args_provider,
+                            args_defaults=args_defaults or {}, allow_no_cuda=allow_no_cuda)

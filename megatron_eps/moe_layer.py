@@ -19,6 +19,11 @@ from megatron_eps.policy.degree import ChunkingPolicy
 
 logger = logging.getLogger(__name__)
 
+STOCK_FORWARD_BELOW_TOKENS = 256
+"""Forwards with fewer tokens on a rank than this and than ``min_tokens_to_pipeline`` (decode
+steps, small batches) run Megatron's stock MoELayer forward: one chunk cannot overlap anything,
+and the stock path adds no host work. Per layer: ``EPSMoELayer.stock_forward_below_tokens``."""
+
 
 def check_megatron_config(config, eps_config: EPSConfig, ep_size: int) -> None:
     """Raise EPSConfigError for Megatron settings the pipelined forward does not support.
@@ -175,6 +180,8 @@ class EPSMoELayer(MoELayer):
             check=eps_config.enabled)
         # Not a submodule (the runner only views self.experts), so the state_dict is the stock one.
         self.expert_runner = ExpertRunner(LocalExperts(self.experts, self.config), eps_config)
+        # Fewer tokens on the rank: the stock forward (``takes_stock_path``).
+        self.stock_forward_below_tokens = STOCK_FORWARD_BELOW_TOKENS
         # A chunking policy that replaces the one built from the settings (``use_chunking``).
         self.chunking_override = None
         self._warned_fallback = False
@@ -186,7 +193,28 @@ class EPSMoELayer(MoELayer):
     def uses_pipeline(self) -> bool:
         return self.eps_config.enabled and not torch.is_grad_enabled()
 
+    def takes_stock_path(self, hidden_states) -> bool:
+        """True for a forward that runs Megatron's own path at its own cost: a decode step or
+        small batch (fewer tokens on this rank than ``stock_forward_below_tokens`` and than
+        ``min_tokens_to_pipeline``, read from the shape: EP ranks must step batches of the same
+        shape, as Megatron's engines do with the same requests on every rank, to agree), a
+        CUDA-graph capture (the pipelined forward syncs with the host), and Megatron's
+        run-time drop-and-pad for graphed decode (``set_decode_expert_padding`` flips the
+        config and the dispatcher after construction)."""
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        if tokens < self.stock_forward_below_tokens and tokens < self.eps_config.min_tokens_to_pipeline:
+            return True
+        if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        config = self.config
+        return bool(config.moe_pad_expert_input_to_capacity
+                    or config.moe_expert_capacity_factor is not None
+                    or getattr(self.token_dispatcher, "drop_and_pad", False))
+
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if self.eps_config.enabled and intermediate_tensors is None and self.takes_stock_path(
+                hidden_states):
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
         if intermediate_tensors is not None or not self.uses_pipeline():
             if self.eps_config.enabled and not self._warned_fallback:
                 logger.warning(
