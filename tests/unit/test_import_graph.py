@@ -29,9 +29,11 @@ LAYERS = [
     ("the layer", ["moe_layer"]),
     # what puts the layer into Megatron: its spec and its command-line flags
     ("wiring", ["spec", "arguments"]),
+    # the layer spec and settings Megatron-LM's own scripts load
+    ("Megatron-LM client", ["megatron_lm"]),
     # the shipped commands and the model harness they drive
     ("inference", ["inference"]),
-    ("commands", ["calibrate", "megatron_lm", "launch", "bench"]),
+    ("commands", ["calibrate", "launch", "bench"]),
     ("test harness", ["testing"]),
     ("package face", ["__init__"]),
 ]
