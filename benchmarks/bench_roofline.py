@@ -15,7 +15,7 @@ random router gives random inputs:
   rows, on data of the layer's scale) and the device-to-device copy bandwidth (bytes read +
   written);
 * for stock (MoELayer, SequentialMLP), stock + grouped (the stock layer, its experts as one
-  torch._grouped_mm per projection: testing.baselines) and EPS (EPSMoELayer, default settings,
+  torch._grouped_mm per projection: inference.baselines) and EPS (EPSMoELayer, default settings,
   EP=1): the forward's time (CUDA events, median of ``--repeats`` samples in rotating order after
   a warm-up that leaves out the expert kernels' one-time self-calibration), the effective rate
   (GEMM FLOPs / time) and its share of the attainable rate;
@@ -355,11 +355,11 @@ def main(argv=None):
     args = parse_args(argv)
     eps_config = eps_settings(args.eps)
     from bench_layer_multigpu import layer_config, start_expert_group
-    from megatron_eps.calibrate.provenance import provenance, write_result
+    from megatron_eps.provenance import provenance, write_result
     from megatron_eps.experts.autotune import warm_up_while_calibrating
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.testing.models import build_moe_pair
+    from megatron_eps.inference.baselines import with_grouped_experts
+    from megatron_eps.inference.layers import build_moe_pair
 
     cuda, world, _rank, dtype, _ = start_expert_group(args.smoke)
     if world != 1:

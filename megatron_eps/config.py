@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
+from megatron_eps.errors import EPSConfigError
+
 # Allowed ``expert_kernel`` values: "auto" (pick per load from the cost table,
 # megatron_eps.experts.selector) and every registered expert backend
 # (megatron_eps.experts.base.kernel_names, the one list): grouped (torch._grouped_mm), triton
@@ -191,10 +193,6 @@ def parse_setting(name: str, text: str):
         except ValueError:
             pass  # check_setting names the setting and the allowed values
     return check_setting(name, value)
-
-
-class EPSConfigError(ValueError):
-    """A megatron-eps setting has a value that is not allowed. The message names both."""
 
 
 def check_keys(keys, source: str) -> None:
@@ -415,7 +413,10 @@ class EPSConfig:
         path = os.fspath(path)
         data = read_yaml_file(path, flag, EPSConfigError)
         if data is None:
-            data = {}
+            raise EPSConfigError(
+                f"{flag} {path!r}: the file is empty; allowed: EPS settings at top level or "
+                "under an 'eps:' key (e.g. 'pipeline_degree: auto')"
+            )
         if not isinstance(data, Mapping):
             raise EPSConfigError(
                 f"{flag} {path!r}: expected a mapping at top level, got {type(data).__name__}"
