@@ -449,13 +449,7 @@ class EPSConfig:
         ``args.eps_config_flag`` (default ``--eps-config``) names the option that gave the file
         in error messages (the prefill tool reads the model config's ``eps:`` section).
         """
-        overrides = {}
-        for arg_name, field_name in cli_fields().items():
-            value = getattr(args, arg_name, None)
-            if value is not None:
-                overrides[field_name] = value
-        if getattr(args, "eps_moe", False):
-            overrides["enabled"] = True
+        overrides = flag_settings(args)
         path = getattr(args, "eps_config", None)
         if path:
             flag = getattr(args, "eps_config_flag", None) or "--eps-config"
@@ -468,6 +462,19 @@ class EPSConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def flag_settings(args) -> Dict[str, Any]:
+    """The settings that ``--eps-*`` flags in the namespace ``args`` give explicitly (flags left
+    at None are absent), with ``enabled`` True where ``--eps-moe`` was given."""
+    given = {}
+    for arg_name, field_name in cli_fields().items():
+        value = getattr(args, arg_name, None)
+        if value is not None:
+            given[field_name] = value
+    if getattr(args, "eps_moe", False):
+        given["enabled"] = True
+    return given
 
 
 def _check_pipeline_degree(value) -> Union[int, str]:
