@@ -37,7 +37,7 @@ def main(argv=None):
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     from megatron_eps import EPSConfig
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1)
     cuda = torch.cuda.is_available()
@@ -76,7 +76,7 @@ def main(argv=None):
                 row[f"eps_{kernel}_backends"] = sorted(set(eps.last_expert_backends))
         rows.append(row)
         print(json.dumps(row))
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
 
     commit = git_commit()
     result = {

@@ -49,7 +49,7 @@ def run_one(args) -> dict:
     from megatron_eps.experts.autotune import autotuner_for
     from megatron_eps.moe_layer import EPSMoELayer
     from megatron_eps.testing.distributed import Utils, free_port
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
                        ("MASTER_PORT", str(free_port()))):
@@ -122,8 +122,8 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_autotune_overhead.py times GPU first forwards; no CUDA device here")
-    from megatron_eps.experts import calibrate as cal
-    from megatron_eps.calibrate.provenance import git_commit, write_result
+    from megatron_eps.calibrate import kernels as cal
+    from megatron_eps.provenance import git_commit, write_result
 
     results = []
     with tempfile.TemporaryDirectory() as root:

@@ -39,10 +39,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_eps.experts import calibrate as cal  # noqa: E402
+from megatron_eps.calibrate import kernels as cal  # noqa: E402
 from megatron_eps.experts.autotune import TIMED_RUNS, TUNING_ROUNDS  # noqa: E402
-from megatron_eps.calibrate.provenance import write_result  # noqa: E402
+from megatron_eps.provenance import write_result  # noqa: E402
 from megatron_eps.experts import selector  # noqa: E402
+from megatron_eps.policy import kernel_tables  # noqa: E402
+from megatron_eps.policy.profile import load_kernel_tables  # noqa: E402
 from megatron_eps.experts.base import get_backend  # noqa: E402
 from megatron_eps.experts.reference import relative_error  # noqa: E402
 
@@ -63,7 +65,7 @@ SKEWS = (0.0, 0.5, 1.0, 1.5)
 
 
 def git_commit(explicit):
-    from megatron_eps.calibrate.provenance import git_commit as checkout_commit
+    from megatron_eps.provenance import git_commit as checkout_commit
 
     return explicit or checkout_commit()
 
@@ -97,7 +99,7 @@ class AutotuneSelection:
         self.buckets = {}
 
     def choose(self, experts, counts, x, probs):
-        from megatron_eps.pipeline.policies import ExpertRunner
+        from megatron_eps.experts.chunk_runner import ExpertRunner
 
         runner = ExpertRunner(experts, self.eps_config)
         before = (self.tuner.timed_calls, self.tuner.tuning_seconds, set(self.tuner.decisions))
@@ -156,7 +158,7 @@ def run_grid(args, device, dtype, profile, autotune):
                 }
                 if profile is not None and chosen in profile.backends:
                     record["predicted_seconds"] = {
-                        b: selector.predict_time(profile, b, (hidden, ffn), counts)
+                        b: kernel_tables.predict_time(profile, b, (hidden, ffn), counts)
                         for b in names if b in profile.backends
                     }
                 if "triton" in seconds and "grouped" in seconds:
@@ -228,7 +230,7 @@ def stock_comparison(device, dtype, target_s, profile):
     from megatron_eps.experts import LocalExperts
     from megatron_eps.testing import Utils
     from megatron_eps.testing.distributed import free_port
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
@@ -303,11 +305,11 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    profile = selector.load_cost_profile(args.profile, device)
+    profile = load_kernel_tables(args.profile, device)
     started = time.time()
     cal.warm_gpu(device, seconds=2.0)
     ceiling = dense_ceiling(device, dtype)
-    print(f"device {selector.device_name(device)}; dense {dtype} GEMM ceiling {ceiling:.1f} TF/s; "
+    print(f"device {kernel_tables.device_name(device)}; dense {dtype} GEMM ceiling {ceiling:.1f} TF/s; "
           f"profile {profile.path if profile else None}", flush=True)
     with tempfile.TemporaryDirectory() as cache_dir:
         autotune = AutotuneSelection(device, args.profile, cache_dir)

@@ -83,7 +83,7 @@ def relative_spread(values) -> float:
 def same_setting_gaps(times, auto_chunks, labels, degrees, local):
     """{label: |t(auto) / t(N) - 1|} where auto chose the chunks of a fixed N: the same setting
     timed twice in one run, so the benchmark's own noise at that point."""
-    from megatron_eps.pipeline.layout import chunk_sizes
+    from megatron_eps.policy.chunks import chunk_sizes
 
     gaps = {}
     for label in labels:
@@ -146,9 +146,9 @@ def main(argv=None):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
     from megatron_eps.experts.autotune import warm_up_while_calibrating
-    from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.pipeline.layout import chunk_sizes
-    from megatron_eps.testing.models import build_moe_pair
+    from megatron_eps.inference.baselines import with_grouped_experts
+    from megatron_eps.policy.chunks import chunk_sizes
+    from megatron_eps.inference.layers import build_moe_pair
 
     transports = (args.transports.split(",") if torch.cuda.is_available() and not args.smoke
                   else ["nccl"])
@@ -276,7 +276,7 @@ def start_expert_group(smoke: bool):
 
 def layer_config(shape: dict, ep_size: int, dtype):
     """Megatron's TransformerConfig of one MoE layer of ``shape`` (MODELS / SMOKE) at EP ``ep_size``."""
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     return moe_config(num_experts=shape["experts"], topk=shape["topk"], hidden_size=shape["hidden"],
                       ffn_hidden_size=shape["ffn"], shared_expert_size=shape["shared"],
@@ -317,7 +317,7 @@ def trace_point(eps_layers, x, trace_dir, name, tokens, rank):
 
 
 def write_result(args, rows, cuda, world):
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.comm import cuda_ops
 
     result = {

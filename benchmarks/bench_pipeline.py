@@ -102,7 +102,7 @@ def pick_kernel(requested):
 
 def build_layer(model, kernel, with_stock=False):
     from megatron_eps import EPSConfig
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     m = MODELS[model]
     config = moe_config(
@@ -270,13 +270,14 @@ def write_profile(path, *, bandwidth, latency, k_us, b_us, tflops, mem_gbps, fra
 
 def kernel_profile_base():
     try:
-        from megatron_eps.experts import selector
+        from megatron_eps.policy import kernel_tables
+        from megatron_eps.policy.profile import shipped_profile_path
 
-        path = selector.shipped_profile_path(DEVICE)
-        if os.path.isfile(path):
+        path = shipped_profile_path(DEVICE)
+        if path is not None and os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
-        return {"format": selector.PROFILE_FORMAT, "version": getattr(selector, "PROFILE_VERSION", 1),
+        return {"format": kernel_tables.PROFILE_FORMAT, "version": kernel_tables.PROFILE_VERSION,
                 "device": {"name": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"},
                 "dtype": "bfloat16", "shapes": []}
     except Exception:  # noqa: BLE001
@@ -387,7 +388,7 @@ def run_point(eps, model, tokens, bandwidths, links, profiles, free_link, args):
             from megatron_eps.bench.emulated_group import emulated_group_counts, emulated_group_shape
             from megatron_eps.policy.cost_model import LayerShape, predict
             from megatron_eps.policy.profile import PipelineProfile
-            from megatron_eps.pipeline.layout import tail_split
+            from megatron_eps.policy.chunks import tail_split
 
             m = MODELS[model]
             shape = LayerShape(m["hidden"], m["ffn"], m["experts"], 1, m["topk"],

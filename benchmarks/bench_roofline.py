@@ -15,7 +15,7 @@ random router gives random inputs:
   rows, on data of the layer's scale) and the device-to-device copy bandwidth (bytes read +
   written);
 * for stock (MoELayer, SequentialMLP), stock + grouped (the stock layer, its experts as one
-  torch._grouped_mm per projection: testing.baselines) and EPS (EPSMoELayer, default settings,
+  torch._grouped_mm per projection: inference.baselines) and EPS (EPSMoELayer, default settings,
   EP=1): the forward's time (CUDA events, median of ``--repeats`` samples in rotating order after
   a warm-up that leaves out the expert kernels' one-time self-calibration), the effective rate
   (GEMM FLOPs / time) and its share of the attainable rate;
@@ -45,6 +45,8 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+
+from megatron_eps.timing import median_seconds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,25 +115,6 @@ def min_bytes(shape: dict, tokens: int, element_size: int = 2) -> Dict[str, floa
 
 
 # ---------------------------------------------------------------------------- ceilings
-def _median_seconds(fn, cuda: bool, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def dense_gemm_tflops(m: int, k: int, n: int, device, dtype, repeats: int,
                       weight_scale: float = 1.0, sets: int = 3) -> float:
     """TFLOP/s of ``[m, k] @ [k, n]`` (randn activations, randn * weight_scale weights), the
@@ -145,7 +128,7 @@ def dense_gemm_tflops(m: int, k: int, n: int, device, dtype, repeats: int,
         i = state["i"] = (state["i"] + 1) % sets
         torch.matmul(a[i], b[i])
 
-    seconds = _median_seconds(step, device.type == "cuda", repeats)
+    seconds = median_seconds(step, device, repeats)
     return 2.0 * m * k * n / seconds / 1e12
 
 
@@ -163,7 +146,7 @@ def aspect_pair_tflops(shape: dict, tokens: int, device, dtype, repeats: int) ->
         torch.matmul(x, w1)
         torch.matmul(mid, w2)
 
-    seconds = _median_seconds(step, device.type == "cuda", repeats)
+    seconds = median_seconds(step, device, repeats)
     del x, w1, mid, w2
     return 6.0 * m * h * f / seconds / 1e12
 
@@ -172,7 +155,7 @@ def copy_gbps(device, nbytes: int, repeats: int) -> float:
     """Device-to-device copy bandwidth, bytes read + bytes written per second (GB/s)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device.type == "cuda", repeats)
+    seconds = median_seconds(lambda: dst.copy_(src), device, repeats)
     return 2.0 * nbytes / seconds / 1e9
 
 
@@ -355,11 +338,11 @@ def main(argv=None):
     args = parse_args(argv)
     eps_config = eps_settings(args.eps)
     from bench_layer_multigpu import layer_config, start_expert_group
-    from megatron_eps.calibrate.provenance import provenance, write_result
+    from megatron_eps.provenance import provenance, write_result
     from megatron_eps.experts.autotune import warm_up_while_calibrating
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.testing.models import build_moe_pair
+    from megatron_eps.inference.baselines import with_grouped_experts
+    from megatron_eps.inference.layers import build_moe_pair
 
     cuda, world, _rank, dtype, _ = start_expert_group(args.smoke)
     if world != 1:

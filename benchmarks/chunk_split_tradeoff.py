@@ -15,7 +15,7 @@ For each shape and load this script
 2. counts exactly, under both chunkings and N in ``--degrees``, the unique rows each chunk
    moves (the busiest rank's remote rows sent or received, as the cost model counts them);
 3. times on this GPU the expert GEMMs each chunk runs on rank 0 (fastest of the available
-   backends, backends interleaved, offsets staged as in a layer: experts.calibrate);
+   backends, backends interleaved, offsets staged as in a layer: calibrate.kernels);
 4. models each chunk's dispatch and combine with the profile's copy-engine link figures
    (bandwidth, latency, one copy per peer and chunk, bf16 partial sums), and the forward as
    ``policy.cost_model.predict`` does: the plan simulated on two streams, the overlap
@@ -71,7 +71,7 @@ def expert_chunk_counts(maps, ep: int, ranges):
 def token_chunk_counts(maps, ep: int, num_chunks: int):
     """Token chunks (every rank's tokens in ``num_chunks`` contiguous slices of sizes differing
     by <= 1): ([src, dst, chunk] unique rows, [chunk] -> rank 0's rows per local expert)."""
-    from megatron_eps.pipeline.layout import split_local_experts
+    from megatron_eps.policy.chunks import split_local_experts
 
     _, tokens, experts = maps.shape
     per = maps.reshape(ep, tokens, ep, experts // ep)
@@ -87,7 +87,7 @@ class GemmTimer:
     """Seconds of one expert call per load on this device: fastest available backend."""
 
     def __init__(self, hidden, ffn, num_local, dtype, device, max_rows, backends, target_s):
-        from megatron_eps.experts.calibrate import make_inputs, measurable_backends, synthetic_experts
+        from megatron_eps.calibrate.kernels import make_inputs, measurable_backends, synthetic_experts
 
         self.device, self.target_s = device, target_s
         self.experts = synthetic_experts(hidden, ffn, num_local, dtype, device)
@@ -97,7 +97,7 @@ class GemmTimer:
 
     def seconds(self, counts, first_expert: int) -> dict:
         from megatron_eps.experts.base import get_backend
-        from megatron_eps.experts.calibrate import offsets_staged, time_calls_interleaved
+        from megatron_eps.calibrate.kernels import offsets_staged, time_calls_interleaved
 
         key = (tuple(int(c) for c in counts), first_expert)
         if key in self.memo:
@@ -137,7 +137,7 @@ def shape_and_timer(spec, tokens_list, dtype, device, args):
 
 def measure_point(point, maps, shape, timer, degrees, profile):
     """Both chunkings of one load (``maps`` [ep, tokens, experts]) into ``point``."""
-    from megatron_eps.pipeline.layout import split_local_experts
+    from megatron_eps.policy.chunks import split_local_experts
     from megatron_eps.policy.cost_model import overlapped_time, unique_rows_comm_times
 
     ep, local, shared = shape.ep_size, shape.num_local_experts, point["shared_s"]
@@ -201,9 +201,9 @@ def run_tradeoff(args, measure, show, method: str) -> None:
     """Validate ``args`` (``tradeoff_parser``); for each shape and load, sample the routing and
     call ``measure(point, maps, shape, timer, degrees, profile)``, which fills ``point``, then
     ``show(point)``; write the JSON result."""
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.policy.cost_model import shared_experts_time
-    from megatron_eps.experts.calibrate import device_info, versions, warm_gpu
+    from megatron_eps.calibrate.kernels import device_info, versions, warm_gpu
     from megatron_eps.policy.profile import PROFILES_DIR, open_profile
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES

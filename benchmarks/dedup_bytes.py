@@ -31,12 +31,13 @@ def rank_bytes(tokens: int, seed: int):
     import torch.distributed as dist
 
     from megatron_eps import EPSConfig
-    from megatron_eps.comm import dedup_rows
-    from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
+    from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows.dedup import DedupChunkLayout, dedup_row_bytes
+    from megatron_eps.pipeline.rows.per_pair import pair_row_bytes
     from megatron_eps.policy.cost_model import LayerShape
     from megatron_eps.policy.degree import choose_chunking
     from megatron_eps.policy.profile import load_pipeline_profile
-    from megatron_eps.pipeline.permutation import probs_columns
+    from megatron_eps.pipeline.rows.per_pair import probs_columns
     from megatron_eps.pipeline.layout import ChunkLayout
 
     ep_size, rank = dist.get_world_size(), dist.get_rank()
@@ -45,10 +46,10 @@ def rank_bytes(tokens: int, seed: int):
     scores = torch.rand(tokens, NUM_EXPERTS, generator=gen)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(
         1, scores.topk(TOP_K, dim=1).indices, True)
-    mine = dedup_rows.routing_statistics(routing_map, ep_size, True)
+    mine = unique_rows.routing_statistics(routing_map, ep_size, True)
     gathered = torch.empty(ep_size * mine.numel(), dtype=mine.dtype)
     dist.all_gather_into_tensor(gathered, mine)
-    counts, ranges = dedup_rows.split_statistics(gathered.numpy(), ep_size, NUM_EXPERTS)
+    counts, ranges = unique_rows.split_statistics(gathered.numpy(), ep_size, NUM_EXPERTS)
 
     rows = torch.empty(1, HIDDEN, dtype=torch.bfloat16)
     probs = torch.empty(1, NUM_EXPERTS, dtype=torch.float32)
@@ -97,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "transport",
                                                       "dedup_bytes_cpu.json"))
     args = parser.parse_args(argv)
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.testing import run_distributed
 
     results = {}

@@ -55,7 +55,7 @@ if ! python3 -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-SLUG=$(python3 -c 'import torch; from megatron_eps.policy.profile import gpu_slug; print(gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
+SLUG=$(python3 -c 'import torch; from megatron_eps.policy.kernel_tables import gpu_slug; print(gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
 export NGPU SLUG
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null \
   | tee "$OUT/gpu_state.txt" || true

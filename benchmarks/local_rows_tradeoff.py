@@ -35,7 +35,7 @@ DEFAULT_SHAPES = ("dsv2_ep2", "dsv2_ep8", "mixtral_ep2")
 
 def measure_point(point, maps, shape, timer, degrees, profile):
     """Together and apart at one load (``maps`` [ep, tokens, experts]) into ``point``."""
-    from megatron_eps.pipeline.layout import local_head_rows, split_local_experts
+    from megatron_eps.policy.chunks import local_head_rows, split_local_experts
     from megatron_eps.policy.cost_model import chunk_comm_times, overlapped_time
 
     counts = maps.sum(dim=1).cpu().numpy()  # [src rank, expert]

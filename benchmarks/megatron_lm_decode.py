@@ -19,7 +19,7 @@ def measure(batches, steps, rounds):
 
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     config = moe_config(num_experts=64, topk=6, hidden_size=2048, ffn_hidden_size=1408,

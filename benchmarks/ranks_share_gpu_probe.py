@@ -92,9 +92,9 @@ def main() -> None:
         """The transport's PeerMemory for ranks sharing the GPU: a batched copy into the next
         rank's dispatch buffer and a flag after it, awaited by that rank's side stream."""
         from megatron_eps.comm import cuda_ops
-        from megatron_eps.comm.copy_engine import (
-            DISPATCH_BUFFER, RETURN_BUFFER, peer_memory_for)
-        from megatron_eps.comm.copy_engine_layout import RowCopies
+        from megatron_eps.comm.copy_engine import DISPATCH_BUFFER, RETURN_BUFFER
+        from megatron_eps.comm.selection import peer_memory_for
+        from megatron_eps.comm.copy_engine_plan import RowCopies
 
         memory = peer_memory_for(dist.group.WORLD, device)
         kinds = []

@@ -65,7 +65,7 @@ def main(argv=None):
     except EPSConfigError as exc:
         raise SystemExit(str(exc)) from None
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -140,7 +140,7 @@ def main(argv=None):
                         and not result["symmetric_grew_after_step2"]
                         and steps_done == args.steps)
     if rank == 0:
-        from megatron_eps.calibrate.provenance import git_commit
+        from megatron_eps.provenance import git_commit
 
         result["git_commit"] = git_commit()
         if torch.cuda.is_available():

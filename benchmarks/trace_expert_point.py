@@ -133,8 +133,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("trace_expert_point.py traces GPU calls; no CUDA device here")
     from benchmarks.bench_experts import SHAPES
-    from megatron_eps.calibrate.provenance import git_commit, write_result
-    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.provenance import git_commit, write_result
+    from megatron_eps.calibrate import kernels as cal
 
     if args.shape not in SHAPES:
         raise SystemExit(f"--shape {args.shape!r}: allowed: {', '.join(SHAPES)}")

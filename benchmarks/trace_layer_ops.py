@@ -110,11 +110,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from megatron_eps import EPSConfig
-    from megatron_eps.calibrate.provenance import git_commit
+    from megatron_eps.provenance import git_commit
     from megatron_eps.testing import Utils
     from megatron_eps.experts.autotune import warm_up_while_calibrating
-    from megatron_eps.testing.baselines import with_grouped_experts
-    from megatron_eps.testing.models import build_moe_pair
+    from megatron_eps.inference.baselines import with_grouped_experts
+    from megatron_eps.inference.layers import build_moe_pair
 
     from megatron_eps.config import EPSConfigError
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_eps.experts import calibrate as cal  # noqa: E402
+from megatron_eps.calibrate import kernels as cal  # noqa: E402
 from megatron_eps.experts import triton_kernels as tk  # noqa: E402
 from megatron_eps.experts.base import get_backend  # noqa: E402
 from megatron_eps.experts.reference import reference_expert_forward, relative_error  # noqa: E402

@@ -17,7 +17,7 @@ silence_known_notices()
 from megatron_eps.arguments import add_eps_args  # noqa: E402
 from megatron_eps.config import EPSConfig, EPSConfigError  # noqa: E402
 
-__version__ = "0.1.0"
+from megatron_eps.provenance import __version__  # noqa: E402 - the one definition
 
 
 def __getattr__(name):

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
+from megatron_eps.errors import EPSConfigError
+
 # Allowed ``expert_kernel`` values: "auto" (pick per load from the cost table,
 # megatron_eps.experts.selector) and every registered expert backend
 # (megatron_eps.experts.base.kernel_names, the one list): grouped (torch._grouped_mm), triton
@@ -191,10 +193,6 @@ def parse_setting(name: str, text: str):
         except ValueError:
             pass  # check_setting names the setting and the allowed values
     return check_setting(name, value)
-
-
-class EPSConfigError(ValueError):
-    """A megatron-eps setting has a value that is not allowed. The message names both."""
 
 
 def check_keys(keys, source: str) -> None:
@@ -415,7 +413,10 @@ class EPSConfig:
         path = os.fspath(path)
         data = read_yaml_file(path, flag, EPSConfigError)
         if data is None:
-            data = {}
+            raise EPSConfigError(
+                f"{flag} {path!r}: the file is empty; allowed: EPS settings at top level or "
+                "under an 'eps:' key (e.g. 'pipeline_degree: auto')"
+            )
         if not isinstance(data, Mapping):
             raise EPSConfigError(
                 f"{flag} {path!r}: expected a mapping at top level, got {type(data).__name__}"
@@ -448,13 +449,7 @@ class EPSConfig:
         ``args.eps_config_flag`` (default ``--eps-config``) names the option that gave the file
         in error messages (the prefill tool reads the model config's ``eps:`` section).
         """
-        overrides = {}
-        for arg_name, field_name in cli_fields().items():
-            value = getattr(args, arg_name, None)
-            if value is not None:
-                overrides[field_name] = value
-        if getattr(args, "eps_moe", False):
-            overrides["enabled"] = True
+        overrides = flag_settings(args)
         path = getattr(args, "eps_config", None)
         if path:
             flag = getattr(args, "eps_config_flag", None) or "--eps-config"
@@ -467,6 +462,19 @@ class EPSConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def flag_settings(args) -> Dict[str, Any]:
+    """The settings that ``--eps-*`` flags in the namespace ``args`` give explicitly (flags left
+    at None are absent), with ``enabled`` True where ``--eps-moe`` was given."""
+    given = {}
+    for arg_name, field_name in cli_fields().items():
+        value = getattr(args, arg_name, None)
+        if value is not None:
+            given[field_name] = value
+    if getattr(args, "eps_moe", False):
+        given["enabled"] = True
+    return given
 
 
 def _check_pipeline_degree(value) -> Union[int, str]:

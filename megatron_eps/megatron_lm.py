@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_eps.config import EPSConfig, EPSConfigError, cli_fields
+from megatron_eps.config import EPSConfig, EPSConfigError, flag_settings
 
 CONFIG_ENV = "MEGATRON_EPS_CONFIG"
 SPEC_ARGUMENT = ("megatron_eps.megatron_lm", "gpt_layer_spec")
@@ -60,14 +60,7 @@ def settings_file(args: Any) -> tuple:
 def eps_config_for(args: Any = None) -> EPSConfig:
     """The EPS settings of a Megatron-LM run whose parsed arguments are ``args`` (None: no
     arguments, e.g. a config built without Megatron-LM's parser). EPSConfigError on a bad one."""
-    flags = {}
-    if args is not None:
-        for dest, field in cli_fields().items():
-            value = getattr(args, dest, None)
-            if value is not None:
-                flags[field] = value
-        if getattr(args, "eps_moe", False):
-            flags["enabled"] = True
+    flags = flag_settings(args) if args is not None else {}
     path, source = settings_file(args)
     if path:
         return EPSConfig.from_yaml(path, overrides=flags, flag=source)

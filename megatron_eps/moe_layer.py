@@ -14,7 +14,8 @@ from megatron_eps.policy.cost_model import LayerShape
 from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
 from megatron_eps.comm.selection import TransportChoice
-from megatron_eps.pipeline.policies import ChunkingPolicy, ExpertRunner
+from megatron_eps.experts.chunk_runner import ExpertRunner
+from megatron_eps.policy.degree import ChunkingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class EPSMoELayer(MoELayer):
         if self.use_shared_expert:
             shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
         self.expert_runner.begin_forward(self.eps_config)
+        chunking = self.chunking_override or self.chunking_policy(hidden_states)
+        transport = self.transport_choice.resolve(hidden_states.device)
         # The dispatcher reads the current settings (dispatch_dedup, gemm_sm_carveout).
         self.token_dispatcher.eps_config = self.eps_config
         output = self.token_dispatcher.pipelined_forward(
@@ -236,9 +239,9 @@ class EPSMoELayer(MoELayer):
             probs,
             routing_map,
             experts=self.expert_runner,
-            chunking=self.chunking_override or self.chunking_policy(hidden_states),
+            chunking=chunking,
             shared_experts=shared,
-            transport=self.transport_choice.resolve(hidden_states.device),
+            transport=transport,
         )
         return output, None
 
@@ -259,7 +262,7 @@ class EPSMoELayer(MoELayer):
 
     def use_chunking(self, chunking) -> None:
         """Chunk the next forwards with ``chunking`` (an object with ``choose(counts,
-        transport)``, e.g. ``pipeline.policies.FixedChunking``); None: from the settings."""
+        transport)``, e.g. ``policy.degree.FixedChunking``); None: from the settings."""
         self.chunking_override = chunking
 
     def chunking_policy(self, hidden_states) -> ChunkingPolicy:

@@ -34,6 +34,16 @@ _COMPILING: contextvars.ContextVar = contextvars.ContextVar("megatron_eps_compil
 
 
 @functools.lru_cache(maxsize=None)
+def triton_imports() -> bool:
+    """Whether Triton imports here (it is optional: the kernels' callers fall back to torch)."""
+    try:
+        import triton  # noqa: F401 - only whether it imports
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def _async_compile():
     """Triton's async-compile module, or None where this Triton lacks it."""
     try:

@@ -11,7 +11,7 @@
 export MEGATRON_EPS_KERNEL_CACHE="$OUT/.kernel_cache.json"
 if [ "${TESTS:-1}" = "1" ]; then
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/unit/experts \
-    tests/unit/test_permute_kernels.py -m gpu 2>&1 | tail -4 | tee "$OUT/h200_pytest.log"
+    tests/unit/test_row_kernels.py -m gpu 2>&1 | tail -4 | tee "$OUT/h200_pytest.log"
 fi
 if [ "${TUNE:-1}" = "1" ]; then
   timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_triton.py --out "$OUT/tune_triton_h200.json" \

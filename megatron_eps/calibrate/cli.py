@@ -4,9 +4,9 @@
     torchrun --nproc-per-node 8 -m megatron_eps.calibrate link --out profile.json
     megatron-eps-calibrate --config tiny --out kernels.json       (no subcommand: kernels)
 
-``kernels`` times the expert GEMM backends (``megatron_eps.experts.calibrate``; its options);
+``kernels`` times the expert GEMM backends (``megatron_eps.calibrate.kernels``; its options);
 ``link`` fits the expert-parallel link (``calibrate.link``); ``pipeline`` measures the cost
-model's compute and host constants (``calibrate.pipeline``); ``all`` does the three and writes
+model's compute and host constants (``calibrate.cost_constants``); ``all`` does the three and writes
 one complete profile. ``--out`` is a file or a directory (then ``<dir>/<gpu slug>.json``);
 an existing profile keeps the sections not measured. Under torchrun every rank measures and
 rank 0 writes.
@@ -15,7 +15,6 @@ rank 0 writes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,15 +23,39 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_eps.experts import calibrate as kernel_calibration
+from megatron_eps.calibrate import kernels as kernel_calibration
+from megatron_eps.calibrate.kernels import CalibrateError
+from megatron_eps.errors import EPSConfigError
+from megatron_eps.policy.kernel_tables import read_cost_profile_json
+from megatron_eps.inference.model_config import ModelConfigError
 
-SUBCOMMANDS = ("kernels", "link", "pipeline", "all")
+PROG = "megatron-eps-calibrate"
+# What each subcommand measures; without one, ``kernels`` runs.
+SUBCOMMANDS = {
+    "kernels": "time the expert GEMM backends over a grid of loads (the default)",
+    "link": "fit the expert-parallel link of every transport (merged into an existing profile)",
+    "pipeline": "measure the cost model's compute and host constants",
+    "all": "the three, into one complete profile",
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """The command's own parser: its subcommands (each has ``--help`` of its own)."""
+    lines = [f"  {name:<9} {what}" for name, what in SUBCOMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage=f"{PROG} [{'|'.join(SUBCOMMANDS)}] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure this GPU and write (or merge into) its profile file.",
+        epilog="subcommands:\n" + "\n".join(lines)
+        + f"\n\n'{PROG} SUBCOMMAND --help' lists a subcommand's options.")
+    parser.add_argument("command", nargs="?", choices=tuple(SUBCOMMANDS), help=argparse.SUPPRESS)
+    return parser
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The options of ``link``, ``pipeline`` and ``all`` beyond the kernel calibration's own
     (shape, device and dtype options are the kernel calibration's: see ``kernels --help``)."""
-    parser = argparse.ArgumentParser(prog=f"megatron-eps-calibrate {command}", description=(
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=(
         "Measure this GPU and merge the result into its profile file. Shape, device and dtype "
         "options as for 'megatron-eps-calibrate kernels'."))
     parser.add_argument("--out", required=True, help="profile file, or a directory for <gpu slug>.json")
@@ -61,14 +84,20 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    if argv and (argv[0] in ("-h", "--help") or not argv[0].startswith("-")):
+        top_parser().parse_args(argv[:1])  # --help, or an unknown subcommand: argparse says so
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "kernels"
     if command == "kernels":
         return kernel_calibration.main(argv)
     parser = build_parser(command)
     args, rest = parser.parse_known_args(argv)
+    try:
+        return _run(command, parser, args, rest)
+    except (CalibrateError, EPSConfigError, ModelConfigError) as exc:
+        parser.error(str(exc))
+
+
+def _run(command: str, parser, args, rest: List[str]) -> int:
     kernel_args = None
     if command == "link":
         if rest:
@@ -79,14 +108,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = _device(kernel_args.device)
     group = _join_process_group(device)
     name = kernel_calibration.device_info(device)["name"]
-    from megatron_eps.calibrate.provenance import provenance
+    from megatron_eps.provenance import provenance
     from megatron_eps.policy.profile import profile_path_for, write_profile_sections
 
     sections = {"pipeline": {}, "links": {}}
     measured = {}
     path = profile_path_for(args.out, name)
     if command == "link" and not os.path.isfile(path):
-        raise SystemExit(f"--out {path!r}: no profile to merge the link figures into; write one "
+        raise CalibrateError(f"--out {path!r}: no profile to merge the link figures into; write one "
                          "with 'megatron-eps-calibrate all' (or copy the shipped one) first")
     if command in ("link", "all") or (command == "pipeline" and not _has_link(path)):
         link = _link(args, device, group)
@@ -134,8 +163,7 @@ def _join_process_group(device: torch.device):
 def _has_link(path: str) -> bool:
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        section = json.load(f).get("pipeline", {})
+    section = read_cost_profile_json(path).get("pipeline", {})
     return "link_bandwidth_gbps" in section and "link_latency_us" in section
 
 
@@ -149,7 +177,7 @@ def _link(args, device, group) -> dict:
 
 
 def _pipeline(args, kernel_args, device) -> dict:
-    from megatron_eps.calibrate.pipeline import MoEShape, calibrate_pipeline
+    from megatron_eps.calibrate.cost_constants import MoEShape, calibrate_pipeline
 
     hidden, ffn, experts = kernel_calibration.shapes_from_args(kernel_args)[0]
     topk, shared = _routing_from_config(kernel_args.config)
@@ -173,9 +201,9 @@ def _routing_from_config(config: Optional[str]):
     if not config:
         return None, None
     from megatron_eps.config import read_yaml_file
-    from megatron_eps.inference.prefill import resolve_config
+    from megatron_eps.inference.shipped_configs import resolve_config
 
-    data = read_yaml_file(resolve_config(config), "--config", SystemExit) or {}
+    data = read_yaml_file(resolve_config(config), "--config", CalibrateError) or {}
     model = data.get("model", data)
     return model.get("moe_router_topk"), model.get("moe_shared_expert_intermediate_size")
 
@@ -184,8 +212,7 @@ def _kernels(kernel_argv: List[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "kernels.json")
         kernel_calibration.main(list(kernel_argv) + ["--out", out])
-        with open(out) as f:
-            return json.load(f)
+        return read_cost_profile_json(out)
 
 
 if __name__ == "__main__":

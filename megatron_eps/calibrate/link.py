@@ -19,7 +19,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from megatron_eps.calibrate.timing import fit_latency_bandwidth, median_seconds
+from megatron_eps.timing import fit_latency_bandwidth, median_seconds
 
 
 def message_sizes(min_kib: int = 64, max_mib: int = 256) -> List[int]:

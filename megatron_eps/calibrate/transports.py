@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eps.calibrate.timing import fit_latency_bandwidth, median_seconds
+from megatron_eps.timing import fit_latency_bandwidth, median_seconds
 
 # A DSV2 row: 5120 bf16 values plus 16 bytes of routing weight.
 ROW_BYTES = 10256
@@ -26,7 +26,7 @@ DEFAULT_SIZES_MIB = (8, 32, 128, 256)
 def measure_transports(device, group, pieces: int = 80, sizes_mib=DEFAULT_SIZES_MIB) -> dict:
     """``{"links": {transport: figures}, "points": {...}}`` over the ranks of ``group``."""
     from megatron_eps.comm.copy_engine import DISPATCH_BUFFER, SymmetricPeerMemory
-    from megatron_eps.comm.copy_engine_layout import RowCopies
+    from megatron_eps.comm.copy_engine_plan import RowCopies
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 

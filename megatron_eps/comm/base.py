@@ -6,12 +6,12 @@ weight) and ``H`` = hidden size:
 
 1. ``begin(layout, counts, width, hidden, dtype, device)`` on the host: size buffers.
 2. For each chunk g, in the plan's order:
-   * ``place_rows(g, tokens, sorted_indices, permuted_probs, prob_columns)`` on the comm
-     stream, before ``dispatch(g)``: chunk g's routed rows, send rows ``L.send_offsets[g]`` to
-     ``L.send_offsets[g + 1]`` of the send order (chunk, destination rank, expert), each the
-     token row ``tokens[sorted_indices[i]]`` [H] followed by its weight ``permuted_probs[i]``
-     in ``prob_columns`` extra columns (W = H + prob_columns). ``sorted_indices`` and
-     ``permuted_probs`` [all routed rows] are the same tensors for every chunk.
+   * ``send_rows(g, weights)`` on the comm stream, before ``dispatch(g)``: where chunk g's
+     send rows go (``SendRows``), the rows ``L.send_offsets[g]`` to ``L.send_offsets[g + 1]``
+     of the send order (chunk, destination rank, expert). The row scheme (``pipeline.rows``)
+     writes them, each W columns (the hidden state and what rides behind it), then calls
+     ``rows_placed(g)`` on the same stream. ``weights``: the chunk's routing weights [rows]
+     where they travel apart from the rows (None: packed into the rows).
    * ``dispatch(g)`` on the comm stream; returns the ``Completion`` the experts wait on (None:
      the plan records an event on the comm stream).
    * ``received(g)`` on the compute stream after that wait: ([rows of g, W], None) expert-major
@@ -26,15 +26,16 @@ weight) and ``H`` = hidden size:
 
 A transport with ``splits_local_rows`` also takes a layout with ``local_rows_apart``: then
 each chunk has two parts, ``LOCAL_PART`` (whole row tiles of the rows this rank routed to its
-own experts, ready after ``place_rows(g)``, before any transfer) and ``PEER_PART`` (the rest:
+own experts, ready after ``rows_placed(g)``, before any transfer) and ``PEER_PART`` (the rest:
 the rows its peers sent and its own left over, ready after ``dispatch(g)``'s completion), each
 expert-major with the layout's ``part_tokens_per_expert``. ``received(g, part)`` and
 ``hand_back(g, outputs, part)`` take one part at a time; ``combine(g)`` needs only the second
 part's outputs.
 
-A transport with ``supports_dedup`` also takes a ``dedup_layout.DedupChunkLayout``: its splits
-count one row per (token, destination rank, chunk). Then ``place_unique_rows`` replaces
-``place_rows`` (W = H + the packed expert indices and weights), ``received(g)`` returns the
+A transport with ``supports_dedup`` also takes the deduplicated scheme's layout
+(``pipeline.rows.dedup``): its splits count one row per (token, destination rank, chunk), its
+``unique_rows`` [src, dst, chunk] holds every rank's, and W = H + the packed expert indices and
+weights. Then ``received(g)`` returns the
 rows in (source rank, token) order, ``hand_back(g, sums)`` takes one pre-reduced row per
 received row (in ``layout.combine_dtype``), and ``combined_rows()`` holds one returned sum per
 sent row.
@@ -42,12 +43,25 @@ sent row.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART  # noqa: F401 - the parts' names
+# The two parts of a chunk whose local rows are apart (``ChunkLayout.local_rows_apart``): the
+# rows this rank routed to its own experts (whole tiles of them, ``local_head_rows``), and the
+# rest, mostly the rows its peers sent.
+LOCAL_PART = "local"
+PEER_PART = "peer"
+
+
+class SendRows(NamedTuple):
+    """Where one chunk's send rows are written: send row i of the chunk goes to row
+    ``dst_rows[i]`` of ``rows`` [R, W] (``dst_rows``: [rows of the chunk] int64), or to row i
+    where ``dst_rows`` is None."""
+
+    rows: torch.Tensor
+    dst_rows: Optional[torch.Tensor]
 
 
 class Completion:
@@ -68,7 +82,7 @@ class ExpertTransport:
     # True when the streams wait for peers in ways nothing times out (stream memory
     # operations): the pipeline then hands each forward's end to the watchdog.
     waits_without_timeout = False
-    # True when the transport moves a DedupChunkLayout's rows (``place_unique_rows``).
+    # True when the transport moves the deduplicated scheme's rows (module docstring).
     supports_dedup = False
     # True when it takes layouts with ``local_rows_apart`` (module docstring).
     splits_local_rows = False
@@ -84,28 +98,11 @@ class ExpertTransport:
     ) -> None:
         raise NotImplementedError
 
-    def place_rows(
-        self,
-        chunk: int,
-        tokens: torch.Tensor,
-        sorted_indices: torch.Tensor,
-        permuted_probs: torch.Tensor,
-        prob_columns: int,
-    ) -> None:
+    def send_rows(self, chunk: int, weights: Optional[torch.Tensor] = None) -> SendRows:
         raise NotImplementedError
 
-    def place_unique_rows(
-        self,
-        chunk: int,
-        tokens: torch.Tensor,
-        probs: torch.Tensor,
-        routing_map: torch.Tensor,
-    ) -> torch.Tensor:
-        """Deduplicated scheme: chunk g's send rows (``dedup_rows.place_unique_rows``) into
-        send rows ``L.send_offsets[g]`` to ``L.send_offsets[g + 1]``; returns the [D * T] send
-        row within chunk g of each (destination rank, token), -1 where none.
-        tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool."""
-        raise NotImplementedError
+    def rows_placed(self, chunk: int) -> None:
+        """Chunk ``chunk``'s send rows are written (on the stream they were written on)."""
 
     def dispatch(self, chunk: int) -> Optional[Completion]:
         raise NotImplementedError

@@ -5,7 +5,7 @@ the two serialize (calibrate_transport.py on two H200s: NCCL's overlap beside a 
 is 0; benchmarks/results/transport/links_h200_x2.json). A ``cudaMemcpyAsync`` into a peer's
 buffer runs on a copy engine and takes no SM, so it proceeds beside the GEMM.
 
-How (``copy_engine_layout`` has the row arithmetic):
+How (``copy_engine_plan`` has the row arithmetic):
 
 * dispatch(g): one batched copy-engine call writes this rank's rows of chunk g straight into
   their final rows of every peer's receive area (expert-major, the GEMM's order: nothing is
@@ -44,10 +44,9 @@ import numpy as np
 import torch
 
 from megatron_eps import staging
-from megatron_eps.comm.base import LOCAL_PART, PEER_PART, Completion, ExpertTransport
-from megatron_eps.pipeline.permute_kernels import copy_rows, scatter_routed_rows
-from megatron_eps.comm.copy_engine_layout import CopyEngineLayout, RowCopies
-from megatron_eps.comm.dedup_rows import place_unique_rows
+from megatron_eps.comm.base import LOCAL_PART, PEER_PART, Completion, ExpertTransport, SendRows
+from megatron_eps.comm.copy_engine_plan import CopyEngineLayout, RowCopies
+from megatron_eps.row_kernels import copy_rows
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class CopyEngineTransport(ExpertTransport):
         else:
             plan = CopyEngineLayout.build(
                 counts, layout.ep_rank, layout.expert_ranges,
-                local_align=layout.local_rows_align if layout.local_rows_apart else 0)
+                local_head=layout.local_head_rows if layout.local_rows_apart else None)
         out_dtype = getattr(layout, "combine_dtype", None) or dtype
         element = torch.empty((), dtype=dtype).element_size()
         row_bytes = width * element
@@ -148,6 +147,7 @@ class CopyEngineTransport(ExpertTransport):
             plan.return_capacity * out_row_bytes,
         )
         self.plan, self.layout = plan, layout
+        self._device = torch.device(device)
         self.sequence = self.memory.next_sequence()
         dispatch_buffer = self.memory.local(DISPATCH_BUFFER)
         self._dispatch_rows = _rows_view(
@@ -162,37 +162,22 @@ class CopyEngineTransport(ExpertTransport):
         self._placed: List[Optional[object]] = [None] * layout.num_chunks
         self._peers = [r for r in range(plan.ep_size) if r != plan.ep_rank]
 
-    def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
-        if not prob_columns:
+    def send_rows(self, chunk, weights=None):
+        if weights is not None:
             raise ValueError(
                 "copy_engine transport needs the routing weight packed into each row (hidden "
                 "size * element size a multiple of the weight's size); use transport: nccl"
             )
         if chunk == 0:
-            # Each routed row's dispatch-buffer row, built on the device from the few pieces.
+            # Each send row's dispatch-buffer row, built on the device from the few runs.
             self._buffer_rows, = rows_of_runs(
-                self.plan.run_sizes, tokens.device, self.plan.run_buffer_row
-            )
-        rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
-        scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows],
-                            self._dispatch_rows, prob_columns, dst_rows=self._buffer_rows[rows])
-        self._record_placed(chunk, tokens)
-
-    def place_unique_rows(self, chunk, tokens, probs, routing_map):
-        if chunk == 0:
-            self._buffer_rows, = rows_of_runs(
-                self.plan.run_sizes, tokens.device, self.plan.run_buffer_row
+                self.plan.run_sizes, self._device, self.plan.run_buffer_row
             )
         first, end = self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1]
-        sent_rows = place_unique_rows(
-            tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
-            self._dispatch_rows, self.layout.slots, dst_rows=self._buffer_rows[first:end],
-        )
-        self._record_placed(chunk, tokens)
-        return sent_rows
+        return SendRows(self._dispatch_rows, self._buffer_rows[first:end])
 
-    def _record_placed(self, chunk, tokens):
-        if tokens.is_cuda:
+    def rows_placed(self, chunk):
+        if self._device.type == "cuda":
             # The chunk's own rows land in the receive area here, on this stream: the experts
             # wait for this as well as for the peers' flags.
             self._placed[chunk] = torch.cuda.current_stream().record_event()
@@ -439,22 +424,3 @@ class SymmetricPeerMemory(PeerMemory):
 
     def wait(self, peer, slot, value, stream):
         self._ops.stream_wait_geq_u32(stream.cuda_stream, self._flag(self.ep_rank, slot, peer), value)
-
-
-_MEMORIES: Dict[Tuple[str, int], SymmetricPeerMemory] = {}
-
-
-def peer_memory_for(group, device: torch.device) -> SymmetricPeerMemory:
-    """The one SymmetricPeerMemory of an EP group in this process (layers share it: they run one
-    at a time, and sharing keeps one set of buffers and one sequence of flags)."""
-    key = (group.group_name, device.index)
-    if key not in _MEMORIES:
-        from megatron_eps.comm.selection import ranks_share_gpu
-
-        if ranks_share_gpu():
-            from megatron_eps.comm.ipc_memory import IpcPeerMemory
-
-            _MEMORIES[key] = IpcPeerMemory(group, device)
-        else:
-            _MEMORIES[key] = SymmetricPeerMemory(group, device)
-    return _MEMORIES[key]

@@ -14,9 +14,7 @@ from typing import List, Optional
 import torch
 
 from megatron_eps.comm.all_to_all import AllToAll
-from megatron_eps.comm.base import ExpertTransport
-from megatron_eps.comm.dedup_rows import place_unique_rows
-from megatron_eps.pipeline.permute_kernels import scatter_routed_rows
+from megatron_eps.comm.base import ExpertTransport, SendRows
 
 
 class NCCLTransport(ExpertTransport):
@@ -36,6 +34,7 @@ class NCCLTransport(ExpertTransport):
         self.hidden = hidden
         self.width = width
         self.device = device
+        self.dtype = dtype
         chunks = layout.num_chunks
         self._received: List[Optional[torch.Tensor]] = [None] * chunks
         self._outputs: List[Optional[torch.Tensor]] = [None] * chunks
@@ -46,22 +45,17 @@ class NCCLTransport(ExpertTransport):
         self._combined = (None if not self.moves_rows and chunks == 1 else
                           torch.empty((num_rows, hidden), dtype=combine_dtype, device=device))
 
-    def place_rows(self, chunk, tokens, sorted_indices, permuted_probs, prob_columns):
+    def send_rows(self, chunk, weights=None):
         if chunk == 0:
-            self._send = tokens.new_empty((sorted_indices.numel(), tokens.shape[1] + prob_columns))
-            self._send_probs = None if prob_columns else permuted_probs
-        rows = slice(self.layout.send_offsets[chunk], self.layout.send_offsets[chunk + 1])
-        scatter_routed_rows(tokens, sorted_indices[rows], permuted_probs[rows], self._send[rows],
-                            prob_columns)
+            # Allocated on the comm stream, where the rows are written and sent.
+            self._send = torch.empty((self.layout.send_offsets[-1], self.width),
+                                     dtype=self.dtype, device=self.device)
+            self._send_weights = [None] * self.layout.num_chunks
+        self._send_weights[chunk] = weights
+        return SendRows(self._chunk(self._send, chunk), None)
 
-    def place_unique_rows(self, chunk, tokens, probs, routing_map):
-        if chunk == 0:
-            self._send = tokens.new_empty((self.layout.send_offsets[-1], self.width))
-            self._send_probs = None
-        return place_unique_rows(
-            tokens, probs, routing_map, self.layout.ep_size, self.layout.expert_ranges[chunk],
-            self._chunk(self._send, chunk), self.layout.slots,
-        )
+    def rows_placed(self, chunk):
+        pass
 
     def _chunk(self, tensor, chunk):
         offsets = self.layout.send_offsets
@@ -70,16 +64,15 @@ class NCCLTransport(ExpertTransport):
     def dispatch(self, chunk):
         send = self._chunk(self._send, chunk)
         if not self.moves_rows:
-            self._received[chunk] = (send, None if self._send_probs is None else
-                                     self._chunk(self._send_probs, chunk))
+            self._received[chunk] = (send, self._send_weights[chunk])
             return None
         splits_out = self.layout.recv_splits[chunk]
         splits_in = self.layout.send_splits[chunk]
         recv = send.new_empty((sum(splits_out), send.shape[1]))
         self.all_to_all(recv, send, splits_out, splits_in)
         recv_probs = None
-        if self._send_probs is not None:
-            send_probs = self._chunk(self._send_probs, chunk)
+        send_probs = self._send_weights[chunk]
+        if send_probs is not None:
             recv_probs = send_probs.new_empty((recv.shape[0],))
             self.all_to_all(recv_probs, send_probs, splits_out, splits_in)
         self._received[chunk] = (recv, recv_probs)
@@ -130,7 +123,7 @@ class NCCLTransport(ExpertTransport):
     def end(self):
         # Referenced until here, after the compute stream waited for the last combine, so the
         # caching allocator cannot hand a buffer to new work while the comm stream uses it.
-        self._send = self._send_probs = self._combined = None
+        self._send = self._send_weights = self._combined = None
         self._outputs = self._received = []
 
 

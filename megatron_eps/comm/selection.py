@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_eps.config import EPSConfigError
+from megatron_eps.errors import EPSConfigError
 
 logger = logging.getLogger(__name__)
 _logged = set()
@@ -150,10 +150,28 @@ class TransportChoice:
 
         group = self.group if self.ep_size > 1 else None
         if self.ep_size > 1 and device.type == "cuda" and self.setting != "nccl":
-            from megatron_eps.comm.copy_engine import CopyEngineTransport, peer_memory_for
+            from megatron_eps.comm.copy_engine import CopyEngineTransport
 
             if agree_on_copy_engine(self.group, device, self.setting):
                 self.transport = CopyEngineTransport(peer_memory_for(self.group, device))
                 return self.transport
         self.transport = NCCLTransport(ProcessGroupAllToAll(group))
         return self.transport
+
+
+_MEMORIES: Dict[Tuple[str, int], object] = {}
+
+
+def peer_memory_for(group, device: torch.device):
+    """The one SymmetricPeerMemory of an EP group in this process (layers share it: they run one
+    at a time, and sharing keeps one set of buffers and one sequence of flags)."""
+    from megatron_eps.comm.copy_engine import SymmetricPeerMemory
+    from megatron_eps.comm.ipc_memory import IpcPeerMemory
+
+    key = (group.group_name, device.index)
+    if key not in _MEMORIES:
+        if ranks_share_gpu():
+            _MEMORIES[key] = IpcPeerMemory(group, device)
+        else:
+            _MEMORIES[key] = SymmetricPeerMemory(group, device)
+    return _MEMORIES[key]

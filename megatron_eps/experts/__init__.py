@@ -1,4 +1,5 @@
-"""Load-aware expert compute: backends behind one interface, and a selector over them."""
+"""Load-aware expert compute: backends behind one interface, a selector over them, and the
+runner a layer's pipeline calls per chunk (``chunk_runner``)."""
 
 from megatron_eps.experts.base import (
     ExpertBackend,

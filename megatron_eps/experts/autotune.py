@@ -40,7 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
+from megatron_eps.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ Timer = Callable[[Callable[[], torch.Tensor], str], Tuple[float, torch.Tensor]]
 
 def cuda_timer(fn: Callable[[], torch.Tensor], label: str = "") -> Tuple[float, torch.Tensor]:
     """Seconds per call of ``TIMED_RUNS`` calls issued back to back from an idle GPU, after a
-    warm-up call (calibrate.timing.back_to_back_seconds: what a forward pays)."""
+    warm-up call (timing.back_to_back_seconds: what a forward pays)."""
     fn()  # compile and warm up
     device = torch.device("cuda", torch.cuda.current_device())
     return back_to_back_seconds(lambda i: fn(), device, TIMED_RUNS)
@@ -87,7 +87,7 @@ def load_bucket(tokens_per_expert: Sequence[int]) -> Tuple[int, int]:
 
 
 def default_cache_path(device_name: str) -> str:
-    from megatron_eps.policy.profile import gpu_slug
+    from megatron_eps.policy.kernel_tables import gpu_slug
 
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
@@ -103,7 +103,7 @@ def current_versions() -> Dict[str, str]:
         versions["triton"] = triton.__version__
     except ImportError:
         versions["triton"] = "none"
-    from megatron_eps import __version__
+    from megatron_eps.provenance import __version__
 
     versions["megatron_eps"] = __version__
     return versions
@@ -261,7 +261,7 @@ _TUNERS: Dict[Tuple[str, str], KernelAutotuner] = {}
 
 def autotuner_for(device: torch.device, path: Optional[str], timer: Optional[Timer] = None):
     """The process's autotuner for ``device`` and cache ``path`` (None: the default path)."""
-    from megatron_eps.experts.selector import device_name
+    from megatron_eps.policy.kernel_tables import device_name
 
     name = device_name(device)
     path = path or default_cache_path(name)

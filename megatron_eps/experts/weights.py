@@ -258,3 +258,14 @@ class StackedExperts:
 
     def weights(self) -> ExpertWeights:
         return self._weights
+
+
+def synthetic_experts(hidden: int, ffn: int, num_experts: int, dtype, device, seed: int = 0):
+    """StackedExperts with random SwiGLU weights scaled like Megatron's init (std 0.02)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fc1 = torch.empty(num_experts, 2 * ffn, hidden, dtype=dtype, device=device)
+    fc2 = torch.empty(num_experts, hidden, ffn, dtype=dtype, device=device)
+    for e in range(num_experts):  # per expert on the host: bounded host memory for big shapes
+        fc1[e].copy_(torch.randn(2 * ffn, hidden, generator=gen) * 0.02)
+        fc2[e].copy_(torch.randn(hidden, ffn, generator=gen) * 0.02)
+    return StackedExperts(ExpertWeights.from_tensors(fc1, fc2))

@@ -1,3 +1,4 @@
-"""The prefill harness beside the core: the megatron-eps-prefill CLI (``prefill``), the model
-configs (``model_config``) and an SDPA attention for MLA without Transformer Engine. The core
-(layer, pipeline, transports, kernels) never imports this package."""
+"""What the commands drive, beside the core: model configs and the GPT model built from them, the
+process group and the CPU shims, small MoE layers and the grouped-GEMM baseline, and the
+megatron-eps-prefill command (``prefill``, ``prefill_*``, ``logits``). The core (layer,
+pipeline, transports, kernels) never imports this package."""

@@ -35,6 +35,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Union
 
+
 TOP_LEVEL_KEYS = ("name", "description", "model", "parallel", "eps")
 
 ATTENTION_KINDS = ("mla", "gqa")
@@ -236,19 +237,27 @@ class ModelConfig:
         ep = expert_model_parallel_size or self.parallel.get("expert_model_parallel_size") or world_size
         etp = self.parallel.get("expert_tensor_parallel_size") or 1
         where = f"{self.path}: parallel"
+
+        def named(key, value, flag, given):  # the flag when the value came from it
+            return f"{flag} {value}" if given else f"{where}.{key}={value}"
+
+        tp_name = named("tensor_model_parallel_size", tp, "--tensor-model-parallel-size",
+                        tensor_model_parallel_size)
+        ep_name = named("expert_model_parallel_size", ep, "--expert-model-parallel-size",
+                        expert_model_parallel_size)
         if world_size % tp:
             raise ModelConfigError(
-                f"{where}.tensor_model_parallel_size={tp} does not divide the world size "
+                f"{tp_name} does not divide the world size "
                 f"{world_size}; allowed values: divisors of {world_size}"
             )
         if world_size % ep:
             raise ModelConfigError(
-                f"{where}.expert_model_parallel_size={ep} does not divide the world size "
+                f"{ep_name} does not divide the world size "
                 f"{world_size}; allowed values: divisors of {world_size}"
             )
         if self.num_moe_experts % ep:
             raise ModelConfigError(
-                f"{where}.expert_model_parallel_size={ep} does not divide num_moe_experts="
+                f"{ep_name} does not divide num_moe_experts="
                 f"{self.num_moe_experts}; allowed values: divisors of {self.num_moe_experts} "
                 f"that divide the world size {world_size}"
             )
@@ -256,12 +265,12 @@ class ModelConfig:
         groups = int(self.fields.get("num_query_groups") or heads)
         if heads % tp or groups % tp:
             raise ModelConfigError(
-                f"{where}.tensor_model_parallel_size={tp} must divide num_attention_heads={heads} "
+                f"{tp_name} must divide num_attention_heads={heads} "
                 f"and num_query_groups={groups}"
             )
         if tp > 1 and self.attention == "mla":
             raise ModelConfigError(
-                f"{where}.tensor_model_parallel_size={tp}: MLA models use data-parallel attention "
+                f"{tp_name}: MLA models use data-parallel attention "
                 "(EPS-MoE sec. 6); allowed value: 1"
             )
         if etp != 1:
@@ -351,12 +360,14 @@ class ModelConfig:
             # pp_rank=0: no pipeline parallelism, and no parallel state needed to build the spec.
             config, use_transformer_engine=False, normalization=config.normalization, pp_rank=0
         )
+        from megatron_eps.inference.spec_edits import replace_core_attention, replace_torch_norm
+
         if self.core_attention == "sdpa":
             from megatron_eps.inference.sdpa_attention import SDPAttention
 
             spec = replace_core_attention(spec, SDPAttention)
         if config.sequence_parallel:
-            spec = _replace_torch_norm(spec)
+            spec = replace_torch_norm(spec)
         return spec
 
     def build_gpt_model(self, config, spec, parallel_output: bool = False):
@@ -380,74 +391,6 @@ class ModelConfig:
         return GPTModel(**kwargs)
 
 
-class SequenceParallelTorchNorm:
-    """Megatron's WrappedTorchNorm (torch LayerNorm/RMSNorm, used without TE/Apex) for
-    sequence-parallel *inference*.
-
-    WrappedTorchNorm asserts ``not config.sequence_parallel`` because it cannot all-reduce the
-    norm weight gradients across the TP group; a norm is per token, so the forward is the same
-    with sequence parallelism. Tensor-parallel attention + expert-parallel MoE needs sequence
-    parallelism in Megatron-Core, hence this stand-in (inference only: weights are not
-    synchronised in training).
-    """
-
-    def __new__(cls, config, *args, **kwargs):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        cfg = copy.copy(config)
-        cfg.sequence_parallel = False
-        return WrappedTorchNorm(cfg, *args, **kwargs)
-
-
-def _replace_torch_norm(spec: Any) -> Any:
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    from megatron_eps.spec import map_spec
-
-    return map_spec(spec, lambda node: SequenceParallelTorchNorm if node is WrappedTorchNorm else None)
-
-
-def replace_core_attention(spec: Any, core_attention_cls: type) -> Any:
-    """Return a copy of a layer/block spec whose attention uses ``core_attention_cls``."""
-    replaced = [0]
-
-    def visit(node):
-        if isinstance(node, list):
-            return [visit(n) for n in node]
-        if isinstance(node, tuple):
-            return tuple(visit(n) for n in node)
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            changes = {}
-            for f in dataclasses.fields(node):
-                value = getattr(node, f.name)
-                if f.name == "core_attention" and value is not None:
-                    changes[f.name] = core_attention_cls
-                    replaced[0] += 1
-                    continue
-                new_value = visit(value)
-                if new_value is not value:
-                    changes[f.name] = new_value
-            return dataclasses.replace(node, **changes) if changes else node
-        # ModuleSpec is a dataclass; functools.partial specs (0.18+) carry submodules in kwargs.
-        import functools
-
-        if isinstance(node, functools.partial):
-            kw = dict(node.keywords)
-            changed = False
-            for key, value in kw.items():
-                new_value = visit(value)
-                if new_value is not value:
-                    kw[key] = new_value
-                    changed = True
-            return functools.partial(node.func, *node.args, **kw) if changed else node
-        return node
-
-    result = visit(spec)
-    if replaced[0] == 0:
-        raise ValueError("replace_core_attention: the spec has no core_attention submodule")
-    return result
-
-
 def load_model_config(
     path: Union[str, os.PathLike], num_layers: Optional[int] = None
 ) -> ModelConfig:
@@ -468,6 +411,9 @@ def load_model_config(
 
 
 def model_config_from_dict(data: Any, path: str = "<dict>") -> ModelConfig:
+    if data is None:
+        raise ModelConfigError(f"{path}: the file is empty; allowed: a YAML mapping with a "
+                               "'model:' section (see configs/tiny.yaml)")
     if not isinstance(data, Mapping):
         raise ModelConfigError(f"{path}: expected a mapping at top level")
     _reject_unknown_keys(data, TOP_LEVEL_KEYS, "top-level", path)

@@ -1,3 +1,3 @@
-"""The pipelined MoE forward: chunk layout, the plan (the only schedule), the runner that issues
-it on two streams, the dispatcher (a thin Megatron subclass), the policies a layer hands it, and
-the permutation kernels."""
+"""The pipelined MoE forward: the dispatcher (a thin Megatron subclass) owns its one skeleton,
+the row schemes (``rows``) supply its rows, the chunk layout says where they go, and the runner
+issues the plan on two streams."""

@@ -11,57 +11,20 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_eps import compat
 from megatron_eps.comm import ExpertTransport, ProcessGroupAllToAll
-from megatron_eps.comm.base import row_probs
-from megatron_eps.comm import dedup_rows
-from megatron_eps.comm.dedup_layout import DedupChunkLayout, dedup_row_bytes, pair_row_bytes
+from megatron_eps.comm.base import LOCAL_PART, PEER_PART
 from megatron_eps.comm.nccl import NCCLTransport
+from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.comm.watchdog import peer_wait_watchdog, wait_for_event, wait_timeout_s
 from megatron_eps.config import EPSConfig
-from megatron_eps.pipeline import permute_kernels
-from megatron_eps.comm.sm_control import gemm_sm_carveout
-from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART, ChunkLayout, chunk_sizes
-from megatron_eps.pipeline.permutation import Permutation, permute_chunk_major, probs_columns
+from megatron_eps.pipeline.rows import unique_rows
+from megatron_eps.pipeline.rows.choice import choose_row_scheme
+from megatron_eps.pipeline.rows.dedup import DedupRows
 from megatron_eps.pipeline.runner import run_plan
-from megatron_eps.pipeline.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS, PLACE,
-                                            build_plan)
-
-
-def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, chunk: int,
-                      part: Optional[str], hidden_size: int, packed_columns: int,
-                      probs_dtype: torch.dtype) -> None:
-    """The EXPERTS (or LOCAL_EXPERTS) step of a chunk: the experts of chunk ``chunk`` over the
-    rows of ``part`` (None: the whole chunk; layout.LOCAL_PART / PEER_PART), handed back to
-    the transport. A row's routing weight rides in its last ``packed_columns`` columns (0: the
-    transport returns it apart)."""
-    x, p = transport.received(chunk) if part is None else transport.received(chunk, part)
-    if packed_columns:
-        p = row_probs(x, hidden_size, probs_dtype).contiguous()
-        x = x[:, :hidden_size]
-    first_expert = layout.expert_ranges[chunk][0]
-    out = experts.run(x, layout.part_tokens_per_expert(chunk, part), p, first_expert)
-    if part is None:
-        transport.hand_back(chunk, out)
-    else:
-        transport.hand_back(chunk, out, part)
-
-
-def run_unique_rows_experts(transport: ExpertTransport, layout: DedupChunkLayout, experts,
-                            chunk: int, hidden_size: int, probs_dtype: torch.dtype,
-                            combine_dtype: torch.dtype) -> None:
-    """The EXPERTS step of a chunk in the deduplicated scheme: each received row [W] expanded
-    into one row per expert of the chunk it carries, the experts run, and each received row's
-    weighted expert outputs summed in fp32 in expert order into one [H] row of
-    ``combine_dtype``, handed back to the transport."""
-    received, _ = transport.received(chunk)
-    start, end = layout.expert_ranges[chunk]
-    x, p, table = dedup_rows.expand_rows(
-        received, hidden_size, layout.slots, end - start, layout.pair_rows(chunk), probs_dtype
-    )
-    out = experts.run(x, layout.tokens_per_expert[chunk], p, start)
-    transport.hand_back(chunk, permute_kernels.sum_rows(out, table, combine_dtype))
+from megatron_eps.policy.chunks import chunk_sizes
+from megatron_eps.policy.schedule import (COMBINE, DISPATCH, EXPERTS, LOCAL_EXPERTS, PLACE,
+                                          build_plan)
 
 
 @dataclass
@@ -133,7 +96,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         ``wait()`` -> counts[src_rank, expert] for the whole EP group, the host's copy; with
         ``with_range_counts`` (counts, range_counts[src, dst, L, L + 1]): the same all-gather
         also carries every rank's unique-token counts of every contiguous range of local experts
-        (``dedup_rows.range_unique_counts``), which size the deduplicated scheme. It is
+        (``unique_rows.range_unique_counts``), which size the deduplicated scheme. It is
         the only host synchronization of the pipelined forward (stock Megatron also needs one
         to size its all-to-alls). On GPUs the host polls for it with a deadline
         (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
@@ -142,7 +105,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
         """
-        local = dedup_rows.routing_statistics(routing_map, self.ep_size, with_range_counts,
+        local = unique_rows.routing_statistics(routing_map, self.ep_size, with_range_counts,
                                                self.config.moe_router_topk)
         if self.ep_size > 1:
             gathered = torch.empty(
@@ -169,7 +132,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return gathered.reshape(self.ep_size, self.num_experts)
 
     def _split_gathered(self, gathered: np.ndarray):
-        return dedup_rows.split_statistics(gathered, self.ep_size, self.num_experts)
+        return unique_rows.split_statistics(gathered, self.ep_size, self.num_experts)
 
     def pipelined_forward(
         self,
@@ -187,10 +150,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             hidden_states: [S, B, H] layer input.
             probs: [T, E] routing probabilities (T = S * B), as the router returns them.
             routing_map: [T, E] bool, as the router returns it.
-            experts: the expert policy (``policies.ExpertRunner``): ``prepare(calls, device)`` once,
+            experts: the expert runner (``experts.chunk_runner.ExpertRunner``): ``prepare(calls, device)`` once,
                 then ``run(tokens [M, H] grouped by expert, tokens_per_expert, probs [M],
                 first local expert)`` -> [M, H] per chunk.
-            chunking: the chunking policy (``policies.ChunkingPolicy``): ``choose(counts,
+            chunking: the chunking policy (``policy.degree.ChunkingPolicy``): ``choose(counts,
                 transport name)`` -> N (equal chunks) or the local experts of each chunk; a pure
                 function of the count matrix and of state every rank shares, so that every EP
                 rank picks the same chunks.
@@ -215,6 +178,8 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         with self._phase("counts.wait"):
             counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
         transport = transport or self.default_transport()
+        comm_stream = self._comm_stream(tokens, transport)
+        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
         if not transport.supports_dedup:
             range_counts = None  # the same on every rank: the transport is agreed
         # The same on every rank: the settings and the transport are agreed.
@@ -230,136 +195,35 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 model_inputs["local_rows_apart"] = True
             choice = chunking.choose(counts, link, **model_inputs)
         sizes = chunk_sizes(self.num_local_experts, choice)
-        num_chunks = len(sizes)
-        hidden_size = tokens.shape[-1]
-        packed_columns = probs_columns(tokens, probs) if transport.moves_rows else 0
         with self._phase("layout"):
-            layout = ChunkLayout.build(counts, self.ep_rank, self.num_local_experts, sizes,
-                                       local_rows_apart=local_apart)
-            pair_bytes = pair_row_bytes(tokens, probs, packed_columns)
-            dedup = self._dedup_layout(layout, counts, range_counts, tokens, probs, pair_bytes)
+            rows = choose_row_scheme(transport, experts, counts, range_counts, sizes, tokens,
+                                     probs, routing_map, self.ep_rank,
+                                     self.config.moe_router_topk, local_apart, self.eps_config,
+                                     compute_stream)
+        num_chunks = len(sizes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
-            tokens_per_chunk=[sum(t) for t in layout.tokens_per_expert],
+            tokens_per_chunk=[sum(t) for t in rows.layout.tokens_per_expert],
             global_counts=counts,
             experts_per_chunk=sizes,
             transport=transport.name if transport.moves_rows else "local",
-            dedup=dedup is not None,
+            dedup=rows.name == DedupRows.name,
             local_rows_apart=local_apart,
-            bytes_sent=(dedup or layout).bytes_sent(
-                *(dedup_row_bytes(dedup, tokens, probs) if dedup else pair_bytes)),
-            pair_bytes_sent=layout.bytes_sent(*pair_bytes),
+            bytes_sent=rows.bytes_sent(),
+            pair_bytes_sent=rows.pair_bytes_sent(),
         )
 
         with self._phase("experts.prepare"):
-            experts.prepare(layout.expert_calls(), tokens.device,
+            # The expert calls count (token, expert) rows in either scheme.
+            experts.prepare(rows.layout.expert_calls(), tokens.device,
                             beside_copy=num_chunks > 1 and transport.moves_rows)
-        if dedup is not None:
-            output = self._dedup_forward(dedup, counts, transport, tokens, probs, routing_map,
-                                         experts, routed, shared_output)
-            return output.view(hidden_shape)
         with self._phase("transport.begin"):
-            transport.begin(layout, counts, hidden_size + packed_columns, hidden_size,
-                            tokens.dtype, tokens.device)
-        comm_stream = self._comm_stream(tokens, transport)
-        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        permuted: List[Permutation] = []
-
-        def place_rows(chunk):
-            if chunk == 0:
-                # Permutation 1 (chunk-major): each chunk's rows become one contiguous slice
-                # (or, on the copy engines, land in their final rows).
-                permutation = permute_chunk_major(
-                    tokens, probs, routing_map, layout.expert_order, layout.send_offsets[-1],
-                    gather_tokens=False, rows_per_expert=counts[self.ep_rank],
-                    top_k=self.config.moe_router_topk,
-                )
-                if compute_stream is not None:
-                    # Made on the comm stream, read by the final sum on the compute stream.
-                    for made in (permutation.sorted_indices, permutation.token_rows):
-                        if made is not None:
-                            made.record_stream(compute_stream)
-                permuted.append(permutation)
-            transport.place_rows(chunk, tokens, permuted[0].sorted_indices, permuted[0].probs,
-                                 packed_columns)
-
-        def run_experts(chunk, part=PEER_PART if local_apart else None):
-            run_chunk_experts(transport, layout, experts, chunk, part, hidden_size,
-                              packed_columns, probs.dtype)
-
-        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
-                  LOCAL_EXPERTS: lambda chunk: run_experts(chunk, LOCAL_PART),
+            transport.begin(rows.layout, counts, rows.width, tokens.shape[-1], tokens.dtype,
+                            tokens.device)
+        stages = {PLACE: rows.place, DISPATCH: transport.dispatch,
+                  EXPERTS: lambda chunk: rows.run_experts(chunk, PEER_PART if local_apart else None),
+                  LOCAL_EXPERTS: lambda chunk: rows.run_experts(chunk, LOCAL_PART),
                   COMBINE: transport.combine}
-        self._run_stages(num_chunks, stages, transport, comm_stream, compute_stream, routed,
-                         local_apart)
-        combined = transport.combined_rows()
-
-        with self._phase("unpermute"):
-            output = self._unpermute(combined, permuted[0], tokens, routing_map, shared_output)
-        transport.end()
-        return output.view(hidden_shape)
-
-    # ------------------------------------------------------------------ deduplicated scheme
-    def _dedup_layout(self, layout, counts, range_counts, tokens, probs,
-                      pair_bytes) -> Optional[DedupChunkLayout]:
-        """The deduplicated layout of this forward's chunks, or None to send one row per pair
-        (setting off, a transport without it, rows whose weights cannot be packed, or ``auto``
-        judging the saving too small: decided from gathered numbers, so the same everywhere)."""
-        if range_counts is None:
-            return None
-        combine_dtype = torch.float32 if self.eps_config.dedup_combine_dtype == "fp32" else None
-        dedup = DedupChunkLayout.from_pairs(layout, counts, range_counts,
-                                            self.config.moe_router_topk, combine_dtype)
-        if not dedup_rows.meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, dedup.slots):
-            return None
-        if self.eps_config.dispatch_dedup == "auto" and not dedup.saves_remote_bytes(
-            *dedup_row_bytes(dedup, tokens, probs), *pair_bytes
-        ):
-            return None
-        return dedup
-
-    def _dedup_forward(self, layout: DedupChunkLayout, counts, transport, tokens, probs,
-                       routing_map, experts, routed, shared_output) -> torch.Tensor:
-        """The pipeline with one row per (token, rank, chunk): [T, H] output.
-
-        The expert rank expands each received row into one row per expert (``expand_rows``),
-        and sums a row's weighted expert outputs in fp32 in expert order before the combine; the
-        source sums the returned rows of each token in fp32 in send order (chunk, rank), rounds
-        once and adds the shared experts' output.
-        """
-        hidden = tokens.shape[-1]
-        columns = dedup_rows.meta_columns(hidden, tokens.dtype, probs.dtype, layout.slots)
-        combine_dtype = layout.combine_dtype or tokens.dtype
-        with self._phase("transport.begin"):
-            transport.begin(layout, counts, hidden + columns, hidden,
-                            tokens.dtype, tokens.device)
-        comm_stream = self._comm_stream(tokens, transport)
-        compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        sent_rows: List[torch.Tensor] = []
-
-        def place_rows(chunk):
-            sent = transport.place_unique_rows(chunk, tokens, probs, routing_map)
-            if compute_stream is not None:
-                sent.record_stream(compute_stream)  # read by the final sum
-            sent_rows.append(sent)
-
-        def run_experts(chunk):
-            run_unique_rows_experts(transport, layout, experts, chunk, hidden, probs.dtype,
-                                    combine_dtype)
-
-        stages = {PLACE: place_rows, DISPATCH: transport.dispatch, EXPERTS: run_experts,
-                  COMBINE: transport.combine}
-        self._run_stages(layout.num_chunks, stages, transport, comm_stream, compute_stream, routed)
-        partials = transport.combined_rows()
-        with self._phase("unpermute"):
-            table = dedup_rows.return_table(sent_rows, layout.send_offsets[:-1], tokens.shape[0],
-                                            layout.send_offsets[-1])
-            output = permute_kernels.sum_rows(partials, table, tokens.dtype, shared_output)
-        transport.end()
-        return output
-
-    def _run_stages(self, num_chunks, stages, transport, comm_stream, compute_stream, routed,
-                    local_apart=False):
         plan = build_plan(num_chunks, dispatch_ahead=self.dispatch_ahead, local_apart=local_apart)
         # The carve-out leaves SMs free for the all-to-all kernels while GEMMs overlap them; a
         # GEMM that holds every SM would keep them waiting (unpipelined, or on the copy
@@ -372,20 +236,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
-
-    def _unpermute(self, combined, permutation: Permutation, tokens, routing_map, shared_output):
-        if combined.shape[0] == tokens.shape[0] * self.config.moe_router_topk:
-            return permute_kernels.sum_expert_rows(combined, permutation.sorted_indices,
-                                                   tokens.shape[0], shared_output,
-                                                   permutation.token_rows)
-        # some tokens route to fewer than top-k experts (padding mask): Megatron's way
-        output = compat.unpermute_tokens(
-            combined, permutation.sorted_indices, restore_shape=tokens.shape,
-            routing_map=routing_map
-        )
-        if shared_output is not None:
-            output = output + shared_output.reshape(output.shape)
-        return output
+        with self._phase("unpermute"):
+            output = rows.output(shared_output)
+        transport.end()
+        return output.view(hidden_shape)
 
     def _phase(self, name: str):
         if self.profiler_ranges:

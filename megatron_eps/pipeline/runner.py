@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from megatron_eps.pipeline.schedule import COMM, COMPUTE, Step
+from megatron_eps.policy.schedule import COMM, COMPUTE, Step
 
 
 def run_plan(

@@ -8,7 +8,7 @@ Model (all times in seconds; see docs/pipeline.md for the derivation):
   rank of the group (max over ranks of the remote rows it sends or receives), since an
   all-to-all ends when its slowest rank does.
 * Computation of chunk g on rank r: the expert GEMMs of the experts in the chunk, from the
-  kernel engineer's cost tables (``megatron_eps.experts.selector.predict_time``) when they
+  kernel engineer's cost tables (``policy.kernel_tables.predict_time``) when they
   exist, else a roofline ``max(FLOPs / expert_tflops, weight bytes / memory bandwidth)`` per
   expert. Shared experts are issued on the compute stream while dispatch 0 is in flight.
 * The pipelined time of N chunks is the makespan of ``schedule.build_plan(N)`` simulated on two
@@ -29,8 +29,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_eps.pipeline.layout import chunk_sizes, local_head_rows, ranges_of_sizes
-from megatron_eps.pipeline.schedule import simulate_plan
+from megatron_eps.policy.chunks import chunk_sizes, local_head_rows, ranges_of_sizes
+from megatron_eps.policy.schedule import simulate_plan
+from megatron_eps.policy.kernel_tables import predict_time
 from megatron_eps.policy.profile import PipelineProfile
 
 # Bytes each dispatched row carries for its routing weight (permutation.probs_columns).
@@ -121,7 +122,7 @@ def _chunk_ranges(shape: LayerShape, chunking) -> List[Tuple[int, int]]:
 
 def dedup_meta_bytes(shape: LayerShape, experts_in_chunk: int) -> int:
     """Bytes a deduplicated row carries behind the hidden state: an int32 index and an fp32
-    weight per slot, padded to 16 bytes (dedup_rows.meta_columns)."""
+    weight per slot, padded to 16 bytes (pipeline.rows.dedup.meta_columns)."""
     slots = max(1, min(shape.topk, experts_in_chunk))
     return -(-slots * 8 // 16) * 16
 
@@ -188,14 +189,7 @@ def _kernel_table_time(kernel_profile, shape: LayerShape, tokens_per_expert) -> 
     if kernel_profile is None:
         return None
     try:
-        from megatron_eps.experts import selector
-    except ImportError:
-        return None
-    predict = getattr(selector, "predict_time", None)
-    if predict is None:
-        return None
-    try:
-        value = predict(kernel_profile, None, shape, list(int(t) for t in tokens_per_expert))
+        value = predict_time(kernel_profile, None, shape, list(int(t) for t in tokens_per_expert))
     except Exception:  # noqa: BLE001 - an incompatible table falls back to the roofline
         return None
     return None if value is None else float(value)
@@ -242,7 +236,7 @@ def rows_per_expert(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
 
 def local_part_rows(counts: np.ndarray, shape: LayerShape) -> np.ndarray:
     """[rank, local expert] rows of each rank's local part with the local rows apart: whole
-    row tiles of the rows it routed to its own experts (``layout.local_head_rows``)."""
+    row tiles of the rows it routed to its own experts (``chunks.local_head_rows``)."""
     ranks = np.arange(shape.ep_size)
     return local_head_rows(_per_dst(counts, shape)[ranks, ranks])
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from megatron_eps.config import EPSConfig
-from megatron_eps.pipeline.layout import chunk_sizes
+from megatron_eps.policy.chunks import chunk_sizes
 from megatron_eps.policy.cost_model import LayerShape, CountInputs, predict
-from megatron_eps.policy.profile import PipelineProfile
+from megatron_eps.policy.profile import PipelineProfile, load_kernel_tables, load_pipeline_profile
 
 
 def mean_tokens_per_rank(counts: np.ndarray, topk: int) -> float:
@@ -23,7 +23,7 @@ def mean_tokens_per_rank(counts: np.ndarray, topk: int) -> float:
     return float(np.asarray(counts).sum()) / (max(topk, 1) * max(np.asarray(counts).shape[0], 1))
 
 
-def model_decides(counts: np.ndarray, shape: LayerShape, eps_config: EPSConfig) -> bool:
+def model_decides(counts: np.ndarray, shape: LayerShape, eps_config) -> bool:
     """Whether ``choose_chunking`` consults the cost model (and so a profile) for these counts:
     ``pipeline_degree`` auto, more than one EP rank (at EP=1 there is no all-to-all to
     overlap), and at least ``min_tokens_to_pipeline`` tokens per rank. Callers skip loading a
@@ -32,13 +32,13 @@ def model_decides(counts: np.ndarray, shape: LayerShape, eps_config: EPSConfig) 
             and mean_tokens_per_rank(counts, shape.topk) >= eps_config.min_tokens_to_pipeline)
 
 
-def candidate_degrees(shape: LayerShape, eps_config: EPSConfig) -> List[int]:
+def candidate_degrees(shape: LayerShape, eps_config) -> List[int]:
     upper = max(1, min(shape.num_local_experts, eps_config.max_pipeline_degree))
     return list(range(1, upper + 1))
 
 
 def candidate_chunkings(
-    shape: LayerShape, eps_config: EPSConfig, families: Sequence[str] = ("equal",)
+    shape: LayerShape, eps_config, families: Sequence[str] = ("equal",)
 ) -> List[Tuple[int, ...]]:
     """The multi-chunk splits ``pipeline_degree="auto"`` compares, in order (fewer chunks first).
 
@@ -65,7 +65,7 @@ def candidate_chunkings(
 def choose_chunking(
     counts: np.ndarray,
     shape: LayerShape,
-    eps_config: EPSConfig,
+    eps_config,
     profile: Optional[PipelineProfile] = None,
     kernel_profile=None,
     dispatch_ahead: Optional[int] = None,
@@ -145,3 +145,46 @@ _DECISION_CACHE_SIZE = 1024
 def _load_summary(counts: np.ndarray) -> bytes:
     """The count matrix to within a factor 2^(1/8) per entry (the cache key of choose_chunking)."""
     return np.rint(np.log2(1.0 + counts) * 8.0).astype(np.int16).tobytes() + str(counts.shape).encode()
+
+
+class ChunkingPolicy:
+    """``EPSConfig.pipeline_degree`` / ``chunk_split`` for one layer shape, through the cost model.
+
+    With ``pipeline_degree: auto`` the profile (the configured one, else the one shipped for the
+    device) is read with the link figures of the transport the forward runs on.
+    """
+
+    def __init__(self, shape: LayerShape, eps_config, device: torch.device,
+                 dispatch_ahead: Optional[int] = None):
+        self.shape, self.eps_config, self.device = shape, eps_config, device
+        self.dispatch_ahead = dispatch_ahead
+
+    def choose(self, counts: np.ndarray, transport: Optional[str] = None,
+               range_counts: Optional[np.ndarray] = None, local_rows_apart: bool = False):
+        """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
+        every range of local experts, so the model counts the rows that really travel.
+        ``local_rows_apart``: the forward runs each chunk's own rows apart (the model's plan)."""
+        profile = kernel_profile = None
+        # The profile lookup costs the host a few file checks per layer and forward: only
+        # where the cost model will read it.
+        if model_decides(counts, self.shape, self.eps_config):
+            profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
+            if profile is not None and profile.use_kernel_tables:
+                kernel_profile = load_kernel_tables(self.eps_config.cost_profile, self.device)
+                if kernel_profile is not None and kernel_profile.borrowed_for:
+                    kernel_profile = None  # another GPU's times: they rank, they do not time
+        return choose_chunking(
+            counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
+            dispatch_ahead=self.dispatch_ahead, range_counts=range_counts,
+            local_rows_apart=local_rows_apart,
+        )
+
+
+class FixedChunking:
+    """Always the same chunking (N, or the experts of each chunk): tests and benchmarks."""
+
+    def __init__(self, chunking):
+        self.chunking = chunking
+
+    def choose(self, counts, transport=None, range_counts=None, local_rows_apart=False):
+        return self.chunking

@@ -3,7 +3,7 @@
 One file per GPU, ``megatron_eps/profiles/<gpu slug>.json`` (or the ``cost_profile`` setting),
 written by ``megatron-eps-calibrate``. Sections:
 
-* ``experts``: expert-kernel cost tables (``megatron_eps.experts.selector.CostProfile``);
+* ``experts``: expert-kernel cost tables (``policy.kernel_tables.CostProfile``);
 * ``pipeline``: the cost model's constants (``PipelineProfile``);
 * ``links``: per transport (``nccl``, ``copy_engine``), the link figures that replace the
   pipeline section's when a layer runs on that transport;
@@ -18,7 +18,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
 
-from megatron_eps.config import EPSConfigError
+from megatron_eps.errors import EPSConfigError
+from megatron_eps.policy.kernel_tables import (PROFILE_FORMAT, CostProfile, device_name, gpu_slug,
+                                              read_cost_profile_json)
 
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
 
@@ -120,33 +122,12 @@ class PipelineProfile:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
 
 
-def read_cost_profile_json(path: str) -> dict:
-    """The JSON object in a cost-profile file; EPSConfigError naming ``cost_profile`` when the
-    file cannot be read, is not JSON, or does not hold a JSON object."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise EPSConfigError(f"eps cost_profile={path!r} cannot be read: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EPSConfigError(
-            f"eps cost_profile={path!r} is not valid JSON ({exc}); allowed: a profile written "
-            "by megatron-eps-calibrate"
-        ) from None
-    if not isinstance(data, dict):
-        raise EPSConfigError(
-            f"eps cost_profile={path!r}: expected a JSON object, got a JSON "
-            f"{type(data).__name__}; allowed: a profile written by megatron-eps-calibrate"
-        )
-    return data
-
-
 @dataclass
 class ProfileFile:
     """One profile file, read and checked once per version of the file (the one cache)."""
 
     path: str
-    experts: Optional[object]  # the expert-kernel tables (experts.selector.CostProfile)
+    experts: Optional[object]  # the expert-kernel tables (kernel_tables.CostProfile)
     pipeline: Optional[PipelineProfile]
     links: Dict[str, dict]
     devices: list
@@ -205,7 +186,6 @@ def check_cost_profile_file(path: str) -> dict:
 
 def _read_profile(path: str) -> ProfileFile:
     data = read_cost_profile_json(path)
-    from megatron_eps.experts.selector import PROFILE_FORMAT, CostProfile
 
     devices = []
     kernel = tables = None
@@ -312,7 +292,6 @@ def load_pipeline_profile(
             return None
     profile_file = open_profile(path)
     if profile_file.pipeline is not None and device is not None:
-        from megatron_eps.experts.selector import device_name
 
         warn_if_profile_for_other_device(path, device_name(device))
     return profile_file.pipeline_for(transport)
@@ -324,7 +303,6 @@ def load_kernel_tables(path: Optional[str], device):
     profile of its own) those of the nearest known GPU, marked ``borrowed_for`` this GPU; None
     when there are none. A profile measured on another device is used with a warning (once);
     its tables then do not cover this device (``CostProfile.covers``)."""
-    from megatron_eps.experts.selector import device_name
 
     if path:
         if not os.path.isfile(path):
@@ -349,7 +327,6 @@ def _borrowed_tables(device):
 
     if device is None or torch.device(device).type != "cuda":
         return None
-    from megatron_eps.experts.selector import device_name
 
     name = device_name(device)
     if name not in _BORROWED:
@@ -387,11 +364,6 @@ def nearest_profile_path(capability, sm_count: int, profiles_dir: str = PROFILES
         if best is None or score < best[0]:
             best = (score, path)
     return best[1] if best else None
-
-
-def gpu_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
-    return "".join(c.lower() if c.isalnum() else "_" for c in name).strip("_")
 
 
 def shipped_profile_path(device) -> Optional[str]:

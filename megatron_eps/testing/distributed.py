@@ -14,7 +14,6 @@ nothing: the processes time-share the GPU and gloo stages every collective throu
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import sys
@@ -25,12 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_eps.comm.selection import RANKS_SHARE_GPU_ENV, ranks_share_gpu  # noqa: F401
-
-
-def process_group_backend(use_cuda: bool) -> str:
-    """NCCL on GPUs, gloo on CPU or where ranks share a GPU."""
-    return "nccl" if use_cuda and not ranks_share_gpu() else "gloo"
+from megatron_eps.comm.selection import ranks_share_gpu
+from megatron_eps.inference.parallel import (initialize_distributed, initialize_model_parallel,
+                                             process_group_backend, seed_model_parallel)
 
 
 def skip_unless_ranks_fit(world_size: int) -> None:
@@ -50,7 +46,8 @@ def free_port() -> int:
 
 
 class Utils:
-    """Per-rank model-parallel setup in the style of Megatron's test Utils."""
+    """Per-rank model-parallel setup in the style of Megatron's test Utils
+    (``inference.parallel`` does the work)."""
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
@@ -64,46 +61,12 @@ class Utils:
     def initialize_distributed(timeout_s: int = 300):
         Utils.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         Utils.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        if not torch.cuda.is_available():
-            from megatron_eps.testing.cpu_shims import install_cpu_shims
-
-            install_cpu_shims()
-        else:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", Utils.rank)) % torch.cuda.device_count())
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29511")
-            kwargs = {}
-            if Utils.backend() == "nccl":
-                kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-            dist.init_process_group(
-                backend=Utils.backend(),
-                world_size=Utils.world_size,
-                rank=Utils.rank,
-                timeout=datetime.timedelta(seconds=timeout_s),
-                **kwargs,
-            )
+        initialize_distributed(timeout_s)
         Utils.inited = True
 
     @staticmethod
-    def initialize_model_parallel(
-        tensor_model_parallel_size: int = 1,
-        pipeline_model_parallel_size: int = 1,
-        expert_model_parallel_size: int = 1,
-        expert_tensor_parallel_size: int = 1,
-        **kwargs,
-    ):
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        Utils.initialize_distributed()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            expert_model_parallel_size=expert_model_parallel_size,
-            expert_tensor_parallel_size=expert_tensor_parallel_size,
-            **kwargs,
-        )
+    def initialize_model_parallel(*args, **kwargs):
+        initialize_model_parallel(*args, **kwargs)
 
     @staticmethod
     def destroy_model_parallel():
@@ -115,16 +78,7 @@ class Utils:
 
     @staticmethod
     def set_seed(seed: int):
-        """Seed torch and Megatron's model-parallel RNG tracker (works on CPU too)."""
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
-            model_parallel_cuda_manual_seed(seed)
-        else:
-            # The inference tracker keeps Megatron's RNG bookkeeping off torch.cuda.
-            model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+        seed_model_parallel(seed)
 
 
 def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue):

@@ -18,7 +18,7 @@ def megatron_lm_run_setup() -> bool:
     dataset_utils.compile_helpers = lambda: None
     if torch.cuda.is_available():
         return False
-    from megatron_eps.testing.cpu_shims import install_cpu_shims
+    from megatron_eps.inference.cpu_shims import install_cpu_shims
 
     install_cpu_shims()
     # initialize_megatron builds Megatron's model-parallel groups only where it counts a device

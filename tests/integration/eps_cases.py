@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from megatron_eps import EPSConfig
 from megatron_eps.moe_layer import route_allowing_empty
-from megatron_eps.pipeline.policies import FixedChunking
-from megatron_eps.pipeline.layout import chunk_sizes
+from megatron_eps.policy.degree import FixedChunking
+from megatron_eps.policy.chunks import chunk_sizes
 from megatron_eps.testing import Utils
-from megatron_eps.testing.models import build_moe_pair, moe_config
+from megatron_eps.inference.layers import build_moe_pair, moe_config
 
 HIDDEN = 32
 FFN = 16

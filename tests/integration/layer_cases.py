@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from megatron_eps import EPSConfig, EPSConfigError
 from megatron_eps.testing import Utils
-from megatron_eps.testing.models import build_moe_pair, moe_config
+from megatron_eps.inference.layers import build_moe_pair, moe_config
 
 
 def construction_errors():

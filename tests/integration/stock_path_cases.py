@@ -5,7 +5,7 @@ import torch
 
 from megatron_eps import EPSConfig
 from megatron_eps.testing import Utils
-from megatron_eps.testing.models import build_moe_pair, moe_config
+from megatron_eps.inference.layers import build_moe_pair, moe_config
 
 
 class PipelineCalled(AssertionError):

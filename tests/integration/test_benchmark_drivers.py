@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from megatron_eps.testing import skip_unless_ranks_fit
+from megatron_eps.policy.chunks import chunk_sizes
 from megatron_eps.testing.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,8 +41,24 @@ def test_layer_benchmark_smoke(tmp_path):
     assert {r["model"] for r in rows} == {"dsv2", "mixtral"}
     for row in rows:
         assert max(row["rel_err_vs_stock"].values()) < 1e-5
+        ms, local = row["ms"], row["local_experts"]
         for label in ("nccl", "nccl+dedup"):
-            assert row[label]["auto_choice_vs_best"] >= 1.0
+            summary = row[label]
+            fixed = {n: ms[f"{label}:{n}"] for n in (1, 2)}
+            # the driver's figures, recomputed from the timings it recorded
+            assert summary["best_n"] == min(fixed, key=fixed.get)
+            assert summary["auto_vs_best"] == pytest.approx(ms[f"{label}:auto"] / min(fixed.values()))
+            chunks = row["auto_chunks"][f"{label}:auto"]
+            assert sum(chunks) == local and min(chunks) >= 1
+            chose = summary["auto_chose"]
+            if chose is None:
+                assert tuple(chunks) not in {chunk_sizes(local, n) for n in fixed}
+                assert summary["auto_choice_vs_best"] == summary["auto_vs_best"]
+            else:
+                assert tuple(chunks) == chunk_sizes(local, chose)
+                assert summary["auto_choice_vs_best"] == pytest.approx(
+                    fixed[chose] / min(fixed.values()))
+            assert row["transport_used"][f"{label}:auto"] == "nccl"
         assert set(row["spread"]) == set(row["ms"])
     assert "auto's choice within 3%" in proc.stdout
 

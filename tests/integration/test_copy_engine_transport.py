@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from megatron_eps.comm.copy_engine import CopyEngineTransport, SimulatedPeers
-from megatron_eps.comm.copy_engine_layout import CopyEngineLayout
-from megatron_eps.pipeline.permutation import permute_chunk_major, probs_columns
-from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.comm.copy_engine_plan import CopyEngineLayout
+from megatron_eps.pipeline.layout import ChunkLayout
+from megatron_eps.pipeline.rows.dedup import place_chunk_unique_rows
+from megatron_eps.pipeline.rows.per_pair import permute_chunk_major, place_pair_rows, probs_columns
+from megatron_eps.policy.chunks import chunk_sizes
 
 HIDDEN = 8
 
@@ -93,8 +95,8 @@ def test_transport_matches_brute_force(ep, local, tokens, topk, chunking, scenar
             permuted_probs.append(pp)
         for chunk in range(len(sizes)):
             for r in range(ep):
-                transports[r].place_rows(chunk, hidden_states[r], sorted_idx[r],
-                                         permuted_probs[r], columns)
+                place_pair_rows(transports[r], layouts[r], chunk, hidden_states[r], sorted_idx[r],
+                                permuted_probs[r], columns)
             completions = [transports[r].dispatch(chunk) for r in range(ep)]
             for r in range(ep):
                 completions[r].wait(None)
@@ -191,25 +193,26 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
     """The deduplicated scheme over simulated peers: each chunk's receive area holds, by source
     rank then token, every token with an expert of the chunk here (once), and after the
     pre-reduced combine each token's rows sum to its weighted expert outputs."""
-    from megatron_eps.comm import dedup_rows
-    from megatron_eps.pipeline import permute_kernels
-    from megatron_eps.comm.dedup_layout import DedupChunkLayout
+    from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
+    from megatron_eps import row_kernels
+    from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
 
     hidden_states, routings, probs, counts = case_inputs(ep, local, tokens, topk, scenario)
-    ranges = np.stack([dedup_rows.range_unique_counts(r, ep).numpy() for r in routings])
+    ranges = np.stack([unique_rows.range_unique_counts(r, ep).numpy() for r in routings])
     sizes = chunk_sizes(local, chunking)
     world = SimulatedPeers(ep)
     transports = [CopyEngineTransport(world.memory(r)) for r in range(ep)]
     layouts = [DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
                                            ranges, topk, torch.float32) for r in range(ep)]
-    width = HIDDEN + dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
+    width = HIDDEN + dedup_scheme.meta_columns(HIDDEN, torch.float32, torch.float32, layouts[0].slots)
     sent_rows = [[] for _ in range(ep)]
     for r in range(ep):
         transports[r].begin(layouts[r], counts, width, HIDDEN, torch.float32, torch.device("cpu"))
     for chunk in range(len(sizes)):
         for r in range(ep):
-            sent_rows[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
-                                                                routings[r]))
+            sent_rows[r].append(place_chunk_unique_rows(transports[r], layouts[r], chunk,
+                                                        hidden_states[r], probs[r], routings[r]))
         completions = [transports[r].dispatch(chunk) for r in range(ep)]
         for r in range(ep):
             completions[r].wait(None)
@@ -219,16 +222,16 @@ def test_dedup_rows_match_brute_force(ep, local, tokens, topk, chunking, scenari
             want = torch.cat([hidden_states[s][routings[s][:, experts].any(dim=1)]
                               for s in range(ep)])
             assert torch.equal(received[:, :HIDDEN], want), scenario
-            x, p, table = dedup_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
+            x, p, table = unique_rows.expand_rows(received, HIDDEN, layouts[r].slots, b - a,
                                                  layouts[r].pair_rows(chunk), torch.float32)
-            sums = permute_kernels.sum_rows(x * p.unsqueeze(1), table, torch.float32)
+            sums = row_kernels.sum_rows(x * p.unsqueeze(1), table, torch.float32)
             transports[r].hand_back(chunk, sums)
         finals = [transports[r].combine(chunk) for r in range(ep)]
     for r in range(ep):
         finals[r].wait(None)
-        table = dedup_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], tokens[r],
+        table = unique_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], tokens[r],
                                         layouts[r].send_offsets[-1])
-        out = permute_kernels.sum_rows(transports[r].combined_rows(), table, torch.float64)
+        out = row_kernels.sum_rows(transports[r].combined_rows(), table, torch.float64)
         want = hidden_states[r].double() * probs[r].double().sum(dim=1, keepdim=True)
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
         transports[r].end()
@@ -265,7 +268,7 @@ def walk_in_lockstep(plan, stage, ep, device):
     then waits for every rank. On CPU the steps run in order, and every awaited completion is
     checked (SimulatedPeers raises on a flag not yet set)."""
     from megatron_eps.pipeline.runner import PlanIssuer
-    from megatron_eps.pipeline.schedule import COMBINE, COMPUTE
+    from megatron_eps.policy.schedule import COMBINE, COMPUTE
 
     if device == "cuda":
         routed = torch.cuda.current_stream().record_event()  # the inputs are ready
@@ -315,9 +318,9 @@ def test_plan_with_simulated_peers_matches_brute_force(ep, local, tokens, topk, 
     On a GPU every rank issues its steps on two streams of its own (runner.PlanIssuer), ordered
     only by the plan's events and the flags' events, as ranks on separate GPUs are: a missing
     wait shows as wrong rows. The copies between the simulated ranks are tensor assignments."""
-    from megatron_eps.pipeline.dispatcher import run_chunk_experts
-    from megatron_eps.pipeline.layout import LOCAL_PART, PEER_PART
-    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, LOCAL_EXPERTS, PLACE, build_plan
+    from megatron_eps.pipeline.rows.per_pair import run_chunk_experts
+    from megatron_eps.comm.base import LOCAL_PART, PEER_PART
+    from megatron_eps.policy.schedule import COMBINE, DISPATCH, LOCAL_EXPERTS, PLACE, build_plan
 
     apart = align is not None
     hidden_states, routings, probs, counts, sizes, transports = simulated_group(
@@ -344,8 +347,8 @@ def test_plan_with_simulated_peers_matches_brute_force(ep, local, tokens, topk, 
             # reader that does not wait for them reads stale rows.
             torch.cuda._sleep(40_000_000)
         if name == PLACE:
-            return transport.place_rows(chunk, hidden_states[r], permutation.sorted_indices,
-                                        permutation.probs, columns)
+            return place_pair_rows(transport, layout, chunk, hidden_states[r],
+                                   permutation.sorted_indices, permutation.probs, columns)
         if name in (DISPATCH, COMBINE):
             return getattr(transport, name)(chunk)
         part = (LOCAL_PART if name == LOCAL_EXPERTS else PEER_PART) if apart else None
@@ -397,7 +400,8 @@ def test_local_part_is_a_chunks_head_of_whole_tiles_of_own_rows():
     counts = rng.integers(0, 9, size=(3, 12))
     ranges = [(0, 1), (1, 3), (3, 4)]
     for rank in range(3):
-        apart = CopyEngineLayout.build(counts, rank, ranges, local_align=4)
+        apart = CopyEngineLayout.build(counts, rank, ranges,
+                                       local_head=lambda own: (own // 4) * 4)
         together = CopyEngineLayout.build(counts, rank, ranges)
         assert apart.recv_chunk_offsets == together.recv_chunk_offsets
         assert together.recv_local_rows == [0, 0, 0]
@@ -431,21 +435,22 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
     token's result equals the float64 sum over its experts e of p_e (3x - 1 + e). On a GPU every
     rank runs on streams of its own, ordered by events only (runner.PlanIssuer), with every
     transfer delayed as in the test above."""
-    from megatron_eps.comm import dedup_rows
-    from megatron_eps.comm.dedup_layout import DedupChunkLayout
-    from megatron_eps.pipeline import permute_kernels
-    from megatron_eps.pipeline.dispatcher import run_unique_rows_experts
-    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, PLACE, build_plan
+    from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
+    from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
+    from megatron_eps import row_kernels
+    from megatron_eps.pipeline.rows.dedup import run_unique_rows_experts
+    from megatron_eps.policy.schedule import COMBINE, DISPATCH, PLACE, build_plan
 
     hidden_states, routings, probs, counts, sizes, transports = simulated_group(
         ep, local, tokens, topk, chunking, scenario, device)
-    range_counts = np.stack([dedup_rows.range_unique_counts(m, ep).cpu().numpy() for m in routings])
+    range_counts = np.stack([unique_rows.range_unique_counts(m, ep).cpu().numpy() for m in routings])
     experts = WeightedByExpert()
     layouts, sent_rows = [], [[] for _ in range(ep)]
     for r in range(ep):
         layout = DedupChunkLayout.from_pairs(ChunkLayout.build(counts, r, local, sizes), counts,
                                              range_counts, topk, torch.float32)
-        columns = dedup_rows.meta_columns(HIDDEN, torch.float32, torch.float32, layout.slots)
+        columns = dedup_scheme.meta_columns(HIDDEN, torch.float32, torch.float32, layout.slots)
         transports[r].begin(layout, counts, HIDDEN + columns, HIDDEN, torch.float32,
                             torch.device(device))
         layouts.append(layout)
@@ -454,8 +459,8 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
         if device == "cuda" and name in (DISPATCH, COMBINE):
             torch.cuda._sleep(40_000_000)  # see the test above
         if name == PLACE:
-            sent_rows[r].append(transports[r].place_unique_rows(chunk, hidden_states[r], probs[r],
-                                                                routings[r]))
+            sent_rows[r].append(place_chunk_unique_rows(transports[r], layouts[r], chunk,
+                                                        hidden_states[r], probs[r], routings[r]))
             return None
         if name in (DISPATCH, COMBINE):
             return getattr(transports[r], name)(chunk)
@@ -465,9 +470,9 @@ def test_unique_rows_plan_with_simulated_peers_matches_float64(ep, local, tokens
     walk_in_lockstep(build_plan(len(sizes)), stage, ep, device)
     for r in range(ep):
         num_tokens = hidden_states[r].shape[0]
-        table = dedup_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], num_tokens,
+        table = unique_rows.return_table(sent_rows[r], layouts[r].send_offsets[:-1], num_tokens,
                                         layouts[r].send_offsets[-1])
-        got = permute_kernels.sum_rows(transports[r].combined_rows(), table, torch.float32)
+        got = row_kernels.sum_rows(transports[r].combined_rows(), table, torch.float32)
         x = hidden_states[r].double().cpu()
         local_id = (torch.arange(ep * local) % local).double()
         weights = probs[r].double().cpu() * routings[r].cpu()  # [T, E]

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from megatron_eps import EPSConfig
-from megatron_eps.comm import dedup_rows
-from megatron_eps.pipeline import permute_kernels
-from megatron_eps.comm.dedup_layout import DedupChunkLayout
+from megatron_eps.pipeline.rows import unique_rows
+from megatron_eps.pipeline.rows import dedup as dedup_scheme
+from megatron_eps import row_kernels
+from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
 from megatron_eps.comm.traffic import routed_traffic
 from megatron_eps.config import EPSConfigError
-from megatron_eps.pipeline.layout import ChunkLayout, chunk_sizes
+from megatron_eps.policy.chunks import chunk_sizes
+from megatron_eps.pipeline.layout import ChunkLayout
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.integration import eps_cases
 from tests.integration.test_eps_equivalence import _check
@@ -36,7 +38,7 @@ def group_layouts(maps, ep_size, chunking, topk):
     """Every rank's (pair layout, dedup layout) from every rank's routing map."""
     local = maps[0].shape[1] // ep_size
     counts = np.stack([m.sum(dim=0).numpy() for m in maps])
-    ranges = np.stack([dedup_rows.range_unique_counts(m, ep_size).numpy() for m in maps])
+    ranges = np.stack([unique_rows.range_unique_counts(m, ep_size).numpy() for m in maps])
     out = []
     for rank in range(ep_size):
         pairs = ChunkLayout.build(counts, rank, local, chunking)
@@ -54,7 +56,7 @@ def _devices():
 @pytest.mark.parametrize("tokens", [0, 1, 37])
 def test_range_unique_counts_brute_force(tokens, device):
     routing_map, _ = random_routing(tokens, 24, 5, seed=tokens)
-    table = dedup_rows.range_unique_counts(routing_map.to(device), 3, top_k=5).cpu()
+    table = unique_rows.range_unique_counts(routing_map.to(device), 3, top_k=5).cpu()
     assert table.dtype == torch.int64
     per_rank = routing_map.reshape(tokens, 3, 8)
     for d in range(3):
@@ -78,12 +80,12 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
         tokens.append(torch.randn(length, hidden, generator=torch.Generator().manual_seed(rank)))
     layouts = group_layouts(maps, ep_size, chunking, topk)
     dedup = [d for _, d in layouts]
-    width = hidden + dedup_rows.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
+    width = hidden + dedup_scheme.meta_columns(hidden, torch.float32, torch.float32, dedup[0].slots)
     sent, sent_rows = [], []
     for rank in range(ep_size):
         lay = dedup[rank]
         send = torch.zeros(lay.send_offsets[-1], width)
-        sent_rows.append([dedup_rows.place_unique_rows(
+        sent_rows.append([unique_rows.place_unique_rows(
             tokens[rank], probs[rank], maps[rank], ep_size, lay.expert_ranges[g],
             send[lay.send_offsets[g]:lay.send_offsets[g + 1]], lay.slots)
             for g in range(lay.num_chunks)])
@@ -99,7 +101,7 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
                 pieces.append(sent[src][first:first + dedup[src].send_splits[g][me]])
                 where.append(first)
             received = torch.cat(pieces)
-            x, p, table = dedup_rows.expand_rows(
+            x, p, table = unique_rows.expand_rows(
                 received, hidden, lay.slots, b - a, lay.pair_rows(g), torch.float32)
             # Megatron's order: by expert, then source rank, then token.
             expected_rows = []
@@ -115,16 +117,16 @@ def test_rows_roundtrip_brute_force(ep_size, chunking, hot):
             for r in range(received.shape[0]):
                 filled = table[r][table[r] < x.shape[0]]
                 assert torch.all(experts_of_pair[filled][1:] > experts_of_pair[filled][:-1])
-            sums = permute_kernels.sum_rows(out, table, torch.float64)
+            sums = row_kernels.sum_rows(out, table, torch.float64)
             start = 0
             for src in range(ep_size):
                 n = dedup[src].send_splits[g][me]
                 returned[src][where[src]:where[src] + n] = sums[start:start + n]
                 start += n
     for rank in range(ep_size):
-        table = dedup_rows.return_table(sent_rows[rank], dedup[rank].send_offsets[:-1],
+        table = unique_rows.return_table(sent_rows[rank], dedup[rank].send_offsets[:-1],
                                         lengths[rank], dedup[rank].send_offsets[-1])
-        result = permute_kernels.sum_rows(returned[rank], table, torch.float64)
+        result = row_kernels.sum_rows(returned[rank], table, torch.float64)
         # probs are zero off the routing map: each token's weighted rows sum to this
         expected = probs[rank].double().sum(dim=1, keepdim=True) * tokens[rank].double()
         torch.testing.assert_close(result, expected)
@@ -142,7 +144,7 @@ def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num
     chunk = routing_map.reshape(num_tokens, ep_size, local)[:, :, start:end]
     num_rows = int(chunk.any(dim=2).sum())
     slots = min(topk, end - start)
-    width = hidden + dedup_rows.meta_columns(hidden, token_dtype, probs_dtype, slots)
+    width = hidden + dedup_scheme.meta_columns(hidden, token_dtype, probs_dtype, slots)
     tokens, probs = tokens.to(device, token_dtype), probs.to(device, probs_dtype)
     routing_map = routing_map.to(device)
     results = []
@@ -152,12 +154,12 @@ def place_both_ways(device, token_dtype, probs_dtype, ep_size, expert_range, num
         dst = torch.randperm(num_rows + 5, generator=torch.Generator().manual_seed(1))[:num_rows]
         dst = dst.to(device) if scattered else None
         if path == "device":
-            sent = dedup_rows.place_unique_rows(tokens, probs, routing_map, ep_size,
+            sent = unique_rows.place_unique_rows(tokens, probs, routing_map, ep_size,
                                                 expert_range, out, slots, dst_rows=dst)
         else:
             rows = torch.full((num_rows, width), -7.0, dtype=token_dtype, device=device)
-            sent = dedup_rows._send_rows(routing_map, ep_size, expert_range)
-            dedup_rows._place_unique_rows_torch(tokens, probs, routing_map, ep_size,
+            sent = unique_rows._send_rows(routing_map, ep_size, expert_range)
+            unique_rows._place_unique_rows_torch(tokens, probs, routing_map, ep_size,
                                                 expert_range, rows, slots, sent)
             if scattered:
                 out[dst] = rows
@@ -237,7 +239,7 @@ def test_cost_model_counts_unique_rows():
 
     maps = [random_routing(300, 32, 6, seed=s)[0] for s in range(2)]
     counts = np.stack([m.sum(dim=0).numpy() for m in maps])
-    ranges = np.stack([dedup_rows.range_unique_counts(m, 2).numpy() for m in maps])
+    ranges = np.stack([unique_rows.range_unique_counts(m, 2).numpy() for m in maps])
     shape = LayerShape(num_local_experts=16, hidden_size=1024, ffn_hidden_size=512, topk=6,
                        ep_size=2)
     profile = PipelineProfile(link_bandwidth_gbps=10.0, link_latency_us=0.0,

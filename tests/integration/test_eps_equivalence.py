@@ -7,6 +7,7 @@ when CUDA is present (world sizes above the GPU count are skipped there).
 import pytest
 import torch
 
+from megatron_eps.comm.selection import ranks_share_gpu
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.integration import eps_cases
 from tests.marks import ranks
@@ -123,10 +124,16 @@ def _check_stack(results, dtype):
 @pytest.mark.slow
 @pytest.mark.multigpu
 def test_layer_stack_equals_stock():
-    """Layers in a row share the transport's memory and streams; sizes grow and shrink."""
-    if torch.cuda.is_available():
-        pytest.skip("GPU: test_layer_stack_on_each_transport")
-    _check_stack(run_distributed(eps_cases.run_layer_stack, 2, 2, "fp32"), "fp32")
+    """Layers in a row share the transport's memory and streams; sizes grow and shrink. Two
+    ranks where they fit (CPU, two GPUs, or ranks sharing one GPU), else EP=1 on the one GPU;
+    the transport is the one ``auto`` picks."""
+    on_gpu = torch.cuda.is_available()
+    fits = not on_gpu or torch.cuda.device_count() >= 2 or ranks_share_gpu()
+    world = 2 if fits else 1
+    dtype = "bf16" if on_gpu else "fp32"
+    results = run_distributed(eps_cases.run_layer_stack, world, world, dtype)
+    assert len(results) == world
+    _check_stack(results, dtype)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def _kernel(dtype):
 
 def _pair(dtype, degree, experts=8, topk=2, shared=True, hidden=HIDDEN, ffn=FFN, **eps_kw):
     from megatron_eps import EPSConfig
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     config = moe_config(num_experts=experts, topk=topk, hidden_size=hidden, ffn_hidden_size=ffn,
                         shared_expert_size=SHARED if shared else None, dtype=dtype)
@@ -91,7 +91,7 @@ def _no_syncs_in_run_plan(monkeypatch):
 @pytest.mark.parametrize("degree,split", [(1, "equal"), (2, "equal"), (3, "equal"), (8, "equal"),
                                           (3, "tail"), (5, "tail")])
 def test_overlapped_pipeline_equals_stock(parallel, monkeypatch, dtype, tol, degree, split):
-    from megatron_eps.pipeline.layout import chunk_sizes
+    from megatron_eps.policy.chunks import chunk_sizes
 
     stock, eps = _pair(dtype, degree, chunk_split=split, gemm_sm_carveout=8)
     eps.use_transport(NCCLTransport(_emulator()))  # a slow link: the comm stream lags behind
@@ -310,7 +310,7 @@ def test_dedup_accuracy_vs_float64_on_gpu(parallel):
     """bf16 layer, top-6 of 32, 4 chunks (several partial sums per token), vs the same layer in
     float64 (fp64 router, so all route alike): the deduplicated scheme, with bf16 or fp32 partial
     sums, is not further from float64 than stock Megatron (whose GPU combine adds in bf16)."""
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
     from megatron_eps import EPSConfig
 
     def config(dtype):

@@ -175,7 +175,7 @@ def test_mla_bf16_single_process(tmp_path):
 
 
 def test_compare_logits_detects_disagreement():
-    from megatron_eps.inference.prefill import compare_logits, logits_agree
+    from megatron_eps.inference.logits import compare_logits, logits_agree
 
     torch.manual_seed(0)
     ref = torch.randn(2, 1, 50) * 3
@@ -211,7 +211,7 @@ def test_compare_logits_detects_disagreement():
     ],
 )
 def test_cli_errors_name_the_flag(argv, message, capsys):
-    from megatron_eps.inference.prefill import parse_args
+    from megatron_eps.inference.prefill_args import parse_args
 
     with pytest.raises(SystemExit) as exc:
         parse_args(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *argv])
@@ -220,7 +220,7 @@ def test_cli_errors_name_the_flag(argv, message, capsys):
 
 
 def test_cli_defaults_on_cpu():
-    from megatron_eps.inference.prefill import parse_args
+    from megatron_eps.inference.prefill_args import parse_args
 
     args = parse_args(["--device", "cpu", "--eps-pipeline-degree", "3"])
     assert args.config.endswith("configs/tiny.yaml")
@@ -295,7 +295,7 @@ def _rank_warming_up(calibrating_steps, warmup, repeats):
     """One rank of timed_prefills with a stand-in model: rank 1's expert-kernel tuner is busy
     during its first ``calibrating_steps`` steps, rank 0's never."""
     from megatron_eps.experts import autotune
-    from megatron_eps.inference import prefill
+    from megatron_eps.inference import prefill_timing as prefill
 
     rank = torch.distributed.get_rank()
     tuner = SimpleNamespace(timed_calls=0, untimed_calls=0, waiting_buckets=[])
@@ -329,7 +329,7 @@ def test_warmup_goes_on_on_every_rank_while_one_calibrates(calibrating_steps, ex
 
 def _rank_with_logits(positions, check_logits):
     """timed_prefills over a stand-in model whose step returns [1, positions, 8] logits."""
-    from megatron_eps.inference import prefill
+    from megatron_eps.inference import prefill_timing as prefill
 
     class Wrapper:
         def run_one_forward_step(self, window):

@@ -148,7 +148,7 @@ def test_small_cli_checks(tmp_path, argv, message):
 
 def test_memory_estimate_names_the_sizes():
     from megatron_eps.inference.model_config import load_model_config
-    from megatron_eps.inference.prefill import estimate_prefill_bytes
+    from megatron_eps.inference.prefill_setup import estimate_prefill_bytes
 
     mc = load_model_config(TINY)
     small = estimate_prefill_bytes(mc, 2, 64, 4, 2, "last", True)
@@ -167,7 +167,7 @@ def test_memory_estimate_names_the_sizes():
     ],
 )
 def test_config_problems_name_config_not_eps_config(tmp_path, capsys, write, message):
-    from megatron_eps.inference.prefill import parse_args
+    from megatron_eps.inference.prefill_args import parse_args
 
     path = str(tmp_path / "model.yaml")
     if write == "eps_typo":
@@ -186,10 +186,60 @@ def test_config_problems_name_config_not_eps_config(tmp_path, capsys, write, mes
 
 
 def test_eps_moe_help_says_what_it_does(capsys):
-    from megatron_eps.inference.prefill import build_parser
+    from megatron_eps.inference.prefill_args import build_parser
 
     help_text = " ".join(build_parser().format_help().split())
-    assert "always runs the EPS model beside the stock one" in help_text
+    assert "run EPS beside the stock model even where the config sets eps.enabled: false" in help_text
+
+
+def _parse_error(capsys, argv):
+    from megatron_eps.inference.prefill_args import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv + ["--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count(ERROR) == 1, err
+    return err
+
+
+def test_a_bad_parallel_flag_is_blamed_on_the_flag(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _parse_error(capsys, ["--ep", "3"])
+    assert "--expert-model-parallel-size 3 does not divide the world size 2" in err, err
+    assert "tiny.yaml" not in err
+    # the same value from the file is blamed on the file
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "parallel.tensor_model_parallel_size" not in _parse_error(capsys, ["--tp", "2"])
+
+
+def test_empty_files_get_one_clear_line(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    err = _parse_error(capsys, ["--eps-config", str(empty)])
+    assert f"--eps-config {str(empty)!r}: the file is empty" in err, err
+    err = _parse_error(capsys, ["--config", str(empty)])
+    assert f"--config {empty}: the file is empty" in err, err
+
+
+def test_eps_enabled_false_runs_the_stock_model_alone(tmp_path, capsys):
+    from megatron_eps.inference.prefill_args import parse_args
+
+    off = _tiny_with(tmp_path, "eps:\n", "eps:\n  enabled: false\n", "off.yaml")
+    args = parse_args(["--config", off, "--device", "cpu"])
+    assert args.stock_only
+    assert "sets eps.enabled: false: running the stock model alone" in capsys.readouterr().err
+    assert not parse_args(["--config", off, "--device", "cpu", "--eps-moe"]).stock_only
+    err = _parse_error(capsys, ["--config", off, "--eps-only"])
+    assert "--eps-only: --config " + off + " sets eps.enabled: false" in err, err
+    # an allgather model with EPS switched off passes: only the stock model runs
+    allgather = _tiny_with(tmp_path, "dispatcher_type: alltoall", "dispatcher_type: allgather",
+                           "allgather.yaml")
+    with open(allgather) as f:
+        text = f.read()
+    with open(allgather, "w") as f:
+        f.write(text.replace("eps:\n", "eps:\n  enabled: false\n"))
+    assert parse_args(["--config", allgather, "--device", "cpu"]).stock_only
 
 
 @pytest.mark.slow
@@ -201,7 +251,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
     out = tmp_path / "profile.json"
     proc = _single(tmp_path, "--config", "configs/tiny.yaml", "--loads", "8", "--skews", "0",
                    "--target-ms", "1", "--no-progress", "--out", str(out), cwd=tmp_path,
-                   module="megatron_eps.experts.calibrate")
+                   module="megatron_eps.calibrate.kernels")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["shapes"][0]["hidden"] == 64
 
@@ -217,7 +267,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path):
 )
 def test_calibrate_cli_errors(tmp_path, argv, message):
     proc = _single(tmp_path, *argv, "--out", str(tmp_path / "p.json"),
-                   module="megatron_eps.experts.calibrate")
+                   module="megatron_eps.calibrate.kernels")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
@@ -226,7 +276,7 @@ def test_calibrate_cli_errors(tmp_path, argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_calibrate_device_cuda_without_gpu(tmp_path):
     proc = _single(tmp_path, "--config", "tiny", "--device", "cuda", "--out",
-                   str(tmp_path / "p.json"), module="megatron_eps.experts.calibrate")
+                   str(tmp_path / "p.json"), module="megatron_eps.calibrate.kernels")
     assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -246,7 +296,9 @@ def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
     # The demo's config leaves the chunks to auto; on CPU, with no cost profile, auto keeps one.
     assert "EPS plan" in proc.stdout and "N=1 chunk(s) of 4 local experts" in proc.stdout
     assert "(pipeline_degree: auto)" in proc.stdout
-    assert "expert kernel dense" in proc.stdout and "transport nccl" in proc.stdout
+    # the ranks are CPU processes: the rows travel over gloo's all-to-all, and the plan says so
+    assert "expert kernel dense" in proc.stdout
+    assert "transport gloo all-to-all (transport: nccl)" in proc.stdout
     report = json.loads(json_path.read_text())
     decisions = report["results"][0]["eps_decisions"]
     assert [d["moe_layer"] for d in decisions] == [0, 1]
@@ -254,7 +306,7 @@ def test_demo_is_quiet_and_shows_what_eps_decided(tmp_path):
         assert d["pipeline_degree_setting"] == "auto"
         assert d["num_chunks"] == 1 and d["experts_per_chunk"] == [4]
         assert d["chunk_split"] == "none (one chunk)" and d["expert_kernels"] == ["dense"]
-        assert d["transport"] == "nccl"
+        assert d["transport"] == "gloo all-to-all (transport: nccl)"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Run the routing pass (permute_kernels.route_rows) under TRITON_INTERPRET=1 on the CPU against
+"""Run the routing pass (row_kernels.route_rows) under TRITON_INTERPRET=1 on the CPU against
 the torch path, and print the cases that differ as JSON (run by test_route_rows_interpreter)."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from megatron_eps.pipeline import permute_kernels  # noqa: E402
-from megatron_eps.pipeline.permutation import permute_chunk_major  # noqa: E402
+from megatron_eps import row_kernels  # noqa: E402
+from megatron_eps.pipeline.rows.per_pair import permute_chunk_major  # noqa: E402
 
 
 def check(num_tokens, num_experts, topk, hot, shuffled, split):
@@ -31,7 +31,7 @@ def check(num_tokens, num_experts, topk, hot, shuffled, split):
     first[order] = np.cumsum(sizes) - sizes
     position = np.empty(num_experts, dtype=np.int64)
     position[order] = np.arange(num_experts)
-    got_idx, got_probs, table = permute_kernels.route_rows(
+    got_idx, got_probs, table = row_kernels.route_rows(
         routing, probs, torch.from_numpy(first), num_rows, through_jit=True, top_k=topk,
         position=torch.from_numpy(position) if shuffled else None, tokens_per_split=split)
     bad = []
@@ -43,7 +43,7 @@ def check(num_tokens, num_experts, topk, hot, shuffled, split):
     if table is None or not torch.equal(table, sorted_rows):
         bad.append("token_rows")
     # without the table (top_k 0): the numbering alone
-    idx2, probs2, none = permute_kernels.route_rows(
+    idx2, probs2, none = row_kernels.route_rows(
         routing, probs, torch.from_numpy(first), num_rows, through_jit=True,
         position=torch.from_numpy(position) if shuffled else None,
         tokens_per_split=2 * split if split else None)

@@ -4,6 +4,7 @@ import argparse
 
 import pytest
 
+from megatron_eps.policy.profile import load_kernel_tables
 from megatron_eps import EXPERT_KERNELS, EPSConfig, EPSConfigError, add_eps_args
 
 
@@ -200,7 +201,7 @@ def test_bad_cost_profiles_are_refused_naming_the_setting(tmp_path, kind):
     # The loaders the forward uses say the same (not a raw JSONDecodeError / AttributeError).
     selector.clear_caches()
     with pytest.raises(EPSConfigError, match="cost_profile"):
-        selector.load_cost_profile(str(path), "cpu")
+        load_kernel_tables(str(path), "cpu")
     with pytest.raises(EPSConfigError, match="cost_profile"):
         load_pipeline_profile(str(path), "cpu")
     # And through --eps-cost-profile.
@@ -222,8 +223,8 @@ def test_cost_profile_for_another_device_warns_once(caplog):
     selector.clear_caches()
     __import__("megatron_eps.policy.profile").policy.profile._WARNED_DEVICES.clear()  # other tests loaded it
     with caplog.at_level(logging.WARNING, logger="megatron_eps"):
-        tables = selector.load_cost_profile(kernel, "cpu")
-        selector.load_cost_profile(kernel, "cpu")
+        tables = load_kernel_tables(kernel, "cpu")
+        load_kernel_tables(kernel, "cpu")
         assert load_pipeline_profile(pipeline, "cpu") is not None
     warnings = [r.getMessage() for r in caplog.records if "measured on" in r.getMessage()]
     # ... with one warning per file that names both devices.

@@ -1,4 +1,4 @@
-"""The routing pass (permute_kernels.route_rows: a count per split of tokens, then one program
+"""The routing pass (row_kernels.route_rows: a count per split of tokens, then one program
 per expert and split) on the CPU through TRITON_INTERPRET=1, against the torch path: the same
 rows, weights and per-token row table exactly, over several splits, shuffled expert orders, a
 hot expert and an expert count that is not a power of two."""

@@ -54,7 +54,7 @@ def build_sequential_experts(
 
     from megatron_eps import compat
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     topk = overrides.pop("topk", 2)
     config = moe_config(

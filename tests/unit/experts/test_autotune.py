@@ -170,7 +170,7 @@ def test_a_layer_runs_a_ready_backend_until_the_others_compiled(tmp_path):
 def _small_self_calibrating_pair(cache):
     """(stock, EPS) MoE layers of 4 small experts, EPS with self-calibration on, unchunked."""
     from megatron_eps import EPSConfig
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
     return build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache, pipeline_degree=1))
@@ -264,7 +264,7 @@ def _rank_with_own_cache(folder, profile):
 
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     rank = dist.get_rank()
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
@@ -301,7 +301,7 @@ def test_calibration_on_the_gpu_times_real_backends(tmp_path):
 def _calibrating_gpu_rank(cache):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     try:
@@ -342,7 +342,7 @@ def _keys_of_rank(folder, _unused):
 
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     rank = int(os.environ["RANK"])
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=2)

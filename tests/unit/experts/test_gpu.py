@@ -101,7 +101,7 @@ def test_te_backend_matches_megatron(megatron_parallel):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_eps import compat
-    from megatron_eps.testing.models import moe_config
+    from megatron_eps.inference.layers import moe_config
 
     config = moe_config(num_experts=4, hidden_size=256, ffn_hidden_size=128, dtype=torch.bfloat16,
                         moe_grouped_gemm=True)
@@ -163,7 +163,7 @@ def _background_compile_rank(triton_cache):
 
 
 def test_calibration_times_calls_with_their_offsets_staged_as_a_layer_does():
-    from megatron_eps.experts import calibrate as cal
+    from megatron_eps.calibrate import kernels as cal
     from megatron_eps.experts.gemm_common import expert_offsets
 
     device = torch.device("cuda")

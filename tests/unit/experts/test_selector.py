@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_eps.policy.profile import load_kernel_tables
+from megatron_eps.policy import kernel_tables
 from megatron_eps.experts import LocalExperts
 from megatron_eps.experts import selector
-from megatron_eps.experts.calibrate import make_counts
+from megatron_eps.calibrate.kernels import make_counts
 from megatron_eps.experts.weights import ExpertWeights, StackedExperts
 
 from .conftest import build_sequential_experts
@@ -30,13 +32,13 @@ def synthetic_profile(times, device_name="cpu", dtype="float32", shape=(HIDDEN, 
             seconds = {b: times(b, load, skew) for b in ("dense", "grouped")}
             loads.append({"tokens_per_expert": load, "skew": skew, "seconds": {k: v for k, v in seconds.items() if v}})
     data = {
-        "format": selector.PROFILE_FORMAT,
-        "version": selector.PROFILE_VERSION,
+        "format": kernel_tables.PROFILE_FORMAT,
+        "version": kernel_tables.PROFILE_VERSION,
         "device": {"name": device_name},
         "dtype": dtype,
         "shapes": [{"hidden": shape[0], "ffn": shape[1], "experts": shape[2], "loads": loads}],
     }
-    return selector.CostProfile(data)
+    return kernel_tables.CostProfile(data)
 
 
 @pytest.fixture()
@@ -76,40 +78,40 @@ def test_interpolation_is_log_linear_between_grid_points():
     # Geometric midpoint of 8 and 64 is 8*sqrt(8): time is the geometric mean of the two.
     mid = 8 * math.sqrt(8)
     counts = [mid] * N
-    predicted = selector.predict_time(profile, "dense", (HIDDEN, FFN, N), [int(round(mid))] * N)
+    predicted = kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN, N), [int(round(mid))] * N)
     expected = math.sqrt(crossing_times("dense", 8, 0) * crossing_times("dense", 64, 0))
     assert predicted == pytest.approx(expected, rel=0.02)
     assert counts  # the same load summary is used for the choice
     # Skew halfway between the grid's 0 and 1: geometric mean of the two skew rows.
     half_skew = make_counts(N, 64, 0.5)
-    _, s = selector.load_summary(half_skew)
+    _, s = kernel_tables.load_summary(half_skew)
     assert 0.35 < s < 0.65
-    predicted = selector.predict_time(profile, "grouped", (HIDDEN, FFN), half_skew)
+    predicted = kernel_tables.predict_time(profile, "grouped", (HIDDEN, FFN), half_skew)
     lo, hi = crossing_times("grouped", 64, 0.0), crossing_times("grouped", 64, 1.0)
     assert lo < predicted < hi
     # Above the grid: linear in rows; below: flat.
-    assert selector.predict_time(profile, "dense", (HIDDEN, FFN), [1024] * N) == pytest.approx(
+    assert kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), [1024] * N) == pytest.approx(
         2 * crossing_times("dense", 512, 0), rel=1e-6
     )
-    assert selector.predict_time(profile, "dense", (HIDDEN, FFN), [2] * N) == pytest.approx(
+    assert kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), [2] * N) == pytest.approx(
         crossing_times("dense", 8, 0), rel=1e-6
     )
 
 
 def test_other_shapes_scale_with_expert_work():
     profile = synthetic_profile(crossing_times)
-    base = selector.predict_time(profile, "dense", (HIDDEN, FFN), [64] * N)
+    base = kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), [64] * N)
     # Twice the hidden size, same experts and load: twice the FLOPs and weight bytes.
-    assert selector.predict_time(profile, "dense", (2 * HIDDEN, FFN), [64] * N) == pytest.approx(2 * base)
+    assert kernel_tables.predict_time(profile, "dense", (2 * HIDDEN, FFN), [64] * N) == pytest.approx(2 * base)
     # A pipeline chunk of half the experts at the same load: half the time.
-    assert selector.predict_time(profile, "dense", (HIDDEN, FFN), [64] * (N // 2)) == pytest.approx(base / 2)
+    assert kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), [64] * (N // 2)) == pytest.approx(base / 2)
     # The cost model passes its LayerShape and backend None (the fastest backend).
     shape = types.SimpleNamespace(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_local_experts=N)
-    fastest = min(selector.predict_time(profile, b, (HIDDEN, FFN), [64] * 4) for b in ("dense", "grouped"))
-    assert selector.predict_time(profile, None, shape, [64] * 4) == pytest.approx(fastest)
-    assert selector.predict_time(profile, None, shape, [0] * 4) == 0.0
+    fastest = min(kernel_tables.predict_time(profile, b, (HIDDEN, FFN), [64] * 4) for b in ("dense", "grouped"))
+    assert kernel_tables.predict_time(profile, None, shape, [64] * 4) == pytest.approx(fastest)
+    assert kernel_tables.predict_time(profile, None, shape, [0] * 4) == 0.0
     with pytest.raises(ValueError, match="no measurements of expert_kernel='triton'"):
-        selector.predict_time(profile, "triton", (HIDDEN, FFN), [64] * N)
+        kernel_tables.predict_time(profile, "triton", (HIDDEN, FFN), [64] * N)
 
 
 def test_defaults_without_a_covering_profile(experts):
@@ -151,36 +153,36 @@ def test_load_cost_profile_caches_and_reports_missing_files(tmp_path):
     profile = synthetic_profile(crossing_times)
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile.data))
-    first = selector.load_cost_profile(str(path), "cpu")
-    assert first is selector.load_cost_profile(str(path), "cpu")
+    first = load_kernel_tables(str(path), "cpu")
+    assert first is load_kernel_tables(str(path), "cpu")
     assert first.backends == ["dense", "grouped"]
     with pytest.raises(ValueError, match="cost_profile="):
-        selector.load_cost_profile(str(tmp_path / "missing.json"), "cpu")
+        load_kernel_tables(str(tmp_path / "missing.json"), "cpu")
     # A combined file: kernel tables under "experts" beside the pipeline cost model's keys.
     combined = tmp_path / "combined.json"
     pipeline = {"link_bandwidth_gbps": 100, "link_latency_us": 10, "chunk_overhead_us": 50,
                 "expert_tflops": 100}
     combined.write_text(json.dumps({"pipeline": pipeline, "experts": profile.data}))
-    assert selector.load_cost_profile(str(combined), "cpu").backends == ["dense", "grouped"]
+    assert load_kernel_tables(str(combined), "cpu").backends == ["dense", "grouped"]
     # A file without kernel tables (pipeline constants only): the shipped profile, none on CPU.
     pipeline_only = tmp_path / "pipeline_only.json"
     pipeline_only.write_text(json.dumps({"pipeline": pipeline}))
-    assert selector.load_cost_profile(str(pipeline_only), "cpu") is None
+    assert load_kernel_tables(str(pipeline_only), "cpu") is None
     # A file that is no profile at all is an error naming the setting.
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="cost_profile="):
-        selector.load_cost_profile(str(other), "cpu")
+        load_kernel_tables(str(other), "cpu")
     with pytest.raises(ValueError, match="not a megatron-eps cost profile"):
-        selector.CostProfile.from_file(str(other))
-    assert selector.load_cost_profile(None, "cpu") is None
+        kernel_tables.CostProfile.from_file(str(other))
+    assert load_kernel_tables(None, "cpu") is None
 
 
 def test_load_summary():
-    assert selector.load_summary([10] * 5) == (10.0, 0.0)
-    assert selector.load_summary([0, 0]) == (0.0, 0.0)
+    assert kernel_tables.load_summary([10] * 5) == (10.0, 0.0)
+    assert kernel_tables.load_summary([0, 0]) == (0.0, 0.0)
     for skew in (0.5, 1.0, 1.5):
-        _, estimated = selector.load_summary(make_counts(32, 256, skew))
+        _, estimated = kernel_tables.load_summary(make_counts(32, 256, skew))
         assert estimated == pytest.approx(skew, abs=0.05)
 
 
@@ -199,14 +201,14 @@ def test_shipped_h100_profile_is_valid_and_sensible():
 
     from megatron_eps.policy.profile import PROFILES_DIR
 
-    path = os.path.join(PROFILES_DIR, selector.device_slug("NVIDIA H100 80GB HBM3") + ".json")
-    profile = selector.CostProfile.from_file(path)
+    path = os.path.join(PROFILES_DIR, kernel_tables.gpu_slug("NVIDIA H100 80GB HBM3") + ".json")
+    profile = kernel_tables.CostProfile.from_file(path)
     assert profile.device_name == "NVIDIA H100 80GB HBM3" and profile.dtype == "bfloat16"
     assert {"grouped", "dense", "triton"} <= set(profile.backends)
     # DSV2-Lite (64 local experts) at 16 tokens/expert: the per-expert loop is launch-bound
     # (measured ~5 ms) while the grouped kernels stream the weights once (~0.45 ms).
-    low = selector.predict_time(profile, "dense", (2048, 1408), [16] * 64)
-    assert low > 4 * selector.predict_time(profile, "grouped", (2048, 1408), [16] * 64)
+    low = kernel_tables.predict_time(profile, "dense", (2048, 1408), [16] * 64)
+    assert low > 4 * kernel_tables.predict_time(profile, "grouped", (2048, 1408), [16] * 64)
 
 
 def _with_beside_copy(profile_data, times_beside):
@@ -215,7 +217,7 @@ def _with_beside_copy(profile_data, times_beside):
     for load in data["shapes"][0]["loads"]:
         load["seconds_beside_copy"] = {
             b: times_beside(b, load["tokens_per_expert"], load["skew"]) for b in ("dense", "grouped")}
-    return selector.CostProfile(data)
+    return kernel_tables.CostProfile(data)
 
 
 def test_a_pipelined_call_chooses_from_the_beside_copy_tables(experts):
@@ -226,8 +228,8 @@ def test_a_pipelined_call_chooses_from_the_beside_copy_tables(experts):
     low = [8] * N
     assert selector.choose_backend("auto", experts, low, cpu, torch.float32, profile) == "dense"
     assert selector.choose_backend("auto", experts, low, cpu, torch.float32, profile, beside_copy=True) == "grouped"
-    assert selector.predict_time(profile, "dense", (HIDDEN, FFN), low, beside_copy=True) == pytest.approx(
-        10 * selector.predict_time(profile, "dense", (HIDDEN, FFN), low))
+    assert kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), low, beside_copy=True) == pytest.approx(
+        10 * kernel_tables.predict_time(profile, "dense", (HIDDEN, FFN), low))
     # A profile without beside-copy tables answers a pipelined call from the plain ones.
     assert selector.choose_backend("auto", experts, low, cpu, torch.float32, alone, beside_copy=True) == "dense"
 
@@ -277,7 +279,7 @@ def test_a_disturbed_low_load_point_does_not_decide(experts):
         return 2e-3
     profile = synthetic_profile(times)
     cpu = torch.device("cpu")
-    assert selector.predict_time(profile, "grouped", (HIDDEN, FFN), [LOADS[0]] * N) == pytest.approx(1e-3)
+    assert kernel_tables.predict_time(profile, "grouped", (HIDDEN, FFN), [LOADS[0]] * N) == pytest.approx(1e-3)
     assert selector.choose_backend("auto", experts, [LOADS[0]] * N, cpu, torch.float32, profile) == "grouped"
 
 
@@ -312,7 +314,7 @@ def test_a_gpu_without_tables_borrows_the_nearest_known_gpus(tmp_path, experts):
     assert nearest((10, 0), 148, str(tmp_path)).endswith("hopper_big.json")
     assert nearest((9, 0), 132, str(tmp_path / "missing")) is None
     # Borrowed tables rank the backends but never decide a call alone.
-    profile = selector.CostProfile.from_file(nearest((9, 0), 140, str(tmp_path)))
+    profile = kernel_tables.CostProfile.from_file(nearest((9, 0), 140, str(tmp_path)))
     profile.borrowed_for = "cpu"
     cpu = torch.device("cpu")
     assert profile.covers(cpu, torch.float32) and not profile.covers_shape(HIDDEN, FFN)
@@ -352,7 +354,7 @@ def test_the_chunking_times_experts_with_the_tables_only_where_the_profile_says_
     """A pipeline section fitted against the roofline (use_kernel_tables: false) keeps it: the
     chunking policy then hands the cost model no kernel tables."""
     from megatron_eps import EPSConfig
-    from megatron_eps.pipeline import policies
+    from megatron_eps.policy import degree as policies
     from megatron_eps.policy.cost_model import LayerShape
 
     pipeline = {"link_bandwidth_gbps": 100, "link_latency_us": 10, "chunk_overhead_us": 50,
@@ -384,7 +386,7 @@ def test_beside_copy_tables_measured_beside_an_sm_copy_are_not_used(experts):
     for slowdown, kept in ((2.33, False), (1.1, True)):
         data = _with_beside_copy(alone.data, slow_dense).data
         data["beside_copy"] = {"gemm_seconds": 1.0, "gemm_seconds_beside_copy": slowdown}
-        profile = selector.CostProfile(data)
+        profile = kernel_tables.CostProfile(data)
         assert bool(profile.tables_beside_copy) is kept
         chosen = selector.choose_backend("auto", experts, [8] * N, cpu, torch.float32, profile,
                                          beside_copy=True)
@@ -394,7 +396,7 @@ def test_beside_copy_tables_measured_beside_an_sm_copy_are_not_used(experts):
 
     from megatron_eps.policy.profile import PROFILES_DIR
 
-    h200 = selector.CostProfile.from_file(os.path.join(PROFILES_DIR, "nvidia_h200.json"))
+    h200 = kernel_tables.CostProfile.from_file(os.path.join(PROFILES_DIR, "nvidia_h200.json"))
     assert h200.data["beside_copy"]["stand_in"] == "pinned host-to-device copy"
     assert h200.tables_beside_copy and h200.tables
 

@@ -113,8 +113,8 @@ def main():
                 ref = spec.apply_torch(h.double(), probs.double())
                 key = f"fused_activation/{getattr(fn, '__name__', fn)}/gated={gated}/clamp={clamp}"
                 results[key] = relative_error(out, ref)
-    # The permutation's row-sum kernel (permute_kernels.sum_rows): owners with 0 to 3 rows.
-    from megatron_eps.pipeline import permute_kernels as pk
+    # The permutation's row-sum kernel (row_kernels.sum_rows): owners with 0 to 3 rows.
+    from megatron_eps import row_kernels as pk
 
     _, summer = pk._kernels()
     owner = torch.tensor([0, 3, 3, 1, 8, 0, 3, 2, 7, 7, 4, 6, 0, 1])
@@ -130,9 +130,10 @@ def main():
         if with_shared:
             ref += shared.double()
         results[f"permute/sum_rows/shared={with_shared}"] = relative_error(out, ref)
-    # The deduplicated scheme's placement kernel (dedup_rows.place_unique_rows): the torch
+    # The deduplicated scheme's placement kernel (unique_rows.place_unique_rows): the torch
     # path's bytes, rows placed in order and scattered, a hot expert, empty chunks.
-    from megatron_eps.comm import dedup_rows
+    from megatron_eps.pipeline.rows import unique_rows
+    from megatron_eps.pipeline.rows import dedup as dedup_scheme
 
     gen = torch.Generator().manual_seed(5)
     for ep_size, (start, end), hot in ((1, (0, 12), None), (2, (1, 5), 2), (3, (0, 1), None)):
@@ -145,32 +146,32 @@ def main():
         local = 12 // ep_size
         num_rows = int(routing.view(23, ep_size, local)[:, :, start:end].any(dim=2).sum())
         slots = min(3, end - start)
-        width = 40 + dedup_rows.meta_columns(40, torch.float32, torch.float32, slots)
+        width = 40 + dedup_scheme.meta_columns(40, torch.float32, torch.float32, slots)
         want = torch.full((num_rows, width), -7.0)  # the padding past the fields stays
-        sent = dedup_rows._send_rows(routing, ep_size, (start, end))
-        dedup_rows._place_unique_rows_torch(tokens, probs, routing, ep_size, (start, end), want,
+        sent = unique_rows._send_rows(routing, ep_size, (start, end))
+        unique_rows._place_unique_rows_torch(tokens, probs, routing, ep_size, (start, end), want,
                                             slots, sent)
         for scattered in (False, True):
             dst = torch.randperm(num_rows + 4, generator=gen)[:num_rows] if scattered else None
             out = torch.full((num_rows + 4 if scattered else num_rows, width), -7.0)
-            dedup_rows._place_unique_rows_triton(tokens, probs, routing, ep_size, (start, end),
+            unique_rows._place_unique_rows_triton(tokens, probs, routing, ep_size, (start, end),
                                                  out, slots, dst, num_rows, sent, through_jit=True)
             placed = out[dst] if scattered else out
             same = torch.equal(placed.view(torch.int32), want.view(torch.int32))
             results[f"dedup/place/ep={ep_size}/chunk={start}-{end}/scattered={scattered}"] = (
                 0.0 if same else float("inf"))
-    # Its histogram of each token's next expert (dedup_rows.range_unique_counts): the torch path.
+    # Its histogram of each token's next expert (unique_rows.range_unique_counts): the torch path.
     for ep_size, experts, tokens_n in ((1, 12, 23), (3, 12, 23), (2, 10, 1)):
         scores = torch.rand(tokens_n, experts, generator=gen)
         routing = torch.zeros(tokens_n, experts, dtype=torch.bool).scatter_(
             1, scores.topk(3, dim=1).indices, True)
-        got = dedup_rows._next_expert_histogram_triton(routing, ep_size, 3, through_jit=True)
-        want = dedup_rows._next_expert_histogram_torch(routing, ep_size)
+        got = unique_rows._next_expert_histogram_triton(routing, ep_size, 3, through_jit=True)
+        want = unique_rows._next_expert_histogram_torch(routing, ep_size)
         results[f"dedup/next_expert_histogram/ep={ep_size}/experts={experts}"] = (
             0.0 if torch.equal(got, want) else float("inf"))
-    # The per-pair scheme's numbering of the routed rows (permute_kernels.route_rows) against
+    # The per-pair scheme's numbering of the routed rows (row_kernels.route_rows) against
     # the torch path, experts laid out chunk-major (tokens more than one block: 1500 > 1024).
-    from megatron_eps.pipeline.permutation import permute_chunk_major
+    from megatron_eps.pipeline.rows.per_pair import permute_chunk_major
     from megatron_eps.pipeline.layout import ChunkLayout
 
     # (identity order is given either way: as positions, or as None the way the dispatcher

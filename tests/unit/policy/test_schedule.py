@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from megatron_eps.comm.nccl import regroup_rows
-from megatron_eps.pipeline.layout import (LOCAL_PART, PEER_PART, ChunkLayout, chunk_sizes,
-                                          split_local_experts, tail_split)
+from megatron_eps.comm.base import LOCAL_PART, PEER_PART
+from megatron_eps.pipeline.layout import ChunkLayout
+from megatron_eps.policy.chunks import chunk_sizes, split_local_experts, tail_split
 from megatron_eps.pipeline.runner import run_plan
-from megatron_eps.pipeline.schedule import (
+from megatron_eps.policy.schedule import (
     COMBINE,
     COMM,
     COMPUTE,
@@ -204,7 +205,7 @@ def test_build_plan_rejects_zero():
 def _shared_experts_layer(world):
     from megatron_eps import EPSConfig
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
     try:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_eps.pipeline.permute_kernels import scatter_routed_rows, sum_expert_rows, sum_rows
+from megatron_eps.row_kernels import scatter_routed_rows, sum_expert_rows, sum_rows
 
 
 def slot_table(owner: torch.Tensor, num_owners: int, slots: int) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_route_rows_kernel_matches_torch(probs_dtype, num_tokens, num_experts, t
                                          chunks, hot):
     """The one-pass numbering of the routed rows (chunk-major expert order, empty experts, one hot
     expert, no tokens) gives the torch path's rows and weights exactly."""
-    from megatron_eps.pipeline.permutation import permute_chunk_major
+    from megatron_eps.pipeline.rows.per_pair import permute_chunk_major
     from megatron_eps.pipeline.layout import ChunkLayout
 
     gen = torch.Generator().manual_seed(num_tokens + num_experts)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
-from typing import Optional
+from typing import Dict, Optional
+
+__version__ = "0.1.0"
 
 COMMIT_ENV_VARS = ("MEGATRON_EPS_GIT_COMMIT", "EPS_GIT_COMMIT")
 
@@ -19,7 +22,7 @@ def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
     for name in COMMIT_ENV_VARS:
         if os.environ.get(name) and os.environ[name] != "unknown":
             return os.environ[name]
-    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "HEAD"], cwd=repo_dir, text=True, stderr=subprocess.DEVNULL,
@@ -29,11 +32,35 @@ def git_commit(repo_dir: Optional[str] = None) -> Optional[str]:
         return None
 
 
+def versions() -> Dict[str, Optional[str]]:
+    """The software a measurement ran on (None where a package does not import)."""
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        out["triton"] = None
+    try:
+        from megatron.core.package_info import __version__ as mcore
+
+        out["megatron_core"] = mcore
+    except Exception:  # noqa: BLE001
+        out["megatron_core"] = None
+    try:
+        import transformer_engine
+
+        out["transformer_engine"] = transformer_engine.__version__
+    except Exception:  # noqa: BLE001
+        out["transformer_engine"] = None
+    return out
+
+
 def provenance(device_name: str, **what) -> dict:
     """The provenance record of a profile section: device, software versions, commit, command
     and date, plus ``what`` (how each figure was obtained)."""
-    from megatron_eps.experts.calibrate import versions
-
     return dict(
         device=device_name,
         versions=versions(),

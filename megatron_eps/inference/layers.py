@@ -57,12 +57,12 @@ def build_moe_pair(config, eps_config: Optional[EPSConfig] = None, seed: int = 1
     """(stock MoELayer, EPSMoELayer) built from the same spec, with identical weights."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from megatron_eps.inference.parallel import seed_model_parallel
     from megatron_eps.moe_layer import EPSMoELayer
-    from megatron_eps.testing.distributed import Utils
 
     submodules = compat.moe_submodules_from_spec(compat.local_moe_spec(config.num_moe_experts))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    Utils.set_seed(seed)
+    seed_model_parallel(seed)
     stock = MoELayer(config, submodules=submodules).to(device)
     eps = EPSMoELayer(config, submodules=submodules, eps_config=eps_config or EPSConfig()).to(device)
     eps.load_state_dict(stock.state_dict())

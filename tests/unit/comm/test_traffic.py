@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_eps.comm.traffic import routed_traffic
-from megatron_eps.pipeline.layout import chunk_sizes, ranges_of_sizes
+from megatron_eps.policy.chunks import chunk_sizes, ranges_of_sizes
 
 
 def _random_routing(tokens, experts, topk, seed):

@@ -12,10 +12,10 @@ from megatron_eps.inference.model_config import (
     ModelConfigError,
     load_model_config,
     model_config_from_dict,
-    replace_core_attention,
 )
+from megatron_eps.inference.spec_edits import replace_core_attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
@@ -258,7 +258,7 @@ def build_models_and_count(names_and_attention):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_eps.inference.prefill import seed_all
+    from megatron_eps.inference.prefill_setup import seed_all
 
     parallel_state.initialize_model_parallel()
     out = {}

@@ -21,8 +21,8 @@ from megatron_eps.policy.cost_model import (
 )
 from megatron_eps.policy.degree import candidate_chunkings, choose_chunking
 from megatron_eps.policy.profile import PipelineProfile, load_pipeline_profile, shipped_profile_path
-from megatron_eps.pipeline.layout import chunk_sizes
-from megatron_eps.pipeline.schedule import simulate_plan
+from megatron_eps.policy.chunks import chunk_sizes
+from megatron_eps.policy.schedule import simulate_plan
 from megatron_eps.testing import run_distributed, skip_unless_ranks_fit
 from tests.marks import ranks
 
@@ -466,7 +466,7 @@ def _rank_auto_agreement(world: int, profile_path: str):
 
     from megatron_eps.moe_layer import route_allowing_empty
     from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     rank = dist.get_rank()
     Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
@@ -526,7 +526,7 @@ def test_every_rank_picks_the_same_degree(world, tmp_path):
 
 # ----------------------------------------------------------------------------- dispatch ahead
 def test_plan_dispatch_ahead_orders():
-    from megatron_eps.pipeline.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
+    from megatron_eps.policy.schedule import COMBINE, DISPATCH, EXPERTS, PLACE, build_plan
 
     interleaved = [(s.stage, s.chunk) for s in build_plan(3, dispatch_ahead=1)]
     assert interleaved == [
@@ -629,7 +629,7 @@ def test_chunking_policy_reads_a_profile_only_where_the_model_decides(monkeypatc
     """At EP=1, below min_tokens_to_pipeline or with a fixed N the answer cannot depend on a
     profile, so its lookup (file checks per layer and forward) is skipped; with auto at EP > 1
     above the threshold it is read."""
-    from megatron_eps.pipeline import policies
+    from megatron_eps.policy import degree as policies
 
     lookups = []
 

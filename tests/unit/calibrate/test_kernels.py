@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from megatron_eps.experts import calibrate, selector
+from megatron_eps.policy.profile import load_kernel_tables
+from megatron_eps.policy import kernel_tables
+from megatron_eps.calibrate import kernels as calibrate
 
 
 def test_make_counts_keeps_total_and_skew():
@@ -33,9 +35,9 @@ def test_calibrate_writes_a_profile_the_selector_uses(tmp_path):
     assert all(set(l["seconds"]) == {"dense", "grouped"} and all(t > 0 for t in l["seconds"].values()) for l in loads)
     for key in ("torch", "triton", "megatron_core"):
         assert key in data["versions"]
-    profile = selector.load_cost_profile(str(out), "cpu")
+    profile = load_kernel_tables(str(out), "cpu")
     assert profile.covers("cpu", torch.float32)
-    assert selector.predict_time(profile, "dense", (32, 16), [16] * 4) > 0
+    assert kernel_tables.predict_time(profile, "dense", (32, 16), [16] * 4) > 0
 
 
 def test_model_yaml_shape(tmp_path):
@@ -46,7 +48,7 @@ def test_model_yaml_shape(tmp_path):
     )
     assert calibrate.shape_from_model_yaml(str(path), None) == (2048, 1408, 8)
     assert calibrate.shape_from_model_yaml(str(path), 2) == (2048, 1408, 32)
-    with pytest.raises(SystemExit, match="do not divide"):
+    with pytest.raises(calibrate.CalibrateError, match="do not divide"):
         calibrate.shape_from_model_yaml(str(path), 3)
 
 
@@ -64,7 +66,7 @@ def test_shipped_model_configs_parse():
 def test_back_to_back_seconds_times_a_batch_of_calls_in_order():
     import time as _time
 
-    from megatron_eps.calibrate.timing import back_to_back_seconds
+    from megatron_eps.timing import back_to_back_seconds
 
     seen = []
 
@@ -79,7 +81,7 @@ def test_back_to_back_seconds_times_a_batch_of_calls_in_order():
 
 
 def test_time_call_rotates_the_call_index_over_its_batches():
-    from megatron_eps.experts.calibrate import time_call
+    from megatron_eps.calibrate.kernels import time_call
 
     seen = []
     seconds = time_call(lambda i: seen.append(i), torch.device("cpu"), target_s=1e-4, min_reps=9,
@@ -90,7 +92,7 @@ def test_time_call_rotates_the_call_index_over_its_batches():
 
 
 def test_interleaved_timing_alternates_the_callables_round_by_round():
-    from megatron_eps.experts.calibrate import time_calls_interleaved
+    from megatron_eps.calibrate.kernels import time_calls_interleaved
 
     order = []
     fns = {name: (lambda i, name=name: order.append((name, i))) for name in ("a", "b")}

@@ -5,7 +5,7 @@ model) and each available GEMM backend, times the whole expert computation (fc1 
 probs + fc2, exactly what a backend's forward does) over a grid of loads: mean tokens per expert
 (default 8 .. 8192, powers of two) x skew (Zipf exponents 0, 0.5, 1.0, 1.5 of the per-expert
 shares; expert order shuffled with a fixed seed). Timing: batches of calls issued back to back
-from an idle GPU (calibrate.timing), warm-up first, the backends' batches interleaved, several
+from an idle GPU (timing), warm-up first, the backends' batches interleaved, several
 input sets rotated so no call reads the previous call's input from L2, median of the batches
 (host clock on CPU). The profile records the device name, torch/triton/megatron-core
 versions, the shapes, the grid and the medians; megatron_eps.experts.selector reads it.
@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from megatron_eps.experts.weights import synthetic_experts
+from megatron_eps.provenance import versions
+
+
+class CalibrateError(ValueError):
+    """A calibration option that is not allowed here; the message names it (the command prints
+    it as ``megatron-eps-calibrate: error: ...``, exit status 2)."""
+
 
 DEFAULT_LOADS = tuple(2**i for i in range(3, 14))  # 8 .. 8192 tokens per expert
 DEFAULT_SKEWS = (0.0, 0.5, 1.0, 1.5)
@@ -40,7 +48,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 # ---------------------------------------------------------------------------- loads
 def make_counts(num_experts: int, mean_tokens: float, skew: float, seed: int = 0) -> List[int]:
     """Rows per expert: total n*mean split by Zipf(skew) shares, experts in shuffled order."""
-    from megatron_eps.experts.selector import zipf_shares
+    from megatron_eps.policy.kernel_tables import zipf_shares
 
     total = int(round(num_experts * mean_tokens))
     exact = zipf_shares(num_experts, skew) * total
@@ -54,19 +62,6 @@ def make_counts(num_experts: int, mean_tokens: float, skew: float, seed: int = 0
 
 
 # ---------------------------------------------------------------------------- experts
-def synthetic_experts(hidden: int, ffn: int, num_experts: int, dtype, device, seed: int = 0):
-    """StackedExperts with random SwiGLU weights scaled like Megatron's init (std 0.02)."""
-    from megatron_eps.experts.weights import ExpertWeights, StackedExperts
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    fc1 = torch.empty(num_experts, 2 * ffn, hidden, dtype=dtype, device=device)
-    fc2 = torch.empty(num_experts, hidden, ffn, dtype=dtype, device=device)
-    for e in range(num_experts):  # per expert on the host: bounded host memory for big shapes
-        fc1[e].copy_(torch.randn(2 * ffn, hidden, generator=gen) * 0.02)
-        fc2[e].copy_(torch.randn(hidden, ffn, generator=gen) * 0.02)
-    return StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
-
-
 def make_inputs(rows: int, hidden: int, dtype, device, sets: int, seed: int = 0):
     """``sets`` (hidden, probs) pairs of random values (never zeros: zeros time differently)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -110,7 +105,7 @@ def time_calls_interleaved(
     A clock that drifts under the power limit is the likely cause (not traced); interleaved,
     any drift shifts every callable alike.
     """
-    from megatron_eps.calibrate.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
+    from megatron_eps.timing import BACK_TO_BACK_CALLS, back_to_back_seconds
 
     batches = {}
     for name, fn in fns.items():
@@ -150,7 +145,7 @@ def measurable_backends(experts, device, dtype, requested: Optional[Sequence[str
     if requested:
         missing = [b for b in requested if b not in names]
         if missing:
-            raise SystemExit(
+            raise CalibrateError(
                 f"--backends {','.join(missing)} cannot run here; available: {', '.join(names)}"
             )
         names = [b for b in names if b in requested]
@@ -198,7 +193,7 @@ class CopyBeside:
     engines carry with no SM. (A device-to-device ``copy_`` on one GPU is not: on the H200 it ran
     as SM work and a compute-bound GEMM beside it ran 2.3x slower.) It does not load HBM the way
     peer traffic does; ``copy_engine_check`` records how it behaves, and the selector uses the
-    tables only where a GEMM kept its time beside it (``selector.stand_in_is_sm_free``).
+    tables only where a GEMM kept its time beside it (``policy.kernel_tables.stand_in_is_sm_free``).
     """
 
     def __init__(self, device: torch.device, max_bytes: int = 2 << 30):
@@ -251,34 +246,11 @@ def measure_point_beside_copy(experts, backends, counts, inputs, device, target_
 
 
 # ---------------------------------------------------------------------------- environment
-def versions() -> Dict[str, Optional[str]]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        out["triton"] = None
-    try:
-        from megatron.core.package_info import __version__ as mcore
-
-        out["megatron_core"] = mcore
-    except Exception:  # noqa: BLE001
-        out["megatron_core"] = None
-    try:
-        import transformer_engine
-
-        out["transformer_engine"] = transformer_engine.__version__
-    except Exception:  # noqa: BLE001
-        out["transformer_engine"] = None
-    return out
-
-
 def device_info(device: torch.device) -> dict:
-    from megatron_eps.experts.selector import device_name, device_slug
+    from megatron_eps.policy.kernel_tables import device_name, gpu_slug
 
     name = device_name(device)
-    info = {"name": name, "slug": device_slug(name), "type": device.type}
+    info = {"name": name, "slug": gpu_slug(name), "type": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -296,7 +268,7 @@ def shapes_from_args(args) -> List[Tuple[int, int, int]]:
         try:
             h, f, n = (int(v) for v in text.split(","))
         except ValueError:
-            raise SystemExit(f"--shape {text!r}: expected HIDDEN,FFN,EXPERTS (three integers)") from None
+            raise CalibrateError(f"--shape {text!r}: expected HIDDEN,FFN,EXPERTS (three integers)") from None
         shapes.append((h, f, n))
     if args.config:
         shapes.append(shape_from_model_yaml(args.config, args.ep))
@@ -304,19 +276,19 @@ def shapes_from_args(args) -> List[Tuple[int, int, int]]:
     if any(v is not None for v in given.values()):
         for flag, value in given.items():
             if value is not None and value < 1:
-                raise SystemExit(f"{flag} {value}: allowed values are integers >= 1")
+                raise CalibrateError(f"{flag} {value}: allowed values are integers >= 1")
         missing = [flag for flag, value in given.items() if value is None]
         if missing:
-            raise SystemExit(
+            raise CalibrateError(
                 f"{', '.join(missing)} missing: --hidden, --ffn and --experts go together "
                 "(local experts per rank)"
             )
         shapes.append((args.hidden, args.ffn, args.experts))
     if not shapes:
-        raise SystemExit("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
+        raise CalibrateError("name a shape: --config MODEL.yaml, --hidden/--ffn/--experts, or --shape H,F,E")
     for h, f, n in shapes:
         if min(h, f, n) <= 0:
-            raise SystemExit(f"shape H={h} F={f} experts={n}: all must be positive")
+            raise CalibrateError(f"shape H={h} F={f} experts={n}: all must be positive")
     return shapes
 
 
@@ -325,12 +297,12 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
     import yaml
 
     from megatron_eps.inference.model_config import ModelConfigError
-    from megatron_eps.inference.prefill import resolve_config
+    from megatron_eps.inference.shipped_configs import resolve_config
 
     try:
         path = resolve_config(path)  # a file, or the name of a shipped config
     except ModelConfigError as exc:
-        raise SystemExit(str(exc)) from None
+        raise CalibrateError(str(exc)) from None
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     model = data.get("model", data)
@@ -339,7 +311,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
         ffn = int(model.get("moe_ffn_hidden_size") or model["ffn_hidden_size"])
         experts = int(model["num_moe_experts"])
     except (KeyError, TypeError, ValueError):
-        raise SystemExit(
+        raise CalibrateError(
             f"--config {path!r}: needs model.hidden_size, model.moe_ffn_hidden_size and "
             "model.num_moe_experts (or pass --hidden --ffn --experts)"
         ) from None
@@ -347,7 +319,7 @@ def shape_from_model_yaml(path: str, ep: Optional[int]) -> Tuple[int, int, int]:
         ep = (data.get("parallel") or {}).get("expert_model_parallel_size") or 1
     ep = int(ep)
     if experts % ep:
-        raise SystemExit(f"--config {path!r}: {experts} experts do not divide over --ep {ep}")
+        raise CalibrateError(f"--config {path!r}: {experts} experts do not divide over --ep {ep}")
     return hidden, ffn, experts // ep
 
 
@@ -411,7 +383,7 @@ def calibrate(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    from megatron_eps.experts.selector import PROFILE_FORMAT, PROFILE_VERSION
+    from megatron_eps.policy.kernel_tables import PROFILE_FORMAT, PROFILE_VERSION
 
     return {
         "format": PROFILE_FORMAT,
@@ -422,7 +394,7 @@ def calibrate(
         "versions": versions(),
         "dtype": str(dtype).replace("torch.", ""),
         "timing": {"method": ("median of back-to-back batches of calls, the backends' batches "
-                              "interleaved (experts.calibrate.time_calls_interleaved)"),
+                              "interleaved (calibrate.kernels.time_calls_interleaved)"),
                    "target_seconds_per_point": target_s, "rotating_input_sets": 3 if device.type == "cuda" else 1},
         "grid": {"tokens_per_expert": list(loads), "skews": list(skews)},
         "beside_copy": copy_engine_check(beside) if beside is not None else None,
@@ -489,26 +461,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CalibrateError as exc:
+        parser.error(str(exc))
+
+
+def run(args) -> int:
+    """The kernel calibration of parsed ``args`` (``build_parser``)."""
     shapes = shapes_from_args(args)
     try:
         loads = [int(v) for v in args.loads.split(",")]
         skews = [float(v) for v in args.skews.split(",")]
     except ValueError:
-        raise SystemExit("--loads takes integers and --skews numbers, comma-separated") from None
+        raise CalibrateError("--loads takes integers and --skews numbers, comma-separated") from None
     if min(loads) <= 0 or min(skews) < 0:
-        raise SystemExit("--loads must be positive and --skews non-negative")
+        raise CalibrateError("--loads must be positive and --skews non-negative")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N") from None
+        raise CalibrateError(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N")
+        raise CalibrateError(f"--device {args.device!r}: allowed values: cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available here; allowed "
+        raise CalibrateError(f"--device {args.device}: no CUDA device is available here; allowed "
                          "values here: cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} "
+        raise CalibrateError(f"--device {args.device}: this machine has {torch.cuda.device_count()} "
                          "CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

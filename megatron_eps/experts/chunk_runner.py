@@ -1,69 +1,19 @@
-"""The two policies a layer hands its pipeline: how to chunk, and how to run a chunk's experts.
+"""How a layer's pipeline runs a chunk's experts (``ExpertRunner``).
 
-The pipeline (``dispatcher.pipelined_forward``) receives them as objects with a small interface
-and never reaches back into the layer:
-
-* ``ChunkingPolicy.choose(counts, transport)`` -> the local experts of each chunk (or N),
-  a pure function of the all-gathered count matrix and state every rank shares;
-* ``ExpertRunner.prepare(calls, device)`` once per forward, then ``ExpertRunner.run(tokens,
-  tokens_per_expert, probs, first_expert)`` per chunk -> the chunk's expert outputs.
+The pipeline (``pipeline.dispatcher.pipelined_forward``) calls ``prepare(calls, device)`` once
+per forward, then ``run(tokens, tokens_per_expert, probs, first_expert)`` per chunk -> the
+chunk's expert outputs; it never reaches back into the layer. (How to chunk is the other object
+a layer hands its pipeline: ``policy.degree.ChunkingPolicy``.)
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
-from megatron_eps.config import EPSConfig
-from megatron_eps.policy.cost_model import LayerShape
-from megatron_eps.policy.degree import choose_chunking, model_decides
-from megatron_eps.policy.profile import load_kernel_tables, load_pipeline_profile
 from megatron_eps.experts.base import LocalExperts, get_backend
-
-
-class ChunkingPolicy:
-    """``EPSConfig.pipeline_degree`` / ``chunk_split`` for one layer shape, through the cost model.
-
-    With ``pipeline_degree: auto`` the profile (the configured one, else the one shipped for the
-    device) is read with the link figures of the transport the forward runs on.
-    """
-
-    def __init__(self, shape: LayerShape, eps_config: EPSConfig, device: torch.device,
-                 dispatch_ahead: Optional[int] = None):
-        self.shape, self.eps_config, self.device = shape, eps_config, device
-        self.dispatch_ahead = dispatch_ahead
-
-    def choose(self, counts: np.ndarray, transport: Optional[str] = None,
-               range_counts: Optional[np.ndarray] = None, local_rows_apart: bool = False):
-        """``range_counts`` [src, dst, L, L + 1] (deduplicated dispatch): the unique tokens of
-        every range of local experts, so the model counts the rows that really travel.
-        ``local_rows_apart``: the forward runs each chunk's own rows apart (the model's plan)."""
-        profile = kernel_profile = None
-        # The profile lookup costs the host a few file checks per layer and forward: only
-        # where the cost model will read it.
-        if model_decides(counts, self.shape, self.eps_config):
-            profile = load_pipeline_profile(self.eps_config.cost_profile, self.device, transport)
-            if profile is not None and profile.use_kernel_tables:
-                kernel_profile = load_kernel_tables(self.eps_config.cost_profile, self.device)
-                if kernel_profile is not None and kernel_profile.borrowed_for:
-                    kernel_profile = None  # another GPU's times: they rank, they do not time
-        return choose_chunking(
-            counts, self.shape, self.eps_config, profile, kernel_profile=kernel_profile,
-            dispatch_ahead=self.dispatch_ahead, range_counts=range_counts,
-            local_rows_apart=local_rows_apart,
-        )
-
-
-class FixedChunking:
-    """Always the same chunking (N, or the experts of each chunk): tests and benchmarks."""
-
-    def __init__(self, chunking):
-        self.chunking = chunking
-
-    def choose(self, counts, transport=None, range_counts=None, local_rows_apart=False):
-        return self.chunking
+from megatron_eps.policy.profile import load_kernel_tables
 
 
 class ExpertRunner:
@@ -73,7 +23,7 @@ class ExpertRunner:
     chunk. ``backends_used`` lists the backend of every chunk since ``begin_forward``.
     """
 
-    def __init__(self, local_experts: LocalExperts, eps_config: EPSConfig):
+    def __init__(self, local_experts: LocalExperts, eps_config):
         self.local_experts = local_experts
         self.eps_config = eps_config
         self.backends_used: List[str] = []
@@ -82,7 +32,7 @@ class ExpertRunner:
         self._tuners = {}
         self._beside_copy = False
 
-    def begin_forward(self, eps_config: EPSConfig) -> None:
+    def begin_forward(self, eps_config) -> None:
         if eps_config is not self.eps_config:
             self.eps_config = eps_config
             self._resolved.clear()

@@ -6,8 +6,8 @@ Each rank holds two buffers of the same size on every rank (symmetric memory):
   of ``staging_capacity`` rows. Rank d's receive area holds, expert by expert (its local
   experts in order, which is chunk by chunk), each expert's rows from source rank 0, 1, ...,
   each source's rows in token order: the order the expert GEMMs read, so nothing is regrouped.
-  With the local rows apart (``local_align`` > 0), each chunk holds first the local part:
-  whole multiples of ``local_align`` of d's own rows (``layout.local_head_rows``), expert by
+  With the local rows apart (``local_head``), each chunk holds first the local part:
+  whole row tiles of d's own rows (``ChunkLayout.local_head_rows``), expert by
   expert; then the rest, expert by expert and by source as above (d's remaining own rows in
   their source's place). Two grouped-GEMM inputs, the first of which is ready before any
   transfer, and together no more row tiles than the chunk's rows in one.
@@ -26,11 +26,9 @@ rank knows where its rows land in every peer's buffers without asking.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-
-from megatron_eps.pipeline.layout import local_head_rows
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class CopyEngineLayout:
     staging_capacity: int  # rows of every rank's staging area
     return_capacity: int  # rows of every rank's return buffer
     recv_chunk_offsets: List[int]  # [chunk + 1] first receive-area row of each chunk (this rank)
-    # [chunk] rows of each chunk's local part, at its head (all zero without local_align: a
+    # [chunk] rows of each chunk's local part, at its head (all zero without local_head: a
     # chunk is then one part)
     recv_local_rows: List[int]
     # This rank's send order as runs of rows: each piece (chunk, destination rank, expert) is one
@@ -91,12 +89,13 @@ class CopyEngineLayout:
     @classmethod
     def build(
         cls, counts: np.ndarray, ep_rank: int, expert_ranges: Sequence[Tuple[int, int]],
-        local_align: int = 0,
+        local_head: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> "CopyEngineLayout":
         """counts: [ep_size, num_experts] rows each rank routes to each expert (global ids);
         expert_ranges: [start, end) local-expert range of each chunk (the same on every rank);
-        local_align: > 0 gives every chunk a local part of whole multiples of it of each
-        expert's own rows (module docstring); 0: none."""
+        local_head: gives every chunk a local part: of each rank's own rows per expert
+        [rank, local expert], the rows its local part takes (``ChunkLayout.local_head_rows``,
+        module docstring); None: no local part."""
         counts = np.asarray(counts, dtype=np.int64)
         ep_size, num_experts = counts.shape
         num_local = num_experts // ep_size
@@ -107,7 +106,7 @@ class CopyEngineLayout:
         per = counts.reshape(ep_size, ep_size, num_local)  # [src, dst, local expert]
         ranks = np.arange(ep_size)
         # head[d, l]: rank d's own rows for its expert l that its local part takes
-        head = (local_head_rows(per[ranks, ranks], local_align) if local_align
+        head = (np.asarray(local_head(per[ranks, ranks]), dtype=np.int64) if local_head
                 else np.zeros((ep_size, num_local), dtype=np.int64))
 
         # send_start[s, d, l]: first send-order row of rank s's rows for expert l of rank d.
@@ -205,7 +204,7 @@ class CopyEngineLayout:
 
     @classmethod
     def for_unique_rows(cls, unique_rows: np.ndarray, ep_rank: int) -> "CopyEngineLayout":
-        """The plan of the deduplicated scheme (``dedup_layout.DedupChunkLayout``).
+        """The plan of the deduplicated scheme (``rows.dedup.DedupChunkLayout``).
 
         unique_rows: [src, dst, chunk] rows each rank sends each rank in each chunk (one per
         token with an expert of the chunk there). Each (rank, chunk) is planned as one expert

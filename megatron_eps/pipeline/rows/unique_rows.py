@@ -4,7 +4,7 @@ The source rank sends a token once to each rank that holds at least one of its e
 chunk, with the token's expert indices (relative to the chunk's first expert on that rank) and
 their routing weights packed behind the hidden state. The expert rank expands each received row
 into one row per (row, expert), runs the experts, and sums a row's weighted expert outputs in
-fp32 (``permute_kernels.sum_rows``) before sending one row back; the source sums the returned
+fp32 (``row_kernels.sum_rows``) before sending one row back; the source sums the returned
 rows of each token the same way. Every sum adds its terms in a fixed order, so the result is deterministic.
 
 Everything here is sized from host numbers every rank derives from the all-gathered statistics
@@ -18,12 +18,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_eps.pipeline.permute_kernels import count_values, row_block, use_triton
+from megatron_eps.row_kernels import count_values, row_block, use_triton
 from megatron_eps.triton_launch import CachedLauncher
 
 # Index of an empty slot in the packed expert indices.
 NO_EXPERT = -1
-_ALIGN_BYTES = 16
 
 
 def _power_of_two(n: int) -> int:
@@ -130,22 +129,9 @@ def split_statistics(gathered, ep_size: int, num_experts: int):
     return per_rank[:, :num_experts].copy(), ranges
 
 
-def meta_columns(hidden: int, token_dtype: torch.dtype, probs_dtype: torch.dtype,
-                 slots: int) -> int:
-    """Columns (of the token dtype) behind the hidden state that carry ``slots`` int32 expert
-    indices and ``slots`` weights; a multiple of 16 bytes, so aligned rows stay aligned. 0 when
-    the hidden state's bytes do not keep the packed fields aligned (no dedup then)."""
-    token_bytes = torch.empty((), dtype=token_dtype).element_size()
-    prob_bytes = torch.empty((), dtype=probs_dtype).element_size()
-    if (hidden * token_bytes) % max(8, prob_bytes):
-        return 0
-    need = slots * (4 + prob_bytes)
-    padded = -(-need // _ALIGN_BYTES) * _ALIGN_BYTES
-    return padded // token_bytes
-
-
 def _meta_views(rows: torch.Tensor, hidden: int, slots: int, probs_dtype: torch.dtype):
-    """(expert indices [R, slots] int32, weights [R, slots]) viewed inside packed rows [R, W].
+    """(expert indices [R, slots] int32, weights [R, slots]) viewed inside packed rows [R, W]
+    (``dedup.meta_columns`` sizes them).
 
     The wider of the two fields comes first, right after the hidden state, so both stay
     aligned to their own size."""
@@ -225,7 +211,7 @@ def place_unique_rows(
     Args:
         tokens: [T, H]; probs: [T, E]; routing_map: [T, E] bool.
         expert_range: [start, end) local experts of the chunk (the same on every rank).
-        out: [R, W] rows, W = H + meta_columns(...): the chunk's send rows, or (``dst_rows``)
+        out: [R, W] rows, W = H + dedup.meta_columns(...): the chunk's send rows, or (``dst_rows``)
             a buffer the rows are placed into.
         slots: most experts one token has in one chunk of one rank.
         dst_rows: [Q] int64, the row of ``out`` each send row goes to; None: row q of ``out``.
@@ -328,7 +314,7 @@ def _place_unique_rows_torch(tokens, probs, routing_map, ep_size, expert_range, 
 
 
 def return_table(sent_rows, chunk_offsets, num_tokens: int, num_returned: int) -> torch.Tensor:
-    """[T, C * D] int64: the slot table (``permute_kernels.sum_rows``) of the source's final sum.
+    """[T, C * D] int64: the slot table (``row_kernels.sum_rows``) of the source's final sum.
 
     sent_rows: per chunk (C of them), ``place_unique_rows``'s [D * T] send rows; chunk_offsets:
     the first row of each chunk among the ``num_returned`` returned rows, which come back in
@@ -356,7 +342,7 @@ def expand_rows(
     Returns:
         rows [M, H] and weights [M], ordered by expert, then source rank, then token (the order
         Megatron's dispatcher hands its experts), and the slot table [R, slots] int64 of the
-        pre-reduction (``permute_kernels.sum_rows``): entry [r, k] is the pair of row r's k-th
+        pre-reduction (``row_kernels.sum_rows``): entry [r, k] is the pair of row r's k-th
         expert (in expert order), M for an empty slot.
 
     The pairs are the filled slots sorted by expert, stably (so by row within an expert); the

@@ -20,15 +20,11 @@ from typing import Optional
 
 import torch
 
-from megatron_eps.triton_launch import CachedLauncher
+from megatron_eps.triton_launch import CachedLauncher, triton_imports
 
 
 def use_triton(*tensors) -> bool:
-    if not all(t.is_cuda for t in tensors if t is not None):
-        return False
-    from megatron_eps.experts.triton_kernels import triton_available
-
-    return triton_available()
+    return all(t.is_cuda for t in tensors if t is not None) and triton_imports()
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_eps.comm.base import row_probs
-from megatron_eps.pipeline.permutation import probs_columns
-from megatron_eps.pipeline.permute_kernels import scatter_routed_rows
+from megatron_eps.pipeline.rows.per_pair import probs_columns
+from megatron_eps.row_kernels import scatter_routed_rows
 
 
 @pytest.mark.parametrize(

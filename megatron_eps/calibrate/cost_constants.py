@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_eps.calibrate.timing import fit_line, median_seconds
+from megatron_eps.timing import fit_line, median_seconds
 from megatron_eps.comm.all_to_all import AllToAll
 from megatron_eps.comm.nccl import NCCLTransport
 
@@ -49,10 +49,10 @@ class LocalCopyLink(AllToAll):
 def build_layer(shape: MoEShape, dtype: torch.dtype, expert_kernel: str):
     """An EPSMoELayer of ``shape`` at ep_size 1 (Megatron's model-parallel state set up here)."""
     from megatron_eps.config import EPSConfig
-    from megatron_eps.testing import Utils
-    from megatron_eps.testing.models import build_moe_pair, moe_config
+    from megatron_eps.inference.layers import build_moe_pair, moe_config
+    from megatron_eps.inference.parallel import initialize_model_parallel
 
-    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     config = moe_config(num_experts=shape.experts, topk=shape.topk, hidden_size=shape.hidden,
                         ffn_hidden_size=shape.ffn, shared_expert_size=shape.shared_ffn, dtype=dtype)
     eps_config = EPSConfig(pipeline_degree=1, min_tokens_to_pipeline=0, expert_kernel=expert_kernel)
@@ -64,7 +64,7 @@ def build_layer(shape: MoEShape, dtype: torch.dtype, expert_kernel: str):
 
 def layer_times(layer, tokens: int, degrees, device, dtype, repeats: int) -> list:
     """Seconds of one forward of ``tokens`` tokens for each N of ``degrees`` (equal chunks)."""
-    from megatron_eps.pipeline.policies import FixedChunking
+    from megatron_eps.policy.degree import FixedChunking
 
     x = torch.randn(tokens, 1, layer.config.hidden_size, device=device, dtype=dtype)
     times = []

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_eps.policy.profile import load_kernel_tables
 from megatron_eps.calibrate import cli
-from megatron_eps.calibrate.timing import fit_latency_bandwidth, fit_line
+from megatron_eps.timing import fit_latency_bandwidth, fit_line
 from megatron_eps.testing import skip_unless_ranks_fit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TINY_KERNELS = ["--device", "cpu", "--dtype", "fp32", "--loads", "4,16", "--skews", "0,1.0",
                 "--target-ms", "1", "--no-progress"]
 
@@ -44,7 +45,6 @@ def test_theil_sen_line_ignores_one_outlier():
 @pytest.mark.slow
 def test_all_on_one_device_writes_a_complete_profile_auto_reads(tmp_path):
     from megatron_eps.config import EPSConfig
-    from megatron_eps.experts import selector
     from megatron_eps.policy.cost_model import LayerShape
     from megatron_eps.policy.degree import choose_chunking
     from megatron_eps.policy.profile import load_pipeline_profile
@@ -59,7 +59,7 @@ def test_all_on_one_device_writes_a_complete_profile_auto_reads(tmp_path):
         assert data["pipeline"][key] >= 0, key
     assert "no link to measure" in data["provenance"]["link"]  # one device: said so
     assert data["provenance"]["device"] == "cpu" and "git_commit" in data["provenance"]
-    assert selector.load_cost_profile(str(path), "cpu").covers("cpu", __import__("torch").float32)
+    assert load_kernel_tables(str(path), "cpu").covers("cpu", __import__("torch").float32)
     # pipeline_degree auto from this file alone (an EP=2 layer of the tiny shape).
     eps_config = EPSConfig(pipeline_degree="auto", min_tokens_to_pipeline=0, cost_profile=str(path))
     profile = load_pipeline_profile(eps_config.cost_profile, "cpu")
@@ -84,9 +84,31 @@ def test_out_directory_may_not_exist_yet(tmp_path):
     assert profile_path_for(str(tmp_path / "p.json"), "NVIDIA H200") == str(tmp_path / "p.json")
 
 
-def test_link_needs_a_profile_to_merge_into(tmp_path):
-    with pytest.raises(SystemExit, match="no profile to merge"):
+def test_link_needs_a_profile_to_merge_into(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["link", "--out", str(tmp_path / "missing.json"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "megatron-eps-calibrate link: error: --out" in capsys.readouterr().err
+
+
+def test_help_lists_the_subcommands_and_an_unknown_one_names_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in cli.SUBCOMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "megatron-eps-calibrate: error:" in err and all(name in err for name in cli.SUBCOMMANDS)
+
+
+def test_bad_options_exit_2_in_the_error_form(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "no_such_model", "--out", str(tmp_path / "k.json")])
+    assert exit_info.value.code == 2
+    assert "megatron-eps-calibrate: error: --config 'no_such_model'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
