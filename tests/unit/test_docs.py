@@ -37,6 +37,12 @@ EXTERNAL_FILES = {
     "megatron/core/dist_checkpointing/strategies/filesystem_async.py",
     "megatron/core/datasets/helpers.cpp",
 }
+# First components of dotted names that are not megatron-eps's: other packages, and the
+# variables and profiler ranges the docs write about. Any other first component must name a
+# module of megatron_eps (or a class or function of it), so a renamed module is caught.
+EXTERNAL_ROOTS = {"torch", "nn", "Tensor", "Stream", "Event", "megatron", "np", "triton",
+                  "cfg", "module", "model", "args", "eps_config", "eps", "MoELayer",
+                  "gpt_builders"}
 EXTERNAL_NAMES = {"GPTModelBuilder", "GPTModelConfig", "_process_memory",
                   "fused_weight_gradient_mlp_cuda"}
 FILE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".sh", ".md", ".txt", ".log", ".tgz", ".png",
@@ -187,7 +193,8 @@ def _dotted_citation_exists(token):
     parts = token.split(".")
     candidates = _candidate_modules(parts[0])
     if not candidates:
-        return None  # not a megatron_eps name (torch._grouped_mm, cfg.replace, ...)
+        # torch._grouped_mm, cfg.replace, ...; anything else is a module that is gone
+        return None if parts[0] in EXTERNAL_ROOTS else False
     for module, prefix in candidates:
         rest = parts[1:]
         # the longest run of components that names a submodule
@@ -307,11 +314,12 @@ def test_citation_check_catches_a_renamed_module_and_attribute(tmp_path):
     doc.write_text("`megatron_eps.config.EPSConfig` `config.EPSConfig.from_args` "
                    "`spec.apply_eps` `megatron_eps/compat.py`\n"
                    "`megatron_eps.confg.EPSConfig` `selection.resolve_transport` `tokens_ready` "
-                   "`pipeline/no_such_module.py` `EPSConfgError`\n")
+                   "`pipeline/no_such_module.py` `EPSConfgError` `no_such_module.build_plan`\n")
     missing = _missing_citations(str(doc))
     assert [entry.split(": ", 1)[1] for entry in missing] == [
         "name `megatron_eps.confg.EPSConfig`", "name `selection.resolve_transport`",
-        "name `tokens_ready`", "file `pipeline/no_such_module.py`", "class `EPSConfgError`"]
+        "name `tokens_ready`", "file `pipeline/no_such_module.py`", "class `EPSConfgError`",
+        "name `no_such_module.build_plan`"]
 
 
 def _index_paths():
