@@ -16,7 +16,7 @@ Three selections are scored on the same timings:
 stock SequentialMLP against the backends for DSV2-Lite at T=4096 tokens per rank (top-6).
 
     python benchmarks/bench_experts.py --profile megatron_eps/profiles/nvidia_h100_80gb_hbm3.json \
-        --out benchmarks/results/experts_h100.json --stock
+        --out benchmarks/results/experts/bench_experts_h100.json --stock
 
 Shapes (local experts per rank): DeepSeek-V2 at EP=8 (H5120 F1536 n20), DeepSeek-V2-Lite at
 EP=1 (H2048 F1408 n64), Mixtral 8x7B at EP=2 (H4096 F14336 n4), and H3072 F1024 n32, a shape

@@ -1,7 +1,7 @@
 """Bytes one MoE forward sends with one row per (token, expert) and with the deduplicated
 scheme (``dispatch_dedup``), from the layouts every rank builds (CPU, gloo ranks, no GPU).
 
-    python benchmarks/dedup_bytes.py [--tokens 4096] [--out benchmarks/results/dedup_bytes_cpu.json]
+    python benchmarks/dedup_bytes.py [--tokens 4096] [--out benchmarks/results/transport/dedup_bytes_cpu.json]
 
 A DeepSeek-V2 layer (160 experts, top-6, hidden 5120, bf16 rows, fp32 weights) with random
 routing at EP=2 and EP=8: each rank routes its tokens, the ranks all-gather the counts and the
@@ -95,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     parser.add_argument("--ep", default="2,8")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "transport",
                                                       "dedup_bytes_cpu.json"))
     args = parser.parse_args(argv)
     from megatron_eps.provenance import git_commit

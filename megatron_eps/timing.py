@@ -27,7 +27,7 @@ def back_to_back_seconds(
     Events around each call of a backed-up queue would time the GPU alone; events around each
     call of a host-bound one would count the host's gaps inside the call but not between calls
     (at 8 tokens/expert the triton backend's kernels took 236 us per call and its host 393 us;
-    benchmarks/results/trace_expert_point_dsv2_ep8_8.json).
+    benchmarks/results/experts/trace_expert_point_dsv2_ep8_8.json).
     """
     out = None
     if device.type == "cuda":

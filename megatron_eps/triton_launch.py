@@ -70,8 +70,8 @@ def _build_launcher(compile_future) -> None:
     """Build the compiled kernel's host launcher, a C extension Triton otherwise compiles (and
     caches on disk) at the kernel's first launch, in the caller's thread. Built here, on the
     compile worker, the first launch finds it in Triton's cache. (Before, a cold first run spent
-    305 ms calibrating, results/autotune_overhead_h200_e89e830.json; with it, 39 ms,
-    results/autotune_overhead_h200.json.)"""
+    305 ms calibrating, results/experts/autotune_overhead_h200_e89e830.json; with it, 39 ms,
+    results/experts/autotune_overhead_h200.json.)"""
     kernel = compile_future.result()
     from triton.runtime.driver import driver
 

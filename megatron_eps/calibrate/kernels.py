@@ -101,7 +101,7 @@ def time_calls_interleaved(
 
     Timed one after the other, the backends of one compute-bound point were timed under
     different conditions: on the H200, grouped and triton measured 8.3 and 8.9 ms interleaved
-    but 9.4 and 8.5 ms in turn, at the same load (bench_experts_h200_qwen3_tuner_vs_bench.json).
+    but 9.4 and 8.5 ms in turn, at the same load (results/experts/bench_experts_h200_qwen3_tuner_vs_bench.json).
     A clock that drifts under the power limit is the likely cause (not traced); interleaved,
     any drift shifts every callable alike.
     """

@@ -2,7 +2,7 @@
 
 Why: NCCL's all-to-all kernels need SMs, and a persistent grouped GEMM holds all of them, so
 the two serialize (calibrate_transport.py on two H200s: NCCL's overlap beside a grouped GEMM
-is 0; benchmarks/results/links_h200_x2.json). A ``cudaMemcpyAsync`` into a peer's
+is 0; benchmarks/results/transport/links_h200_x2.json). A ``cudaMemcpyAsync`` into a peer's
 buffer runs on a copy engine and takes no SM, so it proceeds beside the GEMM.
 
 How (``copy_engine_plan`` has the row arithmetic):

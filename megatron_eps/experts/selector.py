@@ -40,7 +40,7 @@ OUT_OF_REACH = 1.5
 # Calls predicted faster than this are launch- and weight-read-bound, and there the tables'
 # ranking did not carry from one run to the next: on the H200 the same 8-rows-per-expert call
 # of triton took 0.24 ms in the calibration run and 0.48 ms in a later one, while grouped took
-# 0.32 and 0.37 ms (bench_experts_h200*.json; trace_expert_point_dsv2_ep8_8.json: triton's GPU
+# 0.32 and 0.37 ms (results/experts/bench_experts_h200*.json; trace_expert_point_dsv2_ep8_8.json: triton's GPU
 # kernel took 236 us and its host issue 393 us per call). There every backend predicted within
 # LAUNCH_BOUND_REACH of the fastest is timed.
 LAUNCH_BOUND_SECONDS = 1e-3

@@ -341,7 +341,7 @@ def default_configs(counts: Sequence[int], hidden: int, ffn: int, gated: bool):
     if mean_rows <= 32:
         # Weight-bound: one CTA per work item (not persistent) keeps more weight tiles in
         # flight; on the H200 this was 7-17% faster at 5 of 6 points of three widths at 8 and
-        # 32 rows per expert, 8% slower at one (benchmarks/results/tune_triton_h200.txt).
+        # 32 rows per expert, 8% slower at one (benchmarks/results/experts/tune_triton_h200.txt).
         fc1 = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4, tma=True,
                          persistent=False)
         fc2 = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, tma=True,

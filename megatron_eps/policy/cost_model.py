@@ -341,7 +341,7 @@ def predict(
     by rows (the chunk's slowest rank's), and the second call costs one more chunk overhead:
     whole row tiles in the local part keep the tiles of one call, and on one H200 the two calls
     of DSV2 at EP=2 took 2-3% more GEMM time than one at 8K-32K tokens/rank
-    (benchmarks/results/local_rows_tradeoff_h200_17511ff.json). Charging each call a roofline
+    (benchmarks/results/transport/local_rows_tradeoff_h200_17511ff.json). Charging each call a roofline
     with its own weight read instead predicted apart at 1.5x the time of together at 4K.
     """
     if _inputs is None:
