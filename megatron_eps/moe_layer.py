@@ -195,15 +195,19 @@ class EPSMoELayer(MoELayer):
 
     def takes_stock_path(self, hidden_states) -> bool:
         """True for a forward that runs Megatron's own path at its own cost: a decode step or
-        small batch (fewer tokens on this rank than ``stock_forward_below_tokens`` and than
-        ``min_tokens_to_pipeline``, read from the shape: EP ranks must step batches of the same
-        shape, as Megatron's engines do with the same requests on every rank, to agree), a
+        small batch without expert parallelism (fewer tokens than ``stock_forward_below_tokens``
+        and than ``min_tokens_to_pipeline``, read from the shape), a
         CUDA-graph capture (the pipelined forward syncs with the host), and Megatron's
         run-time drop-and-pad for graphed decode (``set_decode_expert_padding`` flips the
         config and the dispatcher after construction)."""
-        tokens = hidden_states.shape[0] * hidden_states.shape[1]
-        if tokens < self.stock_forward_below_tokens and tokens < self.eps_config.min_tokens_to_pipeline:
-            return True
+        # The shape is this rank's alone: under expert parallelism a rank of few tokens taking
+        # the stock path while a peer pipelines would pair unlike collectives. There the group
+        # decides from the counts every rank holds (one chunk below min_tokens_to_pipeline).
+        if self.token_dispatcher.ep_size == 1:
+            tokens = hidden_states.shape[0] * hidden_states.shape[1]
+            if (tokens < self.stock_forward_below_tokens
+                    and tokens < self.eps_config.min_tokens_to_pipeline):
+                return True
         if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
             return True
         config = self.config

@@ -51,6 +51,26 @@ def which_path(tokens_by_case, flips=()):
     return out
 
 
+def uneven_small_batches(tokens_by_rank):
+    """EP=2, this rank holding ``tokens_by_rank[rank]`` tokens (one below the stock threshold,
+    one above): whether both ranks got through the forward with the stock layer's output."""
+    import torch.distributed as dist
+
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
+    try:
+        config = moe_config(num_experts=8, hidden_size=32, ffn_hidden_size=16, ep_size=2)
+        stock, eps = build_moe_pair(config, EPSConfig(pipeline_degree=2))
+        tokens = tokens_by_rank[dist.get_rank()]
+        x = torch.randn(tokens, 1, 32, generator=torch.Generator().manual_seed(tokens))
+        x = x.to(next(eps.parameters()).device)
+        with torch.inference_mode():
+            got, _ = eps(x)
+            want, _ = stock(x)
+        return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+    finally:
+        Utils.destroy_model_parallel()
+
+
 def decode_padding(layer, capacity_factor):
     """What Megatron's set_decode_expert_padding does to a MoE layer for graphed decode:
     drop-and-pad with a capacity (the stock dispatcher then needs no host sync)."""

@@ -22,6 +22,16 @@ def test_small_batches_take_the_stock_path_and_prefill_the_pipeline():
     assert got["prefill"] == ("pipeline", True)
 
 
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_expert_parallel_ranks_agree_whatever_their_own_token_counts():
+    # One rank below the stock threshold, its peer above: the shape alone must not send one
+    # rank down the stock path while the other pipelines (their collectives would not pair).
+    small, large = STOCK_FORWARD_BELOW_TOKENS // 4, STOCK_FORWARD_BELOW_TOKENS * 2
+    assert run_distributed(stock_path_cases.uneven_small_batches, 2, [small, large],
+                           timeout_s=120) == [True, True]
+
+
 @pytest.mark.parametrize("flips", [
     [("config", "moe_pad_expert_input_to_capacity", True),
      ("config", "moe_expert_capacity_factor", 8 / 2)],
