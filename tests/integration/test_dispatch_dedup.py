@@ -12,7 +12,7 @@ from megatron_eps import EPSConfig
 from megatron_eps.pipeline.rows import unique_rows
 from megatron_eps.pipeline.rows import dedup as dedup_scheme
 from megatron_eps import row_kernels
-from megatron_eps.pipeline.rows.dedup import DedupChunkLayout
+from megatron_eps.pipeline.rows.dedup import AUTO_MIN_SAVING, DedupChunkLayout
 from megatron_eps.comm.traffic import routed_traffic
 from megatron_eps.config import EPSConfigError
 from megatron_eps.policy.chunks import chunk_sizes
@@ -331,6 +331,22 @@ def test_auto_dedups_only_when_it_saves_remote_bytes():
     gathered numbers, so every rank gives the same one."""
     for topk, ep_size, expected in ((6, 2, True), (1, 2, False), (6, 1, False)):
         maps = [random_routing(n, 32, topk, seed=n)[0] for n in (40, 0, 17)[:ep_size]]
-        answers = {d.saves_remote_bytes(10 + 48, 10 + 16, 10, 10)
+        answers = {d.saves_remote_bytes((10 + 48, 10), (10 + 16, 10))
                    for _, d in group_layouts(maps, ep_size, 1, topk)}
         assert answers == {expected}, (topk, ep_size, answers)
+
+
+def test_auto_weighs_each_scheme_by_its_own_dispatch_and_combine_bytes():
+    """auto sets each unique row's (dispatch, combine) bytes against each pair's: cases where
+    an argument order mixing the two schemes' bytes would answer otherwise (an fp32 partial sum
+    makes the unique row's combine larger than the pair's)."""
+    maps = [random_routing(n, 32, 6, seed=n)[0] for n in (40, 17)]
+    for _, d in group_layouts(maps, 2, 1, 6):
+        remote = ~np.eye(2, dtype=bool)
+        unique = int(d.unique_rows.sum(axis=2)[remote].sum())
+        pairs = int(d.pair_rows_sent[remote].sum())
+        for dedup_bytes, pair_bytes in (((58, 40), (26, 10)), ((58, 10), (26, 40)),
+                                        ((200, 40), (26, 10))):
+            expected = unique * sum(dedup_bytes) <= (1 - AUTO_MIN_SAVING) * pairs * sum(pair_bytes)
+            assert d.saves_remote_bytes(dedup_bytes, pair_bytes) == expected, (
+                unique, pairs, dedup_bytes, pair_bytes)

@@ -22,7 +22,7 @@ the count matrix), so every rank derives the same layout for whatever chunking w
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -106,16 +106,17 @@ class DedupChunkLayout(ChunkLayout):
         """Rows the experts of ``chunk`` run here after the expansion."""
         return sum(self.tokens_per_expert[chunk])
 
-    def saves_remote_bytes(self, dispatch_row_bytes: int, pair_dispatch_row_bytes: int,
-                           combine_row_bytes: int, pair_combine_row_bytes: int,
+    def saves_remote_bytes(self, row_bytes: Tuple[int, int], pair_row_bytes: Tuple[int, int],
                            min_saving: float = AUTO_MIN_SAVING) -> bool:
-        """Whether the whole group's remote bytes fall by at least ``min_saving`` (the same
-        answer on every rank: it reads only gathered numbers)."""
+        """Whether the whole group's remote bytes fall by at least ``min_saving`` when each
+        unique row moves ``row_bytes`` (dispatch, combine) instead of each pair's
+        ``pair_row_bytes`` (dispatch, combine). The same answer on every rank: it reads only
+        gathered numbers."""
         remote = ~np.eye(self.ep_size, dtype=bool)
         unique = int(self.unique_rows.sum(axis=2)[remote].sum())
         pairs = int(self.pair_rows_sent[remote].sum())
-        dedup = unique * (dispatch_row_bytes + combine_row_bytes)
-        per_pair = pairs * (pair_dispatch_row_bytes + pair_combine_row_bytes)
+        dedup = unique * sum(row_bytes)
+        per_pair = pairs * sum(pair_row_bytes)
         return per_pair > 0 and dedup <= (1.0 - min_saving) * per_pair
 
 
@@ -190,7 +191,7 @@ class DedupRows(RowScheme):
         if not meta_columns(tokens.shape[-1], tokens.dtype, probs.dtype, layout.slots):
             return None
         row_bytes = dedup_row_bytes(layout, tokens, probs)
-        if setting == "auto" and not layout.saves_remote_bytes(*row_bytes, *pairs.row_bytes):
+        if setting == "auto" and not layout.saves_remote_bytes(row_bytes, pairs.row_bytes):
             return None
         return cls(pairs, layout, row_bytes)
 
