@@ -1,5 +1,5 @@
 """Decode-step cost of one MoE layer, stock MoELayer vs EPSMoELayer (eager, bf16, one GPU):
-a decode step of batch B is B tokens, which EPSMoELayer hands to the stock forward
+a decode step of batch B is B tokens, which EPSMoELayer without expert parallelism hands to the stock forward
 (``takes_stock_path``). Bar: EPS within 3% of stock at batch 1-64.
 
     python benchmarks/megatron_lm_decode.py --out decode.json

@@ -115,7 +115,8 @@ class Runner:
     # ----------------------------------------------------------------- steps
     def checkpoint(self, dtype):
         path = os.path.join(self.args.work, f"ckpt_{dtype}")
-        if os.path.isdir(path):
+        # Megatron writes this file last: a folder without it is a write that did not finish.
+        if os.path.exists(os.path.join(path, "latest_checkpointed_iteration.txt")):
             return path
         flags = model_flags(self.max_length) + ["--save", path, "--no-save-optim"]
         flags += ["--bf16"] if dtype == "bf16" else []

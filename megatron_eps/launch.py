@@ -34,8 +34,14 @@ def finish_parsed_args(parser, namespace):
     """After Megatron-LM's parser ran: check the EPS settings against Megatron's and select the
     EPS spec, or end the run with one line (argparse's exit, status 2)."""
     from megatron_eps import megatron_lm
+    from megatron_eps.config import flag_of, flag_settings
 
     if not eps_requested(namespace):
+        stray = sorted(flag_settings(namespace))
+        if stray:
+            parser.exit(2, f"megatron-eps: {', '.join(flag_of(name) for name in stray)} given "
+                        f"without --eps-moe; add --eps-moe (or --eps-config PATH, or "
+                        f"${megatron_lm.CONFIG_ENV}) to turn EPS on\n")
         return namespace
     spec = getattr(namespace, "spec", None)
     if spec and tuple(spec) != megatron_lm.SPEC_ARGUMENT:
@@ -43,10 +49,11 @@ def finish_parsed_args(parser, namespace):
                     f"spec; drop --spec (EPS builds Megatron's own spec with EPS layers) or "
                     f"drop --eps-moe/--eps-config\n")
     try:
-        megatron_lm.checked_settings(namespace)
+        eps_config = megatron_lm.checked_settings(namespace)
     except SystemExit as exc:
         parser.exit(2, f"{exc}\n")
-    namespace.spec = list(megatron_lm.SPEC_ARGUMENT)
+    if eps_config.enabled:  # a file may say enabled: false: Megatron's own layers then
+        namespace.spec = list(megatron_lm.SPEC_ARGUMENT)
     return namespace
 
 

@@ -75,14 +75,6 @@ def check_run_settings(config: Any, eps_config: EPSConfig, expert_parallel_size:
 
     if not eps_config.enabled:
         return
-    if getattr(config, "transformer_impl", None) == "inference_optimized":
-        raise MegatronLMSettingError(
-            "--transformer-impl inference_optimized swaps in Megatron's own inference "
-            "dispatcher, which EPS replaces; use --transformer-impl local or "
-            "transformer_engine with EPS (or drop --eps-moe)")
-    if not getattr(config, "num_moe_experts", None):
-        raise MegatronLMSettingError(
-            "EPS needs a MoE model: --num-experts is not set (or drop --eps-moe / the EPS spec)")
     try:
         check_megatron_config(config, eps_config, expert_parallel_size)
     except EPSConfigError as exc:
@@ -99,6 +91,7 @@ _FLAG_OF_FIELD = {
     "moe_permute_fusion": "--moe-permute-fusion",
     "moe_router_padding_for_quantization": "--moe-router-padding-for-quantization",
     "moe_latent_size": "--moe-latent-size",
+    "transformer_impl": "--transformer-impl",
 }
 
 
@@ -178,16 +171,20 @@ def stock_spec_for_args(args: Any, config: Any, vp_stage: Optional[int] = None):
 
 def eps_spec(stock_spec: Any, config: Any, eps_config: EPSConfig):
     """``stock_spec`` with EPSMoELayer in its MoE layers (``apply_eps``), MLA made buildable
-    without Transformer Engine where the version needs it (compat)."""
+    without Transformer Engine where the version needs it (compat). ``stock_spec`` as it is
+    with EPS off (Megatron's own layers, dispatcher included) and for a pipeline stage that
+    holds no MoE layer (a legal split of a model whose first layers are dense)."""
     from megatron_eps import compat
     from megatron_eps.spec import apply_eps
 
+    if not eps_config.enabled:
+        return stock_spec
     if getattr(config, "multi_latent_attention", False):
         compat.fix_mla_without_te()
     try:
         return apply_eps(stock_spec, eps_config)
-    except ValueError as exc:
-        refuse(str(exc))
+    except ValueError:  # the only ValueError of apply_eps: this stage builds no MoELayer
+        return stock_spec
 
 
 class MegatronLMSpec(TransformerBlockSubmodules):

@@ -20,9 +20,10 @@ from megatron_eps.policy.degree import ChunkingPolicy
 logger = logging.getLogger(__name__)
 
 STOCK_FORWARD_BELOW_TOKENS = 256
-"""Forwards with fewer tokens on a rank than this and than ``min_tokens_to_pipeline`` (decode
-steps, small batches) run Megatron's stock MoELayer forward: one chunk cannot overlap anything,
-and the stock path adds no host work. Per layer: ``EPSMoELayer.stock_forward_below_tokens``."""
+"""Without expert parallelism, forwards with fewer tokens than this and than
+``min_tokens_to_pipeline`` (decode steps, small batches) run Megatron's stock MoELayer forward:
+one chunk cannot overlap anything, and the stock path adds no host work (``takes_stock_path``).
+Per layer: ``EPSMoELayer.stock_forward_below_tokens``."""
 
 
 def check_megatron_config(config, eps_config: EPSConfig, ep_size: int) -> None:

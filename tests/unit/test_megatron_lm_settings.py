@@ -81,3 +81,46 @@ def test_settings_off_are_not_checked(monkeypatch, tmp_path):
 def test_spec_outside_a_megatron_lm_run_is_refused():
     with pytest.raises(SystemExit, match="read inside a Megatron-LM run"):
         gpt_layer_spec.layer_specs
+
+
+def finished(argv, **megatron):
+    """The launcher's step after Megatron's parser: the namespace, or the parser's exit."""
+    from megatron_eps.launch import finish_parsed_args
+
+    parser = add_eps_args(argparse.ArgumentParser(allow_abbrev=False))
+    args = parsed(argv, **megatron)
+    args.spec = None
+    return finish_parsed_args(parser, args)
+
+
+def test_launcher_refuses_eps_flags_without_eps_moe(monkeypatch, capsys):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert finished([]).spec is None  # nothing asked: Megatron's own run
+    with pytest.raises(SystemExit) as exc:
+        finished(["--eps-pipeline-degree", "4"])
+    assert exc.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "--eps-pipeline-degree" in message and "--eps-moe" in message and "\n" not in message
+    assert finished(["--eps-moe", "--eps-pipeline-degree", "4"]).spec == ["megatron_eps.megatron_lm",
+                                                                         "gpt_layer_spec"]
+
+
+def test_launcher_keeps_megatrons_layers_when_the_file_turns_eps_off(monkeypatch, tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text("enabled: false\n")
+    monkeypatch.setenv(CONFIG_ENV, str(off))
+    # even with a dispatcher EPS cannot run: Megatron's own spec, untouched
+    assert finished([], moe_token_dispatcher_type="flex").spec is None
+
+
+def test_eps_spec_leaves_a_stage_without_moe_layers_and_eps_off_as_they_are():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_eps import EPSConfig
+    from megatron_eps.megatron_lm import eps_spec
+
+    dense = get_gpt_layer_local_spec()
+    assert eps_spec(dense, None, EPSConfig(enabled=True)) is dense
+    moe = get_gpt_layer_local_spec(num_experts=8)
+    assert eps_spec(moe, None, EPSConfig(enabled=False)) is moe
+    assert eps_spec(moe, None, EPSConfig(enabled=True)) is not moe
