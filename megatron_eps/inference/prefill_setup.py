@@ -209,7 +209,6 @@ def _check_memory(args, mc, par, world, device) -> None:
         )
 
 
-
 # --------------------------------------------------------------------------- distributed
 def init_distributed(args) -> Dict[str, int]:
     """Default process group: torchrun's env, or a world of one. NCCL on GPUs, gloo on CPU."""
@@ -241,7 +240,6 @@ def init_distributed(args) -> Dict[str, int]:
             timeout=datetime.timedelta(seconds=args.dist_timeout),
         )
     return {"rank": rank, "world_size": world, "local_rank": local_rank}
-
 
 
 # --------------------------------------------------------------------------- models and prompts
