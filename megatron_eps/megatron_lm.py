@@ -75,6 +75,10 @@ def check_run_settings(config: Any, eps_config: EPSConfig, expert_parallel_size:
 
     if not eps_config.enabled:
         return
+    if getattr(config, "virtual_pipeline_model_parallel_size", None):
+        raise MegatronLMSettingError(
+            "EPS does not run with virtual pipeline stages (--num-virtual-stages-per-pipeline-rank"
+            " / --num-layers-per-virtual-pipeline-stage); drop them or drop --eps-moe")
     try:
         check_megatron_config(config, eps_config, expert_parallel_size)
     except EPSConfigError as exc:
@@ -118,6 +122,8 @@ class ArgsConfigView:
         self.expert_tensor_parallel_size = (getattr(args, "expert_tensor_parallel_size", None)
                                             or getattr(args, "tensor_model_parallel_size", 1) or 1)
         self.transformer_impl = getattr(args, "transformer_impl", None)
+        self.virtual_pipeline_model_parallel_size = getattr(
+            args, "virtual_pipeline_model_parallel_size", None)
         for flag in ("moe_latent_size", "moe_router_padding_for_quantization",
                      "moe_permute_fusion"):
             setattr(self, flag, getattr(args, flag, None))
@@ -200,9 +206,6 @@ class MegatronLMSpec(TransformerBlockSubmodules):
 
         transformer_config = getattr(model_config, "transformer", model_config)
         eps_config = checked_settings(_megatron_args(), transformer_config)
-        if getattr(transformer_config, "virtual_pipeline_model_parallel_size", None):
-            refuse("EPS does not run with virtual pipeline stages "
-                   "(--num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage)")
         stock = compat.megatron_lm_default_layer_spec(model_config, vp_stage)
         if stock is None:
             stock = stock_spec_for_args(_megatron_args(), transformer_config, vp_stage)
@@ -221,9 +224,6 @@ class MegatronLMSpec(TransformerBlockSubmodules):
         key = (id(args), pp_rank)
         if self._built is not None and self._built[0] == key:
             return self._built[1]
-        if getattr(args, "virtual_pipeline_model_parallel_size", None):
-            refuse("EPS does not run with virtual pipeline stages "
-                   "(--num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage)")
         if getattr(args, "yaml_cfg", None) is not None:
             from megatron.training.yaml_arguments import core_transformer_config_from_yaml
 

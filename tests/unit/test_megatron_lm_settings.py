@@ -57,6 +57,7 @@ def test_precedence(tmp_path, monkeypatch):
     (dict(expert_model_parallel_size=3), ["--num-experts", "--expert-model-parallel-size", "=3"]),
     (dict(num_experts=None), ["--num-experts"]),
     (dict(transformer_impl="inference_optimized"), ["inference_optimized", "local"]),
+    (dict(virtual_pipeline_model_parallel_size=2), ["virtual pipeline stages", "--eps-moe"]),
 ])
 def test_refusals_are_one_line(megatron, needles, monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
