@@ -168,12 +168,15 @@ def test_a_layer_runs_a_ready_backend_until_the_others_compiled(tmp_path):
 
 
 def _small_self_calibrating_pair(cache):
-    """(stock, EPS) MoE layers of 4 small experts, EPS with self-calibration on, unchunked."""
+    """(stock, EPS) MoE layers of 4 small experts, EPS with self-calibration on, unchunked.
+    ``min_tokens_to_pipeline=0``: batches this small would otherwise take the stock forward
+    (``takes_stock_path``), where no expert backend of EPS runs."""
     from megatron_eps import EPSConfig
     from megatron_eps.inference.layers import build_moe_pair, moe_config
 
     config = moe_config(num_experts=4, topk=2, hidden_size=32, ffn_hidden_size=16)
-    return build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache, pipeline_degree=1))
+    return build_moe_pair(config, EPSConfig(kernel_autotune="on", kernel_cache=cache,
+                                            pipeline_degree=1, min_tokens_to_pipeline=0))
 
 
 def _deferring_rank(cache, _unused):
