@@ -126,12 +126,68 @@ if triton is not None:
         out_ptrs = out_ptr + rows_in[:, None] * stride_om + cols[None, :]
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _accumulate_pointer_loads(x_ptr, w_ptr, rows_in, cols_in, expert, K, gate_rows, stride_xm,
+                                  stride_xk, stride_we, stride_wn, stride_wk, GATED: tl.constexpr,
+                                  IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A tile's accumulators (gate and linear halves) from pointer loads. Out-of-range
+        rows/cols arrive as a valid row/col (``rows_in``/``cols_in``), so the K loop needs no
+        row/col masks; the junk lands only in rows/cols never stored."""
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = ks < K - k * BLOCK_K
+                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            if GATED:
+                # The linear half's rows sit gate_rows (= F) below the gate rows.
+                if EVEN_K:
+                    b_lin = tl.load(w_ptrs + gate_rows * stride_wn)
+                else:
+                    b_lin = tl.load(w_ptrs + gate_rows * stride_wn, mask=k_ok[:, None], other=0.0)
+                if IEEE:
+                    acc_lin = tl.dot(a, b_lin, acc_lin, input_precision="ieee")
+                else:
+                    acc_lin = tl.dot(a, b_lin, acc_lin)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc, acc_lin
+
+    @triton.jit
+    def _accumulate_tma_loads(x_desc, w_desc, row_start, w_row, K, gate_rows, GATED: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A tile's accumulators from TMA loads (Hopper's bulk tensor copies). Rows past the
+        expert's end are whatever follows in x (or TMA's zero fill past the tensor), likewise
+        weight rows past the n range: computed, never stored. K past the end is zero-filled."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x_desc.load([row_start, k * BLOCK_K])
+            b = w_desc.load([w_row, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+            if GATED:
+                b_lin = w_desc.load([w_row + gate_rows, k * BLOCK_K])
+                acc_lin = tl.dot(a, b_lin.T, acc_lin)
+        return acc, acc_lin
+
     # Ints that change with the load are not specialized on (Triton would compile a variant per
     # value class: == 1, multiple of 16, other), so a new load never costs a compile mid-run.
     @triton.jit(do_not_specialize=["num_experts", "num_m_tiles", "num_programs"])
     def _expert_gemm_kernel(
-        x_ptr,
-        w_ptr,
+        x_src,
+        w_src,
         out_ptr,
         probs_ptr,
         offs_ptr,
@@ -139,6 +195,7 @@ if triton is not None:
         num_m_tiles,
         N,
         K,
+        w_rows_per_expert,
         gate_rows,
         stride_xm,
         stride_xk,
@@ -155,117 +212,38 @@ if triton is not None:
         HAS_CLAMP: tl.constexpr,
         IEEE: tl.constexpr,
         EVEN_K: tl.constexpr,
+        TMA: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         EXPERTS_POW2: tl.constexpr,
     ):
+        # x_src/w_src are TMA descriptors (TMA) or pointers with their strides (otherwise; the
+        # strides are unused with descriptors, w_rows_per_expert unused with pointers).
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m_tiles * num_n_tiles
         tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
         for tile in range(pid, num_tiles, num_programs):
-            n_tile, expert_index, row_start, row_end = _work_item(
+            n_tile, expert, row_start, row_end = _work_item(
                 tile, tile_ends, offs_ptr, num_m_tiles, num_n_tiles, GROUP_M, BLOCK_M)
-            expert = expert_index.to(tl.int64)
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < row_end
-            # Out-of-range rows/cols read a valid row/col instead of being masked: the K loop
-            # then needs no row/col masks, and the junk lands only in rows/cols never stored.
             rows_in = tl.where(row_ok, rows, row_end - 1).to(tl.int64)
             cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             cols_in = tl.where(col_ok, cols, N - 1).to(tl.int64)
-            ks = tl.arange(0, BLOCK_K)
-
-            x_ptrs = x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
-            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                if EVEN_K:
-                    a = tl.load(x_ptrs)
-                    b = tl.load(w_ptrs)
-                else:
-                    k_ok = ks < K - k * BLOCK_K
-                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-                if GATED:
-                    # The linear half's rows sit gate_rows (= F) below the gate rows.
-                    if EVEN_K:
-                        b_lin = tl.load(w_ptrs + gate_rows * stride_wn)
-                    else:
-                        b_lin = tl.load(w_ptrs + gate_rows * stride_wn, mask=k_ok[:, None], other=0.0)
-                    if IEEE:
-                        acc_lin = tl.dot(a, b_lin, acc_lin, input_precision="ieee")
-                    else:
-                        acc_lin = tl.dot(a, b_lin, acc_lin)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
-
+            if TMA:
+                acc, acc_lin = _accumulate_tma_loads(
+                    x_src, w_src, row_start, expert * w_rows_per_expert + n_tile * BLOCK_N, K,
+                    gate_rows, GATED, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                acc, acc_lin = _accumulate_pointer_loads(
+                    x_src, w_src, rows_in, cols_in, expert.to(tl.int64), K, gate_rows, stride_xm,
+                    stride_xk, stride_we, stride_wn, stride_wk, GATED, IEEE, EVEN_K, BLOCK_M,
+                    BLOCK_N, BLOCK_K)
             _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols_in, col_ok, stride_om,
-                        clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
-
-    @triton.jit(do_not_specialize=["num_experts", "num_m_tiles", "num_programs"])
-    def _expert_gemm_tma_kernel(
-        x_desc,
-        w_desc,
-        out_ptr,
-        probs_ptr,
-        offs_ptr,
-        num_experts,
-        num_m_tiles,
-        N,
-        K,
-        w_rows_per_expert,
-        gate_rows,
-        stride_om,
-        clamp,
-        glu_offset,
-        num_programs,
-        GATED: tl.constexpr,
-        ACT: tl.constexpr,
-        HAS_PROBS: tl.constexpr,
-        HAS_CLAMP: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-        EXPERTS_POW2: tl.constexpr,
-    ):
-        # Same work items and epilogue as _expert_gemm_kernel; operands arrive through TMA
-        # (Hopper's bulk tensor copies). Rows of an m-tile past its expert's end are whatever
-        # follows in x (or TMA's zero fill past the tensor): they are computed, never stored.
-        # Likewise weight rows past the n range; K past the end is zero-filled by TMA.
-        pid = tl.program_id(0)
-        num_n_tiles = tl.cdiv(N, BLOCK_N)
-        num_tiles = num_m_tiles * num_n_tiles
-        tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
-        for tile in range(pid, num_tiles, num_programs):
-            n_tile, expert, row_start, row_end = _work_item(tile, tile_ends, offs_ptr, num_m_tiles,
-                                                            num_n_tiles, GROUP_M, BLOCK_M)
-            w_row = expert * w_rows_per_expert + n_tile * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                a = x_desc.load([row_start, k * BLOCK_K])
-                b = w_desc.load([w_row, k * BLOCK_K])
-                acc = tl.dot(a, b.T, acc)
-                if GATED:
-                    b_lin = w_desc.load([w_row + gate_rows, k * BLOCK_K])
-                    acc_lin = tl.dot(a, b_lin.T, acc_lin)
-
-            rows = row_start + tl.arange(0, BLOCK_M)
-            row_ok = rows < row_end
-            rows_in = tl.where(row_ok, rows, row_end - 1).to(tl.int64)
-            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            _store_tile(acc, acc_lin, out_ptr, probs_ptr, rows_in, row_ok, cols, col_ok, stride_om,
                         clamp, glu_offset, GATED, ACT, HAS_PROBS, HAS_CLAMP)
 
     @triton.jit(do_not_specialize=["M"])
@@ -397,10 +375,11 @@ def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gemm_launchers() -> Dict[str, CachedLauncher]:
-    """The GEMM kernels launch twice per expert call; these skip the JIT's per-call binding and
-    specialization of every argument after a specialization's first launch."""
+    """The GEMM kernel launches twice per expert call; these skip the JIT's per-call binding and
+    specialization of every argument after a specialization's first launch. One launcher per
+    operand-load flavour, so the compiled kernels of each can be listed apart."""
     return {"pointer": CachedLauncher(_expert_gemm_kernel),
-            "tma": CachedLauncher(_expert_gemm_tma_kernel)}
+            "tma": CachedLauncher(_expert_gemm_kernel)}
 
 
 def compiled_gemm_kernels() -> Dict[str, list]:
@@ -447,7 +426,7 @@ def expert_gemm(
         grid_size = min(num_work, 3)
     else:
         grid_size = num_work
-    shared_args = (  # the parameters both kernels take in the same order
+    shared_args = (
         out,
         probs if probs is not None else x,
         offs,
@@ -466,33 +445,30 @@ def expert_gemm(
         "GROUP_M": cfg.group_m,
         "EXPERTS_POW2": max(16, 1 << (w.shape[0] - 1).bit_length()),
     }
-    if cfg.tma and _tma_usable(x, w):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        n_experts, w_rows, _ = w.shape
-        x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
-        w_desc = TensorDescriptor.from_tensor(w.view(n_experts * w_rows, K),
-                                              [cfg.block_n, cfg.block_k])
-        _gemm_launchers()["tma"](
-            (grid_size,),
-            (x_desc, w_desc, *shared_args, w_rows, N if gated else 0, out.stride(0), *scalars),
-            {**flags, **tiles},
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        return out
-    if cfg.tma:
+    use_tma = cfg.tma and _tma_usable(x, w)
+    if cfg.tma and not use_tma:
         cfg = _pointer_fallback(cfg, gated)
         tiles["BLOCK_N"] = cfg.block_n
         num_work = num_m_tiles * _cdiv(N, cfg.block_n)
         grid_size = min(num_work, grid_size) if cfg.persistent else num_work
         scalars = scalars[:2] + (grid_size,)
-    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0))
-    pointer_flags = {**flags, "IEEE": x.dtype == torch.float32, "EVEN_K": K % cfg.block_k == 0}
-    _gemm_launchers()["pointer"](
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        sources = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
+                   TensorDescriptor.from_tensor(w.view(w.shape[0] * n_rows, K),
+                                                [cfg.block_n, cfg.block_k]))
+        strides = (0, 0, 0, 0, 0)
+    else:
+        sources = (x, w)
+        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2))
+    flags["IEEE"] = x.dtype == torch.float32 and not use_tma
+    flags["EVEN_K"] = K % cfg.block_k == 0
+    flags["TMA"] = use_tma
+    _gemm_launchers()["tma" if use_tma else "pointer"](
         (grid_size,),
-        (x, w, *shared_args, N if gated else 0, *strides, *scalars),
-        {**pointer_flags, **tiles},
+        (*sources, *shared_args, n_rows, N if gated else 0, *strides, out.stride(0), *scalars),
+        {**flags, **tiles},
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
