@@ -19,10 +19,11 @@ from megatron_eps.comm.sm_control import apply_comm_cta_cap
 from megatron_eps.config import EPSConfig
 from megatron_eps.inference.logits import compare_logits, logits_agree
 from megatron_eps.inference.model_config import load_model_config
+from megatron_eps.inference.parallel import seed_model_parallel
 from megatron_eps.inference.prefill_report import (device_info, eps_decisions, format_table,
                                                    ranks_share_gpu_here, run_commit, run_versions)
 from megatron_eps.inference.prefill_setup import (build_model, init_distributed,
-                                                  make_prompts, seed_all,
+                                                  make_prompts,
                                                   swap_in_grouped_experts,
                                                   transformer_config_for, wants_cuda)
 from megatron_eps.inference.prefill_timing import sync, timed_prefills
@@ -83,7 +84,7 @@ def run(args) -> Dict[str, object]:
     build_s = {}
     errors: List[str] = []
     for round_index, mode in schedule:
-        seed_all(args.seed, device)
+        seed_model_parallel(args.seed, on_cuda=device.type == "cuda")
         t0 = time.perf_counter()
         model = build_model(mc, config, eps_config if mode == "eps" else None, state_dict)
         if mode == "grouped":

@@ -3,9 +3,7 @@ the models and the prompts."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import sys
 from typing import Dict, Optional
 
@@ -15,9 +13,8 @@ from megatron_eps.config import EPSConfig, EPSConfigError
 from megatron_eps.experts import base
 from megatron_eps.experts.weights import synthetic_experts
 from megatron_eps.inference.baselines import GroupedGemmExperts
-from megatron_eps.inference.cpu_shims import install_cpu_shims
 from megatron_eps.inference.model_config import load_model_config
-from megatron_eps.inference.parallel import process_group_backend
+from megatron_eps.inference.parallel import initialize_distributed, seed_model_parallel
 from megatron_eps.moe_layer import check_megatron_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -212,34 +209,10 @@ def _check_memory(args, mc, par, world, device) -> None:
 # --------------------------------------------------------------------------- distributed
 def init_distributed(args) -> Dict[str, int]:
     """Default process group: torchrun's env, or a world of one. NCCL on GPUs, gloo on CPU."""
-    import torch.distributed as dist
-
     use_cuda = wants_cuda(args.device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    else:
-        install_cpu_shims(force=torch.cuda.is_available())
+    if not use_cuda:
         torch.set_num_threads(args.cpu_threads)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=process_group_backend(use_cuda),
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=args.dist_timeout),
-        )
-    return {"rank": rank, "world_size": world, "local_rank": local_rank}
+    return initialize_distributed(args.dist_timeout, use_cuda=use_cuda)
 
 
 # --------------------------------------------------------------------------- models and prompts
@@ -278,20 +251,6 @@ def build_model(mc, config, eps_config=None, state_dict=None):
             )
     model.eval()
     return model
-
-
-def seed_all(seed: int, device) -> None:
-    """Seed torch and Megatron's RNG tracker. On GPUs the regular tracker gives each EP rank
-    its own expert weights; on CPU the inference tracker (no CUDA RNG) is the one that works,
-    and CPU initialisation draws every weight from the default generator."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-        model_parallel_cuda_manual_seed(seed)
-    else:
-        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
 def make_prompts(seed: int, dp_rank: int, batch: int, length: int, vocab: int, device):

@@ -258,7 +258,7 @@ def build_models_and_count(names_and_attention):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_eps.inference.prefill_setup import seed_all
+    from megatron_eps.inference.parallel import seed_model_parallel
 
     parallel_state.initialize_model_parallel()
     out = {}
@@ -272,7 +272,7 @@ def build_models_and_count(names_and_attention):
             os.environ.pop(var, None)
         mc = model_config_from_dict(data, name)
         config = mc.transformer_config()
-        seed_all(3, torch.device("cpu"))
+        seed_model_parallel(3, on_cuda=False)
         model = mc.build_gpt_model(config, mc.layer_spec(config)).eval()
         count = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
         device = next(model.parameters()).device
