@@ -176,34 +176,34 @@ def _check_memory(args, mc, par, world, device) -> None:
     dtype_bytes = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
     both = not (args.stock_only or args.eps_only)
     ep = par["expert_model_parallel_size"]
-    for length in sorted(args.prompt_lengths, reverse=True)[:1]:
-        parts = estimate_prefill_bytes(mc, args.batch_size, length, dtype_bytes, ep,
-                                       args.check_logits, both)
-        need = sum(parts.values())
-        if need <= available:
-            return
-        per_token = (sum(estimate_prefill_bytes(mc, args.batch_size, 2, dtype_bytes, ep,
-                                                args.check_logits, both).values())
-                     - sum(estimate_prefill_bytes(mc, args.batch_size, 1, dtype_bytes, ep,
-                                                  args.check_logits, both).values()))
-        fixed = sum(parts.values()) - per_token * length
-        longest = int(max(available - fixed, 0) // max(per_token, 1))
-        gib = 2.0**30
-        detail = ", ".join(f"{k.replace('_', ' ')} {v / gib:,.1f}" for k, v in parts.items())
-        if longest < 1:
-            raise PrefillError(
-                f"--config {args.config}: the weights alone need ~{fixed / gib:,.1f} GiB per rank "
-                f"({args.dtype}{', stock + EPS copies' if both else ''}), this "
-                f"{'GPU' if device.type == 'cuda' else 'host'} has ~{available / gib:,.1f} GiB per "
-                "rank; allowed: fewer layers (--layers N), --dtype bf16, --stock-only/--eps-only, "
-                "or more expert-parallel ranks"
-            )
+    length = max(args.prompt_lengths)  # the longest prompt decides
+    parts = estimate_prefill_bytes(mc, args.batch_size, length, dtype_bytes, ep,
+                                   args.check_logits, both)
+    need = sum(parts.values())
+    if need <= available:
+        return
+    per_token = (sum(estimate_prefill_bytes(mc, args.batch_size, 2, dtype_bytes, ep,
+                                            args.check_logits, both).values())
+                 - sum(estimate_prefill_bytes(mc, args.batch_size, 1, dtype_bytes, ep,
+                                              args.check_logits, both).values()))
+    fixed = sum(parts.values()) - per_token * length
+    longest = int(max(available - fixed, 0) // max(per_token, 1))
+    gib = 2.0**30
+    detail = ", ".join(f"{k.replace('_', ' ')} {v / gib:,.1f}" for k, v in parts.items())
+    if longest < 1:
         raise PrefillError(
-            f"--prompt-lengths {length} with --batch-size {args.batch_size}: a prefill needs at "
-            f"least ~{need / gib:,.1f} GiB per rank (GiB: {detail}), this "
+            f"--config {args.config}: the weights alone need ~{fixed / gib:,.1f} GiB per rank "
+            f"({args.dtype}{', stock + EPS copies' if both else ''}), this "
             f"{'GPU' if device.type == 'cuda' else 'host'} has ~{available / gib:,.1f} GiB per "
-            f"rank; allowed: prompt lengths up to about {longest:,} tokens at this batch size"
+            "rank; allowed: fewer layers (--layers N), --dtype bf16, --stock-only/--eps-only, "
+            "or more expert-parallel ranks"
         )
+    raise PrefillError(
+        f"--prompt-lengths {length} with --batch-size {args.batch_size}: a prefill needs at "
+        f"least ~{need / gib:,.1f} GiB per rank (GiB: {detail}), this "
+        f"{'GPU' if device.type == 'cuda' else 'host'} has ~{available / gib:,.1f} GiB per "
+        f"rank; allowed: prompt lengths up to about {longest:,} tokens at this batch size"
+    )
 
 
 # --------------------------------------------------------------------------- distributed
