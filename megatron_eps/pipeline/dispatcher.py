@@ -18,6 +18,7 @@ from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.comm.watchdog import peer_wait_watchdog, wait_for_event, wait_timeout_s
 from megatron_eps.config import EPSConfig
+from megatron_eps.experts.shared import SharedOutput
 from megatron_eps.pipeline.rows import unique_rows
 from megatron_eps.pipeline.rows.choice import choose_row_scheme
 from megatron_eps.pipeline.rows.dedup import DedupRows
@@ -141,7 +142,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         routing_map: torch.Tensor,
         experts,
         chunking,
-        shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+        shared_experts: Optional[Callable[[], SharedOutput]] = None,
         transport: Optional[ExpertTransport] = None,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
@@ -157,9 +158,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 transport name)`` -> N (equal chunks) or the local experts of each chunk; a pure
                 function of the count matrix and of state every rank shares, so that every EP
                 rank picks the same chunks.
-            shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
-                issued before the host waits for the count matrix, so the GPU computes it while
-                the host plans the chunks (schedule's module docstring).
+            shared_experts: optional thunk issuing the shared experts
+                (``experts.shared.SharedExpertRunner.issue``): an ``experts.shared.SharedOutput``
+                whose ``join()`` gives [S, B, H] (a plain tensor is taken too). It is issued
+                before the host waits for the count matrix, so the GPU computes it while the host
+                plans the chunks (schedule's module docstring); it is joined only before the
+                combined output, so on a side stream it also overlaps the routed work.
             transport: how the chunks travel (``comm``); the same on every EP rank (the layer's
                 ``TransportChoice`` agrees on it). None: ``default_transport()`` (NCCL).
 
@@ -171,10 +175,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         dedup_wanted = self.eps_config.dispatch_dedup != "off"
         with self._phase("counts"):
             wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
-        shared_output = None
+        shared_pending = None
         if shared_experts is not None:
             with self._phase("shared_experts"):
-                shared_output = shared_experts()
+                shared_pending = shared_experts()
         with self._phase("counts.wait"):
             counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
         transport = transport or self.default_transport()
@@ -236,6 +240,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
+        shared_output = shared_pending
+        if isinstance(shared_pending, SharedOutput):
+            shared_output = shared_pending.join()
         with self._phase("unpermute"):
             output = rows.output(shared_output)
         transport.end()
