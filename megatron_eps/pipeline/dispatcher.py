@@ -76,6 +76,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # all of them before the first combine.
         self.dispatch_ahead: Optional[int] = None
         self.last_record: Optional[PipelineRecord] = None
+        self._host_counts = {}
 
     # ------------------------------------------------------------------ transport
     def default_transport(self) -> ExpertTransport:
@@ -99,9 +100,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         also carries every rank's unique-token counts of every contiguous range of local experts
         (``unique_rows.range_unique_counts``), which size the deduplicated scheme. It is
         the only host synchronization of the pipelined forward (stock Megatron also needs one
-        to size its all-to-alls). On GPUs the host polls for it with a deadline
-        (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
-        as the previous forward's waits for peers, so a lost peer ends in a clear error.
+        to size its all-to-alls). On GPUs, under expert parallelism, the host polls for it
+        with a deadline (``wait_timeout_s``): it also waits for everything the streams were
+        ordered after, such as the previous forward's waits for peers, so a lost peer ends in a
+        clear error; without peers (EP=1) it blocks on the event.
         ``routed``: the CUDA event after the all-gather and its copy to the host (None on CPU);
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
@@ -118,16 +120,34 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         split = self._split_gathered if with_range_counts else self._counts_only
         if not gathered.is_cuda:
             return (lambda: split(gathered.numpy())), None
-        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host = self._host_counts_buffer(gathered)
         host.copy_(gathered, non_blocking=True)
         routed = torch.cuda.current_stream().record_event()
 
         def wait():
-            wait_for_event(routed, wait_timeout_s(),
-                           "the expert-parallel token counts (all-gather over the EP group)")
-            return split(host.numpy())
+            if self.ep_size == 1:
+                # No peer to lose: block on the event itself instead of polling with pauses
+                # (a pause can outlast the router's few kernels the event follows).
+                routed.synchronize()
+            else:
+                wait_for_event(routed, wait_timeout_s(),
+                               "the expert-parallel token counts (all-gather over the EP group)")
+            # A copy: the buffer takes the next forward's counts.
+            return split(host.numpy().copy())
 
         return wait, routed
+
+    def _host_counts_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The pinned host buffer the counts are copied into, one per layer and size, reused
+        every forward: the host has read it (``wait``) before the next forward's copy is
+        queued, and a fresh pinned block per forward costs the host allocator an event record
+        and queries."""
+        key = (tuple(like.shape), like.dtype)
+        buffer = self._host_counts.get(key)
+        if buffer is None:
+            buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self._host_counts[key] = buffer
+        return buffer
 
     def _counts_only(self, gathered: np.ndarray) -> np.ndarray:
         return gathered.reshape(self.ep_size, self.num_experts)
