@@ -41,7 +41,8 @@ def fused_path_reason(module) -> Optional[str]:
     forward = _stock_shared_forward()
     if forward is None or type(module).forward is not forward:
         return f"{type(module).__name__} is not Megatron's SharedExpertMLP (its forward may differ)"
-    if getattr(module, "use_shared_expert_gate", False) or getattr(module, "gate_weight", None) is not None:
+    gated = getattr(module, "use_shared_expert_gate", False)
+    if gated or getattr(module, "gate_weight", None) is not None:
         return "the shared experts have a gate (shared_expert_gate)"
     if not (hasattr(module, "linear_fc1") and hasattr(module, "linear_fc2")):
         return "the shared experts have no linear_fc1/linear_fc2"
@@ -56,7 +57,8 @@ def fused_path_reason(module) -> Optional[str]:
         # Megatron's fused paths: swiglu and geglu only, and they ignore clamp and offset.
         known = spec.gated and config.activation_func in (F.silu, F.gelu)
         if not known or spec.clamp is not None or spec.glu_offset != 0.0:
-            return "bias_activation_fusion with an activation its fused kernels do not compute alike"
+            return ("bias_activation_fusion with an activation Megatron's fused kernels do not "
+                    "compute alike")
     from megatron_eps.experts.triton_kernels import triton_unavailable_reason
 
     return triton_unavailable_reason()
