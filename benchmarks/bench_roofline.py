@@ -303,8 +303,8 @@ def parse_args(argv=None):
                     help="EPSConfig overrides for the EPS variant, e.g. pipeline_degree=1")
     ap.add_argument("--eps-shared-stream", default="side", choices=("side", "same"),
                     help="where the EPS layer issues its shared experts: a side stream of their "
-                         "own, joined before the combine (side, the layer's default), or the "
-                         "compute stream in issue order (same)")
+                         "own, joined before the combine (side, the layer's default where no "
+                         "link is used, as here), or the compute stream in issue order (same)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (logic check)")
     args = ap.parse_args(argv)
     if args.repeats < 1:

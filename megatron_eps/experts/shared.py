@@ -8,9 +8,10 @@ activation kernel of the routed experts (``triton_kernels.fused_activation``: on
 fc1 output, one write, fp32 math, one rounding) between them. Whatever that path would not
 reproduce runs the module's own forward instead (``fused_path_reason``).
 
-On a GPU, and when the shared experts issue no collective of their own, the runner issues them
-on a side stream (``issue``), so they overlap the routing metadata, the row placement and the
-routed GEMMs; the caller joins them (``SharedOutput.join``) before it adds their output.
+On a GPU, when the caller asks for it and the shared experts issue no collective of their own,
+the runner issues them on a side stream (``issue``), so they overlap the routing metadata, the
+row placement and the routed GEMMs; the caller joins them (``SharedOutput.join``) before it adds
+their output.
 """
 
 from __future__ import annotations
@@ -90,18 +91,13 @@ class SharedOutput:
 
 
 class SharedExpertRunner:
-    """Runs one layer's shared experts (a Megatron SharedExpertMLP): ``issue(hidden_states)``.
-
-    ``side_stream``: issue them on a stream of their own on GPUs (when they run no collective);
-    False keeps them on the current stream, in issue order.
-    """
+    """Runs one layer's shared experts (a Megatron SharedExpertMLP): ``issue(hidden_states)``."""
 
     # One side stream per process (per device), shared by every layer: layers run one at a time.
     _streams: dict = {}
 
-    def __init__(self, module, side_stream: bool = True):
+    def __init__(self, module):
         self.module = module
-        self.side_stream = side_stream
         self.reason = fused_path_reason(module)
         self.spec = ActivationSpec.from_config(module.config) if self.reason is None else None
         self.collective_free = _process_group_size(getattr(module, "tp_group", None)) == 1
@@ -132,9 +128,11 @@ class SharedExpertRunner:
         output, _ = module.linear_fc2(activated.view(*lead, activated.shape[-1]))
         return output
 
-    def issue(self, hidden_states: torch.Tensor) -> SharedOutput:
-        """Issue the shared experts; their output comes from ``join()`` of the result."""
-        stream = self._stream_for(hidden_states)
+    def issue(self, hidden_states: torch.Tensor, side_stream: bool = False) -> SharedOutput:
+        """Issue the shared experts; their output comes from ``join()`` of the result.
+        ``side_stream``: on a stream of their own (GPUs, when they run no collective); else on
+        the current stream, in issue order."""
+        stream = self._stream_for(hidden_states) if side_stream else None
         if stream is None:
             return SharedOutput(self(hidden_states))
         stream.wait_stream(torch.cuda.current_stream())
@@ -145,7 +143,7 @@ class SharedExpertRunner:
         return SharedOutput(output, done)
 
     def _stream_for(self, hidden_states: torch.Tensor):
-        if not (self.side_stream and hidden_states.is_cuda and self.collective_free):
+        if not (hidden_states.is_cuda and self.collective_free):
             return None
         if torch.cuda.is_current_stream_capturing():
             return None

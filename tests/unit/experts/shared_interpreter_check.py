@@ -83,7 +83,7 @@ def main():
         with torch.no_grad():
             want = stock.shared_experts(x)
             before = counter.calls
-            got = runner.issue(x).join()
+            got = runner.issue(x, side_stream=True).join()
             fused_calls = counter.calls - before
             # The whole layer, pipelined, against the stock layer.
             before = counter.calls

@@ -87,7 +87,7 @@ def test_cpu_without_the_interpreter_runs_the_module_in_order(megatron_parallel)
     runner = SharedExpertRunner(module)
     x = torch.randn(4, 2, 32)
     assert not runner.fused(x)
-    pending = runner.issue(x)
+    pending = runner.issue(x, side_stream=True)
     assert isinstance(pending, SharedOutput) and pending._done is None  # no side stream on CPU
     with torch.no_grad():
         assert torch.equal(pending.join(), module(x))
