@@ -301,6 +301,10 @@ def parse_args(argv=None):
                          "here and add the breakdown (GPU kernels: CUDA only)")
     ap.add_argument("--eps", default="",
                     help="EPSConfig overrides for the EPS variant, e.g. pipeline_degree=1")
+    ap.add_argument("--eps-shared-stream", default="side", choices=("side", "same"),
+                    help="where the EPS layer issues its shared experts: a side stream of their "
+                         "own, joined before the combine (side, the layer's default where no "
+                         "link is used, as here), or the compute stream in issue order (same)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (logic check)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -364,6 +368,7 @@ def main(argv=None):
     for name in args.models.split(","):
         shape = shapes[name]
         stock, eps_layer = build_moe_pair(layer_config(shape, 1, dtype), eps_config)
+        eps_layer.shared_experts_side_stream = args.eps_shared_stream == "side"
         layers = {"stock": stock, "grouped": with_grouped_experts(stock), "eps": eps_layer}
         for tokens in token_counts:
             gen = torch.Generator().manual_seed(1000)
@@ -429,6 +434,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     result = provenance(torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",
                         ceilings=ceilings, eps_settings=args.eps or "defaults",
+                        eps_shared_stream=args.eps_shared_stream,
                         timing=f"CUDA events around one forward, median of {args.repeats} "
                                "samples in rotating order after a warm-up that leaves out the "
                                "kernels' self-calibration; one process, EP=1",

@@ -15,6 +15,7 @@ from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 from megatron_eps.experts.base import LocalExperts
 from megatron_eps.comm.selection import TransportChoice
 from megatron_eps.experts.chunk_runner import ExpertRunner
+from megatron_eps.experts.shared import SharedExpertRunner
 from megatron_eps.policy.degree import ChunkingPolicy
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,12 @@ class EPSMoELayer(MoELayer):
         self.stock_forward_below_tokens = STOCK_FORWARD_BELOW_TOKENS
         # A chunking policy that replaces the one built from the settings (``use_chunking``).
         self.chunking_override = None
+        # Whether the pipelined forward issues the shared experts on a side stream of their own
+        # (``experts.shared.SharedExpertRunner``) where no transfer runs beside them: under
+        # expert parallelism they would take SMs from the all-to-alls that the GEMMs' carve-out
+        # keeps free.
+        self.shared_experts_side_stream = True
+        self._shared_runner: Optional[SharedExpertRunner] = None
         self._warned_fallback = False
 
     # ------------------------------------------------------------------ forward
@@ -231,12 +238,14 @@ class EPSMoELayer(MoELayer):
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
         probs, routing_map = self.route(hidden_states, padding_mask)
-        shared = None
-        if self.use_shared_expert:
-            shared = lambda: self.shared_experts(hidden_states)  # noqa: E731
         self.expert_runner.begin_forward(self.eps_config)
         chunking = self.chunking_override or self.chunking_policy(hidden_states)
         transport = self.transport_choice.resolve(hidden_states.device)
+        shared = None
+        if self.use_shared_expert:
+            runner = self.shared_expert_runner()
+            side_stream = self.shared_experts_side_stream and not transport.moves_rows
+            shared = lambda: runner.issue(hidden_states, side_stream)  # noqa: E731
         # The dispatcher reads the current settings (dispatch_dedup, gemm_sm_carveout).
         self.token_dispatcher.eps_config = self.eps_config
         output = self.token_dispatcher.pipelined_forward(
@@ -249,6 +258,14 @@ class EPSMoELayer(MoELayer):
             transport=transport,
         )
         return output, None
+
+    def shared_expert_runner(self) -> SharedExpertRunner:
+        """The runner of ``self.shared_experts`` (rebuilt when the module is replaced)."""
+        runner = self._shared_runner
+        if runner is None or runner.module is not self.shared_experts:
+            runner = SharedExpertRunner(self.shared_experts)
+            self._shared_runner = runner
+        return runner
 
     @property
     def last_expert_backends(self):

@@ -18,6 +18,7 @@ from megatron_eps.comm.sm_control import gemm_sm_carveout
 from megatron_eps.comm.traffic import BytesSent
 from megatron_eps.comm.watchdog import peer_wait_watchdog, wait_for_event, wait_timeout_s
 from megatron_eps.config import EPSConfig
+from megatron_eps.experts.shared import SharedOutput
 from megatron_eps.pipeline.rows import unique_rows
 from megatron_eps.pipeline.rows.choice import choose_row_scheme
 from megatron_eps.pipeline.rows.dedup import DedupRows
@@ -75,6 +76,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # all of them before the first combine.
         self.dispatch_ahead: Optional[int] = None
         self.last_record: Optional[PipelineRecord] = None
+        self._host_counts = {}
 
     # ------------------------------------------------------------------ transport
     def default_transport(self) -> ExpertTransport:
@@ -98,9 +100,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         also carries every rank's unique-token counts of every contiguous range of local experts
         (``unique_rows.range_unique_counts``), which size the deduplicated scheme. It is
         the only host synchronization of the pipelined forward (stock Megatron also needs one
-        to size its all-to-alls). On GPUs the host polls for it with a deadline
-        (``wait_timeout_s``): it also waits for everything the streams were ordered after, such
-        as the previous forward's waits for peers, so a lost peer ends in a clear error.
+        to size its all-to-alls). On GPUs, under expert parallelism, the host polls for it
+        with a deadline (``wait_timeout_s``): it also waits for everything the streams were
+        ordered after, such as the previous forward's waits for peers, so a lost peer ends in a
+        clear error; without peers (EP=1) it blocks on the event.
         ``routed``: the CUDA event after the all-gather and its copy to the host (None on CPU);
         work issued on the compute stream after this call (the shared experts) runs while the
         host waits and plans.
@@ -117,16 +120,34 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         split = self._split_gathered if with_range_counts else self._counts_only
         if not gathered.is_cuda:
             return (lambda: split(gathered.numpy())), None
-        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host = self._host_counts_buffer(gathered)
         host.copy_(gathered, non_blocking=True)
         routed = torch.cuda.current_stream().record_event()
 
         def wait():
-            wait_for_event(routed, wait_timeout_s(),
-                           "the expert-parallel token counts (all-gather over the EP group)")
-            return split(host.numpy())
+            if self.ep_size == 1:
+                # No peer to lose: block on the event itself instead of polling with pauses
+                # (a pause can outlast the router's few kernels the event follows).
+                routed.synchronize()
+            else:
+                wait_for_event(routed, wait_timeout_s(),
+                               "the expert-parallel token counts (all-gather over the EP group)")
+            # A copy: the buffer takes the next forward's counts.
+            return split(host.numpy().copy())
 
         return wait, routed
+
+    def _host_counts_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The pinned host buffer the counts are copied into, one per layer and size, reused
+        every forward: the host has read it (``wait``) before the next forward's copy is
+        queued, and a fresh pinned block per forward costs the host allocator an event record
+        and queries."""
+        key = (tuple(like.shape), like.dtype)
+        buffer = self._host_counts.get(key)
+        if buffer is None:
+            buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self._host_counts[key] = buffer
+        return buffer
 
     def _counts_only(self, gathered: np.ndarray) -> np.ndarray:
         return gathered.reshape(self.ep_size, self.num_experts)
@@ -141,7 +162,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         routing_map: torch.Tensor,
         experts,
         chunking,
-        shared_experts: Optional[Callable[[], torch.Tensor]] = None,
+        shared_experts: Optional[Callable[[], SharedOutput]] = None,
         transport: Optional[ExpertTransport] = None,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
@@ -157,9 +178,12 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 transport name)`` -> N (equal chunks) or the local experts of each chunk; a pure
                 function of the count matrix and of state every rank shares, so that every EP
                 rank picks the same chunks.
-            shared_experts: optional thunk computing the shared-expert output [S, B, H]; it is
-                issued before the host waits for the count matrix, so the GPU computes it while
-                the host plans the chunks (schedule's module docstring).
+            shared_experts: optional thunk issuing the shared experts
+                (``experts.shared.SharedExpertRunner.issue``): an ``experts.shared.SharedOutput``
+                whose ``join()`` gives [S, B, H] (a plain tensor is taken too). It is issued
+                before the host waits for the count matrix, so the GPU computes it while the host
+                plans the chunks (schedule's module docstring); it is joined only before the
+                combined output, so on a side stream it also overlaps the routed work.
             transport: how the chunks travel (``comm``); the same on every EP rank (the layer's
                 ``TransportChoice`` agrees on it). None: ``default_transport()`` (NCCL).
 
@@ -171,10 +195,10 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         dedup_wanted = self.eps_config.dispatch_dedup != "off"
         with self._phase("counts"):
             wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
-        shared_output = None
+        shared_pending = None
         if shared_experts is not None:
             with self._phase("shared_experts"):
-                shared_output = shared_experts()
+                shared_pending = shared_experts()
         with self._phase("counts.wait"):
             counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
         transport = transport or self.default_transport()
@@ -236,6 +260,9 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 compute_stream.record_event(),
                 f"the {transport.name} transfers of an MoE layer's forward (EP rank {self.ep_rank})",
             )
+        shared_output = shared_pending
+        if isinstance(shared_pending, SharedOutput):
+            shared_output = shared_pending.join()
         with self._phase("unpermute"):
             output = rows.output(shared_output)
         transport.end()

@@ -22,6 +22,7 @@ def test_roofline_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["git_commit"] == "abc1234" and result["device"] == "cpu (smoke)"
+    assert result["eps_shared_stream"] == "side"
     assert set(result["ceilings"]) == {"dense_8192_randn_tflops", "dense_8192_layer_scale_tflops",
                                        "copy_gbps"}
     assert [(r["model"], r["tokens"]) for r in result["rows"]] == [

@@ -334,3 +334,45 @@ def test_dedup_accuracy_vs_float64_on_gpu(parallel):
     print("errors vs float64:", errors)
     assert errors["dedup_fp32"] <= errors["stock"] * 1.001, errors
     assert errors["dedup_model"] <= errors["stock"] * 1.01, errors
+
+
+def test_shared_experts_fused_on_a_side_stream(parallel):
+    """The shared experts run fc1 -> fused activation -> fc2 (experts/shared.py) on a side
+    stream; the layer equals stock either way, and the side stream changes no bit."""
+    stock, eps = _pair(torch.bfloat16, 1)
+    runner = eps.shared_expert_runner()
+    assert runner.reason is None
+    x = torch.randn(1024, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        module_out = eps.shared_experts(x)
+        pending = runner.issue(x, side_stream=True)
+        assert pending._done is not None  # issued on the side stream
+        fused_out = pending.join()
+        assert _rel(module_out, fused_out) <= 1e-2
+        expected, _ = stock(x)
+        eps.shared_experts_side_stream = True
+        side, _ = eps(x)
+        eps.shared_experts_side_stream = False
+        same, _ = eps(x)
+    torch.cuda.synchronize()
+    assert torch.equal(side, same)
+    assert _rel(expected, side) <= 1e-2
+
+
+def test_each_forward_keeps_its_own_counts(parallel):
+    """The count matrix lands in a pinned buffer reused by every forward of the layer: the
+    host's counts of one forward must not change when the next forward's counts arrive."""
+    import numpy as np
+
+    _, eps = _pair(torch.bfloat16, 1)
+    first = torch.randn(512, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    second = torch.randn(256, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eps(first)
+        record = eps.token_dispatcher.last_record
+        counts = record.global_counts.copy()
+        eps(second)
+    torch.cuda.synchronize()
+    assert np.array_equal(record.global_counts, counts)
+    assert int(counts.sum()) == 512 * 2
+    assert int(eps.token_dispatcher.last_record.global_counts.sum()) == 256 * 2
