@@ -277,6 +277,8 @@ def main():
     if unknown:
         parser.error(f"--steps: unknown {', '.join(unknown)}; allowed: {', '.join(STEPS)}")
     os.makedirs(args.out, exist_ok=True)
+    # Megatron-LM runs in its checkout's folder: the paths it is given must not be relative
+    args.work = os.path.abspath(args.work)
     os.makedirs(args.work, exist_ok=True)
     runner = Runner(args)
     probe = subprocess.run([sys.executable, "-c", VERSION_PROBE], env=runner.env(),
