@@ -99,6 +99,10 @@ class Runner:
         env["PYTHONPATH"] = os.pathsep.join(
             [self.megatron_lm, REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
+        # the tokenizer is a local folder: nothing to look up online, and the Rust tokenizer's
+        # threads must not meet the checkpoint writer's forked processes
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(extra or {})
         return env
 
