@@ -25,9 +25,11 @@ setup(
     extras_require={
         # build: the test that builds the wheel and checks what it ships; six, regex, pydantic,
         # psutil, pybind11: Megatron-LM's megatron.training, run by the tests against its
-        # unmodified snapshot (psutil: without it torch_dist saves hang)
+        # unmodified snapshot (psutil: without it torch_dist saves hang); transformers (with
+        # tokenizers): Megatron's HuggingFaceTokenizer, which reads the tokenizer that
+        # scripts/write_number_tokenizer.py writes for the Megatron-LM generation benchmark
         "test": ["pytest>=8", "numpy<2.3", "triton>=3.3; platform_system=='Linux'", "build>=1",
-                 "six", "regex", "pydantic", "psutil", "pybind11"],
+                 "six", "regex", "pydantic", "psutil", "pybind11", "transformers"],
         "triton": ["triton>=3.3"],
         "te": ["transformer_engine[pytorch]"],
         # the copy-engine transport (transport: copy_engine / auto on one NVLink node)

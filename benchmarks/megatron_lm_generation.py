@@ -9,6 +9,11 @@ so a run cut short still reports what finished.
 Steps: ckpt (fp32 and bf16 checkpoints), fp32 (tokens equal), bf16 (prompt log-probs, tokens
 agreeing, prefill times from the engine's timing), graphs (decode CUDA graphs on),
 ep2 (two ranks sharing the GPU over gloo, EP=2), decode (layer decode step, batch 1-64).
+
+Prompts are token ids written as numbers; the tokenizer is a Hugging Face one that
+scripts/write_number_tokenizer.py writes into the work folder (``--tokenizer-type
+HuggingFaceTokenizer``): Megatron-LM's NullTokenizer has no BOS id, which the static engine reads,
+and cannot tokenize the word "warmup" that the CUDA-graph warm-up sends.
 """
 
 from __future__ import annotations
@@ -30,22 +35,47 @@ GENERATE = 32
 VOCAB = 32000
 
 
-def model_flags(max_length: int) -> list:
-    """A small MoE GPT: 4 layers, hidden 1024, 8 experts top-2 (local spec, no TE), and the
-    flags in $MEGATRON_LM_EXTRA_FLAGS (e.g. the CPU ones of a dry run)."""
+VERSION_PROBE = """
+import json, sys, torch, megatron.core as m
+try:
+    import tokenizers, transformers
+    hf = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+except ImportError:
+    hf = {"transformers": None, "tokenizers": None}
+print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__,
+                      megatron_core=m.__version__, megatron_core_from=m.__file__, **hf,
+                      device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")))
+"""
+
+
+def model_flags(max_length: int, tokenizer: str) -> list:
+    """A small MoE GPT: 4 layers, hidden 1024, 8 experts top-2 (local spec, no TE), the number
+    tokenizer in the folder ``tokenizer`` (VOCAB ids, see write_tokenizer), and the flags in
+    $MEGATRON_LM_EXTRA_FLAGS (e.g. the CPU ones of a dry run)."""
     return (
         f"--num-layers 4 --hidden-size 1024 --num-attention-heads 16 --ffn-hidden-size 4096 "
         f"--num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 2048 "
         f"--moe-token-dispatcher-type alltoall --moe-router-load-balancing-type none "
         f"--seq-length {max_length} --max-position-embeddings {max_length} "
         f"--disable-bias-linear --swiglu --normalization RMSNorm --position-embedding-type rope "
-        f"--untie-embeddings-and-output-weights --tokenizer-type NullTokenizer "
-        f"--vocab-size {VOCAB} --transformer-impl local --no-rope-fusion --no-persist-layer-norm "
+        f"--untie-embeddings-and-output-weights --tokenizer-type HuggingFaceTokenizer "
+        f"--transformer-impl local --no-rope-fusion --no-persist-layer-norm "
         f"--no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion "
         f"--attention-dropout 0 --hidden-dropout 0 --micro-batch-size 1 --seed 1234 "
         # no Apex here: Megatron's default gradient-accumulation fusion needs its CUDA extension
         f"--no-gradient-accumulation-fusion"
-    ).split() + os.environ.get("MEGATRON_LM_EXTRA_FLAGS", "").split()
+    ).split() + ["--tokenizer-model", tokenizer] + os.environ.get(
+        "MEGATRON_LM_EXTRA_FLAGS", "").split()
+
+
+def write_tokenizer(path: str) -> str:
+    """The folder ``path`` holding a tokenizer of VOCAB ids whose words are the ids as numbers
+    (id VOCAB - 1: <unk> and end of document), written by scripts/write_number_tokenizer.py.
+    Megatron pads the vocabulary from the tokenizer's size, so checkpoints and generation
+    that use it have embeddings of one shape."""
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "write_number_tokenizer.py"),
+                    path, "--vocab-size", str(VOCAB)], check=True, stdout=subprocess.DEVNULL)
+    return path
 
 
 def free_port() -> int:
@@ -62,12 +92,17 @@ class Runner:
         self.report = {"benchmark": "megatron_lm_generation", "argv": sys.argv,
                        "megatron_lm": self.megatron_lm, "runs": {}, "results": {}}
         self.max_length = max(PROMPT_LENGTHS) + GENERATE + 64
+        self.tokenizer = write_tokenizer(os.path.join(args.work, "number_tokenizer"))
 
     def env(self, extra=None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [self.megatron_lm, REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
+        # the tokenizer is a local folder: nothing to look up online, and the Rust tokenizer's
+        # threads must not meet the checkpoint writer's forked processes
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(extra or {})
         return env
 
@@ -118,7 +153,8 @@ class Runner:
         # Megatron writes this file last: a folder without it is a write that did not finish.
         if os.path.exists(os.path.join(path, "latest_checkpointed_iteration.txt")):
             return path
-        flags = model_flags(self.max_length) + ["--save", path, "--no-save-optim"]
+        flags = model_flags(self.max_length, self.tokenizer)
+        flags += ["--save", path, "--no-save-optim"]
         flags += ["--bf16"] if dtype == "bf16" else []
         ok = self.run(f"write_ckpt_{dtype}", os.path.join(REPO, "scripts", "write_moe_checkpoint.py"),
                       flags)
@@ -129,6 +165,7 @@ class Runner:
         rng = random.Random(7)
         with open(path, "w") as f:
             for length in PROMPT_LENGTHS:
+                # id VOCAB - 1 is the tokenizer's end of document: never in a prompt
                 tokens = [str(rng.randrange(0, VOCAB - 1)) for _ in range(length)]
                 f.write(json.dumps({"text": " ".join(tokens)}) + "\n")
         return path
@@ -140,7 +177,7 @@ class Runner:
         output = os.path.join(self.args.work, f"{name}.json")
         script = os.path.join(self.megatron_lm, "examples", "inference", "advanced",
                               "gpt_static_inference.py")
-        argv = model_flags(self.max_length) + [
+        argv = model_flags(self.max_length, self.tokenizer) + [
             "--load", ckpt, "--prompt-file", self.prompt_file(), "--num-tokens-to-generate",
             str(GENERATE), "--top_k", "1", "--temperature", "1.0", "--inference-max-requests", "1",
             "--inference-max-seq-length", str(self.max_length), "--use-legacy-static-engine",
@@ -244,14 +281,12 @@ def main():
     if unknown:
         parser.error(f"--steps: unknown {', '.join(unknown)}; allowed: {', '.join(STEPS)}")
     os.makedirs(args.out, exist_ok=True)
+    # Megatron-LM runs in its checkout's folder: the paths it is given must not be relative
+    args.work = os.path.abspath(args.work)
     os.makedirs(args.work, exist_ok=True)
     runner = Runner(args)
-    probe = subprocess.run(
-        [sys.executable, "-c", "import json, sys, torch, megatron.core as m; print(json.dumps("
-         "{'python': sys.version.split()[0], 'torch': torch.__version__, 'megatron_core': "
-         "m.__version__, 'megatron_core_from': m.__file__, 'device': torch.cuda.get_device_name(0)"
-         " if torch.cuda.is_available() else 'cpu'}))"],
-        env=runner.env(), capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", VERSION_PROBE], env=runner.env(),
+                           capture_output=True, text=True)
     try:
         versions = json.loads(probe.stdout.strip().splitlines()[-1])
         versions["megatron_core_is_megatron_lm_own"] = os.path.abspath(
@@ -260,6 +295,12 @@ def main():
         runner.report["versions"] = versions
     except (IndexError, ValueError, KeyError):
         runner.report["versions"] = {"error": probe.stderr[-1000:]}
+    runner.save()
+    versions = runner.report["versions"]
+    if "error" not in versions and versions["transformers"] is None:
+        # Megatron's HuggingFaceTokenizer would fail in every run, deep in its start-up
+        raise SystemExit("megatron_lm_generation: the tokenizer needs the 'transformers' package "
+                         "(and 'tokenizers'), not importable here; install them")
     runner.report["git_commit"] = os.environ.get("MEGATRON_EPS_GIT_COMMIT")
     runner.save()
     if "ckpt" in steps:

@@ -11,6 +11,8 @@
 # generation through the unmodified examples/inference/advanced/gpt_static_inference.py
 # (--use-legacy-static-engine), the decode-step benchmark, decode CUDA graphs, two ranks sharing
 # the GPU at EP=2. -> $OUT/megatron_lm.json, $OUT/megatron_lm.log, $OUT/megatron_lm_tests.log
+# The model's tokenizer (scripts/write_number_tokenizer.py, read through Megatron's
+# HuggingFaceTokenizer) needs transformers and tokenizers from the GPU image.
 MLM_ROOT="${MEGATRON_LM_ROOT:-}"
 if [ -z "$MLM_ROOT" ]; then
   for candidate in .mlm/core_r0.19.0 ../.mlm/core_r0.19.0 ../shared/megatron-lm/core_r0.19.0; do
