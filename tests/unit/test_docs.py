@@ -36,15 +36,21 @@ EXTERNAL_FILES = {
     "examples/inference/launch_inference_server.py", "tools/run_text_generation_server.py",
     "megatron/core/dist_checkpointing/strategies/filesystem_async.py",
     "megatron/core/datasets/helpers.cpp",
+    # Megatron-LM core_r0.19.0's tokenizers and text generation (newer than CI's megatron-core)
+    "megatron/core/inference/text_generation_controllers/text_generation_controller.py",
+    "megatron/core/tokenizers/text/text_tokenizer.py",
+    "megatron/core/tokenizers/text/libraries/null_tokenizer.py",
+    # the files of a Hugging Face tokenizer folder
+    "tokenizer.json", "tokenizer_config.json",
 }
 # First components of dotted names that are not megatron-eps's: other packages, and the
 # variables and profiler ranges the docs write about. Any other first component must name a
 # module of megatron_eps (or a class or function of it), so a renamed module is caught.
 EXTERNAL_ROOTS = {"torch", "nn", "Tensor", "Stream", "Event", "megatron", "np", "triton",
                   "cfg", "module", "model", "args", "eps_config", "eps", "MoELayer",
-                  "gpt_builders"}
+                  "gpt_builders", "tokenizer", "TextGenerationController"}
 EXTERNAL_NAMES = {"GPTModelBuilder", "GPTModelConfig", "_process_memory",
-                  "fused_weight_gradient_mlp_cuda"}
+                  "fused_weight_gradient_mlp_cuda", "TokenizerConfig"}
 FILE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".sh", ".md", ".txt", ".log", ".tgz", ".png",
                  ".ini", ".cfg", ".toml")
 
