@@ -136,17 +136,25 @@ def _route_kernels():
             if WITH_TABLE:
                 # The token's rows in row order: this pair is its slot-th, slot = the token's
                 # routed experts that come before e in the row order.
-                slot = tl.zeros([BLOCK_T], dtype=tl.int64)
-                for e0 in range(0, num_experts, BLOCK_E):
+                slot = tl.zeros([BLOCK_T], dtype=tl.int32)
+                if IDENTITY:
+                    # the experts before e in the row order are those with smaller ids
+                    last = tl.program_id(0)
+                else:
+                    last = num_experts
+                for e0 in range(0, last, BLOCK_E):
                     cols = e0 + tl.arange(0, BLOCK_E)
+                    in_range = cols < num_experts
                     if IDENTITY:
                         earlier = cols < column
                     else:
-                        place = tl.load(position + cols, mask=cols < num_experts, other=0)
-                        earlier = (place < column) & (cols < num_experts)
+                        place = tl.load(position + cols, mask=in_range, other=0)
+                        earlier = place < column
+                    # The mask stays constant along a row's bytes so that they load as vectors;
+                    # the experts after e are dropped from the tile afterwards.
                     tile = tl.load(routing_map + t64[:, None] * map_stride + cols[None, :],
-                                   mask=routed[:, None] & earlier[None, :], other=0)
-                    slot += tl.sum((tile != 0).to(tl.int64), axis=1)
+                                   mask=routed[:, None] & in_range[None, :], other=0)
+                    slot += tl.sum(((tile != 0) & earlier[None, :]).to(tl.int32), axis=1)
                 tl.store(token_rows + t64 * top_k + slot, rows, mask=routed)
             row += tl.sum(routed.to(tl.int64), axis=0)
 
