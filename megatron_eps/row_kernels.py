@@ -85,18 +85,22 @@ def _route_kernels():
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def count_split_kernel(routing_map, split_counts, num_tokens, num_experts, map_stride,
-                           tokens_per_split, BLOCK_T: tl.constexpr, EXPERTS_POW2: tl.constexpr):
-        # Program s: the routed tokens of each expert among tokens [s * tokens_per_split, ...).
-        s = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, EXPERTS_POW2)
-        acc = tl.zeros([EXPERTS_POW2], dtype=tl.int32)
+                           tokens_per_split, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        # Program (j, s): the routed tokens of experts [j * BLOCK_E, ...) among tokens
+        # [s * tokens_per_split, ...). A program per expert tile and split, reading its part of
+        # the split in few loads, keeps the chain of dependent loads short: one program per
+        # split walking it in small blocks waits on each load in turn (latency, not bandwidth).
+        cols = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        s = tl.program_id(1).to(tl.int64)
+        in_range = cols < num_experts
+        acc = tl.zeros([BLOCK_E], dtype=tl.int32)
         first = s * tokens_per_split
         for start in range(0, tokens_per_split, BLOCK_T):
             t = first + start + tl.arange(0, BLOCK_T)
             tile = tl.load(routing_map + t[:, None] * map_stride + cols[None, :],
-                           mask=(t < num_tokens)[:, None] & (cols < num_experts)[None, :], other=0)
+                           mask=(t < num_tokens)[:, None] & in_range[None, :], other=0)
             acc += tl.sum((tile != 0).to(tl.int32), axis=0)
-        tl.store(split_counts + s * num_experts + cols, acc, mask=cols < num_experts)
+        tl.store(split_counts + s * num_experts + cols, acc, mask=in_range)
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def route_rows_kernel(routing_map, probs, first_row, sorted_indices, permuted_probs,
@@ -132,21 +136,59 @@ def _route_kernels():
             if WITH_TABLE:
                 # The token's rows in row order: this pair is its slot-th, slot = the token's
                 # routed experts that come before e in the row order.
-                slot = tl.zeros([BLOCK_T], dtype=tl.int64)
-                for e0 in range(0, num_experts, BLOCK_E):
+                slot = tl.zeros([BLOCK_T], dtype=tl.int32)
+                if IDENTITY:
+                    # the experts before e in the row order are those with smaller ids
+                    last = tl.program_id(0)
+                else:
+                    last = num_experts
+                for e0 in range(0, last, BLOCK_E):
                     cols = e0 + tl.arange(0, BLOCK_E)
+                    in_range = cols < num_experts
                     if IDENTITY:
                         earlier = cols < column
                     else:
-                        place = tl.load(position + cols, mask=cols < num_experts, other=0)
-                        earlier = (place < column) & (cols < num_experts)
+                        place = tl.load(position + cols, mask=in_range, other=0)
+                        earlier = place < column
+                    # The mask stays constant along a row's bytes so that they load as vectors;
+                    # the experts after e are dropped from the tile afterwards.
                     tile = tl.load(routing_map + t64[:, None] * map_stride + cols[None, :],
-                                   mask=routed[:, None] & earlier[None, :], other=0)
-                    slot += tl.sum((tile != 0).to(tl.int64), axis=1)
+                                   mask=routed[:, None] & in_range[None, :], other=0)
+                    slot += tl.sum(((tile != 0) & earlier[None, :]).to(tl.int32), axis=1)
                 tl.store(token_rows + t64 * top_k + slot, rows, mask=routed)
             row += tl.sum(routed.to(tl.int64), axis=0)
 
     return CachedLauncher(count_split_kernel), CachedLauncher(route_rows_kernel)
+
+
+def count_routed_per_split(map_bytes: torch.Tensor, tokens_per_split: int, token_block: int,
+                           through_jit: bool = False) -> torch.Tensor:
+    """[splits, E] int32: the routed tokens of each expert in each split of ``tokens_per_split``
+    tokens (the last split may be shorter), the routing pass's first step.
+
+    map_bytes: the routing map [T, E] viewed as uint8 (rows contiguous); ``tokens_per_split`` a
+    multiple of ``token_block``; ``through_jit`` as in ``route_rows``.
+    """
+    num_tokens, num_experts = map_bytes.shape
+    splits = -(-num_tokens // tokens_per_split)
+    split_counts = torch.empty((splits, num_experts), dtype=torch.int32, device=map_bytes.device)
+    counter, _ = _route_kernels()
+    count_t, count_e = _count_tile(num_experts, tokens_per_split, token_block)
+    (counter.through_jit if through_jit else counter)(
+        (-(-num_experts // count_e), splits),
+        (map_bytes, split_counts, num_tokens, num_experts, map_bytes.stride(0), tokens_per_split),
+        {"BLOCK_T": count_t, "BLOCK_E": count_e}, num_warps=4)
+    return split_counts
+
+
+@functools.lru_cache(maxsize=None)
+def _count_tile(num_experts: int, tokens_per_split: int, token_block: int):
+    """(tokens, experts) of the count pass's tile: about 4096 map bytes, 512 tokens (a default
+    split in one load) where the split is a multiple of that, else the routing pass's token
+    block; the experts cut into as many tiles as that size leaves."""
+    tokens = 512 if tokens_per_split % 512 == 0 else token_block
+    experts_pow2 = 1 << max(0, (num_experts - 1).bit_length())
+    return tokens, max(1, min(experts_pow2, 4096 // tokens))
 
 
 def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.Tensor,
@@ -182,15 +224,10 @@ def route_rows(routing_map: torch.Tensor, probs: torch.Tensor, first_row: torch.
     split = tokens_per_split or TOKENS_PER_SPLIT
     if split % block_t:
         raise ValueError(f"route_rows: tokens_per_split={split} must be a multiple of {block_t}")
-    splits = -(-num_tokens // split)
-    split_counts = torch.empty((splits, num_experts), dtype=torch.int32, device=device)
-    counter, router = _route_kernels()
     map_bytes = routing_map.view(torch.uint8)
-    experts_pow2 = 1 << max(0, (num_experts - 1).bit_length())
-    (counter.through_jit if through_jit else counter)(
-        (splits,), (map_bytes, split_counts, num_tokens, num_experts, routing_map.stride(0), split),
-        {"BLOCK_T": max(1, min(64, 4096 // experts_pow2)), "EXPERTS_POW2": experts_pow2},
-        num_warps=4)
+    split_counts = count_routed_per_split(map_bytes, split, block_t, through_jit)
+    splits = split_counts.shape[0]
+    _, router = _route_kernels()
     args = (map_bytes, probs, first_row, sorted_indices, permuted_probs,
             position if position is not None else first_row,
             table if with_table else sorted_indices, split_counts, num_tokens, num_experts,

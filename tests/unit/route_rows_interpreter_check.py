@@ -13,11 +13,25 @@ from megatron_eps import row_kernels  # noqa: E402
 from megatron_eps.pipeline.rows.per_pair import permute_chunk_major  # noqa: E402
 
 
-def check(num_tokens, num_experts, topk, hot, shuffled, split):
+def split_counts_differ(routing, split, token_block):
+    """Whether the count pass's [splits, E] counts differ from torch's sums over each split."""
+    num_tokens, num_experts = routing.shape
+    splits = -(-num_tokens // split)
+    padded = torch.zeros(splits * split, num_experts, dtype=torch.int32)
+    padded[:num_tokens] = routing.to(torch.int32)
+    want = padded.view(splits, split, num_experts).sum(dim=1, dtype=torch.int32)
+    got = row_kernels.count_routed_per_split(routing.view(torch.uint8), split, token_block,
+                                             through_jit=True)
+    return got.dtype != torch.int32 or not torch.equal(got, want)
+
+
+def check(num_tokens, num_experts, topk, hot, shuffled, split, cold=None):
     gen = torch.Generator().manual_seed(num_tokens * 7 + num_experts)
     scores = torch.rand(num_tokens, num_experts, generator=gen)
     if hot is not None:
         scores[:, hot] += 10.0
+    if cold is not None:
+        scores[:, cold] = -1.0  # an expert no token picks
     routing = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
     routing.scatter_(1, scores.topk(topk, dim=1).indices, True)
     probs = torch.rand(num_tokens, num_experts, generator=gen) * routing
@@ -35,6 +49,12 @@ def check(num_tokens, num_experts, topk, hot, shuffled, split):
         routing, probs, torch.from_numpy(first), num_rows, through_jit=True, top_k=topk,
         position=torch.from_numpy(position) if shuffled else None, tokens_per_split=split)
     bad = []
+    if cold is not None and counts[cold] != 0:
+        bad.append("the cold expert got tokens")
+    for tokens_per_split in (split or row_kernels.TOKENS_PER_SPLIT,
+                             2 * (split or row_kernels.TOKENS_PER_SPLIT)):
+        if split_counts_differ(routing, tokens_per_split, 256):
+            bad.append(f"split_counts per {tokens_per_split}")
     if not torch.equal(got_idx, want.sorted_indices):
         bad.append("sorted_indices")
     if not torch.equal(got_probs, want.probs):
@@ -55,6 +75,7 @@ def check(num_tokens, num_experts, topk, hot, shuffled, split):
 
 results = {}
 for case in [(1300, 16, 4, None, False, 256), (1300, 16, 4, 5, True, 256), (37, 8, 2, 3, False, 256),
-             (600, 160, 6, None, True, 256), (700, 12, 3, None, False, None)]:
+             (600, 160, 6, None, True, 256), (700, 12, 3, None, False, None),
+             (1100, 160, 6, 7, True, 256, 11), (1300, 160, 6, 150, False, None, 3)]:
     results[str(case)] = check(*case)
 print(json.dumps(results))

@@ -144,3 +144,34 @@ def test_route_rows_kernel_matches_torch(probs_dtype, num_tokens, num_experts, t
     assert want.token_rows is None
     sorted_out = torch.argsort(want.sorted_indices, stable=True).view(num_tokens, topk)
     assert torch.equal(got.token_rows, sorted_out)
+
+
+def check_split_counts(device, num_tokens, num_experts, topk, tokens_per_split, through_jit=False):
+    """The count pass's [splits, E] int32 against torch's sums over each split of tokens, with a
+    hot expert (every token's first pick) and an expert no token picks."""
+    from megatron_eps.row_kernels import count_routed_per_split
+
+    gen = torch.Generator().manual_seed(num_tokens + num_experts)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    scores[:, num_experts // 2] += 10.0
+    scores[:, 1] = -1.0
+    routing = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    routing.scatter_(1, scores.topk(topk, dim=1).indices, True)
+    splits = -(-num_tokens // tokens_per_split)
+    padded = torch.zeros(splits * tokens_per_split, num_experts, dtype=torch.int32)
+    padded[:num_tokens] = routing.to(torch.int32)
+    want = padded.view(splits, tokens_per_split, num_experts).sum(dim=1, dtype=torch.int32)
+    assert int(want[:, 1].sum()) == 0 and int(want[:, num_experts // 2].sum()) == num_tokens
+    got = count_routed_per_split(routing.to(device).view(torch.uint8), tokens_per_split, 256,
+                                 through_jit=through_jit)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens,num_experts,topk,tokens_per_split", [
+    (16384, 160, 6, 512), (5000, 160, 6, 512), (5000, 160, 6, 256), (3000, 128, 8, 1024),
+    (1000, 64, 6, 512), (700, 8, 2, 512), (300, 12, 3, 256)])
+def test_count_routed_per_split_matches_torch(num_tokens, num_experts, topk, tokens_per_split):
+    check_split_counts("cuda", num_tokens, num_experts, topk, tokens_per_split)
