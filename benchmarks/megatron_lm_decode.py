@@ -111,11 +111,20 @@ def main():
     kinds = [k for k in args.experts.split(",") if k]
     if not kinds or set(kinds) - {"sequential", "grouped"}:
         parser.error("--experts: a comma-separated list of sequential, grouped")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches: a comma-separated list of positive ints, got {args.batches!r}")
+    if args.steps < 1:
+        parser.error(f"--steps: at least 1, got {args.steps}")
+    if args.pairs < 2:
+        parser.error(f"--pairs: at least 2 (the ratio's quartiles need two), got {args.pairs}")
     import torch
 
     from megatron_eps.testing import run_distributed
 
-    batches = [int(b) for b in args.batches.split(",")]
     results = run_distributed(measure, 1, batches, args.steps, args.pairs, kinds)[0]
     import megatron.core
 

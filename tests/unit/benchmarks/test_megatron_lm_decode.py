@@ -36,9 +36,12 @@ def test_decode_benchmark_reports_paired_samples(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_benchmark_refuses_unknown_experts(tmp_path):
+@pytest.mark.parametrize("flag,value", [("--experts", "fused"), ("--batches", "1,x"),
+                                        ("--batches", "0"), ("--steps", "0"), ("--pairs", "1")])
+def test_decode_benchmark_refuses_bad_settings(tmp_path, flag, value):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "megatron_lm_decode.py"),
-                           "--out", str(tmp_path / "d.json"), "--experts", "fused"],
+                           "--out", str(tmp_path / "d.json"), flag, value],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "--experts" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert flag in proc.stderr.strip().splitlines()[-1]
