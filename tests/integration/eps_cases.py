@@ -308,7 +308,8 @@ def run_dedup_accuracy(world_expected: int, max_cases: int):
     router so that every layer routes alike): stock, EPS with one row per pair, and EPS
     deduplicated with the partial sums travelling in bf16 and in fp32. Returns per case the
     squared L2 norms of each error and of the reference, and whether a repeated deduplicated
-    forward is bit-identical."""
+    forward is bit-identical. "rounding" is the squared error of the float64 output rounded
+    once to bf16: the floor no bf16 layer can go below."""
     world = dist.get_world_size()
     assert world == world_expected, (world, world_expected)
     rank = dist.get_rank()
@@ -350,6 +351,7 @@ def run_dedup_accuracy(world_expected: int, max_cases: int):
                 outputs["pairs"], _ = eps(x)
             row = {"case": (experts, topk, degree, shared, routing, split),
                    "reference": ref.double().norm().item() ** 2,
+                   "rounding": (ref.to(torch.bfloat16).double() - ref).norm().item() ** 2,
                    "deterministic": bool(torch.equal(again, outputs["dedup_bf16"])),
                    "dedup_used": dedup_used}
             for name, out in outputs.items():

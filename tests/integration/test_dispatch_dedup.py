@@ -300,17 +300,22 @@ def _check_transport(results, world):
 @pytest.mark.parametrize("world", ranks(1, 2, 4))
 def test_dedup_accuracy_vs_float64(world):
     """fp32 partial sums: the error vs float64 is not above stock's over the grid, nor in any
-    case (on GPUs within 1% per case: stock's combine there adds bf16 rows with atomics, so its
-    own error moves between runs by tenths of a percent); the model-dtype partials (bf16) add at
-    most 1% to it over the grid; repeated forwards are bit-identical."""
+    case; the model-dtype partials (bf16) add at most 1% to it over the grid; repeated forwards
+    are bit-identical. On CPU each case matches stock to 1e-6. On GPUs stock's combine adds bf16
+    rows with atomics, and a case of a few tokens has both errors at the bf16 output rounding,
+    where which of two rounding sequences lands closer is chance: there a case may exceed
+    stock's error by at most half the error of rounding the float64 output once to bf16."""
     skip_unless_ranks_fit(world)
     rows = [r for rank in run_distributed(eps_cases.run_dedup_accuracy, world, world, 10_000)
             for r in rank]
     assert rows and all(r["dedup_used"] and r["deterministic"] for r in rows)
-    per_case = 1e-2 if torch.cuda.is_available() else 1e-6
+    on_gpu = torch.cuda.is_available()
     for r in rows:
-        assert math.sqrt(r["dedup_fp32"]) <= math.sqrt(r["stock"]) * (1 + per_case) + 1e-12, r
-        assert math.sqrt(r["pairs"]) <= math.sqrt(r["stock"]) * (1 + per_case) + 1e-12, r
+        allowed = math.sqrt(r["stock"]) * (1 + 1e-6) + 1e-12
+        if on_gpu:
+            allowed = math.sqrt(r["stock"]) + 0.5 * math.sqrt(r["rounding"]) + 1e-12
+        assert math.sqrt(r["dedup_fp32"]) <= allowed, r
+        assert math.sqrt(r["pairs"]) <= allowed, r
     total = {k: math.sqrt(sum(r[k] for r in rows)) for k in ("stock", "dedup_fp32", "dedup_bf16")}
     assert total["dedup_fp32"] <= total["stock"] * (1 + 1e-6), total
     assert total["dedup_bf16"] <= total["stock"] * 1.01, total
