@@ -153,10 +153,14 @@ class ExpertWeights:
             pointers = (module.weight1.data_ptr(), module.weight2.data_ptr())
             return cls(fc1, fc2, activation, kind, pointers)
         fc1_params, fc2_params = _per_expert_params(module, kind)
-        # inference_mode(False): packing during a forward under torch.inference_mode() must not
-        # turn the Parameters into inference tensors (a later training forward could not save
-        # them for backward).
-        with torch.inference_mode(False), torch.no_grad():
+        # Packing keeps the Parameters' kind. Normal Parameters packed during a forward under
+        # torch.inference_mode() must stay normal (a later training forward saves them for
+        # backward). Parameters created under inference mode (Megatron-LM's inference scripts
+        # build and load the model inside it) must stay inference tensors: a normal storage put
+        # under one has no version counter, and the next view of it (stock Linear's
+        # weight.t()) fails.
+        created_in_inference = any(p.is_inference() for p in fc1_params + fc2_params)
+        with torch.inference_mode(created_in_inference), torch.no_grad():
             fc1 = _stack_in_place(fc1_params)
             fc2 = _stack_in_place(fc2_params)
         return cls(fc1, fc2, activation, kind, _pointers(module, kind))

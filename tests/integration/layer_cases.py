@@ -127,6 +127,38 @@ def inference_mode_then_training():
     return out
 
 
+def built_under_inference_mode():
+    """Megatron-LM's inference scripts build and load the model inside torch.inference_mode(),
+    so the Parameters are inference tensors. A pipelined prefill packs the expert weights; the
+    decode steps after it take the stock path, whose Linear views those weights (weight.t()).
+    Returns whether the weights were packed, whether they stayed inference tensors, and the
+    largest difference to the stock layer over prefill, decode and a second prefill."""
+    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    out = {}
+    try:
+        config = moe_config(num_experts=8)
+        eps_config = EPSConfig(pipeline_degree=2, expert_kernel="dense")
+        with torch.inference_mode():
+            stock, eps = build_moe_pair(config, eps_config)
+            device = next(eps.parameters()).device
+            diffs = []
+            for tokens in (512, 1, 3, 512):
+                x = torch.randn(tokens, 1, 32, device=device,
+                                generator=torch.Generator(device=device).manual_seed(tokens))
+                got, _ = eps(x)
+                want, _ = stock(x)
+                diffs.append((got - want).abs().max().item())
+        weights = [e.linear_fc1.weight for e in eps.experts.local_experts]
+        step = weights[0].numel() * weights[0].element_size()
+        out["packed"] = all(w.data_ptr() == weights[0].data_ptr() + i * step
+                            for i, w in enumerate(weights))
+        out["inference_params"] = all(p.is_inference() for p in eps.parameters())
+        out["diff"] = max(diffs)
+    finally:
+        Utils.destroy_model_parallel()
+    return out
+
+
 def different_settings_across_ranks(field, values):
     """Each rank builds EPSMoELayer with its own value of ``field``: an EPSConfigError naming
     the setting on every rank, no collective mismatch."""

@@ -33,6 +33,12 @@ def test_spec_state_dict_and_fallback(world):
     assert out["grad_diff"] <= 1e-5 and out["input_grad_finite"]
 
 
+def test_layer_built_under_inference_mode_runs_stock_steps_after_packing():
+    out = run_distributed(layer_cases.built_under_inference_mode, 1)[0]
+    assert out["packed"] and out["inference_params"]
+    assert out["diff"] <= 1e-5
+
+
 @pytest.mark.slow
 def test_inference_mode_forward_keeps_parameters_trainable():
     out = run_distributed(layer_cases.inference_mode_then_training, 1)[0]
