@@ -24,6 +24,7 @@ import os
 import random
 import socket
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +137,11 @@ class Runner:
                 codes.append("timeout")
             log.close()
         seconds = time.perf_counter() - start
+        # the whole log of every rank beside the JSON: a failure's first lines are its cause
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        for rank in range(ranks):
+            suffix = f".rank{rank}" if rank else ""
+            shutil.copyfile(log_path + suffix, os.path.join(self.out, "logs", f"{name}.log{suffix}"))
         with open(log_path) as f:
             lines = [line.rstrip() for line in f if "warn" not in line.lower()]
         entry = {"command": " ".join(command), "ranks": ranks, "env": extra_env or {},
