@@ -218,6 +218,10 @@ def run_auto_degree_agreement(world_expected: int):
                     "link_latency_us": 1.0,
                     "chunk_overhead_us": 1.0,
                     "expert_tflops": 1e-3,
+                    # GEMMs timed at this rate on every device: a GPU's shipped kernel tables
+                    # would time these tiny GEMMs in microseconds, and nothing would be left
+                    # to overlap with the link
+                    "use_kernel_tables": False,
                 }
             },
             f,
