@@ -40,6 +40,7 @@ EXTERNAL_FILES = {
     "megatron/core/inference/text_generation_controllers/text_generation_controller.py",
     "megatron/core/tokenizers/text/text_tokenizer.py",
     "megatron/core/tokenizers/text/libraries/null_tokenizer.py",
+    "megatron/core/transformer/attention.py",
     # the files of a Hugging Face tokenizer folder
     "tokenizer.json", "tokenizer_config.json",
 }
@@ -48,9 +49,9 @@ EXTERNAL_FILES = {
 # module of megatron_eps (or a class or function of it), so a renamed module is caught.
 EXTERNAL_ROOTS = {"torch", "nn", "Tensor", "Stream", "Event", "megatron", "np", "triton",
                   "cfg", "module", "model", "args", "eps_config", "eps", "MoELayer",
-                  "gpt_builders", "tokenizer", "TextGenerationController"}
+                  "gpt_builders", "tokenizer", "TextGenerationController", "Attention", "weight"}
 EXTERNAL_NAMES = {"GPTModelBuilder", "GPTModelConfig", "_process_memory",
-                  "fused_weight_gradient_mlp_cuda", "TokenizerConfig"}
+                  "fused_weight_gradient_mlp_cuda", "TokenizerConfig", "flash_attn_with_kvcache"}
 FILE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".sh", ".md", ".txt", ".log", ".tgz", ".png",
                  ".ini", ".cfg", ".toml")
 
