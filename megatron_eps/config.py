@@ -82,6 +82,21 @@ auto -- on when the forward's layout moves at least 10% fewer remote bytes that 
 """
 
 
+PLAN_ROWS_ON_DEVICE = ("auto", "on", "off")
+"""Allowed ``plan_rows_on_device`` values: where a forward without expert parallelism counts
+its routed rows per expert.
+
+auto -- on the device, on GPUs: the host issues the whole layer without waiting for the GPU,
+        and the experts run as the grouped GEMM (torch._grouped_mm takes device offsets).
+        Applies with one chunk (pipeline_degree auto or 1), every token routed top-k times
+        (no padding mask), one row per pair and an expert_kernel that takes device offsets
+        (auto or grouped; bf16 on GPUs); elsewhere the host reads the counts
+on   -- the same wherever it applies, CPUs included
+off  -- the host reads the counts (one sync per layer) and expert_kernel auto chooses a
+        backend by the load
+"""
+
+
 DEDUP_COMBINE_DTYPES = ("model", "fp32")
 """Allowed ``dedup_combine_dtype`` values: the dtype the pre-reduced sums of the deduplicated
 combine travel in (they are always accumulated in fp32, and the source sums them in fp32).
@@ -271,6 +286,8 @@ class EPSConfig:
         dedup_combine_dtype: dtype of the deduplicated combine's partial sums, one of
             DEDUP_COMBINE_DTYPES.
         local_rows: whether a chunk's own rows get a GEMM call of their own, one of LOCAL_ROWS.
+        plan_rows_on_device: whether a forward without expert parallelism keeps the routing
+            counts on the device, one of PLAN_ROWS_ON_DEVICE.
     """
 
     enabled: bool = _setting(True, "bool", flag="--eps-moe",
@@ -331,6 +348,12 @@ class EPSConfig:
         "together", "choice", choices=LOCAL_ROWS,
         help="A rank's own rows: apart (a GEMM call of their own, beside the first dispatch "
         "and the last combine; copy_engine) or together (one call per chunk). Default: together.")
+    plan_rows_on_device: str = _setting(
+        "auto", "choice", choices=PLAN_ROWS_ON_DEVICE,
+        help="Without expert parallelism, keep the routing counts on the GPU: rows numbered "
+        "and grouped GEMMs run from device offsets, so the host never waits for the GPU "
+        "(auto: on GPUs; on: on any device; off: the host reads the counts and expert_kernel "
+        "auto chooses by load). Default: auto.")
 
     def __post_init__(self):
         self.validate()

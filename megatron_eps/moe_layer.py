@@ -256,6 +256,7 @@ class EPSMoELayer(MoELayer):
             chunking=chunking,
             shared_experts=shared,
             transport=transport,
+            all_tokens_routed=padding_mask is None,
         )
         return output, None
 

@@ -10,7 +10,8 @@ experts module computes for them:
 
 Shapes (M = rows in this call, H = hidden size, n = number of experts in the range):
     hidden            [M, H]   rows grouped by expert, in expert order
-    tokens_per_expert list[int] of length n, sum == M (host ints: no device sync)
+    tokens_per_expert list[int] of length n, sum == M (host ints: no device sync), or for
+                      the backends that take them, ``gemm_common.DeviceRowEnds``
     probs             [M]      one routing weight per row
     returns           [M, H]   same dtype as hidden
 
@@ -36,6 +37,9 @@ class ExpertBackend(ABC):
     # lowest rank; None: never a default. ``cpu_default``: the choice on CPUs.
     gpu_default_rank: Optional[int] = None
     cpu_default: bool = False
+    # True when ``forward`` also takes the rows per expert as ``gemm_common.DeviceRowEnds``
+    # (offsets the host never reads), so a forward can run without waiting for the counts.
+    takes_device_row_ends: bool = False
 
     @classmethod
     def unavailable_reason(

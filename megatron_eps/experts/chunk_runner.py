@@ -49,11 +49,30 @@ class ExpertRunner:
         ``device`` (the tokens', where the experts run). ``beside_copy``: this forward's chunks
         run beside transfers (pipelined over a link), so ``auto`` chooses and calibrates for
         that condition."""
-        from megatron_eps.experts.gemm_common import row_ends, stage_int32_batch
+        from megatron_eps.experts.gemm_common import DeviceRowEnds, row_ends, stage_int32_batch
 
         self._beside_copy = beside_copy
-        offsets = [row_ends(counts) for counts in calls]
+        offsets = [row_ends(counts) for counts in calls if not isinstance(counts, DeviceRowEnds)]
         self.local_experts.staged_int32 = stage_int32_batch(offsets, device)
+
+    def device_row_ends_backend(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """The backend that runs these experts from rows per expert the host never reads
+        (``gemm_common.DeviceRowEnds``), or None where the ``expert_kernel`` setting names a
+        backend that needs host counts or none such can run here. ``auto`` takes the first
+        available one in the GPU default order: without the counts on the host there is no
+        load to choose by."""
+        from megatron_eps.experts.base import get_backend, gpu_default_order
+
+        kernel = self.eps_config.expert_kernel
+        key = ("device_row_ends", kernel, torch.device(device), dtype)
+        if key not in self._resolved:
+            names = gpu_default_order() if kernel == "auto" else (kernel,)
+            self._resolved[key] = next(
+                (name for name in names
+                 if get_backend(name).takes_device_row_ends
+                 and get_backend(name).unavailable_reason(self.local_experts, device, dtype) is None),
+                None)
+        return self._resolved[key]
 
     def resolve(self, tokens: torch.Tensor, tokens_per_expert: Sequence[int]) -> Optional[str]:
         """The backend for this call, or None when this load is to be calibrated first."""
@@ -77,6 +96,15 @@ class ExpertRunner:
         return name
 
     def run(self, tokens, tokens_per_expert, probs, first_expert) -> torch.Tensor:
+        from megatron_eps.experts.gemm_common import DeviceRowEnds
+
+        if isinstance(tokens_per_expert, DeviceRowEnds):
+            name = self.device_row_ends_backend(tokens.device, tokens.dtype)
+            if name is None:
+                raise ValueError(f"expert_kernel={self.eps_config.expert_kernel!r} cannot run "
+                                 "from rows per expert held on the device")
+            self.backends_used.append(name)
+            return self._run_backend(name, tokens, tokens_per_expert, probs, first_expert)
         name = self.resolve(tokens, tokens_per_expert)
         if name is None:
             tuner, key = self._tuner(tokens.device), self._tune_key(tokens, tokens_per_expert)

@@ -20,8 +20,24 @@ class ExpertCall(NamedTuple):
     fc2: torch.Tensor  # [n, H, F]
     hidden: torch.Tensor  # [M, H], probs already folded in when probs_on_input
     probs: Optional[torch.Tensor]  # [M] or None (None: nothing to scale with)
-    counts: List[int]  # tokens per expert, host ints, len n
+    counts: List[int]  # tokens per expert, host ints, len n (or a DeviceRowEnds)
     weights: ExpertWeights
+
+
+class DeviceRowEnds(NamedTuple):
+    """Rows per expert known only on the device: what a forward hands the experts when the host
+    never reads the routing counts (``pipeline.rows.per_pair``, rows planned on the device).
+
+    ``ends``: [n] int32 on the device, the experts' cumulative row ends (the ``offs`` of
+    torch._grouped_mm); ``num_rows``: their total, known on the host (every token has top-k
+    rows). Only the backends that take device offsets run such a call (``grouped``).
+    """
+
+    ends: torch.Tensor
+    num_rows: int
+
+    def __len__(self) -> int:
+        return self.ends.shape[0]
 
 
 def gemm_unavailable_reason(local_experts, device, dtype) -> Optional[str]:
@@ -34,12 +50,15 @@ def gemm_unavailable_reason(local_experts, device, dtype) -> Optional[str]:
 def prepare_call(
     weights: ExpertWeights,
     hidden: torch.Tensor,
-    tokens_per_expert: Sequence[int],
+    tokens_per_expert,
     probs: torch.Tensor,
     first_expert: int,
     backend: str,
 ) -> ExpertCall:
-    counts = [int(c) for c in tokens_per_expert]
+    """The validated call. ``tokens_per_expert``: host ints, or a ``DeviceRowEnds`` (then the
+    call's ``counts`` is that object and only its total is checked here)."""
+    on_device = isinstance(tokens_per_expert, DeviceRowEnds)
+    counts = tokens_per_expert if on_device else [int(c) for c in tokens_per_expert]
     n = len(counts)
     if first_expert < 0 or first_expert + n > weights.num_experts:
         raise ValueError(
@@ -51,7 +70,13 @@ def prepare_call(
             f"expert_kernel={backend!r}: hidden must be [M, {weights.hidden_size}], got "
             f"{tuple(hidden.shape)}"
         )
-    if sum(counts) != hidden.shape[0] or any(c < 0 for c in counts):
+    if on_device:
+        if counts.num_rows != hidden.shape[0]:
+            raise ValueError(
+                f"expert_kernel={backend!r}: the device row ends count {counts.num_rows} rows, "
+                f"hidden has {hidden.shape[0]}"
+            )
+    elif sum(counts) != hidden.shape[0] or any(c < 0 for c in counts):
         raise ValueError(
             f"expert_kernel={backend!r}: tokens_per_expert {counts} must be >= 0 and sum to the "
             f"{hidden.shape[0]} rows of hidden"
@@ -103,7 +128,10 @@ def row_ends(counts: Sequence[int]) -> List[int]:
 
 def expert_offsets(counts: Sequence[int], device: torch.device, staged=None) -> torch.Tensor:
     """``row_ends(counts)`` as an int32 [n] tensor on ``device``: found in ``staged`` when the
-    layer staged them for this forward (stage_int32_batch), else one pinned, non-blocking copy."""
+    layer staged them for this forward (stage_int32_batch), else one pinned, non-blocking copy;
+    a ``DeviceRowEnds``' own ``ends``."""
+    if isinstance(counts, DeviceRowEnds):
+        return counts.ends
     return pinned_int32(row_ends(counts), device, staged)
 
 

@@ -48,6 +48,7 @@ class GroupedExpertsBackend(GemmExpertBackend):
     name = "grouped"
     gpu_default_rank = 0
     accepts_strided_rows = True
+    takes_device_row_ends = True
 
     @classmethod
     def unavailable_reason(cls, local_experts, device, dtype):

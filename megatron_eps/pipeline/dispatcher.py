@@ -34,13 +34,23 @@ class PipelineRecord:
 
     num_chunks: int
     tokens_per_chunk: List[int]
-    global_counts: np.ndarray
+    host_counts: Optional[np.ndarray]  # the count matrix the host read, if it read one
     experts_per_chunk: Tuple[int, ...] = ()
     transport: str = ""
     dedup: bool = False  # one row per (token, rank, chunk) instead of per (token, expert)
     local_rows_apart: bool = False  # a chunk's own rows ran as a GEMM call of their own
     bytes_sent: Optional[BytesSent] = None  # what this rank sent, in the scheme that ran
     pair_bytes_sent: Optional[BytesSent] = None  # the same forward with one row per pair
+    # Rows planned on the device (the host never read the counts): their [E] counts there.
+    device_counts: Optional[torch.Tensor] = None
+
+    @property
+    def global_counts(self) -> np.ndarray:
+        """counts[src_rank, expert] of the forward; where only the device held them, read now
+        (a host sync, for tests and benchmarks, after the forward)."""
+        if self.host_counts is None and self.device_counts is not None:
+            self.host_counts = self.device_counts.cpu().numpy().astype(np.int64).reshape(1, -1)
+        return self.host_counts
 
 
 class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -164,6 +174,7 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         chunking,
         shared_experts: Optional[Callable[[], SharedOutput]] = None,
         transport: Optional[ExpertTransport] = None,
+        all_tokens_routed: bool = True,
     ) -> torch.Tensor:
         """Route-to-output of one MoE layer, pipelined.
 
@@ -186,39 +197,51 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 combined output, so on a side stream it also overlaps the routed work.
             transport: how the chunks travel (``comm``); the same on every EP rank (the layer's
                 ``TransportChoice`` agrees on it). None: ``default_transport()`` (NCCL).
+            all_tokens_routed: every token has top-k routed pairs (no padding mask), so the
+                rows can be planned on the device (``plans_rows_on_device``).
 
         Returns:
             [S, B, H] output (routed experts combined, plus shared experts).
         """
         hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_shape[-1])
+        transport = transport or self.default_transport()
         dedup_wanted = self.eps_config.dispatch_dedup != "off"
-        with self._phase("counts"):
-            wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
+        on_device = self.plans_rows_on_device(tokens, transport, experts, chunking,
+                                              all_tokens_routed)
+        if not on_device:
+            with self._phase("counts"):
+                wait_for_counts, routed = self.start_token_counts(routing_map, dedup_wanted)
+        else:
+            routed = None
         shared_pending = None
         if shared_experts is not None:
             with self._phase("shared_experts"):
                 shared_pending = shared_experts()
-        with self._phase("counts.wait"):
-            counts, range_counts = wait_for_counts() if dedup_wanted else (wait_for_counts(), None)
-        transport = transport or self.default_transport()
         comm_stream = self._comm_stream(tokens, transport)
         compute_stream = torch.cuda.current_stream() if comm_stream is not None else None
-        if not transport.supports_dedup:
-            range_counts = None  # the same on every rank: the transport is agreed
         # The same on every rank: the settings and the transport are agreed.
         local_apart = (self.eps_config.local_rows == "apart" and transport.splits_local_rows
                        and transport.moves_rows and not dedup_wanted)
-        with self._phase("choose"):
-            link = transport.name if transport.moves_rows else None
-            # Only what applies is passed, so a chunking policy of two arguments still works.
-            model_inputs = {}
-            if range_counts is not None:
-                model_inputs["range_counts"] = range_counts
-            if local_apart:
-                model_inputs["local_rows_apart"] = True
-            choice = chunking.choose(counts, link, **model_inputs)
-        sizes = chunk_sizes(self.num_local_experts, choice)
+        if on_device:
+            counts = range_counts = None
+            sizes = (self.num_local_experts,)
+        else:
+            with self._phase("counts.wait"):
+                counts, range_counts = (wait_for_counts() if dedup_wanted
+                                        else (wait_for_counts(), None))
+            if not transport.supports_dedup:
+                range_counts = None  # the same on every rank: the transport is agreed
+            with self._phase("choose"):
+                link = transport.name if transport.moves_rows else None
+                # Only what applies is passed, so a chunking policy of two arguments still works.
+                model_inputs = {}
+                if range_counts is not None:
+                    model_inputs["range_counts"] = range_counts
+                if local_apart:
+                    model_inputs["local_rows_apart"] = True
+                choice = chunking.choose(counts, link, **model_inputs)
+            sizes = chunk_sizes(self.num_local_experts, choice)
         with self._phase("layout"):
             rows = choose_row_scheme(transport, experts, counts, range_counts, sizes, tokens,
                                      probs, routing_map, self.ep_rank,
@@ -227,14 +250,16 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         num_chunks = len(sizes)
         self.last_record = PipelineRecord(
             num_chunks=num_chunks,
-            tokens_per_chunk=[sum(t) for t in rows.layout.tokens_per_expert],
-            global_counts=counts,
+            tokens_per_chunk=[rows.layout.send_offsets[-1]] if on_device else
+            [sum(t) for t in rows.layout.tokens_per_expert],
+            host_counts=counts,
             experts_per_chunk=sizes,
             transport=transport.name if transport.moves_rows else "local",
             dedup=rows.name == DedupRows.name,
             local_rows_apart=local_apart,
             bytes_sent=rows.bytes_sent(),
             pair_bytes_sent=rows.pair_bytes_sent(),
+            device_counts=rows.on_device.counts if on_device else None,
         )
 
         with self._phase("experts.prepare"):
@@ -267,6 +292,27 @@ class EPSAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             output = rows.output(shared_output)
         transport.end()
         return output.view(hidden_shape)
+
+    def plans_rows_on_device(self, tokens: torch.Tensor, transport: ExpertTransport, experts,
+                             chunking, all_tokens_routed: bool) -> bool:
+        """Whether this forward runs without the host reading the routing counts: the rows are
+        numbered, the experts' offsets taken and the grouped GEMMs run from counts that stay on
+        the device, so the host never waits for the GPU and runs ahead (``plan_rows_on_device``).
+        Only where nothing needs the counts on the host: no expert parallelism (no all-to-all
+        to size, nothing to overlap), one chunk whatever the load, every token routed top-k
+        times, one row per pair, and an expert backend that takes device offsets."""
+        setting = self.eps_config.plan_rows_on_device
+        if setting == "off" or (setting == "auto" and not tokens.is_cuda):
+            return False
+        if self.ep_size != 1 or transport.moves_rows or not all_tokens_routed:
+            return False
+        if self.eps_config.dispatch_dedup == "on":
+            return False
+        fixed = getattr(chunking, "chunking_without_counts", lambda: None)()
+        if fixed is None or len(chunk_sizes(self.num_local_experts, fixed)) != 1:
+            return False
+        backend_for = getattr(experts, "device_row_ends_backend", None)
+        return backend_for is not None and backend_for(tokens.device, tokens.dtype) is not None
 
     def _phase(self, name: str):
         if self.profiler_ranges:

@@ -96,6 +96,27 @@ class ChunkLayout:
             local_tokens_per_expert=local,
         )
 
+    @classmethod
+    def one_local_chunk(cls, num_local_experts: int, rows_per_expert) -> "ChunkLayout":
+        """The layout of a forward without expert parallelism whose rows per expert stay on
+        the device: one chunk of every expert, nothing sent to a peer. ``rows_per_expert``: an
+        ``experts.gemm_common.DeviceRowEnds``, what the experts are handed for the chunk (the
+        host knows only its total)."""
+        num_rows = rows_per_expert.num_rows
+        return cls(
+            num_chunks=1,
+            ep_size=1,
+            ep_rank=0,
+            num_local_experts=num_local_experts,
+            expert_ranges=[(0, num_local_experts)],
+            expert_order=np.arange(num_local_experts, dtype=np.int64),
+            send_splits=[[num_rows]],
+            recv_splits=[[num_rows]],
+            recv_counts=[np.zeros((1, num_local_experts), dtype=np.int64)],
+            tokens_per_expert=[rows_per_expert],
+            send_offsets=[0, num_rows],
+        )
+
     def local_head_rows(self, own_rows) -> np.ndarray:
         """The local part's rows of each expert, of ``own_rows`` (the rows a rank routed to its
         own experts, any rank's): what every rank's layout takes as that rank's local part."""

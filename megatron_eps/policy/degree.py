@@ -179,6 +179,14 @@ class ChunkingPolicy:
             local_rows_apart=local_rows_apart,
         )
 
+    def chunking_without_counts(self):
+        """The chunking where no count matrix can change it (one chunk: ``pipeline_degree`` 1,
+        or ``auto`` without expert parallelism, where the model never decides), else None."""
+        degree = self.eps_config.pipeline_degree
+        if degree == 1 or (degree == "auto" and self.shape.ep_size == 1):
+            return (self.shape.num_local_experts,)
+        return None
+
 
 class FixedChunking:
     """Always the same chunking (N, or the experts of each chunk): tests and benchmarks."""
@@ -187,4 +195,7 @@ class FixedChunking:
         self.chunking = chunking
 
     def choose(self, counts, transport=None, range_counts=None, local_rows_apart=False):
+        return self.chunking
+
+    def chunking_without_counts(self):
         return self.chunking

@@ -376,3 +376,40 @@ def test_each_forward_keeps_its_own_counts(parallel):
     assert np.array_equal(record.global_counts, counts)
     assert int(counts.sum()) == 512 * 2
     assert int(eps.token_dispatcher.last_record.global_counts.sum()) == 256 * 2
+
+
+def test_rows_on_device_never_wait_for_the_gpu(parallel, monkeypatch):
+    """Without expert parallelism (``plan_rows_on_device: auto``) the pipelined forward issues
+    everything from counts the host never reads: any synchronizing call inside it raises, and
+    the output still equals stock's."""
+    from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
+
+    stock, eps = _pair(torch.bfloat16, "auto")
+    x = torch.randn(1536, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, _ = stock(x)
+        eps(x)  # weights packed, kernels compiled
+    torch.cuda.synchronize()
+    original = EPSAlltoAllTokenDispatcher.pipelined_forward
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a synchronize inside the forward planned on the device")
+
+    def guarded(self, *args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "synchronize", forbidden)
+            m.setattr(torch.cuda.Stream, "synchronize", forbidden)
+            m.setattr(torch.cuda.Event, "synchronize", forbidden)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(EPSAlltoAllTokenDispatcher, "pipelined_forward", guarded)
+    with torch.no_grad():
+        out, _ = eps(x)
+    record = eps.token_dispatcher.last_record
+    assert record.device_counts is not None and record.host_counts is None
+    assert eps.last_expert_backends == ["grouped"]
+    assert _rel(expected, out) <= 1e-2

@@ -15,6 +15,7 @@ import torch
 
 from megatron_eps import compat, row_kernels, staging
 from megatron_eps.comm.base import ExpertTransport, row_probs
+from megatron_eps.experts.gemm_common import DeviceRowEnds
 from megatron_eps.pipeline.layout import ChunkLayout
 from megatron_eps.pipeline.rows.scheme import RowScheme
 
@@ -37,6 +38,7 @@ def permute_chunk_major(
     gather_tokens: bool = True,
     rows_per_expert: Optional[np.ndarray] = None,
     top_k: int = 0,
+    first_rows: Optional[torch.Tensor] = None,
 ) -> Permutation:
     """Megatron's permute with the experts taken in ``expert_order``, without a host sync.
 
@@ -55,12 +57,20 @@ def permute_chunk_major(
             critical path.
         top_k: the router's k; with it, that pass also lists each token's rows (``token_rows``,
             where every token has k), which the final sum reads instead of sorting.
+        first_rows: [E] int64 on the device, each expert's first row, where the counts stay on
+            the device (``expert_order`` the identity); the same one pass numbers the rows.
     """
     num_tokens, num_experts = routing_map.shape
     device = routing_map.device
     identity = bool((expert_order == np.arange(num_experts)).all())
-    if (rows_per_expert is not None and row_kernels.use_triton(routing_map, probs)
-            and routing_map.is_contiguous() and probs.stride(1) == 1):
+    routes_on_gpu = (row_kernels.use_triton(routing_map, probs) and routing_map.is_contiguous()
+                     and probs.stride(1) == 1)
+    if first_rows is not None and identity and routes_on_gpu:
+        sorted_indices, permuted_probs, token_rows = row_kernels.route_rows(
+            routing_map, probs, first_rows, num_rows, top_k=top_k)
+        permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
+        return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
+    if rows_per_expert is not None and routes_on_gpu:
         sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
         # One staging: each expert's first row and its place in the row order.
         host = np.empty((2, num_experts), dtype=np.int64)
@@ -145,15 +155,34 @@ def run_chunk_experts(transport: ExpertTransport, layout: ChunkLayout, experts, 
         transport.hand_back(chunk, out, part)
 
 
+class RowsOnDevice(NamedTuple):
+    """A forward's rows per expert counted on the device (``count_rows_on_device``)."""
+
+    counts: torch.Tensor  # [E] int32, routed rows per expert
+    row_ends: DeviceRowEnds  # the experts' cumulative row ends, and their total (host int)
+    first_rows: torch.Tensor  # [E] int64, each expert's first row
+
+
+def count_rows_on_device(routing_map: torch.Tensor, top_k: int) -> RowsOnDevice:
+    """The rows per expert of ``routing_map`` [T, E], where every token has ``top_k`` routed
+    pairs (T * top_k rows), counted on the device: nothing the host waits for."""
+    counts = routing_map.sum(dim=0, dtype=torch.int32)
+    ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    first_rows = (ends - counts).to(torch.int64)
+    return RowsOnDevice(counts, DeviceRowEnds(ends, routing_map.shape[0] * top_k), first_rows)
+
+
 class PerPairRows(RowScheme):
     """One row per (token, expert) (module docstring)."""
 
     name = "per_pair"
 
-    def __init__(self, transport: ExpertTransport, experts, counts: np.ndarray, sizes,
+    def __init__(self, transport: ExpertTransport, experts, counts: Optional[np.ndarray], sizes,
                  tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
                  ep_rank: int, top_k: int, local_rows_apart: bool = False, compute_stream=None):
-        """counts: the gathered [ep, experts] count matrix; sizes: local experts per chunk."""
+        """counts: the gathered [ep, experts] count matrix; sizes: local experts per chunk.
+        counts None: rows planned on the device (no expert parallelism, one chunk, every token
+        routed ``top_k`` times; ``planned_on_device``): the host never reads the counts."""
         super().__init__(transport, experts)
         self.counts, self.tokens, self.probs, self.routing_map = counts, tokens, probs, routing_map
         self.top_k, self.compute_stream = top_k, compute_stream
@@ -162,9 +191,18 @@ class PerPairRows(RowScheme):
         self.row_bytes = pair_row_bytes(tokens, probs, self.packed_columns)
         self.width = tokens.shape[-1] + self.packed_columns
         self.permutation: Optional[Permutation] = None
+        self.on_device: Optional[RowsOnDevice] = None
+        if counts is None:
+            self.on_device = count_rows_on_device(routing_map, top_k)
+            self.layout = ChunkLayout.one_local_chunk(routing_map.shape[1], self.on_device.row_ends)
+            return
         ep_size, num_experts = counts.shape
         self.layout = ChunkLayout.build(counts, ep_rank, num_experts // ep_size, sizes,
                                         local_rows_apart=local_rows_apart)
+
+    @property
+    def planned_on_device(self) -> bool:
+        return self.on_device is not None
 
     def bytes_sent(self):
         return self.layout.bytes_sent(*self.row_bytes)
@@ -180,7 +218,9 @@ class PerPairRows(RowScheme):
             permutation = permute_chunk_major(
                 self.tokens, self.probs, self.routing_map, layout.expert_order,
                 layout.send_offsets[-1], gather_tokens=False,
-                rows_per_expert=self.counts[layout.ep_rank], top_k=self.top_k,
+                rows_per_expert=None if self.planned_on_device else self.counts[layout.ep_rank],
+                top_k=self.top_k,
+                first_rows=self.on_device.first_rows if self.planned_on_device else None,
             )
             if self.compute_stream is not None:
                 # Made on the comm stream, read by the final sum on the compute stream.
