@@ -296,6 +296,10 @@ def parse_args(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--back-to-back", type=int, default=4, metavar="K",
+                    help="also time K forwards issued back to back per sample, as a model's MoE "
+                         "layers follow each other (a host that never waits for the GPU runs "
+                         "ahead into the next one); 0: only single forwards. Default: 4")
     ap.add_argument("--trace-dir", default=None,
                     help="profile one forward of every variant at every point, keep the traces "
                          "here and add the breakdown (GPU kernels: CUDA only)")
@@ -309,6 +313,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats {args.repeats}: must be an integer >= 1")
+    if args.back_to_back < 0:
+        ap.error(f"--back-to-back {args.back_to_back}: must be an integer >= 0")
     for flag, given, allowed in (("--models", args.models, tuple(SHAPES)),
                                  ("--variants", args.variants, VARIANTS)):
         bad = [v for v in given.split(",") if v not in allowed]
@@ -386,6 +392,10 @@ def main(argv=None):
                                 "floor": max(compute_s, memory_s) * 1e3},
                    "ms": {}, "tflops": {}, "share_of_attainable": {}, "rel_err_vs_stock": {},
                    "samples_ms": {v: [] for v in variants}}
+            if args.back_to_back:
+                row.update({"back_to_back_forwards": args.back_to_back,
+                            "back_to_back_samples_ms": {v: [] for v in variants},
+                            "back_to_back_ms": {}, "back_to_back_share_of_attainable": {}})
             with torch.no_grad():
                 # Stock's output is the reference (its forward runs even when not timed).
                 reference = time_once(stock, x, cuda)[1]
@@ -401,11 +411,19 @@ def main(argv=None):
                     order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
                     for v in order:
                         row["samples_ms"][v].append(time_once(layers[v], x, cuda)[0] * 1e3)
+                        if args.back_to_back:
+                            row["back_to_back_samples_ms"][v].append(
+                                time_once(layers[v], x, cuda, args.back_to_back)[0] * 1e3)
                 for v in variants:
                     ms = statistics.median(row["samples_ms"][v])
                     row["ms"][v] = ms
                     row["tflops"][v] = flops["total"] / (ms * 1e-3) / 1e12
                     row["share_of_attainable"][v] = row["tflops"][v] / attainable
+                    if args.back_to_back:
+                        ms = statistics.median(row["back_to_back_samples_ms"][v])
+                        row["back_to_back_ms"][v] = ms
+                        row["back_to_back_share_of_attainable"][v] = (
+                            flops["total"] / (ms * 1e-3) / 1e12 / attainable)
                 if "eps" in variants:
                     record = eps_layer.token_dispatcher.last_record
                     row["eps_chunks"] = list(record.experts_per_chunk) if record else []
@@ -437,7 +455,9 @@ def main(argv=None):
                         eps_shared_stream=args.eps_shared_stream,
                         timing=f"CUDA events around one forward, median of {args.repeats} "
                                "samples in rotating order after a warm-up that leaves out the "
-                               "kernels' self-calibration; one process, EP=1",
+                               "kernels' self-calibration; one process, EP=1; back_to_back_*: "
+                               f"{args.back_to_back} forwards issued back to back per sample "
+                               "(time per forward)",
                         rows=rows)
     write_result(args.out, result)
     print_table(result, variants)
@@ -446,6 +466,9 @@ def main(argv=None):
 
 def print_row(row, variants):
     parts = [f"{v} {row['ms'][v]:.3f} ms {row['tflops'][v]:.0f} TF/s" for v in variants]
+    if "back_to_back_ms" in row:
+        parts += [f"back to back: {v} {row['back_to_back_ms'][v]:.3f} ms "
+                  f"{100 * row['back_to_back_share_of_attainable'][v]:.0f}%" for v in variants]
     print(f"{row['model']} {row['tokens']}: " + ", ".join(parts), flush=True)
 
 
@@ -469,6 +492,19 @@ def print_table(result, variants):
         if {"eps", "grouped"} <= set(variants):
             line += f" | {r['ms']['grouped'] / r['ms']['eps']:>6.2f}x"
         print(line)
+    if any("back_to_back_ms" in r for r in rows):
+        print(f"\n== {rows[0]['back_to_back_forwards']} forwards back to back: ms per forward "
+              "(share of the attainable rate)")
+        for r in rows:
+            if "back_to_back_ms" not in r:
+                continue
+            line = f"{r['model']:9}{r['tokens']:>7}"
+            for v in variants:
+                line += (f" | {v} {r['back_to_back_ms'][v]:>8.3f}"
+                         f" {100 * r['back_to_back_share_of_attainable'][v]:>3.0f}%")
+            if {"eps", "grouped"} <= set(variants):
+                line += f" | eps/grp {r['back_to_back_ms']['grouped'] / r['back_to_back_ms']['eps']:.2f}x"
+            print(line)
     if any("breakdown" in r for r in rows):
         print("\n== breakdown of one profiled forward (GPU us by where the kernel was launched; "
               "idle = GPU idle inside the forward)")

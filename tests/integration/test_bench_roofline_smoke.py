@@ -34,4 +34,9 @@ def test_roofline_smoke(tmp_path):
         assert max(row["rel_err_vs_stock"].values()) < 1e-4
         assert row["attainable_tflops"] >= row["aspect_pair_tflops"] > 0
         assert row["floor_ms"]["floor"] == max(row["floor_ms"]["compute"], row["floor_ms"]["memory"])
+        assert row["back_to_back_forwards"] == 4
+        assert all(len(samples) == 1 for samples in row["back_to_back_samples_ms"].values())
+        assert set(row["back_to_back_ms"]) == {"stock", "grouped", "eps"}
+        assert all(t > 0 for t in row["back_to_back_ms"].values())
     assert "== roofline on cpu (smoke)" in proc.stdout
+    assert "== 4 forwards back to back" in proc.stdout
