@@ -141,3 +141,13 @@ def test_a_bad_setting_names_the_allowed_values():
 
     with pytest.raises(EPSConfigError, match="plan_rows_on_device.*auto.*on.*off"):
         EPSConfig(plan_rows_on_device="sometimes")
+
+
+def test_a_forward_without_tokens_planned_on_the_device(parallel):
+    stock, eps = _pair(torch.float32)
+    x = torch.randn(0, 2, HIDDEN, device=_device())
+    with torch.no_grad():
+        out, _ = eps(x)
+    assert out.shape == x.shape
+    record = eps.token_dispatcher.last_record
+    assert record.device_counts is not None and int(record.global_counts.sum()) == 0
