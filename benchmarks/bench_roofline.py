@@ -17,7 +17,9 @@ random router gives random inputs:
 * for stock (MoELayer, SequentialMLP), stock + grouped (the stock layer, its experts as one
   torch._grouped_mm per projection: inference.baselines) and EPS (EPSMoELayer, default settings,
   EP=1): the forward's time (CUDA events, median of ``--repeats`` samples in rotating order after
-  a warm-up that leaves out the expert kernels' one-time self-calibration), the effective rate
+  a warm-up that leaves out the expert kernels' one-time self-calibration), and EPS with its
+  rows planned on the device (``eps_device``: the same settings with ``plan_rows_on_device:
+  on``, the same weights): the effective rate
   (GEMM FLOPs / time) and its share of the attainable rate;
 * a breakdown of one profiled forward of each variant (torch.profiler, CPU and CUDA): each GPU
   kernel is assigned by the host range it was launched from (router, shared experts, experts;
@@ -65,7 +67,8 @@ SMOKE_SHAPES = {
     "mixtral": SMOKE["mixtral"],
     "qwen3": dict(hidden=32, ffn=16, experts=16, topk=4, shared=None),
 }
-VARIANTS = ("stock", "grouped", "eps")
+VARIANTS = ("stock", "grouped", "eps", "eps_device")
+EPS_VARIANTS = ("eps", "eps_device")
 CATEGORIES = ("router", "permutation", "expert_gemm", "activation", "shared_experts", "combine",
               "other", "idle")
 # Kernels that are matrix products: cuBLAS (nvjet, *gemm*, xmma), CUTLASS (torch._grouped_mm),
@@ -344,6 +347,20 @@ def eps_settings(text: str):
         raise SystemExit(f"--eps {text!r}: {exc}") from None
 
 
+def eps_twin(stock, shape, dtype, eps_config):
+    """An EPSMoELayer with ``stock``'s weights and ``eps_config`` but its rows planned on the
+    device (``plan_rows_on_device: on``), for timing the two plans in one run."""
+    import dataclasses
+
+    from bench_layer_multigpu import layer_config
+    from megatron_eps.inference.layers import build_moe_pair
+
+    _, twin = build_moe_pair(layer_config(shape, 1, dtype),
+                             dataclasses.replace(eps_config, plan_rows_on_device="on"))
+    twin.load_state_dict(stock.state_dict())
+    return twin
+
+
 def main(argv=None):
     args = parse_args(argv)
     eps_config = eps_settings(args.eps)
@@ -374,8 +391,12 @@ def main(argv=None):
     for name in args.models.split(","):
         shape = shapes[name]
         stock, eps_layer = build_moe_pair(layer_config(shape, 1, dtype), eps_config)
-        eps_layer.shared_experts_side_stream = args.eps_shared_stream == "side"
         layers = {"stock": stock, "grouped": with_grouped_experts(stock), "eps": eps_layer}
+        if "eps_device" in variants:
+            layers["eps_device"] = eps_twin(stock, shape, dtype, eps_config)
+        for v in EPS_VARIANTS:
+            if v in layers:
+                layers[v].shared_experts_side_stream = args.eps_shared_stream == "side"
         for tokens in token_counts:
             gen = torch.Generator().manual_seed(1000)
             x = torch.randn(tokens, 1, shape["hidden"], generator=gen).to(device, dtype)
@@ -428,12 +449,18 @@ def main(argv=None):
                     record = eps_layer.token_dispatcher.last_record
                     row["eps_chunks"] = list(record.experts_per_chunk) if record else []
                     row["eps_backends"] = list(eps_layer.expert_runner.backends_used)
+                if "eps_device" in variants:
+                    record = layers["eps_device"].token_dispatcher.last_record
+                    row["eps_device_planned_on_device"] = bool(
+                        record is not None and record.device_counts is not None)
+                    row["eps_device_backends"] = list(
+                        layers["eps_device"].expert_runner.backends_used)
                 if args.trace_dir:  # on the CPU (smoke) the breakdown records its error
                     row["breakdown"] = {}
                     for v in variants:
                         path = os.path.join(args.trace_dir, f"roofline_{name}_{tokens}_{v}.json")
                         try:
-                            bd = profile_forward(layers[v], x, path, v == "eps")
+                            bd = profile_forward(layers[v], x, path, v in EPS_VARIANTS)
                         except Exception as exc:  # noqa: BLE001 - the timings still count
                             row["breakdown"][v] = {"error": f"{type(exc).__name__}: {exc}"}
                             continue
@@ -481,7 +508,8 @@ def print_table(result, variants):
     head = f"{'model':9}{'tokens':>7}{'GFLOP':>8}{'min MB':>8}{'attain':>7}{'floor ms':>9}"
     for v in variants:
         head += f" | {v:>7} ms  TF/s   %"
-    print(head + (" | eps/grp" if {"eps", "grouped"} <= set(variants) else ""))
+    ratios = [v for v in EPS_VARIANTS if {v, "grouped"} <= set(variants)]
+    print(head + "".join(f" | {v}/grp" for v in ratios))
     for r in rows:
         line = (f"{r['model']:9}{r['tokens']:>7}{r['flops']['total'] / 1e9:>8.0f}"
                 f"{r['min_bytes']['total'] / 1e6:>8.0f}{r['attainable_tflops']:>7.0f}"
@@ -489,8 +517,8 @@ def print_table(result, variants):
         for v in variants:
             line += (f" | {r['ms'][v]:>10.3f} {r['tflops'][v]:>5.0f}"
                      f" {100 * r['share_of_attainable'][v]:>3.0f}")
-        if {"eps", "grouped"} <= set(variants):
-            line += f" | {r['ms']['grouped'] / r['ms']['eps']:>6.2f}x"
+        for v in ratios:
+            line += f" | {r['ms']['grouped'] / r['ms'][v]:>{len(v) + 2}.2f}x"
         print(line)
     if any("back_to_back_ms" in r for r in rows):
         print(f"\n== {rows[0]['back_to_back_forwards']} forwards back to back: ms per forward "
@@ -502,8 +530,9 @@ def print_table(result, variants):
             for v in variants:
                 line += (f" | {v} {r['back_to_back_ms'][v]:>8.3f}"
                          f" {100 * r['back_to_back_share_of_attainable'][v]:>3.0f}%")
-            if {"eps", "grouped"} <= set(variants):
-                line += f" | eps/grp {r['back_to_back_ms']['grouped'] / r['back_to_back_ms']['eps']:.2f}x"
+            for v in EPS_VARIANTS:
+                if {v, "grouped"} <= set(variants):
+                    line += f" | {v}/grp {r['back_to_back_ms']['grouped'] / r['back_to_back_ms'][v]:.2f}x"
             print(line)
     if any("breakdown" in r for r in rows):
         print("\n== breakdown of one profiled forward (GPU us by where the kernel was launched; "

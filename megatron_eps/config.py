@@ -93,7 +93,7 @@ auto -- on the device, on GPUs: the host issues the whole layer without waiting 
         (auto or grouped; bf16 on GPUs); elsewhere the host reads the counts
 on   -- the same wherever it applies, CPUs included
 off  -- the host reads the counts (one sync per layer) and expert_kernel auto chooses a
-        backend by the load
+        backend by the load (the default until the device plan is timed on a GPU)
 """
 
 
@@ -349,11 +349,11 @@ class EPSConfig:
         help="A rank's own rows: apart (a GEMM call of their own, beside the first dispatch "
         "and the last combine; copy_engine) or together (one call per chunk). Default: together.")
     plan_rows_on_device: str = _setting(
-        "auto", "choice", choices=PLAN_ROWS_ON_DEVICE,
+        "off", "choice", choices=PLAN_ROWS_ON_DEVICE,
         help="Without expert parallelism, keep the routing counts on the GPU: rows numbered "
         "and grouped GEMMs run from device offsets, so the host never waits for the GPU "
         "(auto: on GPUs; on: on any device; off: the host reads the counts and expert_kernel "
-        "auto chooses by load). Default: auto.")
+        "auto chooses by load). Default: off.")
 
     def __post_init__(self):
         self.validate()

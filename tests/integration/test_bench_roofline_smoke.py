@@ -28,7 +28,8 @@ def test_roofline_smoke(tmp_path):
     assert [(r["model"], r["tokens"]) for r in result["rows"]] == [
         ("qwen3", 64), ("qwen3", 128), ("dsv2lite", 64), ("dsv2lite", 128)]
     for row in result["rows"]:
-        assert set(row["ms"]) == {"stock", "grouped", "eps"}
+        assert set(row["ms"]) == {"stock", "grouped", "eps", "eps_device"}
+        assert row["eps_device_planned_on_device"] and row["eps_device_backends"] == ["grouped"]
         assert all(t > 0 for t in row["ms"].values())
         # fp32 on the CPU: every variant computes stock's function
         assert max(row["rel_err_vs_stock"].values()) < 1e-4
@@ -36,7 +37,7 @@ def test_roofline_smoke(tmp_path):
         assert row["floor_ms"]["floor"] == max(row["floor_ms"]["compute"], row["floor_ms"]["memory"])
         assert row["back_to_back_forwards"] == 4
         assert all(len(samples) == 1 for samples in row["back_to_back_samples_ms"].values())
-        assert set(row["back_to_back_ms"]) == {"stock", "grouped", "eps"}
+        assert set(row["back_to_back_ms"]) == {"stock", "grouped", "eps", "eps_device"}
         assert all(t > 0 for t in row["back_to_back_ms"].values())
     assert "== roofline on cpu (smoke)" in proc.stdout
     assert "== 4 forwards back to back" in proc.stdout

@@ -384,7 +384,7 @@ def test_rows_on_device_never_wait_for_the_gpu(parallel, monkeypatch):
     the output still equals stock's."""
     from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 
-    stock, eps = _pair(torch.bfloat16, "auto")
+    stock, eps = _pair(torch.bfloat16, "auto", plan_rows_on_device="auto")
     x = torch.randn(1536, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         expected, _ = stock(x)

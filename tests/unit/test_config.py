@@ -247,7 +247,7 @@ def test_every_setting_has_a_flag_from_the_dataclass():
               "chunk_split": "tail", "max_pipeline_degree": "5", "comm_num_ctas": "4",
               "gemm_sm_carveout": "8", "transport": "nccl", "kernel_autotune": "off",
               "kernel_cache": "/tmp/eps-kernels.json", "dispatch_dedup": "on",
-              "dedup_combine_dtype": "fp32", "local_rows": "apart", "plan_rows_on_device": "off"}
+              "dedup_combine_dtype": "fp32", "local_rows": "apart", "plan_rows_on_device": "on"}
     argv = ["--eps-moe"] + [x for k, v in values.items() for x in (flag_of(k), v)]
     from_flags = EPSConfig.from_args(parser.parse_args(argv))
     assert from_flags == EPSConfig(pipeline_degree=3, expert_kernel="dense",
@@ -256,7 +256,7 @@ def test_every_setting_has_a_flag_from_the_dataclass():
                                    transport="nccl", kernel_autotune="off",
                                    kernel_cache="/tmp/eps-kernels.json", dispatch_dedup="on",
                                    dedup_combine_dtype="fp32", local_rows="apart",
-                                   plan_rows_on_device="off")
+                                   plan_rows_on_device="on")
     # every field except the switch and the profile path was exercised
     assert set(values) == set(settings()) - {"enabled", "cost_profile"}
 
