@@ -87,10 +87,10 @@ PLAN_ROWS_ON_DEVICE = ("auto", "on", "off")
 its routed rows per expert.
 
 auto -- on the device, on GPUs: the host issues the whole layer without waiting for the GPU,
-        and the experts run as the grouped GEMM (torch._grouped_mm takes device offsets).
-        Applies with one chunk (pipeline_degree auto or 1), every token routed top-k times
-        (no padding mask), one row per pair and an expert_kernel that takes device offsets
-        (auto or grouped; bf16 on GPUs); elsewhere the host reads the counts
+        and the experts run from device offsets (expert_kernel auto: the grouped GEMM; grouped
+        or triton as set). Applies with one chunk (pipeline_degree auto or 1), every token
+        routed top-k times (no padding mask), one row per pair and an expert backend that
+        takes device offsets for the dtype; elsewhere the host reads the counts
 on   -- the same wherever it applies, CPUs included
 off  -- the host reads the counts (one sync per layer) and expert_kernel auto chooses a
         backend by the load (the default until the device plan is timed on a GPU)

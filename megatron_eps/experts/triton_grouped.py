@@ -14,6 +14,7 @@ import torch
 from megatron_eps.experts import triton_kernels as tk
 from megatron_eps.experts.base import register_backend
 from megatron_eps.experts.gemm_common import (
+    DeviceRowEnds,
     ExpertCall,
     GemmExpertBackend,
     expert_offsets,
@@ -29,10 +30,21 @@ def triton_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tensor
     counts, spec = call.counts, call.weights.activation
     hidden = call.hidden if call.hidden.stride(1) == 1 else call.hidden.contiguous()
     out = hidden.new_empty(hidden.shape)
-    cfg1, cfg2 = tk.choose_configs(counts, hidden.shape[1], call.fc2.shape[2], spec.gated)
     offs = expert_offsets(counts, hidden.device, staged_offsets)
-    m_tiles1 = tk.count_m_tiles(counts, cfg1.block_m)
-    m_tiles2 = m_tiles1 if cfg2.block_m == cfg1.block_m else tk.count_m_tiles(counts, cfg2.block_m)
+    on_device = isinstance(counts, DeviceRowEnds)
+    if on_device:
+        # Only the total is known here: tiles chosen for an even load, the grid sized for the
+        # most m-tiles any split can take; the kernel counts the real ones from offs.
+        n, rows = len(counts), counts.num_rows
+        even = [rows // n + (1 if e < rows % n else 0) for e in range(n)]
+        cfg1, cfg2 = tk.choose_configs(even, hidden.shape[1], call.fc2.shape[2], spec.gated)
+        m_tiles1 = tk.m_tile_bound(rows, n, cfg1.block_m)
+        m_tiles2 = tk.m_tile_bound(rows, n, cfg2.block_m)
+    else:
+        cfg1, cfg2 = tk.choose_configs(counts, hidden.shape[1], call.fc2.shape[2], spec.gated)
+        m_tiles1 = tk.count_m_tiles(counts, cfg1.block_m)
+        m_tiles2 = (m_tiles1 if cfg2.block_m == cfg1.block_m
+                    else tk.count_m_tiles(counts, cfg2.block_m))
     if spec.fused_code is not None:
         h = tk.expert_gemm(
             hidden,
@@ -45,18 +57,21 @@ def triton_expert_forward(call: ExpertCall, staged_offsets=None) -> torch.Tensor
             probs=call.probs,
             clamp=spec.clamp,
             glu_offset=spec.glu_offset,
+            tiles_on_device=on_device,
         )
     else:
         # An activation callable the kernel does not know: plain GEMM, then Megatron's math.
-        fc1_out = tk.expert_gemm(hidden, call.fc1, offs, m_tiles1, cfg1)
+        fc1_out = tk.expert_gemm(hidden, call.fc1, offs, m_tiles1, cfg1,
+                                 tiles_on_device=on_device)
         h = spec.apply_torch(fc1_out, call.probs)
-    return tk.expert_gemm(h, call.fc2, offs, m_tiles2, cfg2, out=out)
+    return tk.expert_gemm(h, call.fc2, offs, m_tiles2, cfg2, out=out, tiles_on_device=on_device)
 
 
 @register_backend
 class TritonExpertsBackend(GemmExpertBackend):
     name = "triton"
     gpu_default_rank = 1
+    takes_device_row_ends = True
 
     @classmethod
     def unavailable_reason(cls, local_experts, device, dtype):

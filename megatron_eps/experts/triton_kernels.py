@@ -218,13 +218,18 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         EXPERTS_POW2: tl.constexpr,
+        TILES_ON_DEVICE: tl.constexpr,
     ):
         # x_src/w_src are TMA descriptors (TMA) or pointers with their strides (otherwise; the
         # strides are unused with descriptors, w_rows_per_expert unused with pointers).
         pid = tl.program_id(0)
         num_n_tiles = tl.cdiv(N, BLOCK_N)
-        num_tiles = num_m_tiles * num_n_tiles
         tile_ends = _tile_ends(offs_ptr, num_experts, BLOCK_M, EXPERTS_POW2)
+        if TILES_ON_DEVICE:
+            # The host passed a bound (its rows per expert stay on the device): the m-tiles
+            # are counted here, and the grid's programs past them find no work.
+            num_m_tiles = tl.max(tile_ends, 0)
+        num_tiles = num_m_tiles * num_n_tiles
         for tile in range(pid, num_tiles, num_programs):
             n_tile, expert, row_start, row_end = _work_item(
                 tile, tile_ends, offs_ptr, num_m_tiles, num_n_tiles, GROUP_M, BLOCK_M)
@@ -367,6 +372,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def m_tile_bound(num_rows: int, num_experts: int, block_m: int) -> int:
+    """The most m-tiles ``num_rows`` rows over ``num_experts`` experts can take, whatever the
+    split (each expert adds at most one partly filled tile)."""
+    return min(_cdiv(num_rows, block_m) + num_experts, num_rows)
+
+
 def count_m_tiles(counts: Sequence[int], block_m: int) -> int:
     """Number of m-tiles (BLOCK_M rows of one expert) of a load: the kernels' work-item count
     per n-tile. The kernels find each tile's expert from the row offsets themselves."""
@@ -404,10 +415,13 @@ def expert_gemm(
     probs: Optional[torch.Tensor] = None,
     clamp: Optional[float] = None,
     glu_offset: float = 0.0,
+    tiles_on_device: bool = False,
 ) -> torch.Tensor:
     """out[rows of e] = epilogue(x[rows of e] @ w[e]^T); w is [n, N_rows, K] (N_rows = 2N if
     gated), offs the int32 [n] cumulative row ends (gemm_common.expert_offsets), num_m_tiles
-    count_m_tiles(counts, cfg.block_m)."""
+    count_m_tiles(counts, cfg.block_m). ``tiles_on_device``: num_m_tiles is only a bound
+    (``m_tile_bound``; the host does not know the rows per expert) and the kernel counts the
+    m-tiles from ``offs`` itself."""
     rows, K = x.shape
     n_rows = w.shape[1]
     N = n_rows // 2 if gated else n_rows
@@ -437,7 +451,7 @@ def expert_gemm(
     )
     scalars = (float(clamp) if clamp is not None else 0.0, float(glu_offset), grid_size)
     flags = {"GATED": gated, "ACT": act_code, "HAS_PROBS": probs is not None,
-             "HAS_CLAMP": clamp is not None}
+             "HAS_CLAMP": clamp is not None, "TILES_ON_DEVICE": tiles_on_device}
     tiles = {
         "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n,

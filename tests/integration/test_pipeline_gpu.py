@@ -378,13 +378,16 @@ def test_each_forward_keeps_its_own_counts(parallel):
     assert int(eps.token_dispatcher.last_record.global_counts.sum()) == 256 * 2
 
 
-def test_rows_on_device_never_wait_for_the_gpu(parallel, monkeypatch):
+@pytest.mark.parametrize("kernel", ["grouped", "triton"])
+def test_rows_on_device_never_wait_for_the_gpu(parallel, monkeypatch, kernel):
     """Without expert parallelism (``plan_rows_on_device: auto``) the pipelined forward issues
     everything from counts the host never reads: any synchronizing call inside it raises, and
     the output still equals stock's."""
+    from megatron_eps import EPSConfig
     from megatron_eps.pipeline.dispatcher import EPSAlltoAllTokenDispatcher
 
     stock, eps = _pair(torch.bfloat16, "auto", plan_rows_on_device="auto")
+    eps.eps_config = EPSConfig(**{**eps.eps_config.to_dict(), "expert_kernel": kernel})
     x = torch.randn(1536, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         expected, _ = stock(x)
@@ -411,5 +414,5 @@ def test_rows_on_device_never_wait_for_the_gpu(parallel, monkeypatch):
         out, _ = eps(x)
     record = eps.token_dispatcher.last_record
     assert record.device_counts is not None and record.host_counts is None
-    assert eps.last_expert_backends == ["grouped"]
+    assert eps.last_expert_backends == [kernel]
     assert _rel(expected, out) <= 1e-2

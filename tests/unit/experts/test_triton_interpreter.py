@@ -45,6 +45,14 @@ def test_interpreter_covered_every_case(interpreter_results):
     assert len(interpreter_results) >= 3 * 3 * 4 * 3 + 3 * 4 + 3 + 2 + 10
 
 
+def test_triton_backend_runs_from_device_row_ends(interpreter_results):
+    # 3 shapes x 4 configs x 2 non-empty loads (+1 for 20 experts)
+    device = {k: v for k, v in interpreter_results.items() if k.endswith("/device_row_ends")}
+    assert len(device) >= 3 * 4 * 2 + 4
+    failures = {k: v for k, v in device.items() if not v < FP32_TOL}
+    assert not failures, failures
+
+
 def test_triton_backend_matches_reference(interpreter_results):
     failures = {k: v for k, v in interpreter_results.items() if not v < FP32_TOL}
     assert not failures, failures

@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 from megatron_eps.experts import get_backend  # noqa: E402
 from megatron_eps.experts import triton_kernels as tk  # noqa: E402
 from megatron_eps.experts.activation import ActivationSpec, _known_activations  # noqa: E402
+from megatron_eps.experts.gemm_common import DeviceRowEnds  # noqa: E402
 from megatron_eps.experts.reference import reference_expert_forward, relative_error  # noqa: E402
 from megatron_eps.experts.weights import ExpertWeights, StackedExperts  # noqa: E402
 
@@ -76,6 +77,12 @@ def main():
                         continue
                     ref = reference_expert_forward(fc1, fc2, spec, x, counts, probs)
                     results[key] = relative_error(out, ref)
+                    if spec_name == "swiglu":
+                        # The rows per expert only on the device: the grid is sized for the
+                        # most m-tiles any split takes, the kernel counts the real ones.
+                        ends = DeviceRowEnds(torch.tensor(np.cumsum(counts), dtype=torch.int32), rows)
+                        out = get_backend("triton").forward(experts, x, ends, probs, 0)
+                        results[key + "/device_row_ends"] = relative_error(out, ref)
             tk.set_config_chooser(None)
         # A sub-range of experts.
         experts = StackedExperts(ExpertWeights.from_tensors(fc1, fc2))
