@@ -112,6 +112,7 @@ class ChunkLayout:
             expert_order=np.arange(num_local_experts, dtype=np.int64),
             send_splits=[[num_rows]],
             recv_splits=[[num_rows]],
+            # One source rank: nothing to regroup, whatever the counts (not known here).
             recv_counts=[np.zeros((1, num_local_experts), dtype=np.int64)],
             tokens_per_expert=[rows_per_expert],
             send_offsets=[0, num_rows],

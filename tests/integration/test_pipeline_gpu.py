@@ -16,15 +16,6 @@ pytestmark = [pytest.mark.gpu,
 HIDDEN, FFN, SHARED = 256, 128, 192
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    from megatron_eps.testing import Utils
-
-    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    yield
-    Utils.destroy_model_parallel()
-
-
 def _rel(ref, out):
     ref, out = ref.double(), out.double()
     return ((ref - out).norm() / ref.norm()).item()

@@ -65,21 +65,19 @@ def permute_chunk_major(
     identity = bool((expert_order == np.arange(num_experts)).all())
     routes_on_gpu = (row_kernels.use_triton(routing_map, probs) and routing_map.is_contiguous()
                      and probs.stride(1) == 1)
-    if first_rows is not None and identity and routes_on_gpu:
+    from_device = first_rows is not None and identity
+    if routes_on_gpu and (from_device or rows_per_expert is not None):
+        position = None
+        if not from_device:
+            sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
+            # One staging: each expert's first row and its place in the row order.
+            host = np.empty((2, num_experts), dtype=np.int64)
+            host[0, expert_order] = np.cumsum(sizes) - sizes
+            host[1, expert_order] = np.arange(num_experts)
+            staged = staging.to_device(host if not identity else host[:1], device)
+            first_rows, position = staged[0], None if identity else staged[1]
         sorted_indices, permuted_probs, token_rows = row_kernels.route_rows(
-            routing_map, probs, first_rows, num_rows, top_k=top_k)
-        permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
-        return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
-    if rows_per_expert is not None and routes_on_gpu:
-        sizes = np.asarray(rows_per_expert, dtype=np.int64)[expert_order]
-        # One staging: each expert's first row and its place in the row order.
-        host = np.empty((2, num_experts), dtype=np.int64)
-        host[0, expert_order] = np.cumsum(sizes) - sizes
-        host[1, expert_order] = np.arange(num_experts)
-        staged = staging.to_device(host if not identity else host[:1], device)
-        sorted_indices, permuted_probs, token_rows = row_kernels.route_rows(
-            routing_map, probs, staged[0], num_rows, top_k=top_k,
-            position=None if identity else staged[1])
+            routing_map, probs, first_rows, num_rows, top_k=top_k, position=position)
         permuted = tokens.index_select(0, sorted_indices) if gather_tokens else None
         return Permutation(permuted, permuted_probs, sorted_indices, token_rows)
     order = None if identity else torch.as_tensor(expert_order, device=device)

@@ -14,15 +14,6 @@ from megatron_eps import EPSConfig
 HIDDEN, FFN, SHARED = 64, 32, 48
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    from megatron_eps.testing import Utils
-
-    Utils.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    yield
-    Utils.destroy_model_parallel()
-
-
 def _pair(dtype=torch.float32, experts=8, topk=2, shared=True, **eps_kw):
     from megatron_eps.inference.layers import build_moe_pair, moe_config
 
